@@ -1,2 +1,23 @@
-//! placeholder
+//! The sans-IO protocol core: the `compat` wire codec and the DBS state machines.
+//!
+//! Nothing here opens a socket, reads a clock or blocks: callers pass bytes and `now` in and take
+//! datagrams to send and events out. That keeps every protocol rule testable without sockets and
+//! without sleeping, and lets the same core run under the io_uring splitter shards, the `p2psp peer`
+//! program and the load generator's thousands of lightweight peers.
+//!
+//! - [`wire`]: byte layouts of the TCP join and the UDP messages (reference-notes §3.1, §4.1).
+//! - [`seq`]: serial-number arithmetic on 16-bit chunk numbers (RFC 1982), so nothing stalls at the
+//!   65535 → 0 wrap.
+//! - [`team`]: one DBS team as the splitter sees it (round robin, goodbyes at round boundaries,
+//!   loss counters) and [`team::Teams`], the set of teams one splitter shard owns.
+//! - [`directory`]: the splitter's control-plane view: which team a joining peer goes to.
+//! - [`peer`]: the DBS peer (relaying, debts, playout buffer, loss reports, polite goodbye).
 #![forbid(unsafe_code)]
+
+pub mod directory;
+pub mod peer;
+pub mod seq;
+pub mod team;
+pub mod wire;
+
+pub use std::net::SocketAddrV4 as Endpoint;

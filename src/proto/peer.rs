@@ -1,0 +1,704 @@
+//! DBS at a peer: relaying, chunk debts, the playout buffer, loss reports and the polite goodbye
+//! (reference-notes §5.2, §5.3, §5.5, §5.6).
+//!
+//! Feed every datagram to [`Peer::handle_datagram`]; send what [`Peer::poll_transmit`] gives;
+//! play what [`Peer::poll_event`] gives. Relaying follows the reference exactly: a chunk from the
+//! splitter is relayed byte-identical to every neighbour, first to `neighbours[0]` at once, then one
+//! more neighbour per chunk received from anybody, and whatever is left goes out in a burst when
+//! the next chunk from the splitter arrives. Chunks from neighbours are never relayed.
+//!
+//! Deliberate differences from the reference (none visible on the wire): chunk numbers compare as
+//! serial numbers (no stall at the wrap); a lost chunk is skipped, counted and, by a monitor,
+//! reported; when a neighbour is dropped for debt mid-round the next one is not skipped.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::Endpoint;
+use super::seq;
+use super::wire::{CHUNK_HEADER, GOODBYE, HELLO, ToPeer, loss_report};
+
+/// The peer-side DBS parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerRules {
+    /// The splitter's UDP endpoint.
+    pub splitter: Endpoint,
+    /// Payload bytes per chunk (from the join message).
+    pub chunk_size: usize,
+    /// Playout buffer size B in chunks, a power of two (from the join message).
+    pub buffer_size: u16,
+    /// A neighbour we sent this many more chunks than it sent us is dropped (reference: 128).
+    pub max_debt: i32,
+    /// Whether this peer is a monitor (sends loss reports to the splitter).
+    pub monitor: bool,
+    /// Whether to relay at all. Only a test of free-riding turns this off.
+    pub relay: bool,
+    /// How long to wait for the splitter's goodbye before leaving anyway.
+    pub leave_timeout: Duration,
+}
+
+impl PeerRules {
+    /// Rules for a team with the given splitter and sizes, reference defaults otherwise.
+    pub fn new(splitter: Endpoint, chunk_size: usize, buffer_size: u16) -> PeerRules {
+        PeerRules {
+            splitter,
+            chunk_size,
+            buffer_size,
+            max_debt: 128,
+            monitor: false,
+            relay: true,
+            leave_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to.
+    pub dest: Endpoint,
+    /// The bytes (shared, not copied, when a chunk goes to many neighbours).
+    pub payload: Bytes,
+}
+
+/// Why a neighbour was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// It said goodbye.
+    Goodbye,
+    /// Its chunk debt went over the limit (it does not relay to us).
+    Debt,
+}
+
+/// Something the program using the peer acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// Buffering is done: playout starts with chunk `first`.
+    Started {
+        /// The first chunk number played.
+        first: u16,
+    },
+    /// The next chunk in order, to hand to the player.
+    Play {
+        /// Its number.
+        number: u16,
+        /// `chunk_size` bytes of stream.
+        payload: Bytes,
+    },
+    /// A chunk was missing at its playout time and is skipped.
+    Lost {
+        /// Its number.
+        number: u16,
+    },
+    /// The splitter jumped further ahead than the buffer holds; `count` chunks were skipped.
+    Skipped {
+        /// How many chunk numbers were skipped.
+        count: u32,
+    },
+    /// A new neighbour (from a hello or a chunk).
+    NeighbourAdded(Endpoint),
+    /// A neighbour was dropped.
+    NeighbourRemoved {
+        /// Who.
+        peer: Endpoint,
+        /// Why.
+        reason: Removal,
+    },
+    /// The peer has left the team after [`Peer::leave`]; `confirmed` tells whether the splitter
+    /// answered the goodbye before the timeout.
+    Left {
+        /// Whether the splitter confirmed.
+        confirmed: bool,
+    },
+    /// The splitter said goodbye although we did not leave.
+    SplitterGoodbye,
+}
+
+/// What the peer counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Chunk datagrams received (from anybody).
+    pub chunks_received: u64,
+    /// Of which from the splitter.
+    pub from_splitter: u64,
+    /// Chunk datagrams relayed to neighbours.
+    pub relayed: u64,
+    /// Chunks played in order.
+    pub played: u64,
+    /// Chunks missing at playout time (skipped).
+    pub lost: u64,
+    /// Chunks that arrived after their playout time.
+    pub late: u64,
+    /// Chunks received twice.
+    pub duplicates: u64,
+    /// Chunks from neighbours numbered beyond the buffer (dropped).
+    pub out_of_window: u64,
+    /// Datagrams that are neither a chunk, a hello nor a goodbye.
+    pub malformed: u64,
+    /// Hellos received.
+    pub hellos: u64,
+    /// Goodbyes from neighbours.
+    pub goodbyes: u64,
+    /// Goodbyes from endpoints that are neither neighbours nor the splitter.
+    pub stray_goodbyes: u64,
+    /// Neighbours dropped for debt.
+    pub debt_drops: u64,
+    /// Loss reports sent (monitors).
+    pub loss_reports: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Neighbour {
+    endpoint: Endpoint,
+    debt: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Membership {
+    Member,
+    Leaving { deadline: Instant },
+    Left,
+}
+
+/// Playout state: a circular buffer of B slots indexed by `chunk number % B`.
+#[derive(Debug)]
+struct Playout {
+    slots: Vec<Option<(u16, Bytes)>>,
+    /// Next chunk number to play; `None` until the first chunk from the splitter.
+    next: Option<u16>,
+    highest: u16,
+    started: bool,
+}
+
+/// One DBS peer.
+#[derive(Debug)]
+pub struct Peer {
+    rules: PeerRules,
+    neighbours: Vec<Neighbour>,
+    /// The last chunk datagram from the splitter, relayed byte-identical.
+    prev: Option<Bytes>,
+    /// Index of the next neighbour `prev` goes to.
+    counter: usize,
+    modified_list: bool,
+    playout: Playout,
+    membership: Membership,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<PeerEvent>,
+    stats: PeerStats,
+}
+
+impl Peer {
+    /// A peer that just read its join message: `peers` is the team list; a hello goes to each.
+    pub fn new(rules: PeerRules, peers: &[Endpoint]) -> Peer {
+        let b = usize::from(rules.buffer_size.max(2));
+        let mut peer = Peer {
+            rules,
+            neighbours: Vec::with_capacity(peers.len()),
+            prev: None,
+            counter: 0,
+            modified_list: false,
+            playout: Playout { slots: vec![None; b], next: None, highest: 0, started: false },
+            membership: Membership::Member,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: PeerStats::default(),
+        };
+        for &p in peers {
+            if p != rules.splitter && peer.position(p).is_none() {
+                peer.neighbours.push(Neighbour { endpoint: p, debt: 0 });
+                peer.send(p, Bytes::from_static(HELLO));
+            }
+        }
+        peer
+    }
+
+    fn position(&self, ep: Endpoint) -> Option<usize> {
+        self.neighbours.iter().position(|n| n.endpoint == ep)
+    }
+
+    fn send(&mut self, dest: Endpoint, payload: Bytes) {
+        self.transmits.push_back(Transmit { dest, payload });
+    }
+
+    fn add_neighbour(&mut self, ep: Endpoint) {
+        self.neighbours.push(Neighbour { endpoint: ep, debt: 0 });
+        self.events.push_back(PeerEvent::NeighbourAdded(ep));
+    }
+
+    /// Handles one datagram received at `now` from `from`.
+    pub fn handle_datagram(&mut self, now: Instant, from: Endpoint, data: Bytes) {
+        let _ = now;
+        if self.membership == Membership::Left {
+            return;
+        }
+        match ToPeer::parse(&data, self.rules.chunk_size) {
+            ToPeer::Chunk { number, .. } => self.on_chunk(from, number, data),
+            ToPeer::Hello => {
+                self.stats.hellos += 1;
+                if from != self.rules.splitter && self.position(from).is_none() {
+                    self.add_neighbour(from);
+                }
+            }
+            ToPeer::Goodbye => self.on_goodbye(from),
+            ToPeer::Malformed => self.stats.malformed += 1,
+        }
+    }
+
+    fn on_goodbye(&mut self, from: Endpoint) {
+        if let Some(i) = self.position(from) {
+            self.stats.goodbyes += 1;
+            self.remove_neighbour(i, Removal::Goodbye);
+        } else if from == self.rules.splitter {
+            if matches!(self.membership, Membership::Leaving { .. }) {
+                self.farewell(true);
+            } else {
+                self.events.push_back(PeerEvent::SplitterGoodbye);
+            }
+        } else {
+            self.stats.stray_goodbyes += 1;
+        }
+    }
+
+    fn remove_neighbour(&mut self, i: usize, reason: Removal) {
+        let n = self.neighbours.remove(i);
+        if i < self.counter {
+            self.counter -= 1;
+            self.modified_list = true;
+        }
+        self.events.push_back(PeerEvent::NeighbourRemoved { peer: n.endpoint, reason });
+    }
+
+    /// Sends `prev` to `neighbours[counter]` and charges its debt.
+    fn relay_next(&mut self) {
+        let Some(prev) = self.prev.clone() else { return };
+        let i = self.counter;
+        let n = &mut self.neighbours[i];
+        n.debt += 1;
+        let (dest, debt) = (n.endpoint, n.debt);
+        self.send(dest, prev);
+        self.stats.relayed += 1;
+        if debt > self.rules.max_debt {
+            // Dropped; the next neighbour moves into slot `i`, so `counter` stays.
+            self.stats.debt_drops += 1;
+            self.neighbours.remove(i);
+            self.events.push_back(PeerEvent::NeighbourRemoved { peer: dest, reason: Removal::Debt });
+        } else {
+            self.counter += 1;
+        }
+    }
+
+    fn on_chunk(&mut self, from: Endpoint, number: u16, data: Bytes) {
+        self.stats.chunks_received += 1;
+        let from_splitter = from == self.rules.splitter;
+        if from_splitter {
+            self.stats.from_splitter += 1;
+            if self.rules.relay {
+                // Burst: finish relaying the previous chunk from the splitter.
+                while self.counter < self.neighbours.len()
+                    && (self.counter > 0 || self.modified_list)
+                {
+                    self.relay_next();
+                }
+            }
+            self.modified_list = false;
+            self.counter = 0;
+            self.prev = Some(data.clone());
+        } else {
+            match self.position(from) {
+                // Neighbours are also learnt from their chunks, as in the reference: a lost hello
+                // must not cut a peer off.
+                None => self.add_neighbour(from),
+                Some(i) => self.neighbours[i].debt -= 1,
+            }
+        }
+        if matches!(self.membership, Membership::Leaving { .. }) {
+            self.send(self.rules.splitter, Bytes::from_static(GOODBYE));
+        }
+        // Congestion avoidance: one relayed datagram per received chunk.
+        if self.rules.relay && self.prev.is_some() && self.counter < self.neighbours.len() {
+            self.relay_next();
+        }
+        self.store(number, data, from_splitter);
+    }
+
+    fn store(&mut self, number: u16, data: Bytes, from_splitter: bool) {
+        let b = self.playout.slots.len();
+        let slot = usize::from(number) % b;
+        let Some(next) = self.playout.next else {
+            if from_splitter {
+                // Playout starts at the first chunk from the splitter (as the reference does).
+                self.playout.next = Some(number);
+                self.playout.highest = number;
+                for (n, _) in self.playout.slots.iter().flatten() {
+                    let d = seq::diff(*n, number);
+                    if d > 0 && (d as usize) < b && seq::gt(*n, self.playout.highest) {
+                        self.playout.highest = *n;
+                    }
+                }
+                self.put(slot, number, data);
+                self.advance();
+            } else if self.playout.slots[slot].as_ref().is_some_and(|s| s.0 == number) {
+                self.stats.duplicates += 1;
+            } else {
+                self.playout.slots[slot] = Some((number, data));
+            }
+            return;
+        };
+        let d = seq::diff(number, next);
+        if d < 0 {
+            self.stats.late += 1;
+            return;
+        }
+        if d as usize >= b && !from_splitter {
+            self.stats.out_of_window += 1;
+            return;
+        }
+        self.put(slot, number, data);
+        self.advance();
+    }
+
+    fn put(&mut self, slot: usize, number: u16, data: Bytes) {
+        if self.playout.slots[slot].as_ref().is_some_and(|s| s.0 == number) {
+            self.stats.duplicates += 1;
+            return;
+        }
+        self.playout.slots[slot] = Some((number, data));
+        if seq::gt(number, self.playout.highest) {
+            self.playout.highest = number;
+        }
+    }
+
+    /// Plays every chunk that is at least B/2 behind the newest one.
+    fn advance(&mut self) {
+        let b = self.playout.slots.len();
+        let half = (b / 2) as i32;
+        let Some(mut next) = self.playout.next else { return };
+        let ahead = seq::diff(self.playout.highest, next);
+        if ahead >= b as i32 {
+            // The splitter jumped ahead of what the buffer can hold: skip to half a buffer behind.
+            let count = (ahead - half) as u32;
+            self.stats.lost += u64::from(count);
+            self.events.push_back(PeerEvent::Skipped { count });
+            next = next.wrapping_add(count as u16);
+        }
+        while seq::diff(self.playout.highest, next) >= half {
+            if !self.playout.started {
+                self.playout.started = true;
+                self.events.push_back(PeerEvent::Started { first: next });
+            }
+            let slot = usize::from(next) % b;
+            match self.playout.slots[slot].take() {
+                Some((n, data)) if n == next => {
+                    self.stats.played += 1;
+                    self.events
+                        .push_back(PeerEvent::Play { number: n, payload: data.slice(CHUNK_HEADER..) });
+                }
+                other => {
+                    self.playout.slots[slot] = other;
+                    self.stats.lost += 1;
+                    self.events.push_back(PeerEvent::Lost { number: next });
+                    if self.rules.monitor {
+                        self.stats.loss_reports += 1;
+                        let report = Bytes::copy_from_slice(&loss_report(next));
+                        self.send(self.rules.splitter, report);
+                    }
+                }
+            }
+            next = next.wrapping_add(1);
+        }
+        self.playout.next = Some(next);
+    }
+
+    /// Starts leaving politely: goodbye to the splitter now and with every chunk received until
+    /// the splitter answers (or `leave_timeout` passes); then the pending relays and a goodbye to
+    /// every neighbour. Relaying goes on meanwhile, so the team loses nothing.
+    pub fn leave(&mut self, now: Instant) {
+        if self.membership == Membership::Member {
+            self.membership = Membership::Leaving { deadline: now + self.rules.leave_timeout };
+            self.send(self.rules.splitter, Bytes::from_static(GOODBYE));
+        }
+    }
+
+    fn farewell(&mut self, confirmed: bool) {
+        if self.rules.relay
+            && let Some(prev) = self.prev.clone()
+        {
+            for i in self.counter..self.neighbours.len() {
+                self.send(self.neighbours[i].endpoint, prev.clone());
+                self.stats.relayed += 1;
+            }
+        }
+        for i in 0..self.neighbours.len() {
+            self.send(self.neighbours[i].endpoint, Bytes::from_static(GOODBYE));
+        }
+        self.membership = Membership::Left;
+        self.events.push_back(PeerEvent::Left { confirmed });
+    }
+
+    /// When [`Peer::handle_timeout`] next has work to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.membership {
+            Membership::Leaving { deadline } => Some(deadline),
+            _ => None,
+        }
+    }
+
+    /// Leaves without the splitter's confirmation once the goodbye timed out.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Membership::Leaving { deadline } = self.membership
+            && now >= deadline
+        {
+            self.farewell(false);
+        }
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<PeerEvent> {
+        self.events.pop_front()
+    }
+
+    /// What was counted so far.
+    pub fn stats(&self) -> &PeerStats {
+        &self.stats
+    }
+
+    /// The rules in force.
+    pub fn rules(&self) -> &PeerRules {
+        &self.rules
+    }
+
+    /// Current neighbours with their chunk debts.
+    pub fn neighbours(&self) -> impl Iterator<Item = (Endpoint, i32)> + '_ {
+        self.neighbours.iter().map(|n| (n.endpoint, n.debt))
+    }
+
+    /// Whether the peer has left the team.
+    pub fn has_left(&self) -> bool {
+        self.membership == Membership::Left
+    }
+
+    /// Whether buffering is over and chunks are being played.
+    pub fn is_playing(&self) -> bool {
+        self.playout.started
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::wire::encode_chunk;
+
+    const C: usize = 64;
+    const SPLITTER: u16 = 8001;
+
+    fn ep(port: u16) -> Endpoint {
+        Endpoint::new([127, 0, 0, 1].into(), port)
+    }
+
+    fn chunk(n: u16) -> Bytes {
+        let mut v = Vec::new();
+        encode_chunk(n, &[n as u8; C], &mut v);
+        Bytes::from(v)
+    }
+
+    fn rules(b: u16) -> PeerRules {
+        PeerRules::new(ep(SPLITTER), C, b)
+    }
+
+    fn sends(p: &mut Peer) -> Vec<(u16, Bytes)> {
+        std::iter::from_fn(|| p.poll_transmit()).map(|t| (t.dest.port(), t.payload)).collect()
+    }
+
+    fn events(p: &mut Peer) -> Vec<PeerEvent> {
+        std::iter::from_fn(|| p.poll_event()).collect()
+    }
+
+    #[test]
+    fn hello_to_every_listed_peer() {
+        let mut p = Peer::new(rules(16), &[ep(1), ep(2)]);
+        assert_eq!(sends(&mut p), [(1, Bytes::from_static(b"H")), (2, Bytes::from_static(b"H"))]);
+    }
+
+    #[test]
+    fn relay_order_one_per_received_chunk_then_burst() {
+        let now = Instant::now();
+        let mut p = Peer::new(rules(16), &[ep(1), ep(2), ep(3), ep(4)]);
+        sends(&mut p);
+        // Chunk 10 from the splitter goes to neighbour 1 at once, byte-identical.
+        p.handle_datagram(now, ep(SPLITTER), chunk(10));
+        assert_eq!(sends(&mut p), [(1, chunk(10))]);
+        // Each chunk from a neighbour lets one more relay of chunk 10 out.
+        p.handle_datagram(now, ep(3), chunk(9));
+        assert_eq!(sends(&mut p), [(2, chunk(10))]);
+        // Neighbour chunks are never relayed themselves; the next splitter chunk bursts the rest
+        // of chunk 10 first, then starts chunk 11 with neighbour 1.
+        p.handle_datagram(now, ep(SPLITTER), chunk(11));
+        assert_eq!(sends(&mut p), [(3, chunk(10)), (4, chunk(10)), (1, chunk(11))]);
+        assert_eq!(p.stats().relayed, 5);
+        // Debts: +2 for everyone but ep(3) which sent one chunk back.
+        let debts: Vec<_> = p.neighbours().map(|n| n.1).collect();
+        assert_eq!(debts, [2, 1, 0, 1]);
+    }
+
+    #[test]
+    fn a_neighbour_that_never_relays_is_dropped_after_129_chunks() {
+        let now = Instant::now();
+        let mut p = Peer::new(rules(256), &[ep(1)]);
+        sends(&mut p);
+        let mut to_free_rider = 0;
+        for n in 0..300u16 {
+            p.handle_datagram(now, ep(SPLITTER), chunk(n));
+            to_free_rider += sends(&mut p).iter().filter(|s| s.0 == 1).count();
+        }
+        assert_eq!(to_free_rider, 129);
+        assert_eq!(p.stats().debt_drops, 1);
+        assert!(events(&mut p).contains(&PeerEvent::NeighbourRemoved { peer: ep(1), reason: Removal::Debt }));
+        // A hello (or a chunk) brings it back with a clean slate.
+        p.handle_datagram(now, ep(1), Bytes::from_static(b"H"));
+        assert_eq!(p.neighbours().collect::<Vec<_>>(), [(ep(1), 0)]);
+    }
+
+    #[test]
+    fn playout_waits_for_half_a_buffer_and_plays_in_order() {
+        let now = Instant::now();
+        let mut p = Peer::new(rules(8), &[]);
+        for n in [100u16, 102, 101, 103] {
+            let from = if n == 100 { ep(SPLITTER) } else { ep(5) };
+            p.handle_datagram(now, from, chunk(n));
+        }
+        assert!(!p.is_playing());
+        assert!(!events(&mut p).iter().any(|e| matches!(e, PeerEvent::Play { .. })));
+        p.handle_datagram(now, ep(5), chunk(104));
+        let ev = events(&mut p);
+        assert!(ev.contains(&PeerEvent::Started { first: 100 }));
+        let played: Vec<u16> = ev
+            .iter()
+            .filter_map(|e| match e {
+                PeerEvent::Play { number, payload } => {
+                    assert_eq!(payload.len(), C);
+                    assert!(payload.iter().all(|&b| b == *number as u8));
+                    Some(*number)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(played, [100]);
+        for n in 105..=110 {
+            p.handle_datagram(now, ep(5), chunk(n));
+        }
+        assert_eq!(p.stats().played, 7);
+        // 99 arrives late: counted, not played; 110 again is a duplicate.
+        p.handle_datagram(now, ep(5), chunk(99));
+        p.handle_datagram(now, ep(5), chunk(110));
+        assert_eq!((p.stats().late, p.stats().duplicates), (1, 1));
+    }
+
+    #[test]
+    fn a_lost_chunk_is_skipped_counted_and_reported_by_a_monitor() {
+        let now = Instant::now();
+        let mut r = rules(8);
+        r.monitor = true;
+        let mut p = Peer::new(r, &[]);
+        for n in (0..12u16).filter(|&n| n != 3) {
+            p.handle_datagram(now, ep(SPLITTER), chunk(n));
+        }
+        let ev = events(&mut p);
+        assert!(ev.contains(&PeerEvent::Lost { number: 3 }));
+        assert_eq!(p.stats().lost, 1);
+        assert_eq!(p.stats().played, 7); // 0..=7 but 3
+        assert!(sends(&mut p).contains(&(SPLITTER, Bytes::from_static(&[0, 3]))));
+        assert_eq!(p.stats().loss_reports, 1);
+    }
+
+    #[test]
+    fn playout_crosses_the_65535_to_0_wrap() {
+        let now = Instant::now();
+        let mut p = Peer::new(rules(16), &[]);
+        let mut n = 65500u16;
+        for _ in 0..100 {
+            p.handle_datagram(now, ep(SPLITTER), chunk(n));
+            n = n.wrapping_add(1);
+        }
+        let played: Vec<u16> = events(&mut p)
+            .into_iter()
+            .filter_map(|e| if let PeerEvent::Play { number, .. } = e { Some(number) } else { None })
+            .collect();
+        let expected: Vec<u16> = (0..92u16).map(|i| 65500u16.wrapping_add(i)).collect();
+        assert_eq!(played, expected);
+        assert_eq!(p.stats().lost, 0);
+    }
+
+    #[test]
+    fn chunks_far_ahead_from_neighbours_are_dropped_but_the_splitter_may_jump() {
+        let now = Instant::now();
+        let mut p = Peer::new(rules(8), &[ep(1)]);
+        p.handle_datagram(now, ep(SPLITTER), chunk(10));
+        p.handle_datagram(now, ep(1), chunk(30000));
+        assert_eq!(p.stats().out_of_window, 1);
+        assert!(!p.is_playing());
+        p.handle_datagram(now, ep(SPLITTER), chunk(1000));
+        assert!(events(&mut p).contains(&PeerEvent::Skipped { count: 1000 - 10 - 4 }));
+    }
+
+    #[test]
+    fn polite_goodbye_waits_for_the_splitter_and_keeps_relaying() {
+        let now = Instant::now();
+        let mut p = Peer::new(rules(16), &[ep(1), ep(2), ep(3)]);
+        sends(&mut p);
+        p.handle_datagram(now, ep(SPLITTER), chunk(1));
+        sends(&mut p);
+        p.leave(now);
+        assert_eq!(sends(&mut p), [(SPLITTER, Bytes::from_static(b"G"))]);
+        // Still relaying, and saying goodbye to the splitter with every chunk.
+        p.handle_datagram(now, ep(2), chunk(0));
+        assert_eq!(sends(&mut p), [(SPLITTER, Bytes::from_static(b"G")), (2, chunk(1))]);
+        // The splitter confirms: the rest of chunk 1 goes out, then goodbyes to the team.
+        p.handle_datagram(now, ep(SPLITTER), Bytes::from_static(b"G"));
+        assert_eq!(
+            sends(&mut p),
+            [
+                (3, chunk(1)),
+                (1, Bytes::from_static(b"G")),
+                (2, Bytes::from_static(b"G")),
+                (3, Bytes::from_static(b"G"))
+            ]
+        );
+        assert!(events(&mut p).contains(&PeerEvent::Left { confirmed: true }));
+        assert!(p.has_left());
+    }
+
+    #[test]
+    fn goodbye_times_out_without_the_splitter() {
+        let now = Instant::now();
+        let mut p = Peer::new(rules(16), &[ep(1)]);
+        p.leave(now);
+        assert_eq!(p.poll_timeout(), Some(now + Duration::from_secs(2)));
+        p.handle_timeout(now + Duration::from_secs(1));
+        assert!(!p.has_left());
+        p.handle_timeout(now + Duration::from_secs(2));
+        assert!(p.has_left());
+        assert!(events(&mut p).contains(&PeerEvent::Left { confirmed: false }));
+    }
+
+    #[test]
+    fn a_neighbour_goodbye_mid_round_does_not_skip_anyone() {
+        let now = Instant::now();
+        let mut p = Peer::new(rules(16), &[ep(1), ep(2), ep(3)]);
+        sends(&mut p);
+        p.handle_datagram(now, ep(SPLITTER), chunk(1)); // -> 1
+        p.handle_datagram(now, ep(1), Bytes::from_static(b"G"));
+        p.handle_datagram(now, ep(SPLITTER), chunk(2)); // burst 2, 3; then 2 gets chunk 2
+        assert_eq!(sends(&mut p), [(1, chunk(1)), (2, chunk(1)), (3, chunk(1)), (2, chunk(2))]);
+        p.handle_datagram(now, ep(7), Bytes::from_static(b"G"));
+        assert_eq!(p.stats().stray_goodbyes, 1);
+        p.handle_datagram(now, ep(7), Bytes::from_static(b"XYZ"));
+        assert_eq!(p.stats().malformed, 1);
+    }
+}

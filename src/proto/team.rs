@@ -1,0 +1,545 @@
+//! DBS at the splitter: teams, round robin, goodbyes at round boundaries, loss counters
+//! (reference-notes §5.1, §5.4, §5.6).
+//!
+//! [`Teams`] is the set of teams one splitter shard owns. For every chunk it names one destination
+//! per team ([`Teams::on_chunk`]); datagrams from peers go through [`Teams::handle_datagram`];
+//! goodbye confirmations come out of [`Teams::poll_transmit`] and membership changes out of
+//! [`Teams::poll_event`]. Time only enters through [`Teams::handle_timeout`].
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::Endpoint;
+use super::wire::{GOODBYE, ToSplitter};
+
+/// Identifies a team within one splitter.
+pub type TeamId = u32;
+
+/// The splitter-side DBS parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TeamRules {
+    /// Buffer size B in chunks (a power of two): how many chunk destinations are remembered for
+    /// blaming losses.
+    pub buffer_size: u16,
+    /// A peer whose loss counter goes over this is removed (reference default 32).
+    pub max_losses: u32,
+    /// How often every loss counter is halved (reference: 1 s).
+    pub loss_halving: Duration,
+}
+
+impl Default for TeamRules {
+    fn default() -> Self {
+        TeamRules { buffer_size: 256, max_losses: 32, loss_halving: Duration::from_secs(1) }
+    }
+}
+
+/// A change in team membership the shard reports to the control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TeamEvent {
+    /// The peer said goodbye and was removed at the round boundary (and told so).
+    Left {
+        /// Who.
+        peer: Endpoint,
+        /// From which team.
+        team: TeamId,
+    },
+    /// The peer's loss counter went over the limit; it was removed without a message.
+    Expelled {
+        /// Who.
+        peer: Endpoint,
+        /// From which team.
+        team: TeamId,
+        /// Its loss counter at removal.
+        losses: u32,
+    },
+}
+
+/// What the splitter-side protocol counted. Nothing a peer sends is dropped without a count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TeamCounters {
+    /// Goodbyes from members.
+    pub goodbyes: u64,
+    /// Goodbyes from endpoints that are not members (ignored).
+    pub stray_goodbyes: u64,
+    /// Loss reports from monitors.
+    pub loss_reports: u64,
+    /// Loss reports from endpoints that are not monitors of any team here (ignored).
+    pub stray_loss_reports: u64,
+    /// Loss reports for a chunk whose destination is no longer remembered.
+    pub unattributed_loss_reports: u64,
+    /// Datagrams that are neither a goodbye nor a loss report.
+    pub malformed: u64,
+    /// Peers removed after their goodbye.
+    pub left: u64,
+    /// Peers removed for losses.
+    pub expelled: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Member {
+    endpoint: Endpoint,
+    monitor: bool,
+    leaving: bool,
+    losses: u32,
+}
+
+/// One DBS team: its members in round-robin order (monitors first) and who got which chunk.
+#[derive(Debug, Clone)]
+struct Team {
+    id: TeamId,
+    members: Vec<Member>,
+    /// Index of the member that gets the next chunk (the reference's `peer_number`).
+    next: usize,
+    /// Destination of chunk `n` at `n % B`, with `n` to tell stale entries apart.
+    destinations: Vec<Option<(u16, Endpoint)>>,
+    leaving: usize,
+}
+
+impl Team {
+    fn new(id: TeamId, buffer_size: u16) -> Team {
+        Team {
+            id,
+            members: Vec::new(),
+            next: 0,
+            destinations: vec![None; usize::from(buffer_size).max(1)],
+            leaving: 0,
+        }
+    }
+
+    fn position(&self, ep: Endpoint) -> Option<usize> {
+        self.members.iter().position(|m| m.endpoint == ep)
+    }
+
+    fn monitors(&self) -> usize {
+        self.members.iter().take_while(|m| m.monitor).count()
+    }
+
+    fn insert(&mut self, endpoint: Endpoint, monitor: bool) {
+        // Monitors stay in front, as in the reference where they are the first to join; everyone
+        // else is appended and so gets a first chunk within one round.
+        let at = if monitor { self.monitors() } else { self.members.len() };
+        if at < self.members.len() && at <= self.next {
+            self.next += 1;
+        }
+        self.members.insert(at, Member { endpoint, monitor, leaving: false, losses: 0 });
+    }
+
+    fn remove_at(&mut self, i: usize) -> Member {
+        let m = self.members.remove(i);
+        if m.leaving {
+            self.leaving -= 1;
+        }
+        if i < self.next {
+            self.next -= 1;
+        }
+        if self.next >= self.members.len() {
+            self.next = 0;
+        }
+        m
+    }
+
+    /// Picks the destination of chunk `n` and advances the round robin. At the round boundary the
+    /// members that said goodbye are removed and told so.
+    fn schedule(
+        &mut self,
+        n: u16,
+        goodbyes: &mut VecDeque<(Endpoint, &'static [u8])>,
+        events: &mut VecDeque<TeamEvent>,
+        counters: &mut TeamCounters,
+    ) -> Option<Endpoint> {
+        if self.members.is_empty() {
+            return None;
+        }
+        let dest = self.members[self.next].endpoint;
+        let slot = usize::from(n) % self.destinations.len();
+        self.destinations[slot] = Some((n, dest));
+        self.next += 1;
+        if self.next == self.members.len() {
+            self.next = 0;
+            if self.leaving > 0 {
+                let id = self.id;
+                let mut i = 0;
+                while i < self.members.len() {
+                    if self.members[i].leaving {
+                        let m = self.remove_at(i);
+                        goodbyes.push_back((m.endpoint, GOODBYE));
+                        events.push_back(TeamEvent::Left { peer: m.endpoint, team: id });
+                        counters.left += 1;
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+        }
+        Some(dest)
+    }
+}
+
+/// The teams one splitter shard owns.
+#[derive(Debug)]
+pub struct Teams {
+    rules: TeamRules,
+    teams: Vec<Team>,
+    members: HashMap<Endpoint, TeamId>,
+    counters: TeamCounters,
+    goodbyes: VecDeque<(Endpoint, &'static [u8])>,
+    events: VecDeque<TeamEvent>,
+    next_halving: Option<Instant>,
+}
+
+impl Teams {
+    /// No teams yet.
+    pub fn new(rules: TeamRules) -> Teams {
+        Teams {
+            rules,
+            teams: Vec::new(),
+            members: HashMap::new(),
+            counters: TeamCounters::default(),
+            goodbyes: VecDeque::new(),
+            events: VecDeque::new(),
+            next_halving: None,
+        }
+    }
+
+    /// The rules in force.
+    pub fn rules(&self) -> &TeamRules {
+        &self.rules
+    }
+
+    fn team_mut(&mut self, id: TeamId) -> Option<&mut Team> {
+        self.teams.iter_mut().find(|t| t.id == id)
+    }
+
+    /// Adds `peer` to `team` (created if needed). A peer that is already a member somewhere is
+    /// moved, as the reference does when an endpoint joins twice.
+    pub fn insert(&mut self, team: TeamId, peer: Endpoint, monitor: bool) {
+        self.remove(peer);
+        if self.team_mut(team).is_none() {
+            self.teams.push(Team::new(team, self.rules.buffer_size));
+        }
+        let t = self.team_mut(team).expect("team exists: created above");
+        t.insert(peer, monitor);
+        self.members.insert(peer, team);
+    }
+
+    /// Removes `peer` at once (no message); returns its team if it was a member.
+    pub fn remove(&mut self, peer: Endpoint) -> Option<TeamId> {
+        let id = self.members.remove(&peer)?;
+        let t = self.team_mut(id).expect("member index points at a team");
+        if let Some(i) = t.position(peer) {
+            t.remove_at(i);
+        }
+        self.drop_empty_teams();
+        Some(id)
+    }
+
+    fn drop_empty_teams(&mut self) {
+        self.teams.retain(|t| !t.members.is_empty());
+    }
+
+    /// Names one destination per team for chunk `n`, appending them to `dests`.
+    pub fn on_chunk(&mut self, n: u16, dests: &mut Vec<Endpoint>) {
+        let queued = self.goodbyes.len();
+        let mut removed = false;
+        for t in &mut self.teams {
+            let before = t.members.len();
+            if let Some(d) =
+                t.schedule(n, &mut self.goodbyes, &mut self.events, &mut self.counters)
+            {
+                dests.push(d);
+            }
+            removed |= t.members.len() != before;
+        }
+        if removed {
+            for (ep, _) in self.goodbyes.range(queued..) {
+                self.members.remove(ep);
+            }
+            self.drop_empty_teams();
+        }
+    }
+
+    /// Handles a datagram a peer sent to the splitter.
+    pub fn handle_datagram(&mut self, from: Endpoint, data: &[u8]) {
+        match ToSplitter::parse(data) {
+            ToSplitter::Goodbye => self.on_goodbye(from),
+            ToSplitter::LossReport(n) => self.on_loss_report(from, n),
+            ToSplitter::Malformed => self.counters.malformed += 1,
+        }
+    }
+
+    fn on_goodbye(&mut self, from: Endpoint) {
+        let Some(&id) = self.members.get(&from) else {
+            self.counters.stray_goodbyes += 1;
+            return;
+        };
+        self.counters.goodbyes += 1;
+        let t = self.team_mut(id).expect("member index points at a team");
+        if let Some(i) = t.position(from)
+            && !t.members[i].leaving
+        {
+            t.members[i].leaving = true;
+            t.leaving += 1;
+        }
+    }
+
+    fn on_loss_report(&mut self, from: Endpoint, n: u16) {
+        let max_losses = self.rules.max_losses;
+        let Some(&id) = self.members.get(&from) else {
+            self.counters.stray_loss_reports += 1;
+            return;
+        };
+        let t = self.teams.iter_mut().find(|t| t.id == id).expect("member index points at a team");
+        let is_monitor = t.position(from).is_some_and(|i| t.members[i].monitor);
+        if !is_monitor {
+            self.counters.stray_loss_reports += 1;
+            return;
+        }
+        let slot = usize::from(n) % t.destinations.len();
+        let blamed = match t.destinations[slot] {
+            Some((m, blamed)) if m == n => blamed,
+            _ => {
+                self.counters.unattributed_loss_reports += 1;
+                return;
+            }
+        };
+        self.counters.loss_reports += 1;
+        let Some(i) = t.position(blamed) else {
+            return;
+        };
+        let member = &mut t.members[i];
+        member.losses += 1;
+        // Monitors are the operator's own peers and are never expelled (as in the classic
+        // reference); their losses are still counted.
+        if member.losses > max_losses && !member.monitor {
+            let losses = member.losses;
+            t.remove_at(i);
+            self.members.remove(&blamed);
+            self.counters.expelled += 1;
+            self.events.push_back(TeamEvent::Expelled { peer: blamed, team: id, losses });
+            self.drop_empty_teams();
+        }
+    }
+
+    /// When [`Teams::handle_timeout`] next has work to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_halving
+    }
+
+    /// Halves every loss counter once per `loss_halving` period.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.next_halving {
+            None => self.next_halving = Some(now + self.rules.loss_halving),
+            Some(at) if now >= at => {
+                for m in self.teams.iter_mut().flat_map(|t| t.members.iter_mut()) {
+                    m.losses /= 2;
+                }
+                // Keep the period even if the caller was late, but never schedule in the past.
+                let next = at + self.rules.loss_halving;
+                self.next_halving = Some(if next > now { next } else { now + self.rules.loss_halving });
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// The next control datagram to send (goodbye confirmations).
+    pub fn poll_transmit(&mut self) -> Option<(Endpoint, &'static [u8])> {
+        self.goodbyes.pop_front()
+    }
+
+    /// The next membership change.
+    pub fn poll_event(&mut self) -> Option<TeamEvent> {
+        self.events.pop_front()
+    }
+
+    /// What was counted so far.
+    pub fn counters(&self) -> &TeamCounters {
+        &self.counters
+    }
+
+    /// Number of teams.
+    pub fn team_count(&self) -> usize {
+        self.teams.len()
+    }
+
+    /// Number of peers over all teams.
+    pub fn peer_count(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether `peer` is a member of some team here.
+    pub fn contains(&self, peer: Endpoint) -> bool {
+        self.members.contains_key(&peer)
+    }
+
+    /// A team's members in round-robin order with their loss counters, for status pages.
+    pub fn members(&self, team: TeamId) -> Vec<(Endpoint, bool, u32)> {
+        self.teams
+            .iter()
+            .find(|t| t.id == team)
+            .map(|t| t.members.iter().map(|m| (m.endpoint, m.monitor, m.losses)).collect())
+            .unwrap_or_default()
+    }
+
+    /// The ids of the teams here.
+    pub fn team_ids(&self) -> Vec<TeamId> {
+        self.teams.iter().map(|t| t.id).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(port: u16) -> Endpoint {
+        Endpoint::new([127, 0, 0, 1].into(), port)
+    }
+
+    fn chunk(teams: &mut Teams, n: u16) -> Vec<Endpoint> {
+        let mut d = Vec::new();
+        teams.on_chunk(n, &mut d);
+        d
+    }
+
+    #[test]
+    fn round_robin_inside_a_team_and_every_team_gets_every_chunk() {
+        let mut t = Teams::new(TeamRules::default());
+        t.insert(0, ep(1), true);
+        t.insert(0, ep(2), false);
+        t.insert(0, ep(3), false);
+        t.insert(1, ep(4), false);
+        t.insert(1, ep(5), false);
+        let got: Vec<_> = (0..6).map(|n| chunk(&mut t, n)).collect();
+        assert_eq!(
+            got,
+            vec![
+                vec![ep(1), ep(4)],
+                vec![ep(2), ep(5)],
+                vec![ep(3), ep(4)],
+                vec![ep(1), ep(5)],
+                vec![ep(2), ep(4)],
+                vec![ep(3), ep(5)],
+            ]
+        );
+    }
+
+    #[test]
+    fn a_new_peer_is_appended_and_a_monitor_goes_in_front() {
+        let mut t = Teams::new(TeamRules::default());
+        t.insert(0, ep(2), false);
+        t.insert(0, ep(3), false);
+        assert_eq!(chunk(&mut t, 0), vec![ep(2)]);
+        t.insert(0, ep(1), true);
+        assert_eq!(t.members(0).iter().map(|m| m.0).collect::<Vec<_>>(), [ep(1), ep(2), ep(3)]);
+        // The round robin still continues with ep(3), then starts over at the monitor.
+        assert_eq!(chunk(&mut t, 1), vec![ep(3)]);
+        assert_eq!(chunk(&mut t, 2), vec![ep(1)]);
+    }
+
+    #[test]
+    fn goodbye_takes_effect_at_the_round_boundary() {
+        let mut t = Teams::new(TeamRules::default());
+        for p in 1..=3 {
+            t.insert(0, ep(p), p == 1);
+        }
+        assert_eq!(chunk(&mut t, 0), [ep(1)]);
+        t.handle_datagram(ep(2), b"G");
+        t.handle_datagram(ep(2), b"G"); // repeated while it waits: no change
+        assert_eq!(t.poll_transmit(), None);
+        // The leaving peer still gets its chunk in this round.
+        assert_eq!(chunk(&mut t, 1), [ep(2)]);
+        assert_eq!(t.poll_transmit(), None);
+        assert_eq!(chunk(&mut t, 2), [ep(3)]); // round boundary
+        assert_eq!(t.poll_transmit(), Some((ep(2), &b"G"[..])));
+        assert_eq!(t.poll_event(), Some(TeamEvent::Left { peer: ep(2), team: 0 }));
+        assert!(!t.contains(ep(2)));
+        assert_eq!(chunk(&mut t, 3), [ep(1)]);
+        assert_eq!(chunk(&mut t, 4), [ep(3)]);
+        assert_eq!(t.counters().goodbyes, 2);
+        assert_eq!(t.counters().left, 1);
+    }
+
+    #[test]
+    fn goodbyes_and_loss_reports_from_strangers_change_nothing() {
+        let mut t = Teams::new(TeamRules::default());
+        t.insert(0, ep(1), true);
+        t.insert(0, ep(2), false);
+        chunk(&mut t, 0);
+        chunk(&mut t, 1);
+        t.handle_datagram(ep(9), b"G");
+        for _ in 0..100 {
+            t.handle_datagram(ep(9), &1u16.to_be_bytes());
+            t.handle_datagram(ep(2), &1u16.to_be_bytes()); // not a monitor
+        }
+        t.handle_datagram(ep(1), &[0; 1026]);
+        assert_eq!(t.counters().stray_goodbyes, 1);
+        assert_eq!(t.counters().stray_loss_reports, 200);
+        assert_eq!(t.counters().malformed, 1);
+        assert_eq!(t.members(0), vec![(ep(1), true, 0), (ep(2), false, 0)]);
+        assert_eq!(t.poll_event(), None);
+    }
+
+    #[test]
+    fn losses_are_halved_every_second_and_over_32_expel() {
+        let start = Instant::now();
+        let mut t = Teams::new(TeamRules::default());
+        t.handle_timeout(start);
+        t.insert(0, ep(1), true);
+        t.insert(0, ep(2), false);
+        // Chunks 0..64 alternate monitor, peer: odd chunks went to ep(2).
+        for n in 0..64 {
+            chunk(&mut t, n);
+        }
+        for n in (1u16..40).step_by(2) {
+            t.handle_datagram(ep(1), &n.to_be_bytes()); // 20 reports
+        }
+        assert_eq!(t.members(0)[1].2, 20);
+        t.handle_timeout(start + Duration::from_millis(999));
+        assert_eq!(t.members(0)[1].2, 20);
+        t.handle_timeout(start + Duration::from_secs(1));
+        assert_eq!(t.members(0)[1].2, 10);
+        // A report on a chunk whose destination was the monitor itself: counted, never expelled.
+        t.handle_datagram(ep(1), &0u16.to_be_bytes());
+        assert_eq!(t.members(0)[0].2, 1);
+        for n in (41u16..64).step_by(2) {
+            t.handle_datagram(ep(1), &n.to_be_bytes()); // 12 more: 22
+        }
+        assert_eq!(t.members(0)[1].2, 22);
+        // Report the same chunks again to push it over 32.
+        for n in (41u16..64).step_by(2).take(11) {
+            t.handle_datagram(ep(1), &n.to_be_bytes());
+        }
+        assert_eq!(
+            t.poll_event(),
+            Some(TeamEvent::Expelled { peer: ep(2), team: 0, losses: 33 })
+        );
+        assert!(!t.contains(ep(2)));
+        assert_eq!(t.poll_transmit(), None, "an expelled peer gets no message");
+        // A report for a chunk whose destination is forgotten is counted, not blamed.
+        t.handle_datagram(ep(1), &5000u16.to_be_bytes());
+        assert_eq!(t.counters().unattributed_loss_reports, 1);
+    }
+
+    #[test]
+    fn destinations_are_remembered_across_the_wrap() {
+        let mut t = Teams::new(TeamRules { max_losses: 0, ..TeamRules::default() });
+        t.insert(0, ep(1), true);
+        t.insert(0, ep(2), false);
+        for n in [65534, 65535, 0, 1] {
+            chunk(&mut t, n);
+        }
+        t.handle_datagram(ep(1), &1u16.to_be_bytes());
+        assert_eq!(t.poll_event(), Some(TeamEvent::Expelled { peer: ep(2), team: 0, losses: 1 }));
+    }
+
+    #[test]
+    fn teams_disappear_when_empty() {
+        let mut t = Teams::new(TeamRules::default());
+        t.insert(7, ep(1), false);
+        assert_eq!(t.team_count(), 1);
+        t.handle_datagram(ep(1), b"G");
+        assert_eq!(chunk(&mut t, 0), [ep(1)]);
+        assert_eq!(t.team_count(), 0);
+        assert_eq!(t.peer_count(), 0);
+        assert!(chunk(&mut t, 1).is_empty());
+    }
+}
