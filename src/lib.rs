@@ -13,7 +13,10 @@
 //!   library lacks. The only module with `unsafe`.
 //! - [`splitter`] and [`peer`]: the programs, wiring the core to sockets, sources and players.
 
+pub mod demo;
 pub mod driver;
+pub mod http;
+pub mod pattern;
 pub mod peer;
 pub mod proto;
 pub mod ring;

@@ -1,1 +1,90 @@
-fn main() {}
+//! The `p2psp` command: `splitter`, `peer` and `demo`.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use clap::{Parser, Subcommand};
+use mimalloc::MiMalloc;
+
+use p2psp::{demo, peer, splitter};
+
+#[global_allocator]
+static GLOBAL: MiMalloc = MiMalloc;
+
+/// P2PSP live streaming: a splitter cuts one live stream into chunks and sends each to one peer
+/// of every team; peers relay it to the rest of their team (DBS) and play it to a local player.
+/// Byte-compatible with the C++ P2PSP reference.
+///
+/// Exit codes: 0 done, 1 failed while running, 2 bad flags or configuration (port in use,
+/// unreachable source).
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Read a live stream and send it to teams of peers.
+    Splitter(splitter::SplitterArgs),
+    /// Join a team, relay chunks and play the stream to a local player.
+    Peer(peer::PeerArgs),
+    /// Run a splitter with the test source and a small local team in this process, and print
+    /// what each peer receives.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal ends the process at once.
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 1, stop.clone());
+        let _ = signal_hook::flag::register(sig, stop.clone());
+    }
+    match cli.command {
+        Command::Splitter(args) => {
+            let settings = match splitter::Settings::from_args(&args) {
+                Ok(s) => s,
+                Err(e) => return usage_error(&e),
+            };
+            let running = match splitter::start(settings, stop) {
+                Ok(r) => r,
+                Err(e) => return usage_error(&format!("{e:#}")),
+            };
+            finish(running.wait())
+        }
+        Command::Peer(args) => {
+            let opts = match peer::PeerOptions::from_args(&args) {
+                Ok(o) => o,
+                Err(e) => return usage_error(&e),
+            };
+            finish(peer::run(opts, stop))
+        }
+        Command::Demo(args) => finish(demo::run(&args, stop)),
+    }
+}
+
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("p2psp: {message}");
+    ExitCode::from(2)
+}
+
+fn finish(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("p2psp: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,1 +1,248 @@
-//! placeholder
+//! `p2psp peer`: joins a team, relays chunks by DBS and plays the stream to a local player.
+//!
+//! The peer drives the sans-IO [`Peer`](crate::proto::peer::Peer) core from one thread over one
+//! plain UDP socket: a peer handles one stream, a few hundred datagrams per second, so io_uring
+//! would buy nothing here (the load generator, which runs thousands of peers per thread, uses the
+//! io_uring driver instead). A second thread serves players over HTTP and writes `--output`.
+
+pub mod join;
+pub mod player;
+
+use std::net::{SocketAddr, SocketAddrV4, ToSocketAddrs, UdpSocket};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::Args;
+
+use crate::proto::peer::{Peer, PeerEvent, PeerRules, Removal};
+
+/// Flags of `p2psp peer`.
+#[derive(Debug, Clone, Args)]
+pub struct PeerArgs {
+    /// The splitter to join.
+    #[arg(long, default_value = "127.0.0.1:8001", value_name = "HOST:PORT")]
+    pub splitter: String,
+    /// TCP port where players (VLC, mpv, ffplay) get the stream over HTTP, on 127.0.0.1;
+    /// 0 turns the player endpoint off.
+    #[arg(long, default_value_t = 9999)]
+    pub player_port: u16,
+    /// Also write the played stream (stream header, then chunks in order) to this file; `-` is
+    /// standard output.
+    #[arg(long, value_name = "PATH")]
+    pub output: Option<PathBuf>,
+    /// Join as a monitor: report chunks lost at playout time to the splitter.
+    #[arg(long)]
+    pub monitor: bool,
+    /// Drop a neighbour that is owed more than this many chunks.
+    #[arg(long, default_value_t = 128)]
+    pub max_debt: i32,
+    /// No status line.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Where played chunks go.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// A file.
+    File(PathBuf),
+    /// Standard output.
+    Stdout,
+}
+
+/// Checked peer options.
+#[derive(Debug, Clone)]
+pub struct PeerOptions {
+    /// The splitter.
+    pub splitter: SocketAddrV4,
+    /// Player endpoint, if any.
+    pub player: Option<SocketAddrV4>,
+    /// Output file, if any.
+    pub output: Option<Output>,
+    /// Monitor or not.
+    pub monitor: bool,
+    /// Debt limit.
+    pub max_debt: i32,
+    /// Print a status line every second (prefixed with this name).
+    pub status: Option<String>,
+    /// Shared counters (for the demo and for status pages).
+    pub counters: Arc<PeerCounters>,
+}
+
+/// Counters a running peer publishes.
+#[derive(Debug, Default)]
+pub struct PeerCounters {
+    /// Chunks played.
+    pub played: AtomicU64,
+    /// Chunks lost.
+    pub lost: AtomicU64,
+    /// Chunks relayed.
+    pub relayed: AtomicU64,
+    /// Chunks received.
+    pub received: AtomicU64,
+    /// Neighbours.
+    pub neighbours: AtomicU64,
+    /// Played chunks the player endpoint could not take in time.
+    pub player_overruns: AtomicU64,
+    /// Set once joined; the UDP port.
+    pub port: AtomicU64,
+}
+
+impl PeerOptions {
+    /// Checks the flags.
+    pub fn from_args(a: &PeerArgs) -> Result<PeerOptions, String> {
+        let splitter = resolve_v4(&a.splitter).map_err(|e| format!("--splitter {}: {e}", a.splitter))?;
+        if a.max_debt < 1 {
+            return Err(format!("--max-debt {} must be at least 1", a.max_debt));
+        }
+        Ok(PeerOptions {
+            splitter,
+            player: (a.player_port != 0).then(|| SocketAddrV4::new([127, 0, 0, 1].into(), a.player_port)),
+            output: a.output.as_ref().map(|p| {
+                if p.as_os_str() == "-" { Output::Stdout } else { Output::File(p.clone()) }
+            }),
+            monitor: a.monitor,
+            max_debt: a.max_debt,
+            status: (!a.quiet).then(|| "peer".to_owned()),
+            counters: Arc::default(),
+        })
+    }
+}
+
+/// Resolves `host:port` to an IPv4 endpoint (the wire protocol is IPv4 only).
+pub fn resolve_v4(s: &str) -> Result<SocketAddrV4, String> {
+    let addrs = s.to_socket_addrs().map_err(|e| format!("cannot resolve: {e}"))?;
+    addrs
+        .filter_map(|a| match a {
+            SocketAddr::V4(v4) => Some(v4),
+            SocketAddr::V6(_) => None,
+        })
+        .next()
+        .ok_or_else(|| "no IPv4 address (P2PSP is IPv4 only)".to_owned())
+}
+
+/// Joins the splitter and runs until `stop` (then leaves politely), until the splitter says
+/// goodbye, or until an error.
+pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let player_listener = match opts.player {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen for players on {addr}"))?,
+        ),
+        None => None,
+    };
+    let joined = join::join(opts.splitter, opts.monitor)?;
+    let config = &joined.config;
+    let socket = joined.socket;
+    socket.set_read_timeout(Some(Duration::from_millis(10)))?;
+    let me = joined.local;
+    opts.counters.port.store(u64::from(me.port()), Ordering::Relaxed);
+
+    let mut rules = PeerRules::new(opts.splitter, usize::from(config.chunk_size), config.buffer_size);
+    rules.monitor = opts.monitor;
+    rules.max_debt = opts.max_debt;
+    let mut core = Peer::new(rules, &config.peers);
+    let (tx, player) =
+        player::spawn(player_listener, opts.output.clone(), joined.header, stop.clone())?;
+    if let Some(name) = &opts.status {
+        eprintln!(
+            "{name} {me}: joined {} as {} (team of {}, chunk {} B, buffer {} chunks)",
+            opts.splitter,
+            if opts.monitor { "monitor" } else { "peer" },
+            config.peers.len() + 1,
+            config.chunk_size,
+            config.buffer_size
+        );
+    }
+
+    let mut buf = vec![0u8; 65536];
+    let mut next_status = Instant::now() + Duration::from_secs(1);
+    let mut last = *core.stats();
+    let mut outcome = Ok(());
+    loop {
+        let now = Instant::now();
+        if stop.load(Ordering::Relaxed) {
+            core.leave(now);
+        }
+        match socket.recv_from(&mut buf) {
+            Ok((n, SocketAddr::V4(from))) => {
+                core.handle_datagram(now, from, Bytes::copy_from_slice(&buf[..n]));
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            Err(e) => {
+                outcome = Err(anyhow::anyhow!("UDP receive failed: {e}"));
+                break;
+            }
+        }
+        core.handle_timeout(Instant::now());
+        while let Some(t) = core.poll_transmit() {
+            // A neighbour that vanished answers with ICMP; that is the debt rule's job.
+            let _ = socket.send_to(&t.payload, t.dest);
+        }
+        let mut done = false;
+        while let Some(e) = core.poll_event() {
+            match e {
+                PeerEvent::Play { payload, .. } => {
+                    if tx.try_send(payload).is_err() {
+                        opts.counters.player_overruns.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                PeerEvent::Left { confirmed } => {
+                    tracing::info!("left the team ({})", if confirmed { "confirmed by the splitter" } else { "the splitter did not answer" });
+                    done = true;
+                }
+                PeerEvent::SplitterGoodbye => {
+                    if let Some(name) = &opts.status {
+                        eprintln!("{name} {me}: the splitter said goodbye (it stopped or removed us)");
+                    }
+                    done = true;
+                }
+                PeerEvent::NeighbourRemoved { peer, reason: Removal::Debt } => {
+                    tracing::info!("dropped neighbour {peer}: it does not relay (debt over {})", opts.max_debt);
+                }
+                PeerEvent::Skipped { count } => tracing::warn!("skipped {count} chunks: the splitter jumped ahead"),
+                _ => {}
+            }
+        }
+        let s = *core.stats();
+        let c = &opts.counters;
+        c.played.store(s.played, Ordering::Relaxed);
+        c.lost.store(s.lost, Ordering::Relaxed);
+        c.relayed.store(s.relayed, Ordering::Relaxed);
+        c.received.store(s.chunks_received, Ordering::Relaxed);
+        c.neighbours.store(core.neighbours().count() as u64, Ordering::Relaxed);
+        if now >= next_status {
+            next_status = now + Duration::from_secs(1);
+            if let Some(name) = &opts.status {
+                eprintln!(
+                    "{name} {me}: {} | played {} (+{}) lost {} late {} dup {} | received {} relayed {} | {} neighbours | player overruns {}",
+                    if core.is_playing() { "playing" } else { "buffering" },
+                    s.played,
+                    s.played - last.played,
+                    s.lost,
+                    s.late,
+                    s.duplicates,
+                    s.chunks_received,
+                    s.relayed,
+                    core.neighbours().count(),
+                    c.player_overruns.load(Ordering::Relaxed),
+                );
+            }
+            last = s;
+        }
+        if done {
+            break;
+        }
+    }
+    drop(tx);
+    stop.store(true, Ordering::SeqCst);
+    let _ = player.join();
+    drop::<UdpSocket>(socket);
+    outcome
+}

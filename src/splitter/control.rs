@@ -1,0 +1,475 @@
+//! The splitter's control plane: TCP joins without a thread per peer, the stream-header HTTP
+//! endpoint, team placement, forwarding of datagrams between shards, and the status line.
+//!
+//! One thread, non-blocking sockets and `poll(2)`. A TCP connection's first byte says what it is:
+//! `P` or `M` is a join (reference-notes §3.1), `G` the start of `GET /<channel>` from a peer
+//! fetching the stream header (the join message names this splitter as the source).
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::Settings;
+use super::feed::{FeedStats, HeaderCell, StreamHeader};
+use super::shard::{Command, Report, ShardStats};
+use crate::driver::{self, PollFd, Waker};
+use crate::proto::Endpoint;
+use crate::proto::directory::{Directory, DirectoryRules, Placement};
+use crate::proto::team::TeamEvent;
+use crate::proto::wire::{JoinConfig, ROLE_MONITOR, ROLE_PEER};
+
+/// How the control plane reaches a shard.
+pub struct ShardLink {
+    /// Commands to the shard.
+    pub commands: Sender<Command>,
+    /// Wakes the shard after a command.
+    pub waker: Waker,
+    /// The shard's counters.
+    pub stats: Arc<ShardStats>,
+}
+
+/// Most connections in the middle of a join or header request; more are refused at once.
+const MAX_PENDING: usize = 1024;
+/// How long a connection may take to say what it wants, or to finish.
+const CONN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for the ready byte after the configuration (then the peer is added anyway).
+const READY_TIMEOUT: Duration = Duration::from_secs(3);
+
+enum State {
+    /// Waiting for the first byte.
+    Hello,
+    /// A join waiting for the stream header to be complete.
+    JoinWaitHeader { monitor: bool },
+    /// Writing the configuration; then waiting for the ready byte.
+    JoinConfig { placement: Placement },
+    /// Configuration sent; waiting for the ready byte or the end of the connection.
+    JoinReady { placement: Placement },
+    /// Reading an HTTP request head.
+    HttpRequest,
+    /// Writing an HTTP response, then closing.
+    HttpResponse,
+}
+
+struct Conn {
+    stream: TcpStream,
+    remote: Endpoint,
+    local: Endpoint,
+    state: State,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    written: usize,
+    deadline: Instant,
+}
+
+/// Counters of the control plane.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    joins: u64,
+    refused: u64,
+    timeouts: u64,
+    bad_requests: u64,
+    header_requests: u64,
+    foreign_datagrams: u64,
+}
+
+/// The control plane.
+pub struct Control {
+    settings: Settings,
+    listener: TcpListener,
+    header: Arc<HeaderCell>,
+    feed: Arc<FeedStats>,
+    shards: Vec<ShardLink>,
+    reports: Receiver<Report>,
+    directory: Directory,
+    conns: HashMap<u64, Conn>,
+    next_conn: u64,
+    counters: Counters,
+}
+
+impl Control {
+    /// A control plane over the listening socket and the shards.
+    pub fn new(
+        settings: &Settings,
+        listener: TcpListener,
+        header: Arc<HeaderCell>,
+        feed: Arc<FeedStats>,
+        shards: Vec<ShardLink>,
+        reports: Receiver<Report>,
+    ) -> Control {
+        let directory = Directory::new(DirectoryRules {
+            team_size: settings.team_size,
+            monitors: settings.monitors,
+            shards: shards.len(),
+        });
+        Control {
+            settings: settings.clone(),
+            listener,
+            header,
+            feed,
+            shards,
+            reports,
+            directory,
+            conns: HashMap::new(),
+            next_conn: 0,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Runs until `stop`.
+    pub fn run(mut self, stop: &AtomicBool) -> anyhow::Result<()> {
+        self.listener.set_nonblocking(true)?;
+        let mut status = Status::new(Instant::now());
+        let mut fds: Vec<PollFd> = Vec::new();
+        let mut ids: Vec<u64> = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            fds.clear();
+            ids.clear();
+            fds.push(PollFd::new(self.listener.as_raw_fd(), driver::POLLIN));
+            for (id, c) in &self.conns {
+                let events = match c.state {
+                    State::JoinConfig { .. } | State::HttpResponse => driver::POLLOUT,
+                    State::JoinWaitHeader { .. } => 0,
+                    _ => driver::POLLIN,
+                };
+                fds.push(PollFd::new(c.stream.as_raw_fd(), events));
+                ids.push(*id);
+            }
+            driver::poll(&mut fds, Some(Duration::from_millis(10)))?;
+            if fds[0].revents() != 0 {
+                self.accept();
+            }
+            let now = Instant::now();
+            for (i, id) in ids.iter().enumerate() {
+                let ready = fds[i + 1].revents() != 0;
+                self.progress(*id, ready, now);
+            }
+            self.drain_reports();
+            if let Some(line) = status.tick(now, &self) {
+                eprintln!("{line}");
+            }
+            if self.feed.ended.load(Ordering::Relaxed) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, remote)) => {
+                    let (SocketAddr::V4(remote), Ok(SocketAddr::V4(local))) = (remote, stream.local_addr())
+                    else {
+                        self.counters.refused += 1;
+                        continue;
+                    };
+                    if self.conns.len() >= MAX_PENDING || stream.set_nonblocking(true).is_err() {
+                        self.counters.refused += 1;
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let id = self.next_conn;
+                    self.next_conn += 1;
+                    self.conns.insert(
+                        id,
+                        Conn {
+                            stream,
+                            remote,
+                            local,
+                            state: State::Hello,
+                            input: Vec::new(),
+                            output: Vec::new(),
+                            written: 0,
+                            deadline: Instant::now() + CONN_TIMEOUT,
+                        },
+                    );
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Out of file descriptors and the like: log, keep serving the others.
+                    tracing::warn!("accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Moves one connection along; drops it when done or failed.
+    fn progress(&mut self, id: u64, ready: bool, now: Instant) {
+        let Some(mut c) = self.conns.remove(&id) else { return };
+        match self.step(&mut c, ready, now) {
+            Step::Keep => {
+                self.conns.insert(id, c);
+            }
+            Step::Done => {}
+            Step::Fail => {
+                if let State::JoinConfig { placement } | State::JoinReady { placement } = &c.state {
+                    let _ = placement;
+                    self.directory.remove(c.remote);
+                }
+            }
+        }
+    }
+
+    fn step(&mut self, c: &mut Conn, ready: bool, now: Instant) -> Step {
+        loop {
+            match &c.state {
+                State::Hello => {
+                    if !ready {
+                        return self.timeout(c, now);
+                    }
+                    let mut b = [0u8; 1];
+                    match c.stream.read(&mut b) {
+                        Ok(0) => return Step::Fail,
+                        Ok(_) => match b[0] {
+                            ROLE_PEER | ROLE_MONITOR => {
+                                c.state = State::JoinWaitHeader { monitor: b[0] == ROLE_MONITOR }
+                            }
+                            b'G' => {
+                                c.input.push(b'G');
+                                c.state = State::HttpRequest;
+                            }
+                            _ => {
+                                self.counters.bad_requests += 1;
+                                return Step::Fail;
+                            }
+                        },
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => return self.timeout(c, now),
+                        Err(_) => return Step::Fail,
+                    }
+                }
+                State::JoinWaitHeader { monitor } => {
+                    let Some(header) = self.header.get() else {
+                        return self.timeout(c, now);
+                    };
+                    let placement = self.directory.place(c.remote, *monitor);
+                    let config = JoinConfig {
+                        source: SocketAddrV4::new(*c.local.ip(), c.local.port()),
+                        channel: self.settings.channel.clone(),
+                        header_size: header_response(&header).len() as u16,
+                        chunk_size: self.settings.chunk_size as u16,
+                        buffer_size: self.settings.buffer_size,
+                        monitors: placement.monitors,
+                        peers: placement.peers.clone(),
+                    };
+                    if config.encode(&mut c.output).is_err() {
+                        self.directory.remove(c.remote);
+                        return Step::Fail;
+                    }
+                    c.state = State::JoinConfig { placement };
+                }
+                State::JoinConfig { .. } => match write_out(c) {
+                    Ok(true) => {
+                        let State::JoinConfig { placement } =
+                            std::mem::replace(&mut c.state, State::Hello)
+                        else {
+                            unreachable!()
+                        };
+                        c.deadline = now + READY_TIMEOUT;
+                        c.state = State::JoinReady { placement };
+                        return Step::Keep;
+                    }
+                    Ok(false) => return self.timeout(c, now),
+                    Err(()) => return Step::Fail,
+                },
+                State::JoinReady { .. } => {
+                    // The ready byte (or the end of the connection, or the timeout) completes the
+                    // join: by then the peer has bound its UDP socket and said hello to its team.
+                    let done = if ready {
+                        let mut b = [0u8; 16];
+                        !matches!(c.stream.read(&mut b), Err(e) if e.kind() == ErrorKind::WouldBlock)
+                    } else {
+                        now >= c.deadline
+                    };
+                    if !done {
+                        return Step::Keep;
+                    }
+                    let State::JoinReady { placement } = std::mem::replace(&mut c.state, State::Hello) else {
+                        unreachable!()
+                    };
+                    self.commit(c.remote, &placement);
+                    return Step::Done;
+                }
+                State::HttpRequest => {
+                    if ready {
+                        let mut b = [0u8; 1024];
+                        match c.stream.read(&mut b) {
+                            Ok(0) => return Step::Fail,
+                            Ok(n) => c.input.extend_from_slice(&b[..n]),
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                            Err(_) => return Step::Fail,
+                        }
+                    }
+                    match crate::http::RequestHead::parse(&c.input) {
+                        Ok(Some(_)) => {}
+                        Ok(None) if c.input.len() < 8192 => return self.timeout(c, now),
+                        _ => {
+                            self.counters.bad_requests += 1;
+                            return Step::Fail;
+                        }
+                    }
+                    let Some(header) = self.header.get() else {
+                        return self.timeout(c, now);
+                    };
+                    self.counters.header_requests += 1;
+                    c.output = header_response(&header);
+                    c.state = State::HttpResponse;
+                }
+                State::HttpResponse => {
+                    return match write_out(c) {
+                        Ok(true) => Step::Done,
+                        Ok(false) => self.timeout(c, now),
+                        Err(()) => Step::Fail,
+                    };
+                }
+            }
+        }
+    }
+
+    fn timeout(&mut self, c: &Conn, now: Instant) -> Step {
+        if now >= c.deadline {
+            self.counters.timeouts += 1;
+            Step::Fail
+        } else {
+            Step::Keep
+        }
+    }
+
+    fn commit(&mut self, peer: Endpoint, placement: &Placement) {
+        self.counters.joins += 1;
+        let link = &self.shards[placement.shard];
+        let _ = link.commands.send(Command::Insert {
+            team: placement.team,
+            peer,
+            monitor: placement.monitor,
+        });
+        link.waker.wake();
+        tracing::info!(
+            "{} {peer} joined team {} (shard {})",
+            if placement.monitor { "monitor" } else { "peer" },
+            placement.team,
+            placement.shard
+        );
+    }
+
+    fn drain_reports(&mut self) {
+        while let Ok(r) = self.reports.try_recv() {
+            match r {
+                Report::Event(e) => {
+                    let (TeamEvent::Left { peer, team } | TeamEvent::Expelled { peer, team, .. }) = e;
+                    // Only forget it if it was not placed again meanwhile.
+                    if self.directory.lookup(peer).is_some_and(|(t, _)| t == team) {
+                        self.directory.remove(peer);
+                    }
+                    match e {
+                        TeamEvent::Left { .. } => tracing::info!("{peer} left team {team}"),
+                        TeamEvent::Expelled { losses, .. } => {
+                            tracing::warn!("{peer} expelled from team {team} after {losses} losses")
+                        }
+                    }
+                }
+                Report::Foreign { from, data, shard } => match self.directory.lookup(from) {
+                    Some((_, owner)) if owner != shard => {
+                        let link = &self.shards[owner];
+                        let _ = link.commands.send(Command::Datagram { from, data });
+                        link.waker.wake();
+                    }
+                    Some((_, owner)) => {
+                        // Placed but not yet inserted at the shard: hand it over after the insert.
+                        let link = &self.shards[owner];
+                        let _ = link.commands.send(Command::Datagram { from, data });
+                        link.waker.wake();
+                    }
+                    None => self.counters.foreign_datagrams += 1,
+                },
+            }
+        }
+    }
+}
+
+enum Step {
+    Keep,
+    Done,
+    Fail,
+}
+
+/// Writes what is left of `c.output`; `Ok(true)` when all is written.
+fn write_out(c: &mut Conn) -> Result<bool, ()> {
+    while c.written < c.output.len() {
+        match c.stream.write(&c.output[c.written..]) {
+            Ok(0) => return Err(()),
+            Ok(n) => c.written += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return Err(()),
+        }
+    }
+    Ok(true)
+}
+
+/// The response to `GET /<channel>`: an HTTP head then the stream header. A reference peer relays
+/// exactly these `header_size` bytes to its player, which so sees a valid HTTP response.
+pub fn header_response(h: &StreamHeader) -> Vec<u8> {
+    let ct = h.content_type.as_deref().unwrap_or("application/octet-stream");
+    let mut out = crate::http::response_head(200, "OK", &[("Content-Type", ct), ("Cache-Control", "no-cache")]);
+    out.extend_from_slice(&h.bytes);
+    out
+}
+
+/// The once-a-second status line.
+struct Status {
+    next: Instant,
+    last: Instant,
+    chunks: u64,
+    datagrams: u64,
+    bytes: u64,
+    loss_reports: u64,
+}
+
+impl Status {
+    fn new(now: Instant) -> Status {
+        Status { next: now + Duration::from_secs(1), last: now, chunks: 0, datagrams: 0, bytes: 0, loss_reports: 0 }
+    }
+
+    fn tick(&mut self, now: Instant, c: &Control) -> Option<String> {
+        if now < self.next {
+            return None;
+        }
+        let dt = now.duration_since(self.last).as_secs_f64().max(1e-3);
+        self.last = now;
+        self.next = now + Duration::from_secs(1);
+        let sum = |f: &dyn Fn(&ShardStats) -> u64| c.shards.iter().map(|l| f(&l.stats)).sum::<u64>();
+        let chunks = c.feed.chunks.load(Ordering::Relaxed);
+        let datagrams = sum(&|s| s.datagrams.load(Ordering::Relaxed));
+        let bytes = sum(&|s| s.bytes.load(Ordering::Relaxed));
+        let loss_reports = sum(&|s| s.loss_reports.load(Ordering::Relaxed));
+        let expelled = sum(&|s| s.expelled.load(Ordering::Relaxed));
+        let dropped = sum(&|s| s.send_dropped.load(Ordering::Relaxed) + s.ring_missed.load(Ordering::Relaxed));
+        let ignored = sum(&|s| s.ignored.load(Ordering::Relaxed)) + c.counters.foreign_datagrams;
+        let line = format!(
+            "splitter: {} peers in {} teams | in {:.0} chunks/s | out {:.0} datagrams/s {:.2} Mbit/s | losses {:.0}/s ({} total) expelled {} | send drops {} | ignored {}",
+            c.directory.peer_count(),
+            c.directory.team_count(),
+            (chunks - self.chunks) as f64 / dt,
+            (datagrams - self.datagrams) as f64 / dt,
+            (bytes - self.bytes) as f64 * 8.0 / dt / 1e6,
+            (loss_reports - self.loss_reports) as f64 / dt,
+            loss_reports,
+            expelled,
+            dropped,
+            ignored,
+        );
+        self.chunks = chunks;
+        self.datagrams = datagrams;
+        self.bytes = bytes;
+        self.loss_reports = loss_reports;
+        Some(line)
+    }
+}

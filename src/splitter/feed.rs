@@ -1,0 +1,168 @@
+//! The feed: reads the source, keeps the stream header and publishes numbered chunks.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::source::{Source, SourceItem};
+use crate::driver::Waker;
+use crate::proto::wire::CHUNK_HEADER;
+use crate::ring::ChunkRing;
+
+/// The first bytes of the current stream, handed to every joining peer.
+#[derive(Debug, Clone, Default)]
+pub struct StreamHeader {
+    /// Counts stream starts (a reconnected source starts a new stream with a new header).
+    pub generation: u64,
+    /// The source's content type, if it said.
+    pub content_type: Option<String>,
+    /// The header bytes captured so far.
+    pub bytes: Vec<u8>,
+    /// Whether all `--header-size` bytes are there.
+    pub complete: bool,
+}
+
+/// The header, shared between the feed (writer) and the control plane (readers).
+#[derive(Debug)]
+pub struct HeaderCell {
+    size: usize,
+    state: Mutex<StreamHeader>,
+    ready: Condvar,
+}
+
+impl HeaderCell {
+    /// An empty cell for a header of `size` bytes.
+    pub fn new(size: usize) -> HeaderCell {
+        HeaderCell { size, state: Mutex::new(StreamHeader::default()), ready: Condvar::new() }
+    }
+
+    /// The header if it is complete.
+    pub fn get(&self) -> Option<StreamHeader> {
+        let h = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        h.complete.then(|| h.clone())
+    }
+
+    /// Waits up to `timeout` for a complete header.
+    pub fn wait(&self, timeout: Duration) -> Option<StreamHeader> {
+        let h = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (h, _) = self
+            .ready
+            .wait_timeout_while(h, timeout, |h| !h.complete)
+            .unwrap_or_else(|e| e.into_inner());
+        h.complete.then(|| h.clone())
+    }
+
+    fn start(&self, content_type: Option<String>) {
+        let mut h = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        h.generation += 1;
+        h.content_type = content_type;
+        h.bytes.clear();
+        h.complete = self.size == 0;
+        if h.complete {
+            self.ready.notify_all();
+        }
+    }
+
+    /// Takes header bytes from the start of a new stream's data.
+    fn offer(&self, data: &[u8]) {
+        let mut h = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if h.complete {
+            return;
+        }
+        let take = (self.size - h.bytes.len()).min(data.len());
+        h.bytes.extend_from_slice(&data[..take]);
+        if h.bytes.len() == self.size {
+            h.complete = true;
+            self.ready.notify_all();
+        }
+    }
+}
+
+/// What the feed counted (read by the status line).
+#[derive(Debug, Default)]
+pub struct FeedStats {
+    /// Chunks published.
+    pub chunks: AtomicU64,
+    /// Stream bytes read.
+    pub bytes: AtomicU64,
+    /// Stream starts (1 + reconnects).
+    pub streams: AtomicU64,
+    /// Bytes of an unfinished chunk dropped because the stream restarted.
+    pub partial_dropped: AtomicU64,
+    /// Source reconnects.
+    pub reconnects: AtomicU64,
+    /// Set when the feed has ended.
+    pub ended: AtomicBool,
+}
+
+/// Reads `source` until it ends or `stop` is raised.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    mut source: Box<dyn Source>,
+    chunk_size: usize,
+    first_number: u16,
+    ring: &ChunkRing,
+    header: &HeaderCell,
+    stats: &FeedStats,
+    wakers: &[Waker],
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut chunk: Vec<u8> = Vec::with_capacity(CHUNK_HEADER + chunk_size);
+    let mut number = first_number;
+    let mut in_header = false;
+    let result = loop {
+        if stop.load(Ordering::Relaxed) {
+            break Ok(());
+        }
+        let item = match source.next(&mut buf) {
+            Ok(item) => item,
+            Err(e) => break Err(anyhow::anyhow!("source failed: {e}")),
+        };
+        match item {
+            SourceItem::StreamStart { content_type } => {
+                stats.streams.fetch_add(1, Ordering::Relaxed);
+                stats.reconnects.store(source.reconnects(), Ordering::Relaxed);
+                if chunk.len() > CHUNK_HEADER {
+                    // Half a chunk of the old stream cannot be completed with the new one.
+                    let partial = (chunk.len() - CHUNK_HEADER) as u64;
+                    stats.partial_dropped.fetch_add(partial, Ordering::Relaxed);
+                }
+                chunk.clear();
+                header.start(content_type);
+                in_header = true;
+            }
+            SourceItem::Data(n) => {
+                let mut data = &buf[..n];
+                stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                if in_header {
+                    header.offer(data);
+                    in_header = header.get().is_none();
+                }
+                while !data.is_empty() {
+                    if chunk.is_empty() {
+                        chunk.extend_from_slice(&number.to_be_bytes());
+                    }
+                    let take = (CHUNK_HEADER + chunk_size - chunk.len()).min(data.len());
+                    chunk.extend_from_slice(&data[..take]);
+                    data = &data[take..];
+                    if chunk.len() == CHUNK_HEADER + chunk_size {
+                        let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_HEADER + chunk_size));
+                        ring.publish(number, Bytes::from(full));
+                        number = number.wrapping_add(1);
+                        stats.chunks.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                // One wake per read, not per chunk: a read of many chunks is one batch.
+                for w in wakers {
+                    w.wake();
+                }
+            }
+            SourceItem::End => break Ok(()),
+        }
+    };
+    stats.ended.store(true, Ordering::SeqCst);
+    result
+}

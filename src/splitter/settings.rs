@@ -1,0 +1,214 @@
+//! The splitter's flags, checked once and turned into [`Settings`].
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use clap::Args;
+
+use super::source::SourceSpec;
+use crate::driver::SendPath;
+use crate::proto::wire::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+
+/// Flags of `p2psp splitter`.
+#[derive(Debug, Clone, Args)]
+pub struct SplitterArgs {
+    /// Where the stream comes from: `test` (built-in test pattern), `-` (stdin) or
+    /// `http://host:port/mount` (an Icecast mount or any HTTP stream).
+    #[arg(long, default_value = "test", value_name = "SOURCE")]
+    pub source: String,
+    /// Rate of the test source, in bits per second (suffixes k, M, G: `2M`).
+    #[arg(long, default_value = "1M", value_parser = parse_bitrate, value_name = "BITS/S")]
+    pub bitrate: u64,
+    /// Port for TCP joins and UDP chunks (one port for both, as the reference).
+    #[arg(long, default_value_t = 8001)]
+    pub port: u16,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0", value_name = "IPV4")]
+    pub bind: Ipv4Addr,
+    /// Payload bytes per chunk (at least 64: shorter ones could be taken for control messages).
+    #[arg(long, default_value_t = 1024)]
+    pub chunk_size: usize,
+    /// Peers' playout buffer in chunks: a power of two (it must divide 65536).
+    #[arg(long, default_value_t = 256)]
+    pub buffer_size: u32,
+    /// Bytes of the stream start handed to every joining peer before its first chunk (for Ogg or
+    /// WebM, the pages or elements a player needs to start mid-stream).
+    #[arg(long, default_value_t = 8192)]
+    pub header_size: usize,
+    /// Most peers per team. A new peer joins the team with the most free room, or a new team.
+    #[arg(long, default_value_t = 16)]
+    pub team_size: usize,
+    /// Monitors per team: the first peers that say they are monitors (`p2psp peer --monitor`).
+    #[arg(long, default_value_t = 1)]
+    pub monitors: usize,
+    /// Sending threads, each pinned to a core and owning a share of the teams [default: one per
+    /// core].
+    #[arg(long)]
+    pub shards: Option<usize>,
+    /// Channel name peers use to fetch the stream header [default: the source's mount, or `test`
+    /// or `stdin`].
+    #[arg(long)]
+    pub channel: Option<String>,
+    /// UDP send path: `auto` (io_uring where the kernel allows it), `io_uring` or `sendmmsg`.
+    #[arg(long = "io", default_value = "auto", value_name = "PATH")]
+    pub io: String,
+    /// A peer whose loss counter (halved every second) goes over this is removed.
+    #[arg(long, default_value_t = 32)]
+    pub max_losses: u32,
+    /// Testing only: number of the first chunk (to test the 65535 → 0 wrap).
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub first_chunk_number: u16,
+}
+
+/// Parses `2000000`, `2M`, `500k`, `1.5M`, `2Mbit`, `2Mbps` into bits per second.
+pub fn parse_bitrate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .trim_end_matches("bps")
+        .trim_end_matches("bit/s")
+        .trim_end_matches("bit")
+        .trim_end_matches("b/s");
+    let (num, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1e3),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1e6),
+        Some('g' | 'G') => (&t[..t.len() - 1], 1e9),
+        _ => (t, 1.0),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a bit rate (try 2M or 500k)"))?;
+    let bits = v * mult;
+    if !(bits.is_finite() && bits >= 8.0) {
+        return Err(format!("bit rate `{s}` must be at least 8 bits per second"));
+    }
+    if bits > 100e9 {
+        return Err(format!("bit rate `{s}` is over 100 Gbit/s"));
+    }
+    Ok(bits as u64)
+}
+
+/// Checked splitter settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The source.
+    pub source: SourceSpec,
+    /// The source as the user wrote it.
+    pub source_text: String,
+    /// Test source rate in bits per second.
+    pub bitrate: u64,
+    /// TCP and UDP listening address.
+    pub bind: SocketAddrV4,
+    /// Payload bytes per chunk.
+    pub chunk_size: usize,
+    /// Buffer size in chunks.
+    pub buffer_size: u16,
+    /// Header bytes.
+    pub header_size: usize,
+    /// Most peers per team.
+    pub team_size: usize,
+    /// Monitors per team.
+    pub monitors: usize,
+    /// Number of shards.
+    pub shards: usize,
+    /// Channel name.
+    pub channel: String,
+    /// Send path.
+    pub send_path: SendPath,
+    /// Loss limit.
+    pub max_losses: u32,
+    /// First chunk number.
+    pub first_chunk_number: u16,
+    /// Chunks the ring holds.
+    pub ring_slots: usize,
+    /// UDP socket buffer bytes.
+    pub socket_buffer: usize,
+}
+
+/// Largest stream header: the join message carries its size (plus the HTTP head the splitter
+/// adds) in a u16.
+pub const MAX_HEADER_SIZE: usize = 60_000;
+
+impl Settings {
+    /// Checks the flags; the error is one line naming the flag.
+    pub fn from_args(a: &SplitterArgs) -> Result<Settings, String> {
+        let source: SourceSpec =
+            a.source.parse().map_err(|e| format!("--source {}: {e}", a.source))?;
+        if a.chunk_size < MIN_CHUNK_SIZE || a.chunk_size > MAX_CHUNK_SIZE {
+            return Err(format!(
+                "--chunk-size {} must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} (under {MIN_CHUNK_SIZE} chunks could be taken for control messages)",
+                a.chunk_size
+            ));
+        }
+        if a.buffer_size < 2 || a.buffer_size > 32768 || !a.buffer_size.is_power_of_two() {
+            return Err(format!(
+                "--buffer-size {} must be a power of two between 2 and 32768 (it must divide 65536)",
+                a.buffer_size
+            ));
+        }
+        if a.team_size == 0 {
+            return Err("--team-size must be at least 1".into());
+        }
+        if a.team_size > a.buffer_size as usize / 2 {
+            return Err(format!(
+                "--team-size {} is over half of --buffer-size {}: a chunk may wait a whole round at its first peer, so peers need a buffer of at least twice the team size",
+                a.team_size, a.buffer_size
+            ));
+        }
+        if a.header_size > MAX_HEADER_SIZE {
+            return Err(format!("--header-size {} is over {MAX_HEADER_SIZE} bytes", a.header_size));
+        }
+        if a.monitors > a.team_size {
+            return Err(format!("--monitors {} is more than --team-size {}", a.monitors, a.team_size));
+        }
+        let cores = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(1).max(1);
+        let shards = a.shards.unwrap_or(cores);
+        if shards == 0 || shards > 256 {
+            return Err(format!("--shards {shards} must be between 1 and 256"));
+        }
+        let send_path = match a.io.as_str() {
+            "auto" => SendPath::detect(),
+            other => other.parse().map_err(|e| format!("--io {other}: {e}"))?,
+        };
+        let channel = match &a.channel {
+            Some(c) => c.trim_start_matches('/').to_owned(),
+            None => match &source {
+                SourceSpec::Test => "test".into(),
+                SourceSpec::Stdin => "stdin".into(),
+                SourceSpec::Http(u) => u.path.trim_start_matches('/').to_owned(),
+            },
+        };
+        if channel.len() > 1024 || channel.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            return Err(format!("--channel `{channel}` must be a short name without spaces"));
+        }
+        Ok(Settings {
+            source,
+            source_text: a.source.clone(),
+            bitrate: a.bitrate,
+            bind: SocketAddrV4::new(a.bind, a.port),
+            chunk_size: a.chunk_size,
+            buffer_size: a.buffer_size as u16,
+            header_size: a.header_size,
+            team_size: a.team_size,
+            monitors: a.monitors,
+            shards,
+            channel,
+            send_path,
+            max_losses: a.max_losses,
+            first_chunk_number: a.first_chunk_number,
+            ring_slots: 4096,
+            socket_buffer: 8 << 20,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitrates() {
+        assert_eq!(parse_bitrate("2M"), Ok(2_000_000));
+        assert_eq!(parse_bitrate("500k"), Ok(500_000));
+        assert_eq!(parse_bitrate("1.5Mbit"), Ok(1_500_000));
+        assert_eq!(parse_bitrate("64000"), Ok(64_000));
+        assert!(parse_bitrate("fast").is_err());
+        assert!(parse_bitrate("0").is_err());
+    }
+}

@@ -1,0 +1,250 @@
+//! A splitter shard: one pinned thread, one UDP socket on the splitter port (`SO_REUSEPORT`), one
+//! io_uring (or `sendmmsg`) send path, and the DBS state of the teams it owns.
+//!
+//! Loop: wait for a wake-up (new chunks, a command) or a datagram; for each new chunk in the ring,
+//! one destination per team, all sent in batched submissions pointing at the one datagram; then
+//! goodbye confirmations, loss-counter timers and membership events.
+
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::Settings;
+use crate::driver::{BatchSender, MultiRecv, RecvPath, SendPath, SendStats, Waker};
+use crate::proto::Endpoint;
+use crate::proto::team::{TeamEvent, TeamId, TeamRules, Teams};
+use crate::ring::{ChunkRing, Read};
+
+/// What the control plane tells a shard.
+#[derive(Debug)]
+pub enum Command {
+    /// A peer completed its join: add it to a team.
+    Insert {
+        /// The team.
+        team: TeamId,
+        /// The peer's UDP endpoint (its TCP source endpoint).
+        peer: Endpoint,
+        /// Whether it is a monitor.
+        monitor: bool,
+    },
+    /// A datagram for one of this shard's peers that arrived at another shard's socket.
+    Datagram {
+        /// Sender.
+        from: Endpoint,
+        /// Bytes.
+        data: Vec<u8>,
+    },
+}
+
+/// What a shard tells the control plane.
+#[derive(Debug)]
+pub enum Report {
+    /// A membership change.
+    Event(TeamEvent),
+    /// A datagram from an endpoint that is not a member here: the control plane forwards it to
+    /// the shard that owns the sender, or counts it.
+    Foreign {
+        /// Sender.
+        from: Endpoint,
+        /// Bytes.
+        data: Vec<u8>,
+        /// The shard it arrived at.
+        shard: usize,
+    },
+}
+
+/// A shard's counters, published for the status line (relaxed atomics).
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    /// Chunks taken from the ring.
+    pub chunks: AtomicU64,
+    /// Chunks skipped because this shard fell a whole ring behind.
+    pub ring_missed: AtomicU64,
+    /// Datagrams handed to the kernel.
+    pub datagrams: AtomicU64,
+    /// Bytes handed to the kernel.
+    pub bytes: AtomicU64,
+    /// Send submissions (io_uring_enter or sendmmsg calls).
+    pub submissions: AtomicU64,
+    /// EAGAIN results (retried after waiting for room).
+    pub eagain: AtomicU64,
+    /// ENOBUFS results.
+    pub enobufs: AtomicU64,
+    /// Datagrams given up after errors.
+    pub send_dropped: AtomicU64,
+    /// Datagrams received on this shard's socket.
+    pub received: AtomicU64,
+    /// Teams owned.
+    pub teams: AtomicU64,
+    /// Peers owned.
+    pub peers: AtomicU64,
+    /// Loss reports from monitors.
+    pub loss_reports: AtomicU64,
+    /// Goodbyes from members.
+    pub goodbyes: AtomicU64,
+    /// Peers expelled for losses.
+    pub expelled: AtomicU64,
+    /// Ignored datagrams: goodbyes and loss reports from strangers or non-monitors, malformed.
+    pub ignored: AtomicU64,
+}
+
+/// One shard, ready to run on its own thread.
+pub struct Shard {
+    index: usize,
+    socket: UdpSocket,
+    sender: BatchSender,
+    recv: MultiRecv,
+    teams: Teams,
+    ring: Arc<ChunkRing>,
+    commands: Receiver<Command>,
+    reports: Sender<Report>,
+    stats: Arc<ShardStats>,
+    send_stats: SendStats,
+}
+
+impl Shard {
+    /// Sets up a shard on `socket` (bound to the splitter port with `SO_REUSEPORT`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        index: usize,
+        settings: &Settings,
+        socket: UdpSocket,
+        ring: Arc<ChunkRing>,
+        waker: Waker,
+        commands: Receiver<Command>,
+        reports: Sender<Report>,
+        stats: Arc<ShardStats>,
+    ) -> anyhow::Result<Shard> {
+        let fd = socket.as_raw_fd();
+        let sender = BatchSender::new(fd, settings.send_path, 256)?;
+        let recv_path = match settings.send_path {
+            SendPath::Uring => RecvPath::Uring,
+            SendPath::Sendmmsg => RecvPath::Poll,
+        };
+        let mut recv = MultiRecv::new(recv_path, 256, 2048)?;
+        recv.add_socket(fd, 0)?;
+        recv.set_waker(&waker)?;
+        let rules = TeamRules {
+            buffer_size: settings.buffer_size,
+            max_losses: settings.max_losses,
+            ..TeamRules::default()
+        };
+        Ok(Shard {
+            index,
+            socket,
+            sender,
+            recv,
+            teams: Teams::new(rules),
+            ring,
+            commands,
+            reports,
+            stats,
+            send_stats: SendStats::default(),
+        })
+    }
+
+    /// Runs until `stop`; then says goodbye to every peer it owns.
+    pub fn run(mut self, stop: &AtomicBool) -> anyhow::Result<()> {
+        let mut cursor = self.ring.head();
+        let mut dests: Vec<Endpoint> = Vec::with_capacity(1024);
+        let mut inbox: Vec<(Endpoint, Vec<u8>)> = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let timeout = match self.teams.poll_timeout() {
+                Some(t) => t.saturating_duration_since(Instant::now()).min(Duration::from_millis(100)),
+                None => Duration::from_millis(100),
+            };
+            self.recv.poll(1, timeout, |_, d| inbox.push((d.from, d.data.to_vec())))?;
+            self.stats.received.fetch_add(inbox.len() as u64, Ordering::Relaxed);
+            for (from, data) in inbox.drain(..) {
+                self.on_datagram(from, data);
+            }
+            while let Ok(cmd) = self.commands.try_recv() {
+                match cmd {
+                    Command::Insert { team, peer, monitor } => self.teams.insert(team, peer, monitor),
+                    Command::Datagram { from, data } => self.teams.handle_datagram(from, &data),
+                }
+            }
+            // Every new chunk: one destination per team, one batched send.
+            loop {
+                match self.ring.read(cursor) {
+                    Read::NotYet => break,
+                    Read::Overrun { resume, missed } => {
+                        self.stats.ring_missed.fetch_add(missed, Ordering::Relaxed);
+                        cursor = resume;
+                    }
+                    Read::Chunk(chunk) => {
+                        cursor += 1;
+                        self.stats.chunks.fetch_add(1, Ordering::Relaxed);
+                        dests.clear();
+                        self.teams.on_chunk(chunk.number, &mut dests);
+                        if !dests.is_empty() {
+                            self.sender.send_to_all(&chunk.datagram, &dests, &mut self.send_stats);
+                        }
+                        self.flush_control();
+                    }
+                }
+            }
+            self.teams.handle_timeout(Instant::now());
+            self.flush_control();
+            self.publish_stats();
+        }
+        // Shutting down: tell every peer.
+        let all: Vec<Endpoint> = self
+            .teams
+            .team_ids()
+            .into_iter()
+            .flat_map(|t| self.teams.members(t).into_iter().map(|m| m.0))
+            .collect();
+        self.sender.send_to_all(crate::proto::wire::GOODBYE, &all, &mut self.send_stats);
+        self.publish_stats();
+        drop(self.socket);
+        Ok(())
+    }
+
+    fn on_datagram(&mut self, from: Endpoint, data: Vec<u8>) {
+        if self.teams.contains(from) {
+            self.teams.handle_datagram(from, &data);
+        } else {
+            let _ = self.reports.send(Report::Foreign { from, data, shard: self.index });
+        }
+    }
+
+    /// Sends goodbye confirmations and reports membership changes.
+    fn flush_control(&mut self) {
+        let mut control: Vec<(Endpoint, &[u8])> = Vec::new();
+        while let Some(t) = self.teams.poll_transmit() {
+            control.push(t);
+        }
+        if !control.is_empty() {
+            self.sender.send_each(&control, &mut self.send_stats);
+        }
+        while let Some(e) = self.teams.poll_event() {
+            let _ = self.reports.send(Report::Event(e));
+        }
+    }
+
+    fn publish_stats(&self) {
+        let s = &self.stats;
+        let t = &self.send_stats;
+        let c = self.teams.counters();
+        s.datagrams.store(t.datagrams, Ordering::Relaxed);
+        s.bytes.store(t.bytes, Ordering::Relaxed);
+        s.submissions.store(t.submissions, Ordering::Relaxed);
+        s.eagain.store(t.eagain, Ordering::Relaxed);
+        s.enobufs.store(t.enobufs, Ordering::Relaxed);
+        s.send_dropped.store(t.dropped, Ordering::Relaxed);
+        s.teams.store(self.teams.team_count() as u64, Ordering::Relaxed);
+        s.peers.store(self.teams.peer_count() as u64, Ordering::Relaxed);
+        s.loss_reports.store(c.loss_reports, Ordering::Relaxed);
+        s.goodbyes.store(c.goodbyes, Ordering::Relaxed);
+        s.expelled.store(c.expelled, Ordering::Relaxed);
+        s.ignored.store(
+            c.stray_goodbyes + c.stray_loss_reports + c.unattributed_loss_reports + c.malformed,
+            Ordering::Relaxed,
+        );
+    }
+}
