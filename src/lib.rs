@@ -11,6 +11,8 @@
 //! - [`ring`]: the zero-copy chunk ring shared by the splitter's source reader and its shards.
 //! - [`driver`]: the io_uring (and `sendmmsg`) data path and the few system calls the standard
 //!   library lacks. The only module with `unsafe`.
+//! - [`http`]: sans-IO HTTP/1.x heads and chunked decoding, for the source and the small servers.
+//! - [`pattern`]: the test source's deterministic byte stream, to check what players receive.
 //! - [`splitter`] and [`peer`]: the programs, wiring the core to sockets, sources and players.
 
 pub mod demo;
