@@ -694,7 +694,7 @@ struct HttpConfig {
     backoff_start: Duration,
     /// Longest wait between reconnection attempts.
     backoff_cap: Duration,
-    /// Size of the read buffer for chunked bodies.
+    /// Size of the read buffer for chunked bodies (and, up to 4 KiB, for the response head).
     read_buf: usize,
 }
 
@@ -732,6 +732,8 @@ struct Connection {
     got_body: bool,
     /// Why the body is already known to be over (malformed after the data in `pending`).
     broken: Option<String>,
+    /// Removes ICY metadata, when the server interleaves it although asked not to.
+    icy: Option<IcyStrip>,
 }
 
 /// What one read on a connection gave.
@@ -749,7 +751,8 @@ enum Step {
 /// Sends `GET <path> HTTP/1.1` with `Host`, `User-Agent: p2psp/<version>`, `Icy-MetaData: 0` (so
 /// that no ICY metadata is interleaved in the body) and `Connection: close`; accepts `HTTP/1.0`,
 /// `HTTP/1.1` and `ICY` answers with status 200, and hands over the body only: chunked coding is
-/// removed, `Content-Length` is honoured, otherwise the body runs until the server closes.
+/// removed, `Content-Length` is honoured, otherwise the body runs until the server closes. A server
+/// that interleaves ICY metadata anyway (`icy-metaint`) has it removed, with a warning.
 ///
 /// The end of a body, a closed connection, a malformed body or 5 s without a byte all count as the
 /// source dropping: a warning is logged and the source reconnects after a backoff (100 ms,
@@ -826,7 +829,12 @@ impl HttpSource {
                     Body::Length(left) => *left -= n as u64,
                     Body::UntilClose => {}
                     Body::Chunked(d) => {
+                        // `pending` is empty here: reads happen only once it is drained.
                         let decoded = d.decode(&self.raw[..n], &mut self.pending);
+                        if let Some(icy) = &mut conn.icy {
+                            let kept = icy.strip(&mut self.pending);
+                            self.pending.truncate(kept);
+                        }
                         if !self.pending.is_empty() {
                             conn.got_body = true;
                         }
@@ -836,6 +844,13 @@ impl HttpSource {
                             Err(e) => Step::Dropped(format!("malformed chunked body: {e}")),
                         };
                     }
+                }
+                let n = match &mut conn.icy {
+                    Some(icy) => icy.strip(&mut buf[..n]),
+                    None => n,
+                };
+                if n == 0 {
+                    return Step::Again;
                 }
                 conn.got_body = true;
                 Step::Data(n)
@@ -979,7 +994,7 @@ fn connect(
     stream.write_all(request(url).as_bytes()).map_err(io_err)?;
 
     let mut received = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 4096];
+    let mut chunk = vec![0u8; cfg.read_buf.clamp(1, 4096)];
     let (head, used) = loop {
         if stopped(stop) {
             return Err(SourceError::Stopped {
@@ -1045,14 +1060,105 @@ fn connect(
         pending.extend_from_slice(leftover);
         Body::UntilClose
     };
+    let mut icy = icy_strip(url, &head);
+    if let Some(icy) = &mut icy {
+        let kept = icy.strip(&mut pending);
+        pending.truncate(kept);
+    }
     let conn = Connection {
         stream,
         body,
         last_byte: Instant::now(),
         got_body: !pending.is_empty(),
         broken,
+        icy,
     };
     Ok((conn, head, pending))
+}
+
+/// An [`IcyStrip`] when the response says metadata is interleaved (`icy-metaint`). We ask for none
+/// (`Icy-MetaData: 0`), but a server that sends it anyway must not corrupt the stream.
+fn icy_strip(url: &HttpUrl, head: &ResponseHead) -> Option<IcyStrip> {
+    let value = head.header("icy-metaint")?;
+    match value.trim().parse::<usize>() {
+        Ok(0) => None,
+        Ok(interval) => {
+            warn!(source = %url, interval, "source interleaves ICY metadata although asked not to; removing it");
+            Some(IcyStrip::new(interval))
+        }
+        Err(_) => {
+            warn!(source = %url, value, "ignoring invalid icy-metaint header");
+            None
+        }
+    }
+}
+
+/// Removes ICY (Shoutcast) metadata from a body: after every `interval` bytes of media comes one
+/// length byte `L`, then `16 * L` bytes of metadata. Sans-IO: works on the bytes it is given, in
+/// pieces of any size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct IcyStrip {
+    interval: usize,
+    state: IcyState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IcyState {
+    /// This many media bytes until the next length byte.
+    Media(usize),
+    /// The next byte is a metadata length.
+    Length,
+    /// This many metadata bytes to skip.
+    Meta(usize),
+}
+
+impl IcyStrip {
+    fn new(interval: usize) -> Self {
+        let interval = interval.max(1);
+        Self {
+            interval,
+            state: IcyState::Media(interval),
+        }
+    }
+
+    /// Removes metadata from `data` in place; returns how many media bytes are left at its start.
+    fn strip(&mut self, data: &mut [u8]) -> usize {
+        let (mut read, mut kept) = (0, 0);
+        while read < data.len() {
+            let avail = data.len() - read;
+            self.state = match self.state {
+                IcyState::Media(left) => {
+                    let n = left.min(avail);
+                    data.copy_within(read..read + n, kept);
+                    (read, kept) = (read + n, kept + n);
+                    if n == left {
+                        IcyState::Length
+                    } else {
+                        IcyState::Media(left - n)
+                    }
+                }
+                IcyState::Length => {
+                    let len = usize::from(data[read]) * 16;
+                    read += 1;
+                    if len == 0 {
+                        IcyState::Media(self.interval)
+                    } else {
+                        IcyState::Meta(len)
+                    }
+                }
+                IcyState::Meta(left) => {
+                    let n = left.min(avail);
+                    read += n;
+                    if n == left {
+                        IcyState::Media(self.interval)
+                    } else {
+                        IcyState::Meta(left - n)
+                    }
+                }
+            };
+        }
+        kept
+    }
 }
 
 /// Resolves and connects in a helper thread, so that neither a slow resolver nor a slow connect

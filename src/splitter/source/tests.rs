@@ -508,8 +508,8 @@ fn http_chunked_body_split_everywhere() {
         b"HTTP/1.1 200 OK\r\nContent-Type: video/webm\r\nTransfer-Encoding: chunked\r\n\r\n"
             .to_vec();
     head_and_body.extend_from_slice(body);
-    // Reads of 1 to 5 bytes split the chunk framing at every place; the servers send the whole
-    // response in one piece or byte by byte.
+    // Reads of 1 to 5 bytes (head included, so no body arrives with it) split the chunk framing
+    // at every place; the server sends the whole response in one piece or byte by byte.
     for read_buf in 1..=5 {
         let (release, hold) = mpsc::channel();
         let pieces: Vec<&[u8]> = if read_buf % 2 == 0 {
@@ -553,6 +553,77 @@ fn http_icy_response() {
     assert_eq!(got, vec![start("audio/mpeg"), bytes(b"\xff\xfbmp3")]);
     release.send(()).unwrap();
     server.requests();
+}
+
+/// Interleaves ICY metadata into `media` every `interval` bytes, with metadata blocks of varying
+/// length (including empty ones).
+fn with_icy_metadata(media: &[u8], interval: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, block) in media.chunks(interval).enumerate() {
+        out.extend_from_slice(block);
+        if block.len() == interval {
+            let len = i % 3;
+            out.push(len as u8);
+            out.extend(std::iter::repeat_n(b'M', len * 16));
+        }
+    }
+    out
+}
+
+#[test]
+fn icy_strip_removes_metadata_in_any_pieces() {
+    let media: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+    for interval in [1, 7, 16, 100] {
+        let body = with_icy_metadata(&media, interval);
+        for piece in [1, 2, 3, 17, 64, 5000] {
+            let mut icy = IcyStrip::new(interval);
+            let mut out = Vec::new();
+            for chunk in body.chunks(piece) {
+                let mut chunk = chunk.to_vec();
+                let kept = icy.strip(&mut chunk);
+                out.extend_from_slice(&chunk[..kept]);
+            }
+            assert_eq!(out, media, "interval {interval} piece {piece}");
+        }
+    }
+}
+
+#[test]
+fn http_strips_icy_metadata_sent_anyway() {
+    let media = b"0123456789abcdefghij";
+    let interleaved = with_icy_metadata(media, 4);
+    let mut plain = b"ICY 200 OK\r\ncontent-type: audio/mpeg\r\nicy-metaint: 4\r\n\r\n".to_vec();
+    plain.extend_from_slice(&interleaved);
+    let mut chunked = b"HTTP/1.1 200 OK\r\ncontent-type: audio/mpeg\r\nicy-metaint: 4\r\n\
+        transfer-encoding: chunked\r\n\r\n"
+        .to_vec();
+    for piece in interleaved.chunks(7) {
+        chunked.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        chunked.extend_from_slice(piece);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    let cases = [1, 3, 4096]
+        .into_iter()
+        .flat_map(|n| [(n, &plain), (n, &chunked)]);
+    for (read_buf, response) in cases {
+        let (release, hold) = mpsc::channel();
+        let server = Server::start("/s", vec![send_and_hold(&[response], hold)]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let _dog = Watchdog::new(&stop, Duration::from_secs(20));
+        let cfg = HttpConfig {
+            read_buf,
+            ..fast_config()
+        };
+        let mut src = HttpSource::with_config(server.url.clone(), stop, cfg).unwrap();
+        let got = collect(&mut src, 5, media.len());
+        assert_eq!(
+            got,
+            vec![start("audio/mpeg"), bytes(media)],
+            "read_buf {read_buf}"
+        );
+        release.send(()).unwrap();
+        server.requests();
+    }
 }
 
 #[test]
