@@ -45,6 +45,7 @@ pub fn run(args: &DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         io: "auto".into(),
         max_losses: 32,
         first_chunk_number: 0,
+        lrs: true,
     };
     let settings = splitter::Settings::from_args(&splitter_args).map_err(anyhow::Error::msg)?;
     let splitter_stop = Arc::new(AtomicBool::new(false));

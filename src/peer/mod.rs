@@ -142,7 +142,10 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let me = joined.local;
     opts.counters.port.store(u64::from(me.port()), Ordering::Relaxed);
 
-    let mut rules = PeerRules::new(opts.splitter, usize::from(config.chunk_size), config.buffer_size);
+    // A monitor plays with half the buffer (as the reference's LRS monitor): it notices a loss
+    // while the other peers still have a quarter of a buffer of slack for the resent chunk.
+    let buffer = if opts.monitor { (config.buffer_size / 2).max(2) } else { config.buffer_size };
+    let mut rules = PeerRules::new(opts.splitter, usize::from(config.chunk_size), buffer);
     rules.monitor = opts.monitor;
     rules.max_debt = opts.max_debt;
     let mut core = Peer::new(rules, &config.peers);

@@ -68,7 +68,7 @@ fn serve(
     head: Vec<u8>,
     stream_header: Vec<u8>,
     rx: Receiver<Bytes>,
-    stop: Arc<AtomicBool>,
+    _stop: Arc<AtomicBool>,
 ) {
     let mut players: Vec<TcpStream> = Vec::new();
     loop {
@@ -98,11 +98,7 @@ fn serve(
                 }
                 players.retain_mut(|p| p.write_all(&chunk).is_ok());
             }
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                if stop.load(Ordering::Relaxed) && rx.is_empty() && rx.is_disconnected() {
-                    break;
-                }
-            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
         }
     }

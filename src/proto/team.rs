@@ -25,11 +25,14 @@ pub struct TeamRules {
     pub max_losses: u32,
     /// How often every loss counter is halved (reference: 1 s).
     pub loss_halving: Duration,
+    /// LRS (reference-notes §6.2): resend a reported chunk to the monitor that reported it, which
+    /// relays it like any chunk from the splitter.
+    pub lrs: bool,
 }
 
 impl Default for TeamRules {
     fn default() -> Self {
-        TeamRules { buffer_size: 256, max_losses: 32, loss_halving: Duration::from_secs(1) }
+        TeamRules { buffer_size: 256, max_losses: 32, loss_halving: Duration::from_secs(1), lrs: false }
     }
 }
 
@@ -183,6 +186,7 @@ pub struct Teams {
     members: HashMap<Endpoint, TeamId>,
     counters: TeamCounters,
     goodbyes: VecDeque<(Endpoint, &'static [u8])>,
+    resends: VecDeque<(u16, Endpoint)>,
     events: VecDeque<TeamEvent>,
     next_halving: Option<Instant>,
 }
@@ -196,6 +200,7 @@ impl Teams {
             members: HashMap::new(),
             counters: TeamCounters::default(),
             goodbyes: VecDeque::new(),
+            resends: VecDeque::new(),
             events: VecDeque::new(),
             next_halving: None,
         }
@@ -303,6 +308,9 @@ impl Teams {
             }
         };
         self.counters.loss_reports += 1;
+        if self.rules.lrs {
+            self.resends.push_back((n, from));
+        }
         let Some(i) = t.position(blamed) else {
             return;
         };
@@ -344,6 +352,11 @@ impl Teams {
     /// The next control datagram to send (goodbye confirmations).
     pub fn poll_transmit(&mut self) -> Option<(Endpoint, &'static [u8])> {
         self.goodbyes.pop_front()
+    }
+
+    /// The next chunk to resend under LRS: its number and the monitor to send it to.
+    pub fn poll_resend(&mut self) -> Option<(u16, Endpoint)> {
+        self.resends.pop_front()
     }
 
     /// The next membership change.
@@ -517,6 +530,19 @@ mod tests {
         // A report for a chunk whose destination is forgotten is counted, not blamed.
         t.handle_datagram(ep(1), &5000u16.to_be_bytes());
         assert_eq!(t.counters().unattributed_loss_reports, 1);
+    }
+
+    #[test]
+    fn lrs_resends_a_reported_chunk_to_the_reporting_monitor() {
+        let mut t = Teams::new(TeamRules { lrs: true, ..TeamRules::default() });
+        t.insert(0, ep(1), true);
+        t.insert(0, ep(2), false);
+        chunk(&mut t, 0);
+        chunk(&mut t, 1);
+        t.handle_datagram(ep(1), &1u16.to_be_bytes());
+        assert_eq!(t.poll_resend(), Some((1, ep(1))));
+        t.handle_datagram(ep(2), &1u16.to_be_bytes()); // not a monitor: nothing
+        assert_eq!(t.poll_resend(), None);
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub struct SplitterArgs {
     /// A peer whose loss counter (halved every second) goes over this is removed.
     #[arg(long, default_value_t = 32)]
     pub max_losses: u32,
+    /// Lost-chunk recovery (LRS): resend each chunk a monitor reports lost to that monitor, which
+    /// relays it to its team in time for the other peers (monitors play half a buffer earlier).
+    #[arg(long)]
+    pub lrs: bool,
     /// Testing only: number of the first chunk (to test the 65535 → 0 wrap).
     #[arg(long, default_value_t = 0, hide = true)]
     pub first_chunk_number: u16,
@@ -115,6 +119,8 @@ pub struct Settings {
     pub max_losses: u32,
     /// First chunk number.
     pub first_chunk_number: u16,
+    /// LRS on.
+    pub lrs: bool,
     /// Chunks the ring holds.
     pub ring_slots: usize,
     /// UDP socket buffer bytes.
@@ -192,6 +198,7 @@ impl Settings {
             send_path,
             max_losses: a.max_losses,
             first_chunk_number: a.first_chunk_number,
+            lrs: a.lrs,
             ring_slots: 4096,
             socket_buffer: 8 << 20,
         })

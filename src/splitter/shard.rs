@@ -88,6 +88,8 @@ pub struct ShardStats {
     pub goodbyes: AtomicU64,
     /// Peers expelled for losses.
     pub expelled: AtomicU64,
+    /// Chunks resent to monitors (LRS).
+    pub resent: AtomicU64,
     /// Ignored datagrams: goodbyes and loss reports from strangers or non-monitors, malformed.
     pub ignored: AtomicU64,
 }
@@ -131,6 +133,7 @@ impl Shard {
         let rules = TeamRules {
             buffer_size: settings.buffer_size,
             max_losses: settings.max_losses,
+            lrs: settings.lrs,
             ..TeamRules::default()
         };
         Ok(Shard {
@@ -150,6 +153,9 @@ impl Shard {
     /// Runs until `stop`; then says goodbye to every peer it owns.
     pub fn run(mut self, stop: &AtomicBool) -> anyhow::Result<()> {
         let mut cursor = self.ring.head();
+        // The last chunk read (sequence, number): chunk numbers follow sequence numbers, so a
+        // chunk number maps back to its place in the ring for LRS resends.
+        let mut last: Option<(u64, u16)> = None;
         let mut dests: Vec<Endpoint> = Vec::with_capacity(1024);
         let mut inbox: Vec<(Endpoint, Vec<u8>)> = Vec::new();
         while !stop.load(Ordering::Relaxed) {
@@ -178,6 +184,7 @@ impl Shard {
                     }
                     Read::Chunk(chunk) => {
                         cursor += 1;
+                        last = Some((chunk.seq, chunk.number));
                         self.stats.chunks.fetch_add(1, Ordering::Relaxed);
                         dests.clear();
                         self.teams.on_chunk(chunk.number, &mut dests);
@@ -189,6 +196,7 @@ impl Shard {
                 }
             }
             self.teams.handle_timeout(Instant::now());
+            self.resend(last);
             self.flush_control();
             self.publish_stats();
         }
@@ -203,6 +211,23 @@ impl Shard {
         self.publish_stats();
         drop(self.socket);
         Ok(())
+    }
+
+    /// LRS: resends reported chunks (still in the ring) to the monitors that reported them.
+    fn resend(&mut self, last: Option<(u64, u16)>) {
+        while let Some((number, monitor)) = self.teams.poll_resend() {
+            let Some((seq, newest)) = last else { continue };
+            let back = crate::proto::seq::diff(newest, number);
+            if back < 0 || back as u64 > seq {
+                continue;
+            }
+            if let Read::Chunk(c) = self.ring.read(seq - back as u64)
+                && c.number == number
+            {
+                self.sender.send_to_all(&c.datagram, &[monitor], &mut self.send_stats);
+                self.stats.resent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     fn on_datagram(&mut self, from: Endpoint, data: Vec<u8>) {

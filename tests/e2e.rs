@@ -1,0 +1,247 @@
+//! End to end, as real processes on loopback: a `p2psp splitter` with the test source and teams of
+//! `p2psp peer` processes. Every peer's output must be the test pattern: the stream header, then
+//! contiguous chunks from its first played chunk (a lost chunk would break the pattern).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use p2psp::pattern;
+
+const BIN: &str = env!("CARGO_BIN_EXE_p2psp");
+const CHUNK: usize = 1024;
+const HEADER: usize = 4096;
+
+struct Proc {
+    child: Child,
+    output: PathBuf,
+    name: String,
+}
+
+impl Proc {
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
+    }
+
+    /// Asks politely (SIGTERM) and waits up to 10 s for a clean exit.
+    fn stop(mut self) -> (PathBuf, bool) {
+        self.signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return (self.output, status.success());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return (self.output, false);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Run {
+    dir: PathBuf,
+    splitter: Proc,
+    port: u16,
+    next_peer: usize,
+}
+
+impl Run {
+    fn start(name: &str, extra: &[&str]) -> Run {
+        let dir = std::env::temp_dir().join(format!("p2psp-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["splitter", "--source", "test", "--bitrate", "2M", "--port", "0", "--bind", "127.0.0.1"])
+            .args(["--header-size", &HEADER.to_string(), "--shards", "2"])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("run p2psp splitter");
+        // The splitter announces its port on stderr; the rest of stderr goes to a log file.
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut port = None;
+        while port.is_none() && Instant::now() < deadline {
+            let Some(Ok(line)) = lines.next() else { break };
+            if let Some(addr) = line.strip_prefix("p2psp splitter listening on ") {
+                port = addr.rsplit(':').next().and_then(|p| p.parse().ok());
+            }
+        }
+        let port = port.expect("the splitter announced its port");
+        let log = dir.join("splitter.log");
+        std::thread::spawn(move || {
+            let mut f = std::fs::File::create(log).unwrap();
+            for line in lines.map_while(Result::ok) {
+                use std::io::Write;
+                let _ = writeln!(f, "{line}");
+            }
+        });
+        let splitter = Proc { child, output: PathBuf::new(), name: "splitter".into() };
+        Run { dir, splitter, port, next_peer: 0 }
+    }
+
+    fn peer(&mut self, monitor: bool) -> Proc {
+        self.next_peer += 1;
+        let name = format!("peer{}", self.next_peer);
+        let output = self.dir.join(format!("{name}.out"));
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["peer", "--splitter", &format!("127.0.0.1:{}", self.port), "--player-port", "0"])
+            .arg("--output")
+            .arg(&output)
+            .stdout(Stdio::null())
+            .stderr(log);
+        if monitor {
+            cmd.arg("--monitor");
+        }
+        let child = cmd.spawn().expect("run p2psp peer");
+        // People arrive one after another.
+        std::thread::sleep(Duration::from_millis(50));
+        Proc { child, output, name }
+    }
+}
+
+/// Checks that `path` holds the stream header then contiguous chunks of the test pattern; returns
+/// the number of chunks played.
+fn check_output(path: &Path, name: &str) -> usize {
+    let data = std::fs::read(path).unwrap_or_else(|e| panic!("{name}: no output {}: {e}", path.display()));
+    assert!(data.len() >= HEADER, "{name}: output shorter than the stream header");
+    let (header, chunks) = data.split_at(HEADER);
+    assert_eq!(pattern::first_mismatch(0, header), None, "{name}: the stream header is not the pattern start");
+    assert!(chunks.len() >= 16, "{name}: played nothing");
+    let offset = pattern::locate(&chunks[..chunks.len().min(4096)])
+        .unwrap_or_else(|| panic!("{name}: the first played chunk is not the pattern"));
+    assert_eq!(offset as usize % CHUNK, 0, "{name}: playout does not start at a chunk boundary");
+    if let Some(at) = pattern::first_mismatch(offset, chunks) {
+        panic!(
+            "{name}: played stream breaks at byte {at} (chunk {} after the first): a chunk was lost or misplaced",
+            at / CHUNK
+        );
+    }
+    chunks.len() / CHUNK
+}
+
+#[test]
+fn one_team_of_a_monitor_and_15_peers_loses_nothing() {
+    let mut run = Run::start("team16", &[]);
+    let mut peers = vec![run.peer(true)];
+    for _ in 0..15 {
+        peers.push(run.peer(false));
+    }
+    std::thread::sleep(Duration::from_secs(20));
+    for p in peers {
+        let name = p.name.clone();
+        let (out, clean) = p.stop();
+        assert!(clean, "{name} did not leave cleanly");
+        let played = check_output(&out, &name);
+        // 2 Mbit/s is 244 chunks/s; a peer joins within about a second and buffers 128 chunks.
+        assert!(played > 3000, "{name} played only {played} chunks");
+    }
+    let (_, clean) = run.splitter.stop();
+    assert!(clean, "the splitter did not stop cleanly");
+}
+
+#[test]
+fn several_teams_of_4_lose_nothing() {
+    let mut run = Run::start("teams4", &["--team-size", "4"]);
+    let mut peers = Vec::new();
+    for i in 0..16 {
+        peers.push(run.peer(i % 4 == 0));
+    }
+    std::thread::sleep(Duration::from_secs(20));
+    for p in peers {
+        let name = p.name.clone();
+        let (out, clean) = p.stop();
+        assert!(clean, "{name} did not leave cleanly");
+        assert!(check_output(&out, &name) > 3000);
+    }
+    let (_, clean) = run.splitter.stop();
+    assert!(clean);
+}
+
+#[test]
+fn streaming_across_the_chunk_number_wrap() {
+    // 244 chunks/s: 65535 is passed after about 4 s.
+    let mut run = Run::start("wrap", &["--first-chunk-number", "64600"]);
+    let mut peers = vec![run.peer(true)];
+    for _ in 0..5 {
+        peers.push(run.peer(false));
+    }
+    std::thread::sleep(Duration::from_secs(12));
+    for p in peers {
+        let name = p.name.clone();
+        let (out, clean) = p.stop();
+        assert!(clean, "{name} did not leave cleanly");
+        assert!(check_output(&out, &name) > 2000, "{name} stalled at the wrap");
+    }
+}
+
+#[test]
+fn churn_goodbyes_kills_and_joins_cost_the_stayers_nothing() {
+    let mut run = Run::start("churn", &["--lrs"]);
+    let mut stayers = vec![run.peer(true)];
+    let mut leavers = Vec::new();
+    for i in 0..10 {
+        if i < 5 {
+            leavers.push(run.peer(false));
+        } else {
+            stayers.push(run.peer(false));
+        }
+    }
+    std::thread::sleep(Duration::from_secs(6));
+    // Three leave politely, two are killed.
+    let killed: Vec<Proc> = leavers.drain(3..).collect();
+    for p in killed {
+        p.kill();
+    }
+    for p in leavers {
+        let name = p.name.clone();
+        let (_, clean) = p.stop();
+        assert!(clean, "{name} did not leave cleanly");
+    }
+    // Five join mid-stream.
+    for _ in 0..5 {
+        stayers.push(run.peer(false));
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    for p in stayers {
+        let name = p.name.clone();
+        let (out, clean) = p.stop();
+        assert!(clean, "{name} did not leave cleanly");
+        assert!(check_output(&out, &name) > 1500);
+    }
+}
+
+#[test]
+fn bad_flags_give_one_line_and_exit_code_2() {
+    for args in [
+        &["splitter", "--chunk-size", "63"][..],
+        &["splitter", "--buffer-size", "100"],
+        &["splitter", "--team-size", "0"],
+        &["splitter", "--source", "http://127.0.0.1:1/none"],
+        &["splitter", "--source", "https://example.org/x"],
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?} printed: {err}");
+    }
+}
