@@ -636,7 +636,12 @@ mod tests {
         assert!(rx.poll(1, Duration::ZERO, |_, _| {}).is_err());
         assert!(rx.remove_socket(1).is_err());
         // Dropped here, on a foreign thread: the buffers are leaked rather than freed.
+        let leaks = crate::driver::recv_uring::LEAKS.with(|n| n.get());
         drop(rx);
+        assert_eq!(
+            crate::driver::recv_uring::LEAKS.with(|n| n.get()),
+            leaks + 1
+        );
     }
 
     #[test]
@@ -650,11 +655,18 @@ mod tests {
             }
             rx.set_waker(&Waker::new().unwrap()).unwrap();
             rx.poll(0, Duration::ZERO, |_, _| {}).unwrap();
-            // Leave datagrams unreaped in flight, then drop.
+            // Leave datagrams unreaped in flight, then drop: every request is cancelled and
+            // completes, so the buffers are freed, not leaked.
             for s in &socks {
                 tx.send_to(b"late", v4(s)).unwrap();
             }
+            let leaks = crate::driver::recv_uring::LEAKS.with(|n| n.get());
             drop(rx);
+            assert_eq!(
+                crate::driver::recv_uring::LEAKS.with(|n| n.get()),
+                leaks,
+                "{path}"
+            );
         }
     }
 }

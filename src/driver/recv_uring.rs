@@ -653,9 +653,17 @@ impl Drop for UringRecv {
             // The kernel may still write into the buffers: leak them rather than free them.
             mem::forget(self.bufs.take());
             mem::forget(self.msghdr.take());
+            #[cfg(test)]
+            LEAKS.with(|n| n.set(n.get() + 1));
         }
         // Fields drop next, the ring (declared first) before the memory it used.
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Receivers dropped on this thread whose buffers had to be leaked.
+    pub(crate) static LEAKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Parses one filled buffer and hands the datagram to `f`.

@@ -868,6 +868,60 @@ mod tests {
         }
     }
 
+    /// Real EAGAINs. On loopback a datagram frees its send-buffer charge as soon as it is
+    /// delivered, so one thread never sees EAGAIN; three threads bursting 60 KB datagrams through
+    /// one socket with a minimal send buffer do, when one allocates while another's datagram is in
+    /// flight. Every EAGAIN must be retried after POLLOUT (or counted as dropped) and every
+    /// accepted datagram arrive. Bounded by time: it needs the threads to overlap on the CPUs.
+    #[test]
+    fn concurrent_bursts_hit_eagain_and_retry() {
+        const THREADS: usize = 3;
+        const ROUNDS: u64 = 50;
+        for path in BOTH {
+            let rx: Vec<UdpSocket> = (0..4)
+                .map(|_| udp_socket(localhost(), false, Some(64 << 20), None).unwrap())
+                .collect();
+            let dests: Vec<SocketAddrV4> = rx.iter().map(addr_of).collect();
+            let tx = udp_socket(localhost(), false, None, Some(1)).unwrap();
+            let fd = tx.as_raw_fd();
+            let mut total = SendStats::default();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while total.eagain == 0 && Instant::now() < deadline {
+                let barrier = std::sync::Arc::new(std::sync::Barrier::new(THREADS));
+                let threads: Vec<_> = (0..THREADS)
+                    .map(|_| {
+                        let dests = dests.clone();
+                        let barrier = barrier.clone();
+                        thread::spawn(move || {
+                            let mut sender = BatchSender::new(fd, path, 64).unwrap();
+                            let mut stats = SendStats::default();
+                            let payload = vec![0x5au8; 60_000];
+                            barrier.wait();
+                            for _ in 0..ROUNDS {
+                                sender.send_to_all(&payload, &dests, &mut stats);
+                            }
+                            stats
+                        })
+                    })
+                    .collect();
+                let mut round = SendStats::default();
+                for t in threads {
+                    round.add(&t.join().unwrap());
+                }
+                let requested = THREADS as u64 * ROUNDS * dests.len() as u64;
+                assert_eq!(
+                    round.datagrams + round.dropped,
+                    requested,
+                    "{path}: {round:?}"
+                );
+                assert_eq!(round.errors + round.enobufs, 0, "{path}: {round:?}");
+                assert_eq!(drain_count(&rx, round.datagrams), round.datagrams, "{path}");
+                total.add(&round);
+            }
+            assert!(total.eagain > 0, "{path}: never hit EAGAIN: {total:?}");
+        }
+    }
+
     #[test]
     fn uring_sender_moved_to_another_thread_keeps_working() {
         let rx = receivers(4);

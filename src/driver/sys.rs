@@ -399,10 +399,23 @@ mod tests {
 
     #[test]
     fn tcp_listener_and_udp_on_same_port() {
-        let l = tcp_listener(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let port = l.local_addr().unwrap().port();
-        let u = udp_socket_reuse_addr(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port), None, None);
-        assert!(u.is_ok());
+        // The kernel picks the TCP port without looking at UDP, and tests running in parallel
+        // hold thousands of UDP ports: try a few listeners until the number is free for UDP.
+        let mut bound = None;
+        for _ in 0..20 {
+            let l = tcp_listener(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).unwrap();
+            let port = l.local_addr().unwrap().port();
+            let udp = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+            if let Ok(u) = udp_socket_reuse_addr(udp, None, None) {
+                bound = Some((l, u));
+                break;
+            }
+        }
+        let (l, u) = bound.expect("no TCP port number was free for UDP");
+        assert_eq!(
+            u.local_addr().unwrap().port(),
+            l.local_addr().unwrap().port()
+        );
         assert_eq!(
             l.accept().unwrap_err().kind(),
             io::ErrorKind::WouldBlock,
