@@ -21,7 +21,10 @@ struct Proc {
 
 impl Proc {
     fn signal(&self, sig: &str) {
-        let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
     }
 
     /// Asks politely (SIGTERM) and waits up to 10 s for a clean exit.
@@ -30,12 +33,12 @@ impl Proc {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return (self.output, status.success());
+                return (std::mem::take(&mut self.output), status.success());
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                return (self.output, false);
+                return (std::mem::take(&mut self.output), false);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -67,7 +70,18 @@ impl Run {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut child = Command::new(BIN)
-            .args(["splitter", "--source", "test", "--bitrate", "2M", "--port", "0", "--bind", "127.0.0.1"])
+            .env("RUST_LOG", "p2psp=info")
+            .args([
+                "splitter",
+                "--source",
+                "test",
+                "--bitrate",
+                "2M",
+                "--port",
+                "0",
+                "--bind",
+                "127.0.0.1",
+            ])
             .args(["--header-size", &HEADER.to_string(), "--shards", "2"])
             .args(extra)
             .stderr(Stdio::piped())
@@ -94,8 +108,17 @@ impl Run {
                 let _ = writeln!(f, "{line}");
             }
         });
-        let splitter = Proc { child, output: PathBuf::new(), name: "splitter".into() };
-        Run { dir, splitter, port, next_peer: 0 }
+        let splitter = Proc {
+            child,
+            output: PathBuf::new(),
+            name: "splitter".into(),
+        };
+        Run {
+            dir,
+            splitter,
+            port,
+            next_peer: 0,
+        }
     }
 
     fn peer(&mut self, monitor: bool) -> Proc {
@@ -104,32 +127,55 @@ impl Run {
         let output = self.dir.join(format!("{name}.out"));
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
         let mut cmd = Command::new(BIN);
-        cmd.args(["peer", "--splitter", &format!("127.0.0.1:{}", self.port), "--player-port", "0"])
-            .arg("--output")
-            .arg(&output)
-            .stdout(Stdio::null())
-            .stderr(log);
+        cmd.env("RUST_LOG", "p2psp=info");
+        cmd.args([
+            "peer",
+            "--splitter",
+            &format!("127.0.0.1:{}", self.port),
+            "--player-port",
+            "0",
+        ])
+        .arg("--output")
+        .arg(&output)
+        .stdout(Stdio::null())
+        .stderr(log);
         if monitor {
             cmd.arg("--monitor");
         }
         let child = cmd.spawn().expect("run p2psp peer");
         // People arrive one after another.
         std::thread::sleep(Duration::from_millis(50));
-        Proc { child, output, name }
+        Proc {
+            child,
+            output,
+            name,
+        }
     }
 }
 
 /// Checks that `path` holds the stream header then contiguous chunks of the test pattern; returns
 /// the number of chunks played.
 fn check_output(path: &Path, name: &str) -> usize {
-    let data = std::fs::read(path).unwrap_or_else(|e| panic!("{name}: no output {}: {e}", path.display()));
-    assert!(data.len() >= HEADER, "{name}: output shorter than the stream header");
+    let data =
+        std::fs::read(path).unwrap_or_else(|e| panic!("{name}: no output {}: {e}", path.display()));
+    assert!(
+        data.len() >= HEADER,
+        "{name}: output shorter than the stream header"
+    );
     let (header, chunks) = data.split_at(HEADER);
-    assert_eq!(pattern::first_mismatch(0, header), None, "{name}: the stream header is not the pattern start");
+    assert_eq!(
+        pattern::first_mismatch(0, header),
+        None,
+        "{name}: the stream header is not the pattern start"
+    );
     assert!(chunks.len() >= 16, "{name}: played nothing");
     let offset = pattern::locate(&chunks[..chunks.len().min(4096)])
         .unwrap_or_else(|| panic!("{name}: the first played chunk is not the pattern"));
-    assert_eq!(offset as usize % CHUNK, 0, "{name}: playout does not start at a chunk boundary");
+    assert_eq!(
+        offset as usize % CHUNK,
+        0,
+        "{name}: playout does not start at a chunk boundary"
+    );
     if let Some(at) = pattern::first_mismatch(offset, chunks) {
         panic!(
             "{name}: played stream breaks at byte {at} (chunk {} after the first): a chunk was lost or misplaced",
@@ -190,7 +236,10 @@ fn streaming_across_the_chunk_number_wrap() {
         let name = p.name.clone();
         let (out, clean) = p.stop();
         assert!(clean, "{name} did not leave cleanly");
-        assert!(check_output(&out, &name) > 2000, "{name} stalled at the wrap");
+        assert!(
+            check_output(&out, &name) > 2000,
+            "{name} stalled at the wrap"
+        );
     }
 }
 
