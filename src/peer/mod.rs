@@ -218,11 +218,10 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         while let Some(e) = core.poll_event() {
             match e {
                 PeerEvent::Play { payload, .. } => {
-                    if tx.try_send(payload).is_err() {
-                        opts.counters
-                            .player_overruns
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
+                    let overrun = tx.try_send(payload).is_err();
+                    opts.counters
+                        .player_overruns
+                        .fetch_add(u64::from(overrun), Ordering::Relaxed);
                 }
                 PeerEvent::Left { confirmed } => {
                     tracing::info!(

@@ -466,7 +466,7 @@ impl Peer {
             while seq::diff(self.playout.highest, self.playout.check) >= horizon {
                 let n = self.playout.check;
                 let slot = usize::from(n) % b;
-                if !self.playout.slots[slot].as_ref().is_some_and(|s| s.0 == n) {
+                if self.playout.slots[slot].as_ref().is_none_or(|s| s.0 != n) {
                     self.stats.loss_reports += 1;
                     self.send(self.rules.splitter, Bytes::copy_from_slice(&loss_report(n)));
                 }
