@@ -90,6 +90,12 @@ pub struct PeerCounters {
     pub player_overruns: AtomicU64,
     /// Set once joined; the UDP port.
     pub port: AtomicU64,
+    /// Players connected now.
+    pub players: AtomicU64,
+    /// Players that connected since the start.
+    pub player_connects: AtomicU64,
+    /// Generation of the newest stream header known (0: the splitter does not say).
+    pub stream_generation: AtomicU64,
 }
 
 impl PeerOptions {
@@ -165,10 +171,17 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         let _ = socket.send_to(&t.payload, t.dest);
     }
     joined.ready();
+    let refetch = player::Refetch {
+        source: joined.header_source,
+        channel: config.channel.clone(),
+        size: usize::from(config.header_size),
+    };
     let (tx, player) = player::spawn(
         player_listener,
         opts.output.clone(),
         std::mem::take(&mut joined.header),
+        Some(refetch),
+        opts.counters.clone(),
         stop.clone(),
     )?;
     if let Some(name) = &opts.status {
@@ -217,8 +230,8 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         let mut done = false;
         while let Some(e) = core.poll_event() {
             match e {
-                PeerEvent::Play { payload, .. } => {
-                    let overrun = tx.try_send(payload).is_err();
+                PeerEvent::Play { number, payload } => {
+                    let overrun = tx.try_send(player::Played { number, payload }).is_err();
                     opts.counters
                         .player_overruns
                         .fetch_add(u64::from(overrun), Ordering::Relaxed);
@@ -251,7 +264,7 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                         opts.max_debt
                     );
                 }
-                PeerEvent::Lost { number } => tracing::info!("lost chunk {number}"),
+                PeerEvent::Lost { number } => tracing::debug!("lost chunk {number}"),
                 PeerEvent::Skipped { count } => {
                     tracing::warn!("skipped {count} chunks: the splitter jumped ahead")
                 }

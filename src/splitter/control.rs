@@ -258,7 +258,8 @@ impl Control {
                     let config = JoinConfig {
                         source: SocketAddrV4::new(*c.local.ip(), c.local.port()),
                         channel: self.settings.channel.clone(),
-                        header_size: header_response(&header).len() as u16,
+                        header_size: header_response(&header, self.header.chunks_in_stream()).len()
+                            as u16,
                         chunk_size: self.settings.chunk_size as u16,
                         buffer_size: self.settings.buffer_size,
                         monitors: placement.monitors,
@@ -326,7 +327,7 @@ impl Control {
                         return self.timeout(c, now);
                     };
                     self.counters.header_requests += 1;
-                    c.output = header_response(&header);
+                    c.output = header_response(&header, self.header.chunks_in_stream());
                     c.state = State::HttpResponse;
                 }
                 State::HttpResponse => {
@@ -424,19 +425,39 @@ fn write_out(c: &mut Conn) -> Result<bool, ()> {
 
 /// The response to `GET /<channel>`: an HTTP head then the stream header. A reference peer relays
 /// exactly these `header_size` bytes to its player, which so sees a valid HTTP response.
-pub fn header_response(h: &StreamHeader) -> Vec<u8> {
+///
+/// [`STREAM_HEADER`] tells our peers which stream this header starts, from which chunk on that
+/// stream runs and how many of its chunks were sent so far (`chunks`), so that a peer hands
+/// players that connect after a source restart the new header, from the right chunk on; players
+/// ignore it. Its length does not change while the stream runs, so `header_size` in a join message
+/// stays right for the reference peer, which reads exactly that many bytes.
+pub fn header_response(h: &StreamHeader, chunks: u64) -> Vec<u8> {
     let ct = h
         .content_type
         .as_deref()
         .unwrap_or("application/octet-stream");
+    let stream = format!(
+        "{} {} {:010}",
+        h.generation,
+        h.first_chunk,
+        chunks.min(9_999_999_999)
+    );
     let mut out = crate::http::response_head(
         200,
         "OK",
-        &[("Content-Type", ct), ("Cache-Control", "no-cache")],
+        &[
+            ("Content-Type", ct),
+            ("Cache-Control", "no-cache"),
+            (STREAM_HEADER, &stream),
+        ],
     );
     out.extend_from_slice(&h.bytes);
     out
 }
+
+/// Response header naming the stream a header belongs to: `<generation> <first chunk number>
+/// <chunks of it sent so far>`.
+pub const STREAM_HEADER: &str = "X-P2PSP-Stream";
 
 /// The once-a-second status line.
 struct Status {
