@@ -46,6 +46,7 @@ pub fn run(args: &DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         max_losses: 32,
         first_chunk_number: 0,
         lrs: true,
+        service: Default::default(),
     };
     let settings = splitter::Settings::from_args(&splitter_args).map_err(anyhow::Error::msg)?;
     let splitter_stop = Arc::new(AtomicBool::new(false));
@@ -67,6 +68,7 @@ pub fn run(args: &DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             max_debt: 128,
             status: None,
             counters: counters.clone(),
+            metrics: None,
         };
         let peer_stop = stop.clone();
         let h = std::thread::spawn(move || peer::run(opts, peer_stop));

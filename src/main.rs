@@ -62,7 +62,11 @@ fn main() -> ExitCode {
                 Ok(r) => r,
                 Err(e) => return usage_error(&format!("{e:#}")),
             };
-            finish(running.wait())
+            // Under systemd (`Type=notify`): listening, so ready.
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            let result = running.wait();
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+            finish(result)
         }
         Command::Peer(args) => {
             let opts = match peer::PeerOptions::from_args(&args) {
@@ -83,6 +87,7 @@ fn usage_error(message: &str) -> ExitCode {
 fn finish(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<peer::SetupError>().is_some() => usage_error(&format!("{e:#}")),
         Err(e) => {
             eprintln!("p2psp: {e:#}");
             ExitCode::from(1)

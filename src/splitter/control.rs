@@ -90,6 +90,8 @@ pub struct Control {
     conns: HashMap<u64, Conn>,
     next_conn: u64,
     counters: Counters,
+    /// Where the status line's numbers are published for `--metrics`.
+    board: Arc<super::status::Board>,
 }
 
 impl Control {
@@ -118,7 +120,14 @@ impl Control {
             conns: HashMap::new(),
             next_conn: 0,
             counters: Counters::default(),
+            board: Arc::default(),
         }
+    }
+
+    /// Publishes the control plane's counters and rates to `board` once a second.
+    pub fn with_board(mut self, board: Arc<super::status::Board>) -> Control {
+        self.board = board;
+        self
     }
 
     /// Runs until `stop`.
@@ -152,6 +161,7 @@ impl Control {
             self.drain_reports();
             if let Some(line) = status.tick(now, &self) {
                 eprintln!("{line}");
+                self.publish(status.rates);
             }
             if self.feed.ended.load(Ordering::Relaxed) {
                 break;
@@ -467,6 +477,8 @@ struct Status {
     datagrams: u64,
     bytes: u64,
     loss_reports: u64,
+    source_bytes: u64,
+    rates: super::status::Rates,
 }
 
 impl Status {
@@ -478,6 +490,8 @@ impl Status {
             datagrams: 0,
             bytes: 0,
             loss_reports: 0,
+            source_bytes: 0,
+            rates: super::status::Rates::default(),
         }
     }
 
@@ -512,10 +526,44 @@ impl Status {
             dropped,
             ignored,
         );
+        let source_bytes = c.feed.bytes.load(Ordering::Relaxed);
+        self.rates = super::status::Rates {
+            chunks_in_per_second: (chunks - self.chunks) as f64 / dt,
+            bits_in_per_second: (source_bytes - self.source_bytes) as f64 * 8.0 / dt,
+            datagrams_out_per_second: (datagrams - self.datagrams) as f64 / dt,
+            bits_out_per_second: (bytes - self.bytes) as f64 * 8.0 / dt,
+            loss_reports_per_second: (loss_reports - self.loss_reports) as f64 / dt,
+        };
         self.chunks = chunks;
         self.datagrams = datagrams;
         self.bytes = bytes;
         self.loss_reports = loss_reports;
+        self.source_bytes = source_bytes;
         Some(line)
+    }
+}
+
+impl Control {
+    /// Publishes the counters and the last second's rates for `--metrics`, and tells systemd.
+    fn publish(&self, rates: super::status::Rates) {
+        let c = &self.counters;
+        self.board.publish(
+            super::status::ControlCounters {
+                joins: c.joins,
+                refused: c.refused,
+                timeouts: c.timeouts,
+                bad_requests: c.bad_requests,
+                header_requests: c.header_requests,
+                foreign_datagrams: c.foreign_datagrams,
+            },
+            rates,
+        );
+        let status = format!(
+            "{} peers in {} teams, {:.2} Mbit/s out",
+            self.directory.peer_count(),
+            self.directory.team_count(),
+            rates.bits_out_per_second / 1e6
+        );
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
     }
 }

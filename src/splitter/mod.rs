@@ -7,13 +7,15 @@
 //!   an io_uring (or `sendmmsg`) UDP socket bound to the splitter port with `SO_REUSEPORT`; each
 //!   chunk goes out in batched submissions that all point at the one datagram in the ring;
 //! - the **control plane** ([`control`]) accepts TCP joins (no thread per peer), places peers in
-//!   teams, serves the stream header over HTTP and prints the status line.
+//!   teams, serves the stream header over HTTP and prints the status line;
+//! - with `--metrics`, a small thread serves what [`status`] exports.
 
 pub mod control;
 pub mod feed;
 pub mod settings;
 pub mod shard;
 pub mod source;
+pub mod status;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +44,10 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
     let listener = driver::tcp_listener(settings.bind)
         .with_context(|| format!("cannot listen on TCP {}", settings.bind))?;
     let port = listener.local_addr()?.port();
+    let metrics = settings
+        .metrics
+        .map(crate::metrics::Endpoint::bind)
+        .transpose()?;
     let udp_addr = std::net::SocketAddrV4::new(*settings.bind.ip(), port);
     let source = source::open(&settings.source, settings.bitrate, stop.clone())
         .with_context(|| format!("cannot open the source {}", settings.source_text))?;
@@ -147,6 +153,20 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         settings.send_path.name(),
         settings.source_text
     );
+    let board = Arc::new(status::Board::default());
+    if let Some(endpoint) = metrics {
+        let addr = endpoint.local_addr();
+        let exporter = status::SplitterExporter::new(
+            &settings,
+            port,
+            feed_stats.clone(),
+            header.clone(),
+            shard_links.iter().map(|l| l.stats.clone()).collect(),
+            board.clone(),
+        );
+        endpoint.serve(Arc::new(exporter), stop.clone())?;
+        eprintln!("p2psp splitter metrics on http://{addr}/");
+    }
     eprintln!("p2psp splitter listening on {}:{port}", settings.bind.ip());
 
     let control = control::Control::new(
@@ -156,7 +176,8 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         feed_stats,
         shard_links,
         report_rx,
-    );
+    )
+    .with_board(board);
     let control_stop = stop.clone();
     let control = thread::Builder::new()
         .name("control".into())

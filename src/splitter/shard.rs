@@ -92,6 +92,18 @@ pub struct ShardStats {
     pub resent: AtomicU64,
     /// Ignored datagrams: goodbyes and loss reports from strangers or non-monitors, malformed.
     pub ignored: AtomicU64,
+    /// The shard's teams with their members and loss counters, published once a second.
+    pub detail: std::sync::Mutex<Vec<super::status::TeamSnapshot>>,
+}
+
+impl ShardStats {
+    /// The last published snapshot of the shard's teams.
+    pub fn snapshot(&self) -> Vec<super::status::TeamSnapshot> {
+        self.detail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// One shard, ready to run on its own thread.
@@ -106,6 +118,8 @@ pub struct Shard {
     reports: Sender<Report>,
     stats: Arc<ShardStats>,
     send_stats: SendStats,
+    /// When the team snapshot is published next.
+    detail_due: Instant,
 }
 
 impl Shard {
@@ -147,6 +161,7 @@ impl Shard {
             reports,
             stats,
             send_stats: SendStats::default(),
+            detail_due: Instant::now(),
         })
     }
 
@@ -209,6 +224,7 @@ impl Shard {
             self.resend(last);
             self.flush_control();
             self.publish_stats();
+            self.publish_detail();
         }
         // Shutting down: tell every peer.
         let all: Vec<Endpoint> = self
@@ -266,6 +282,25 @@ impl Shard {
         while let Some(e) = self.teams.poll_event() {
             let _ = self.reports.send(Report::Event(e));
         }
+    }
+
+    /// Publishes the team snapshot for status pages, at most once a second.
+    fn publish_detail(&mut self) {
+        let now = Instant::now();
+        if now < self.detail_due {
+            return;
+        }
+        self.detail_due = now + Duration::from_secs(1);
+        let teams = self
+            .teams
+            .team_ids()
+            .into_iter()
+            .map(|id| super::status::TeamSnapshot {
+                id,
+                members: self.teams.members(id),
+            })
+            .collect();
+        *self.stats.detail.lock().unwrap_or_else(|e| e.into_inner()) = teams;
     }
 
     fn publish_stats(&self) {
