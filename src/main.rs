@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use mimalloc::MiMalloc;
 
 use p2psp::{demo, peer, splitter};
@@ -16,8 +16,11 @@ static GLOBAL: MiMalloc = MiMalloc;
 /// of every team; peers relay it to the rest of their team (DBS) and play it to a local player.
 /// Byte-compatible with the C++ P2PSP reference.
 ///
-/// Exit codes: 0 done, 1 failed while running, 2 bad flags or configuration (port in use,
-/// unreachable source).
+/// Exit codes: 0 done (also after SIGTERM or SIGINT), 1 failed while running, 2 bad flags or
+/// configuration file, or a setup error (port in use, unreachable source or splitter).
+///
+/// `--config FILE` (splitter, peer) reads flags from a TOML file whose keys are the long flag
+/// names (`header-size = 16384`); flags on the command line win.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -45,7 +48,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    // `--config FILE`: the file's settings join the command line, which wins.
+    let expanded = match p2psp::config::expand(&Cli::command(), std::env::args_os().collect()) {
+        Ok(e) => e,
+        Err(message) => return usage_error(&message),
+    };
+    let cli = Cli::parse_from(&expanded.args);
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal ends the process at once.
@@ -56,7 +64,7 @@ fn main() -> ExitCode {
         Command::Splitter(args) => {
             let settings = match splitter::Settings::from_args(&args) {
                 Ok(s) => s,
-                Err(e) => return usage_error(&e),
+                Err(e) => return usage_error(&expanded.blame(&e)),
             };
             let running = match splitter::start(settings, stop) {
                 Ok(r) => r,
@@ -71,7 +79,7 @@ fn main() -> ExitCode {
         Command::Peer(args) => {
             let opts = match peer::PeerOptions::from_args(&args) {
                 Ok(o) => o,
-                Err(e) => return usage_error(&e),
+                Err(e) => return usage_error(&expanded.blame(&e)),
             };
             finish(peer::run(opts, stop))
         }
