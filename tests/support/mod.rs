@@ -169,9 +169,8 @@ impl Splitter {
         let deadline = Instant::now() + Duration::from_secs(15);
         let (mut port, mut metrics) = (None, None);
         let mut seen = Vec::new();
-        let wants_metrics = args.contains(&"--metrics");
-        while (port.is_none() || (wants_metrics && metrics.is_none())) && Instant::now() < deadline
-        {
+        // The metrics line (with `--metrics`) comes before the listening line.
+        while port.is_none() && Instant::now() < deadline {
             let Some(Ok(line)) = lines.next() else { break };
             if let Some(addr) = line.strip_prefix("p2psp splitter listening on ") {
                 port = addr.rsplit(':').next().and_then(|p| p.trim().parse().ok());
@@ -216,6 +215,18 @@ impl Splitter {
             .map(str::to_owned)
     }
 
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET /status` from its metrics endpoint, parsed.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let (head, body) = http_get(self.metrics?, "/status", 1 << 24)?;
+        head.contains(" 200").then_some(())?;
+        serde_json::from_slice(&body).ok()
+    }
+
     /// Peers in the last status line.
     pub fn peers(&self) -> Option<usize> {
         self.last_status()?
@@ -230,9 +241,21 @@ impl Splitter {
 /// Starts `p2psp peer` against `splitter_port` with `extra` flags, its standard error in
 /// `dir/<name>.log`.
 pub fn start_peer(dir: &Path, name: &str, splitter_port: u16, extra: &[&str]) -> Proc {
+    start_peer_env(dir, name, splitter_port, extra, &[])
+}
+
+/// [`start_peer`] with extra environment variables.
+pub fn start_peer_env(
+    dir: &Path,
+    name: &str,
+    splitter_port: u16,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
     let mut cmd = Command::new(BIN);
     cmd.env("RUST_LOG", "p2psp=info")
+        .envs(env.iter().copied())
         .args(["peer", "--splitter", &format!("127.0.0.1:{splitter_port}")])
         .args(extra)
         .stdin(Stdio::null())
