@@ -522,7 +522,7 @@ fn systemd_readiness_is_notified() {
     sock.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let env = [("NOTIFY_SOCKET", path.to_str().unwrap())];
-    let mut splitter = Splitter::start_env(
+    let splitter = Splitter::start_env(
         &dir,
         &["--bitrate", "200k", "--shards", "1"],
         Stdio::null(),
