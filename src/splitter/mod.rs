@@ -71,6 +71,7 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         let waker = Waker::new().context("cannot create an eventfd")?;
         let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
         let stats = Arc::new(shard::ShardStats::default());
+        status::check_socket_buffers(&socket, settings.socket_buffer, index, &stats);
         let core = cores.get(index % cores.len().max(1)).copied();
         let shard_stop = stop.clone();
         let (ring, waker2, report_tx, stats2, settings2) = (

@@ -94,6 +94,10 @@ pub struct ShardStats {
     pub ignored: AtomicU64,
     /// The shard's teams with their members and loss counters, published once a second.
     pub detail: std::sync::Mutex<Vec<super::status::TeamSnapshot>>,
+    /// The UDP socket's send buffer as the kernel granted it, in bytes.
+    pub send_buffer: AtomicU64,
+    /// The UDP socket's receive buffer as the kernel granted it, in bytes.
+    pub recv_buffer: AtomicU64,
 }
 
 impl ShardStats {

@@ -19,6 +19,28 @@ use crate::metrics::{Exporter, Prom};
 use crate::proto::Endpoint;
 use crate::proto::team::TeamId;
 
+/// Reads back the socket buffers the kernel granted a shard's socket, publishes them, and warns
+/// (once, for shard 0) when they are smaller than asked: bursts to many peers then overflow the
+/// send buffer (EAGAIN) or loss reports and goodbyes are dropped.
+pub fn check_socket_buffers(
+    socket: &std::net::UdpSocket,
+    wanted: usize,
+    shard: usize,
+    stats: &ShardStats,
+) {
+    let s = socket2::SockRef::from(socket);
+    // Linux reports twice the size asked for (the doubling covers its bookkeeping).
+    let send = s.send_buffer_size().unwrap_or(0) / 2;
+    let recv = s.recv_buffer_size().unwrap_or(0) / 2;
+    stats.send_buffer.store(send as u64, Ordering::Relaxed);
+    stats.recv_buffer.store(recv as u64, Ordering::Relaxed);
+    if shard == 0 && (send < wanted || recv < wanted) {
+        tracing::warn!(
+            "UDP socket buffers are {send} bytes (send) and {recv} bytes (receive), not the {wanted} asked: raise net.core.wmem_max and net.core.rmem_max (see docs/operations.md) or run with CAP_NET_ADMIN"
+        );
+    }
+}
+
 /// One team as its shard sees it.
 #[derive(Debug, Clone, Serialize)]
 pub struct TeamSnapshot {
@@ -320,6 +342,16 @@ impl Exporter for SplitterExporter {
             ("p2psp_splitter_shard_teams", "Teams a shard owns.", |s| {
                 &s.teams
             }),
+            (
+                "p2psp_splitter_socket_send_buffer_bytes",
+                "UDP send buffer the kernel granted a shard's socket.",
+                |s| &s.send_buffer,
+            ),
+            (
+                "p2psp_splitter_socket_receive_buffer_bytes",
+                "UDP receive buffer the kernel granted a shard's socket.",
+                |s| &s.recv_buffer,
+            ),
         ] {
             p.family(name, "gauge", help);
             for (i, s) in self.shards.iter().enumerate() {
@@ -358,6 +390,8 @@ impl Exporter for SplitterExporter {
                     "expelled": load(&st.expelled),
                     "lrs_resent": load(&st.resent),
                     "ignored": load(&st.ignored),
+                    "socket_send_buffer": load(&st.send_buffer),
+                    "socket_receive_buffer": load(&st.recv_buffer),
                 })
             })
             .collect();
