@@ -489,6 +489,60 @@ fn config_file_sets_flags_and_the_command_line_wins() {
 }
 
 #[test]
+fn shipped_example_configs_work() {
+    let dir = test_dir("ops-dist");
+    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("dist");
+    let splitter_toml = dist.join("splitter.toml");
+    // Its source, port and metrics address are for a real host; the command line wins.
+    let splitter = Splitter::start(
+        &dir,
+        &[
+            "--config",
+            splitter_toml.to_str().unwrap(),
+            "--source",
+            "test",
+            "--bitrate",
+            "200k",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        Stdio::null(),
+    );
+    let s = splitter.status().unwrap();
+    assert_eq!(s["config"]["lrs"], true);
+    assert_eq!(s["config"]["header_size"], 16384);
+    let peer_toml = dist.join("peer.toml");
+    let metrics = free_port().to_string();
+    let splitter_addr = format!("127.0.0.1:{}", splitter.port);
+    let mut peer = Proc::spawn(
+        "peer",
+        Command::new(BIN)
+            .args(["peer", "--config", peer_toml.to_str().unwrap()])
+            .args(["--splitter", &splitter_addr, "--player-port", "0"])
+            .args(["--metrics", &metrics])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || peer_count(&splitter) == Some(1)),
+        "the peer with the example configuration did not join"
+    );
+    assert!(peer.running());
+    for unit in ["p2psp-splitter.service", "p2psp-peer@.service"] {
+        let text = std::fs::read_to_string(dist.join(unit)).unwrap();
+        for needed in [
+            "Type=notify",
+            "LimitNOFILE=",
+            "Restart=",
+            "--config /etc/p2psp/",
+        ] {
+            assert!(text.contains(needed), "{unit} lacks {needed}");
+        }
+    }
+}
+
+#[test]
 fn config_file_errors_name_the_key() {
     let dir = test_dir("ops-config-errors");
     for (name, text, want) in [
