@@ -42,17 +42,30 @@ impl Joined {
 
 /// Joins the team of `splitter`.
 pub fn join(splitter: SocketAddrV4, monitor: bool) -> anyhow::Result<Joined> {
-    let mut tcp = TcpStream::connect_timeout(&splitter.into(), JOIN_TIMEOUT)
-        .with_context(|| format!("cannot connect to the splitter at {splitter}"))?;
-    tcp.set_read_timeout(Some(Duration::from_secs(1)))?;
-    tcp.set_nodelay(true)?;
-    let SocketAddr::V4(local) = tcp.local_addr()? else {
-        bail!("not an IPv4 connection")
+    let mut attempts = 0;
+    let (mut tcp, socket, local) = loop {
+        attempts += 1;
+        let tcp = TcpStream::connect_timeout(&splitter.into(), JOIN_TIMEOUT)
+            .with_context(|| format!("cannot connect to the splitter at {splitter}"))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(1)))?;
+        tcp.set_nodelay(true)?;
+        let SocketAddr::V4(local) = tcp.local_addr()? else {
+            bail!("not an IPv4 connection")
+        };
+        // Our team identity is the TCP source endpoint: bind UDP to the same port before asking
+        // to join, so no chunk can arrive before we listen. The kernel picked the TCP port among
+        // free TCP ports only: when that UDP port is taken, connect again from another one.
+        match driver::udp_socket_reuse_addr(local, Some(4 << 20), Some(4 << 20)) {
+            Ok(socket) => break (tcp, socket, local),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempts < 8 => {
+                tracing::debug!(
+                    "UDP port {} is taken; joining from another port",
+                    local.port()
+                );
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot bind UDP {local}")),
+        }
     };
-    // Our team identity is the TCP source endpoint: bind UDP to the same port before asking to join,
-    // so no chunk can arrive before we listen.
-    let socket = driver::udp_socket_reuse_addr(local, Some(4 << 20), Some(4 << 20))
-        .with_context(|| format!("cannot bind UDP {local}"))?;
     socket.set_nonblocking(false)?;
     tcp.write_all(&[if monitor { ROLE_MONITOR } else { ROLE_PEER }])?;
 
