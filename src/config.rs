@@ -204,7 +204,9 @@ mod tests {
     fn run(file: &str, cli: &[&str]) -> Result<(RunArgs, Expanded), String> {
         let dir = std::env::temp_dir().join(format!("p2psp-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{:x}.toml", file.len() * 31 + cli.len()));
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("{n}.toml"));
         std::fs::write(&path, file).unwrap();
         let mut raw: Vec<OsString> = vec!["p2psp".into(), "run".into()];
         raw.extend(cli.iter().map(OsString::from));
