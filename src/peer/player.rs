@@ -360,6 +360,126 @@ impl Player {
 mod tests {
     use super::*;
 
+    /// A player connection: the serving side (for `attach`) and the player's side.
+    fn connection() -> (Greeted, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let player = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        player
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let (stream, addr) = l.accept().unwrap();
+        (
+            Greeted {
+                stream,
+                addr,
+                header: None,
+            },
+            player,
+        )
+    }
+
+    fn received(player: &mut TcpStream) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = player.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
+    }
+
+    fn header(stream: Option<StreamId>) -> Header {
+        Header {
+            head: b"HEAD|".to_vec(),
+            bytes: b"HEADER|".to_vec(),
+            stream,
+        }
+    }
+
+    fn chunk(number: u16, payload: &[u8]) -> Played {
+        Played {
+            number,
+            payload: Bytes::copy_from_slice(payload),
+        }
+    }
+
+    #[test]
+    fn a_player_that_connects_before_a_new_stream_plays_it_from_its_first_chunk() {
+        // Stream 2 starts at chunk 10; the splitter has sent 3 of its chunks; playout is at 8.
+        let h = header(Some(StreamId {
+            generation: 2,
+            first_chunk: 10,
+            chunks: 3,
+        }));
+        let (g, mut player) = connection();
+        let mut players = vec![attach(g, &h, Some(8)).unwrap()];
+        let mut finder = StartFinder::new();
+        for (n, p) in [(9, &b"old|"[..]), (10, b"NEW STREAM|"), (11, b"more|")] {
+            play(&mut players, &mut finder, &h, &chunk(n, p));
+        }
+        assert_eq!(received(&mut player), b"HEAD|NEW STREAM|more|");
+    }
+
+    #[test]
+    fn a_player_that_connects_mid_stream_gets_the_header_then_a_start_point() {
+        let h = header(Some(StreamId {
+            generation: 1,
+            first_chunk: 0,
+            chunks: 5000,
+        }));
+        let (g, mut player) = connection();
+        let mut players = vec![attach(g, &h, Some(4000)).unwrap()];
+        let mut finder = StartFinder::new();
+        // Ogg: the player starts at the next page.
+        let mut page = b"OggS\0\0".to_vec();
+        page.resize(40, 7);
+        let mut c = vec![1u8; 30];
+        c.extend_from_slice(&page);
+        play(&mut players, &mut finder, &h, &chunk(4001, &c));
+        play(&mut players, &mut finder, &h, &chunk(4002, b"next"));
+        let mut want = b"HEAD|HEADER|".to_vec();
+        want.extend_from_slice(&page);
+        want.extend_from_slice(b"next");
+        assert_eq!(received(&mut player), want);
+    }
+
+    #[test]
+    fn a_player_whose_first_chunk_was_lost_gets_the_header_and_a_start_point() {
+        let h = header(Some(StreamId {
+            generation: 2,
+            first_chunk: 10,
+            chunks: 0,
+        }));
+        let (g, mut player) = connection();
+        let mut players = vec![attach(g, &h, Some(9)).unwrap()];
+        let mut finder = StartFinder::new();
+        let mut page = b"OggS\0\0".to_vec();
+        page.resize(40, 7);
+        play(&mut players, &mut finder, &h, &chunk(11, &page));
+        assert_eq!(
+            received(&mut player),
+            [&b"HEAD|HEADER|"[..], &page].concat()
+        );
+    }
+
+    #[test]
+    fn a_player_that_goes_away_is_dropped() {
+        let h = header(None);
+        let (g, player) = connection();
+        let mut players = vec![attach(g, &h, None).unwrap()];
+        drop(player);
+        let mut finder = StartFinder::new();
+        for n in 0..200 {
+            play(&mut players, &mut finder, &h, &chunk(n, &[0u8; 20000]));
+            if players.is_empty() {
+                return;
+            }
+        }
+        panic!("a closed player was never dropped");
+    }
+
     #[test]
     fn header_split_keeps_the_head_and_trims_ogg() {
         let mut raw = crate::http::response_head(200, "OK", &[("Content-Type", "application/ogg")]);
