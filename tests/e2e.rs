@@ -126,6 +126,7 @@ impl Run {
             splitter,
             port,
             next_peer: 0,
+            _turn: turn,
         }
     }
 
