@@ -1,0 +1,472 @@
+//! Small system helpers: socket setup, file-descriptor limits, `poll(2)`, clocks, the eventfd
+//! [`Waker`], and IPv4 sockaddr conversions shared by the send and receive paths.
+
+use std::io;
+use std::mem;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// `poll(2)` event: data to read.
+pub const POLLIN: i16 = libc::POLLIN;
+/// `poll(2)` event: writing will not block.
+pub const POLLOUT: i16 = libc::POLLOUT;
+/// `poll(2)` result: an error is pending on the descriptor.
+pub const POLLERR: i16 = libc::POLLERR;
+/// `poll(2)` result: the peer hung up.
+pub const POLLHUP: i16 = libc::POLLHUP;
+/// `poll(2)` result: the descriptor is not open.
+pub const POLLNVAL: i16 = libc::POLLNVAL;
+
+/// Length of a `sockaddr_in`, as the kernel wants it.
+pub(crate) const SOCKADDR_IN_LEN: libc::socklen_t = mem::size_of::<libc::sockaddr_in>() as _;
+
+/// The kernel's form of an IPv4 socket address.
+pub(crate) fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Back from the kernel's form; `None` unless it is an IPv4 address.
+pub(crate) fn from_sockaddr_in(sa: &libc::sockaddr_in) -> Option<SocketAddrV4> {
+    (i32::from(sa.sin_family) == libc::AF_INET).then(|| {
+        SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+            u16::from_be(sa.sin_port),
+        )
+    })
+}
+
+/// Parses a `sockaddr_in` from raw bytes as the kernel wrote them (native-endian family, then
+/// big-endian port and address). `None` if too short or not IPv4.
+pub(crate) fn sockaddr_from_bytes(b: &[u8]) -> Option<SocketAddrV4> {
+    let family = u16::from_ne_bytes(b.get(0..2)?.try_into().ok()?);
+    if i32::from(family) != libc::AF_INET {
+        return None;
+    }
+    let port = u16::from_be_bytes(b.get(2..4)?.try_into().ok()?);
+    let ip = u32::from_be_bytes(b.get(4..8)?.try_into().ok()?);
+    Some(SocketAddrV4::new(Ipv4Addr::from(ip), port))
+}
+
+/// The errno of the last failed libc call.
+pub(crate) fn errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// Converts a libc `-1`-and-errno return into `io::Result`.
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Sets an integer socket option.
+fn setsockopt_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: `value` is a live c_int and the length passed is exactly its size; the kernel only
+    // reads it during the call. An invalid `fd` makes the call fail with EBADF, nothing worse.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            ptr::from_ref(&value).cast(),
+            mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    cvt(ret).map(drop)
+}
+
+/// Sets a socket buffer size: first the `*FORCE` variant (bypasses `rmem_max`/`wmem_max`, needs
+/// CAP_NET_ADMIN), then the plain one (clamped by the kernel). Failures are ignored: a buffer size
+/// is a tuning knob, never a reason to fail.
+fn set_buffer(fd: RawFd, force: i32, plain: i32, bytes: usize) {
+    // The kernel doubles the value; it takes an int.
+    let v = i32::try_from(bytes).unwrap_or(i32::MAX);
+    if setsockopt_int(fd, libc::SOL_SOCKET, force, v).is_err() {
+        let _ = setsockopt_int(fd, libc::SOL_SOCKET, plain, v);
+    }
+}
+
+fn bound_udp(
+    addr: SocketAddrV4,
+    reuse_addr: bool,
+    reuse_port: bool,
+    rcvbuf: Option<usize>,
+    sndbuf: Option<usize>,
+) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_nonblocking(true)?;
+    if reuse_addr {
+        socket.set_reuse_address(true)?;
+    }
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    let fd = socket.as_raw_fd();
+    if let Some(bytes) = rcvbuf {
+        set_buffer(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, bytes);
+    }
+    if let Some(bytes) = sndbuf {
+        set_buffer(fd, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, bytes);
+    }
+    socket.bind(&SocketAddr::V4(addr).into())?;
+    Ok(socket.into())
+}
+
+/// Non-blocking IPv4 UDP socket bound to `addr`, with `SO_REUSEPORT` if `reuse_port` (splitter
+/// shards share one port).
+///
+/// `rcvbuf`/`sndbuf` are tried with `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` (works as root, beyond
+/// `net.core.rmem_max`), then with `SO_RCVBUF`/`SO_SNDBUF`; a refused size never fails the call.
+pub fn udp_socket(
+    addr: SocketAddrV4,
+    reuse_port: bool,
+    rcvbuf: Option<usize>,
+    sndbuf: Option<usize>,
+) -> io::Result<UdpSocket> {
+    bound_udp(addr, false, reuse_port, rcvbuf, sndbuf)
+}
+
+/// As [`udp_socket`] but with `SO_REUSEADDR` (and no `SO_REUSEPORT`): a peer binds its UDP socket
+/// to the port number of its connected TCP stream, as the reference implementation does.
+pub fn udp_socket_reuse_addr(
+    addr: SocketAddrV4,
+    rcvbuf: Option<usize>,
+    sndbuf: Option<usize>,
+) -> io::Result<UdpSocket> {
+    bound_udp(addr, true, false, rcvbuf, sndbuf)
+}
+
+/// Non-blocking IPv4 TCP listener on `addr` with `SO_REUSEADDR`, listening with a backlog of 1024.
+///
+/// Accepted streams do not inherit `O_NONBLOCK` on Linux; set it on them if needed.
+pub fn tcp_listener(addr: SocketAddrV4) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::V4(addr).into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+fn get_nofile() -> io::Result<libc::rlimit> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the call's duration.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    Ok(lim)
+}
+
+fn set_nofile(cur: libc::rlim_t, max: libc::rlim_t) -> io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: cur,
+        rlim_max: max,
+    };
+    // SAFETY: `lim` is a valid rlimit, only read during the call.
+    cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }).map(drop)
+}
+
+/// Raises the `RLIMIT_NOFILE` soft limit toward `want` (never lowers it) and returns the new soft
+/// limit. Beyond the hard limit it tries to raise the hard limit as well (allowed as root, up to
+/// `fs.nr_open`); if that is refused, the soft limit goes up to the hard limit.
+pub fn raise_nofile_limit(want: u64) -> io::Result<u64> {
+    let lim = get_nofile()?;
+    let want = want as libc::rlim_t;
+    if lim.rlim_cur >= want {
+        return Ok(lim.rlim_cur as u64);
+    }
+    if want > lim.rlim_max && set_nofile(want, want).is_ok() {
+        return Ok(get_nofile()?.rlim_cur as u64);
+    }
+    set_nofile(want.min(lim.rlim_max), lim.rlim_max)?;
+    Ok(get_nofile()?.rlim_cur as u64)
+}
+
+/// One entry of a [`poll`] set; layout-identical to `struct pollfd`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PollFd {
+    fd: RawFd,
+    events: i16,
+    revents: i16,
+}
+
+// `poll` passes a `[PollFd]` to the kernel as `struct pollfd[]`.
+const _: () = {
+    assert!(mem::size_of::<PollFd>() == mem::size_of::<libc::pollfd>());
+    assert!(mem::align_of::<PollFd>() == mem::align_of::<libc::pollfd>());
+    assert!(mem::offset_of!(PollFd, fd) == mem::offset_of!(libc::pollfd, fd));
+    assert!(mem::offset_of!(PollFd, events) == mem::offset_of!(libc::pollfd, events));
+    assert!(mem::offset_of!(PollFd, revents) == mem::offset_of!(libc::pollfd, revents));
+};
+
+impl PollFd {
+    /// Watch `fd` for `events` (a mix of [`POLLIN`], [`POLLOUT`]); a negative `fd` is ignored by
+    /// the kernel, which is a cheap way to disable an entry.
+    pub fn new(fd: RawFd, events: i16) -> PollFd {
+        PollFd {
+            fd,
+            events,
+            revents: 0,
+        }
+    }
+
+    /// The descriptor watched.
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// The events asked for.
+    pub fn events(&self) -> i16 {
+        self.events
+    }
+
+    /// Change the events asked for (for example add [`POLLOUT`] while output is queued).
+    pub fn set_events(&mut self, events: i16) {
+        self.events = events;
+    }
+
+    /// The events the last [`poll`] reported (may include [`POLLERR`], [`POLLHUP`], [`POLLNVAL`]).
+    pub fn revents(&self) -> i16 {
+        self.revents
+    }
+}
+
+/// `struct timespec` from a `Duration`, saturating.
+pub(crate) fn timespec(d: Duration) -> libc::timespec {
+    libc::timespec {
+        tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    }
+}
+
+/// `poll(2)` (as `ppoll`, so the timeout has nanosecond resolution) on `fds`; `None` waits
+/// forever. Returns how many entries have non-zero `revents`; an interrupted wait (EINTR) returns
+/// `Ok(0)`.
+pub fn poll(fds: &mut [PollFd], timeout: Option<Duration>) -> io::Result<usize> {
+    let ts = timeout.map(timespec);
+    let ts_ptr = ts.as_ref().map_or(ptr::null(), ptr::from_ref);
+    // SAFETY: `PollFd` is layout-identical to `pollfd` (checked at compile time above) and the
+    // slice is valid and writable for `fds.len()` entries during the call; `ts_ptr` is null or
+    // points at a live timespec; a null sigmask means "do not change the mask".
+    let ret = unsafe {
+        libc::ppoll(
+            fds.as_mut_ptr().cast::<libc::pollfd>(),
+            fds.len() as libc::nfds_t,
+            ts_ptr,
+            ptr::null(),
+        )
+    };
+    match cvt(ret) {
+        Ok(n) => Ok(n as usize),
+        Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+fn clock(id: libc::clockid_t) -> libc::timespec {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is valid and writable during the call. The clock ids used here exist on every
+    // supported Linux; on failure `ts` stays zero.
+    unsafe { libc::clock_gettime(id, &mut ts) };
+    ts
+}
+
+/// CPU time consumed by the calling thread so far (`CLOCK_THREAD_CPUTIME_ID`).
+pub fn thread_cpu_time() -> Duration {
+    let ts = clock(libc::CLOCK_THREAD_CPUTIME_ID);
+    Duration::new(
+        ts.tv_sec.max(0) as u64,
+        ts.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
+}
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds. Comparable across threads and processes of one boot
+/// (the load generator stamps chunks with it).
+pub fn monotonic_ns() -> u64 {
+    let ts = clock(libc::CLOCK_MONOTONIC);
+    (ts.tv_sec.max(0) as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec.max(0) as u64)
+}
+
+/// Wakes a thread blocked in [`MultiRecv::poll`](super::MultiRecv::poll): an eventfd. Clones share
+/// the eventfd; it is `Send + Sync`, so any thread may call [`wake`](Waker::wake).
+#[derive(Clone, Debug)]
+pub struct Waker {
+    fd: Arc<OwnedFd>,
+}
+
+impl Waker {
+    /// A new eventfd (non-blocking, close-on-exec).
+    pub fn new() -> io::Result<Waker> {
+        // SAFETY: plain syscall with constant flags; no memory is passed.
+        let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+        // SAFETY: `fd` was just returned by eventfd, is open and owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Waker { fd: Arc::new(fd) })
+    }
+
+    /// Ends the current (or the next) poll of every [`MultiRecv`](super::MultiRecv) this waker is
+    /// set on. Wakes coalesce; never blocks, never fails.
+    pub fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd. The only possible failure,
+        // EAGAIN (counter saturated), means a wake is already pending, so it is ignored.
+        unsafe { libc::write(self.fd.as_raw_fd(), ptr::from_ref(&one).cast(), 8) };
+    }
+
+    /// Resets the eventfd counter (called by the receiver after it saw the wake).
+    pub(crate) fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a live u64. EAGAIN (nothing pending) is fine.
+        unsafe { libc::read(self.fd.as_raw_fd(), ptr::from_mut(&mut v).cast(), 8) };
+    }
+
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockaddr_round_trip() {
+        let a = SocketAddrV4::new(Ipv4Addr::new(10, 1, 2, 3), 4567);
+        let sa = sockaddr_in(a);
+        assert_eq!(from_sockaddr_in(&sa), Some(a));
+        // SAFETY: sockaddr_in is plain old data; viewing it as bytes is fine.
+        let bytes: [u8; 16] = unsafe { mem::transmute(sa) };
+        assert_eq!(sockaddr_from_bytes(&bytes), Some(a));
+        assert_eq!(sockaddr_from_bytes(&bytes[..7]), None);
+    }
+
+    #[test]
+    fn udp_socket_is_nonblocking_and_bound() {
+        let s = udp_socket(
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            true,
+            Some(1 << 20),
+            Some(1 << 20),
+        )
+        .unwrap();
+        let mut buf = [0u8; 8];
+        let e = s.recv_from(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert_ne!(s.local_addr().unwrap().port(), 0);
+        // A huge buffer request must not fail the call.
+        udp_socket(
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            false,
+            Some(usize::MAX),
+            Some(usize::MAX),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn reuse_port_shares_a_port() {
+        let a = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), true, None, None).unwrap();
+        let port = a.local_addr().unwrap().port();
+        let b = udp_socket(
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
+            true,
+            None,
+            None,
+        );
+        assert!(b.is_ok());
+    }
+
+    #[test]
+    fn tcp_listener_and_udp_on_same_port() {
+        // The kernel picks the TCP port without looking at UDP, and tests running in parallel
+        // hold thousands of UDP ports: try a few listeners until the number is free for UDP.
+        let mut bound = None;
+        for _ in 0..20 {
+            let l = tcp_listener(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).unwrap();
+            let port = l.local_addr().unwrap().port();
+            let udp = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+            if let Ok(u) = udp_socket_reuse_addr(udp, None, None) {
+                bound = Some((l, u));
+                break;
+            }
+        }
+        let (l, u) = bound.expect("no TCP port number was free for UDP");
+        assert_eq!(
+            u.local_addr().unwrap().port(),
+            l.local_addr().unwrap().port()
+        );
+        assert_eq!(
+            l.accept().unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "listener must be non-blocking"
+        );
+    }
+
+    #[test]
+    fn nofile_limit_never_lowers() {
+        let before = get_nofile().unwrap().rlim_cur as u64;
+        assert_eq!(raise_nofile_limit(16).unwrap(), before);
+        let now = raise_nofile_limit(before + 1).unwrap();
+        assert!(now >= before);
+    }
+
+    #[test]
+    fn poll_reports_readable_and_times_out() {
+        let a = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), false, None, None).unwrap();
+        let b = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), false, None, None).unwrap();
+        let mut fds = [PollFd::new(a.as_raw_fd(), POLLIN)];
+        assert_eq!(poll(&mut fds, Some(Duration::ZERO)).unwrap(), 0);
+        b.send_to(b"x", a.local_addr().unwrap()).unwrap();
+        assert_eq!(poll(&mut fds, Some(Duration::from_secs(5))).unwrap(), 1);
+        assert_ne!(fds[0].revents() & POLLIN, 0);
+        let mut out = [PollFd::new(b.as_raw_fd(), POLLOUT)];
+        assert_eq!(poll(&mut out, None).unwrap(), 1);
+    }
+
+    #[test]
+    fn clocks_advance() {
+        let t0 = monotonic_ns();
+        let c0 = thread_cpu_time();
+        let mut x = 0u64;
+        for i in 0..200_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        assert!(monotonic_ns() > t0);
+        assert!(thread_cpu_time() > c0);
+    }
+
+    #[test]
+    fn waker_is_send_sync_and_coalesces() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Waker>();
+        let w = Waker::new().unwrap();
+        w.wake();
+        w.clone().wake();
+        let mut fds = [PollFd::new(w.raw_fd(), POLLIN)];
+        assert_eq!(poll(&mut fds, Some(Duration::ZERO)).unwrap(), 1);
+        w.drain();
+        assert_eq!(poll(&mut fds, Some(Duration::ZERO)).unwrap(), 0);
+    }
+}
