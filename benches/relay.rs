@@ -104,12 +104,11 @@ fn round_of_16(c: &mut Criterion) {
         )
     });
     g.finish();
+    // Sanity checks of the scenario (nothing runs when a filter skips this bench).
     let s = *peer.stats();
     assert_eq!(s.lost + s.late + s.duplicates + s.debt_drops, 0, "{s:?}");
-    assert!(
-        s.relayed >= s.from_splitter * (TEAM as u64 - 1) - (TEAM as u64 - 1),
-        "{s:?}"
-    );
+    // Every round relays our chunk once to each of the 15 neighbours.
+    assert_eq!(s.relayed, s.from_splitter * (TEAM as u64 - 1), "{s:?}");
 }
 
 fn splitter_only(c: &mut Criterion) {
@@ -132,13 +131,16 @@ fn splitter_only(c: &mut Criterion) {
         )
     });
     g.finish();
+    // Sanity checks of the scenario (nothing runs when a filter skips this bench).
     let s = *peer.stats();
     assert_eq!(s.lost + s.late + s.duplicates + s.debt_drops, 0, "{s:?}");
-    assert_eq!(
-        s.relayed,
-        s.from_splitter * (TEAM as u64 - 1) - (TEAM as u64 - 2),
-        "{s:?}"
-    );
+    if s.from_splitter > 0 {
+        assert_eq!(
+            s.relayed,
+            s.from_splitter * (TEAM as u64 - 1) - (TEAM as u64 - 2),
+            "{s:?}"
+        );
+    }
 }
 
 criterion_group! {
