@@ -9,7 +9,7 @@
 #   PEERS      load size passed to the load command (default 50)
 #   BITRATE    test source rate, `--bitrate` (default 10M: 1221 chunks/s, so 61k datagrams/s to
 #              50 peers, which this 2-core VM sustains with 50 peer processes; at 20M it does not)
-#   PORT       splitter TCP/UDP port on 127.0.0.1 (default 18001)
+#   PORT       splitter TCP/UDP port on 127.0.0.1 (default: the first free one from 28001)
 #   TEAM_SIZE  `--team-size` (default 1: every peer is its own team, so every chunk goes to every
 #              peer straight from the splitter)
 #   WARMUP     seconds between starting the load and starting to record (default 3)
@@ -27,7 +27,7 @@ cd "$(dirname "$0")/.."
 
 PEERS=${PEERS:-50}
 BITRATE=${BITRATE:-10M}
-PORT=${PORT:-18001}
+PORT=${PORT:-}
 TEAM_SIZE=${TEAM_SIZE:-1}
 WARMUP=${WARMUP:-3}
 DURATION=${DURATION:-5}
@@ -61,8 +61,6 @@ BIN_DIR="$(cargo metadata --format-version 1 --no-deps \
     | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/profiling"
 P2PSP="$BIN_DIR/p2psp"
 [[ -x $P2PSP ]] || die "no binary at $P2PSP"
-SPLITTER="127.0.0.1:$PORT"
-export SPLITTER PEERS P2PSP BIN_DIR
 
 mkdir -p "$OUT"
 DATA="$OUT/perf.data"
@@ -102,9 +100,17 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # --- splitter and load -----------------------------------------------------------------------
-if ss -Hltn "sport = :$PORT" 2>/dev/null | grep -q .; then
+listening() { ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
+if [[ -z $PORT ]]; then
+    for PORT in $(seq 28001 28100); do
+        listening "$PORT" || break
+    done
+fi
+if listening "$PORT"; then
     die "port $PORT is in use (set PORT)"
 fi
+SPLITTER="127.0.0.1:$PORT"
+export SPLITTER PEERS P2PSP BIN_DIR
 echo "== splitter on $SPLITTER: --bitrate $BITRATE --team-size $TEAM_SIZE $SPLITTER_ARGS"
 # setsid: own process group (and session), so that cleanup reaches everything it starts.
 # shellcheck disable=SC2086 # SPLITTER_ARGS is a list of flags
@@ -112,11 +118,11 @@ setsid "$P2PSP" splitter --source test --bitrate "$BITRATE" --bind 127.0.0.1 --p
     --team-size "$TEAM_SIZE" $SPLITTER_ARGS >"$OUT/splitter.log" 2>&1 &
 SPLITTER_PID=$!
 for ((i = 0; i < 50; i++)); do
-    ss -Hltn "sport = :$PORT" 2>/dev/null | grep -q . && break
+    listening "$PORT" && break
     kill -0 "$SPLITTER_PID" 2>/dev/null || die "the splitter exited: $(tail -3 "$OUT/splitter.log")"
     sleep 0.1
 done
-ss -Hltn "sport = :$PORT" 2>/dev/null | grep -q . || die "the splitter does not listen on $PORT after 5 s"
+listening "$PORT" || die "the splitter does not listen on $PORT after 5 s"
 
 echo "== load: $LOAD_CMD  (PEERS=$PEERS)"
 setsid bash -c "$LOAD_CMD" >"$OUT/load.log" 2>&1 &
