@@ -21,7 +21,10 @@ struct Proc {
 
 impl Proc {
     fn signal(&self, sig: &str) {
-        let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
     }
 
     /// Asks politely (SIGTERM) and waits up to 10 s for a clean exit.
@@ -30,12 +33,12 @@ impl Proc {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return (self.output, status.success());
+                return (std::mem::take(&mut self.output), status.success());
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                return (self.output, false);
+                return (std::mem::take(&mut self.output), false);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -67,7 +70,18 @@ impl Run {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut child = Command::new(BIN)
-            .args(["splitter", "--source", "test", "--bitrate", "2M", "--port", "0", "--bind", "127.0.0.1"])
+            .env("RUST_LOG", "p2psp=info")
+            .args([
+                "splitter",
+                "--source",
+                "test",
+                "--bitrate",
+                "2M",
+                "--port",
+                "0",
+                "--bind",
+                "127.0.0.1",
+            ])
             .args(["--header-size", &HEADER.to_string(), "--shards", "2"])
             .args(extra)
             .stderr(Stdio::piped())
@@ -94,17 +108,32 @@ impl Run {
                 let _ = writeln!(f, "{line}");
             }
         });
-        let splitter = Proc { child, output: PathBuf::new(), name: "splitter".into() };
-        Run { dir, splitter, port, next_peer: 0 }
+        let splitter = Proc {
+            child,
+            output: PathBuf::new(),
+            name: "splitter".into(),
+        };
+        Run {
+            dir,
+            splitter,
+            port,
+            next_peer: 0,
+        }
     }
 
     fn peer(&mut self, monitor: bool) -> Proc {
+        self.peer_with(monitor, &["--player-port", "0"])
+    }
+
+    fn peer_with(&mut self, monitor: bool, extra: &[&str]) -> Proc {
         self.next_peer += 1;
         let name = format!("peer{}", self.next_peer);
         let output = self.dir.join(format!("{name}.out"));
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
         let mut cmd = Command::new(BIN);
-        cmd.args(["peer", "--splitter", &format!("127.0.0.1:{}", self.port), "--player-port", "0"])
+        cmd.env("RUST_LOG", "p2psp=info");
+        cmd.args(["peer", "--splitter", &format!("127.0.0.1:{}", self.port)])
+            .args(extra)
             .arg("--output")
             .arg(&output)
             .stdout(Stdio::null())
@@ -115,21 +144,37 @@ impl Run {
         let child = cmd.spawn().expect("run p2psp peer");
         // People arrive one after another.
         std::thread::sleep(Duration::from_millis(50));
-        Proc { child, output, name }
+        Proc {
+            child,
+            output,
+            name,
+        }
     }
 }
 
 /// Checks that `path` holds the stream header then contiguous chunks of the test pattern; returns
 /// the number of chunks played.
 fn check_output(path: &Path, name: &str) -> usize {
-    let data = std::fs::read(path).unwrap_or_else(|e| panic!("{name}: no output {}: {e}", path.display()));
-    assert!(data.len() >= HEADER, "{name}: output shorter than the stream header");
+    let data =
+        std::fs::read(path).unwrap_or_else(|e| panic!("{name}: no output {}: {e}", path.display()));
+    assert!(
+        data.len() >= HEADER,
+        "{name}: output shorter than the stream header"
+    );
     let (header, chunks) = data.split_at(HEADER);
-    assert_eq!(pattern::first_mismatch(0, header), None, "{name}: the stream header is not the pattern start");
+    assert_eq!(
+        pattern::first_mismatch(0, header),
+        None,
+        "{name}: the stream header is not the pattern start"
+    );
     assert!(chunks.len() >= 16, "{name}: played nothing");
     let offset = pattern::locate(&chunks[..chunks.len().min(4096)])
         .unwrap_or_else(|| panic!("{name}: the first played chunk is not the pattern"));
-    assert_eq!(offset as usize % CHUNK, 0, "{name}: playout does not start at a chunk boundary");
+    assert_eq!(
+        offset as usize % CHUNK,
+        0,
+        "{name}: playout does not start at a chunk boundary"
+    );
     if let Some(at) = pattern::first_mismatch(offset, chunks) {
         panic!(
             "{name}: played stream breaks at byte {at} (chunk {} after the first): a chunk was lost or misplaced",
@@ -190,7 +235,10 @@ fn streaming_across_the_chunk_number_wrap() {
         let name = p.name.clone();
         let (out, clean) = p.stop();
         assert!(clean, "{name} did not leave cleanly");
-        assert!(check_output(&out, &name) > 2000, "{name} stalled at the wrap");
+        assert!(
+            check_output(&out, &name) > 2000,
+            "{name} stalled at the wrap"
+        );
     }
 }
 
@@ -244,4 +292,72 @@ fn bad_flags_give_one_line_and_exit_code_2() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.trim().lines().count(), 1, "{args:?} printed: {err}");
     }
+}
+
+/// Reads an HTTP response head and `want` bytes of body from a player connection.
+fn play(port: u16, want: usize) -> (String, Vec<u8>) {
+    use std::io::Read;
+    // The peer process may still be starting.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut s = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot connect to the player port {port}: {e}"),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    use std::io::Write;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut data = Vec::new();
+    let mut buf = [0u8; 65536];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n")
+            && data.len() >= end + 4 + want
+        {
+            let head = String::from_utf8_lossy(&data[..end + 4]).into_owned();
+            return (head, data[end + 4..end + 4 + want].to_vec());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the player got only {} bytes",
+            data.len()
+        );
+        let n = s.read(&mut buf).expect("read from the player port");
+        assert!(n > 0, "the peer closed the player connection");
+        data.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn a_player_gets_http_then_the_header_then_chunks_and_may_come_back() {
+    let mut run = Run::start("player", &[]);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let peer = run.peer_with(true, &["--player-port", &port.to_string()]);
+    for round in 0..2 {
+        let (head, body) = play(port, HEADER + 64 * CHUNK);
+        assert!(head.starts_with("HTTP/1.0 200"), "round {round}: {head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/octet-stream")
+        );
+        assert_eq!(
+            pattern::first_mismatch(0, &body[..HEADER]),
+            None,
+            "round {round}: header"
+        );
+        let chunks = &body[HEADER..];
+        let offset = pattern::locate(chunks).expect("chunks follow the header");
+        assert_eq!(offset as usize % CHUNK, 0);
+    }
+    let (_, clean) = peer.stop();
+    assert!(clean);
 }

@@ -30,14 +30,22 @@ struct Net {
     rng: u64,
     now: Instant,
     team_events: Vec<TeamEvent>,
+    buffer: u16,
 }
 
 impl Net {
     fn new(team_size: usize) -> Net {
         Net {
             splitter: ep(8001),
-            dir: Directory::new(DirectoryRules { team_size, monitors: 1, shards: 1 }),
-            teams: Teams::new(TeamRules { buffer_size: B, ..TeamRules::default() }),
+            dir: Directory::new(DirectoryRules {
+                team_size,
+                monitors: 1,
+                shards: 1,
+            }),
+            teams: Teams::new(TeamRules {
+                buffer_size: B,
+                ..TeamRules::default()
+            }),
             peers: HashMap::new(),
             played: HashMap::new(),
             lost: HashMap::new(),
@@ -46,6 +54,7 @@ impl Net {
             rng: 0x9e37_79b9_7f4a_7c15,
             now: Instant::now(),
             team_events: Vec::new(),
+            buffer: B,
         }
     }
 
@@ -58,9 +67,9 @@ impl Net {
 
     fn join(&mut self, who: Endpoint, monitor: bool) {
         let placement = self.dir.place(who, monitor);
-        let mut rules = PeerRules::new(self.splitter, C, B);
+        let mut rules = PeerRules::new(self.splitter, C, self.buffer);
         rules.monitor = placement.monitor;
-        let mut peer = Peer::new(rules, &placement.peers);
+        let mut peer = Peer::new(rules, &placement.peers, placement.monitors);
         // Hellos go out before the splitter adds the peer (it waits for the ready byte).
         self.flush(who, &mut peer);
         self.peers.insert(who, peer);
@@ -99,7 +108,8 @@ impl Net {
             }
         }
         while let Some((to, g)) = self.teams.poll_transmit() {
-            self.wire.push_back((self.splitter, to, Bytes::from_static(g)));
+            self.wire
+                .push_back((self.splitter, to, Bytes::from_static(g)));
         }
         while let Some(e) = self.teams.poll_event() {
             let (TeamEvent::Left { peer, .. } | TeamEvent::Expelled { peer, .. }) = e;
@@ -122,12 +132,31 @@ impl Net {
         self.deliver();
     }
 
+    /// Like `chunk`, and also resends what the splitter's LRS asks for, from a history of chunks.
+    fn chunk_lrs(&mut self, n: u16) {
+        self.chunk(n);
+        while let Some((number, to)) = self.teams.poll_resend() {
+            let mut d = Vec::new();
+            encode_chunk(number, &[number as u8; C], &mut d);
+            self.wire.push_back((self.splitter, to, Bytes::from(d)));
+        }
+        self.deliver();
+    }
+
     fn assert_contiguous(&self, who: Endpoint) -> usize {
         let played = &self.played[&who];
         for w in played.windows(2) {
-            assert_eq!(w[1], w[0].wrapping_add(1), "{who} played out of order or skipped");
+            assert_eq!(
+                w[1],
+                w[0].wrapping_add(1),
+                "{who} played out of order or skipped"
+            );
         }
-        assert_eq!(self.lost.get(&who).copied().unwrap_or(0), 0, "{who} lost chunks");
+        assert_eq!(
+            self.lost.get(&who).copied().unwrap_or(0),
+            0,
+            "{who} lost chunks"
+        );
         played.len()
     }
 }
@@ -190,7 +219,10 @@ fn churn_with_goodbyes_and_joins_loses_nothing_for_those_who_stay() {
     }
     for p in [3, 5, 7] {
         assert!(net.peers[&ep(3000 + p)].has_left());
-        assert!(net.team_events.contains(&TeamEvent::Left { peer: ep(3000 + p), team: 0 }));
+        assert!(net.team_events.contains(&TeamEvent::Left {
+            peer: ep(3000 + p),
+            team: 0
+        }));
     }
     for p in (0..12).filter(|p| ![3, 5, 7].contains(p)).chain(20..25) {
         net.assert_contiguous(ep(3000 + p));
@@ -219,4 +251,39 @@ fn a_vanished_peer_is_expelled_through_the_monitors_loss_reports() {
     let monitor = &net.played[&ep(4000)];
     let tail = &monitor[monitor.len() - 100..];
     assert!(tail.windows(2).all(|w| w[1] == w[0] + 1));
+}
+
+#[test]
+fn with_lrs_vanished_peers_cost_the_others_nothing() {
+    // LRS needs the round (team size) well inside a quarter of the buffer: a monitor reports a
+    // chunk B/4 behind the newest and the resend must reach everyone before B/2.
+    let mut net = Net::new(16);
+    net.buffer = 128;
+    net.teams = Teams::new(TeamRules {
+        buffer_size: 128,
+        lrs: true,
+        ..TeamRules::default()
+    });
+    for p in 0..10 {
+        net.join(ep(5000 + p), p == 0);
+    }
+    for n in 0..200 {
+        net.chunk(n);
+    }
+    // Two peers vanish at once, in the middle of relaying.
+    net.dead.push(ep(5004));
+    net.dead.push(ep(5005));
+    for n in 200..1200 {
+        net.chunk_lrs(n);
+    }
+    assert_eq!(
+        net.team_events
+            .iter()
+            .filter(|e| matches!(e, TeamEvent::Expelled { .. }))
+            .count(),
+        2
+    );
+    for p in (0..10).filter(|p| *p != 4 && *p != 5) {
+        net.assert_contiguous(ep(5000 + p));
+    }
 }

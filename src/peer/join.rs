@@ -23,6 +23,19 @@ pub struct Joined {
     pub local: SocketAddrV4,
     /// The first `header_size` bytes of `GET /<channel>` from the source the splitter named.
     pub header: Vec<u8>,
+    /// The join connection, still open: [`Joined::ready`] completes the join.
+    tcp: TcpStream,
+}
+
+impl Joined {
+    /// Sends the ready byte and closes the join connection. Call it after the hellos went out:
+    /// our splitter adds the peer to its team (and so starts sending it chunks) on this byte, so
+    /// every teammate already knows the newcomer when its first chunk is relayed. The reference
+    /// splitter does not read it.
+    pub fn ready(&mut self) {
+        let _ = self.tcp.write_all(&[READY]);
+        let _ = self.tcp.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 /// Joins the team of `splitter`.
@@ -31,7 +44,9 @@ pub fn join(splitter: SocketAddrV4, monitor: bool) -> anyhow::Result<Joined> {
         .with_context(|| format!("cannot connect to the splitter at {splitter}"))?;
     tcp.set_read_timeout(Some(Duration::from_secs(1)))?;
     tcp.set_nodelay(true)?;
-    let SocketAddr::V4(local) = tcp.local_addr()? else { bail!("not an IPv4 connection") };
+    let SocketAddr::V4(local) = tcp.local_addr()? else {
+        bail!("not an IPv4 connection")
+    };
     // Our team identity is the TCP source endpoint: bind UDP to the same port before asking to join,
     // so no chunk can arrive before we listen.
     let socket = driver::udp_socket_reuse_addr(local, Some(4 << 20), Some(4 << 20))
@@ -52,9 +67,15 @@ pub fn join(splitter: SocketAddrV4, monitor: bool) -> anyhow::Result<Joined> {
         }
         let mut chunk = [0u8; 4096];
         match tcp.read(&mut chunk) {
-            Ok(0) => bail!("the splitter at {splitter} closed the connection before sending its configuration"),
+            Ok(0) => bail!(
+                "the splitter at {splitter} closed the connection before sending its configuration"
+            ),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => return Err(e).context("reading the splitter's configuration"),
         }
     };
@@ -67,9 +88,13 @@ pub fn join(splitter: SocketAddrV4, monitor: bool) -> anyhow::Result<Joined> {
         source = SocketAddrV4::new(*splitter.ip(), source.port());
     }
     let header = fetch_header(source, &config.channel, usize::from(config.header_size))?;
-    // Ready: the splitter adds us to the team now. Ours waits for it; the reference does not read it.
-    let _ = tcp.write_all(&[READY]);
-    Ok(Joined { config, socket, local, header })
+    Ok(Joined {
+        config,
+        socket,
+        local,
+        header,
+        tcp,
+    })
 }
 
 /// Reads the first `size` bytes of `GET /<channel>` from `source`, exactly as the reference peer
@@ -93,7 +118,9 @@ pub fn fetch_header(source: SocketAddrV4, channel: &str, size: usize) -> anyhow:
         match s.read(&mut header[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
-            Err(e) => return Err(e).with_context(|| format!("reading the stream header from {source}")),
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading the stream header from {source}"));
+            }
         }
     }
     if got < size {

@@ -52,6 +52,8 @@ pub enum Output {
     File(PathBuf),
     /// Standard output.
     Stdout,
+    /// Checked against the test source's pattern (the demo).
+    Check(Arc<crate::pattern::Checker>),
 }
 
 /// Checked peer options.
@@ -95,15 +97,21 @@ pub struct PeerCounters {
 impl PeerOptions {
     /// Checks the flags.
     pub fn from_args(a: &PeerArgs) -> Result<PeerOptions, String> {
-        let splitter = resolve_v4(&a.splitter).map_err(|e| format!("--splitter {}: {e}", a.splitter))?;
+        let splitter =
+            resolve_v4(&a.splitter).map_err(|e| format!("--splitter {}: {e}", a.splitter))?;
         if a.max_debt < 1 {
             return Err(format!("--max-debt {} must be at least 1", a.max_debt));
         }
         Ok(PeerOptions {
             splitter,
-            player: (a.player_port != 0).then(|| SocketAddrV4::new([127, 0, 0, 1].into(), a.player_port)),
+            player: (a.player_port != 0)
+                .then(|| SocketAddrV4::new([127, 0, 0, 1].into(), a.player_port)),
             output: a.output.as_ref().map(|p| {
-                if p.as_os_str() == "-" { Output::Stdout } else { Output::File(p.clone()) }
+                if p.as_os_str() == "-" {
+                    Output::Stdout
+                } else {
+                    Output::File(p.clone())
+                }
             }),
             monitor: a.monitor,
             max_debt: a.max_debt,
@@ -115,7 +123,9 @@ impl PeerOptions {
 
 /// Resolves `host:port` to an IPv4 endpoint (the wire protocol is IPv4 only).
 pub fn resolve_v4(s: &str) -> Result<SocketAddrV4, String> {
-    let addrs = s.to_socket_addrs().map_err(|e| format!("cannot resolve: {e}"))?;
+    let addrs = s
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve: {e}"))?;
     addrs
         .filter_map(|a| match a {
             SocketAddr::V4(v4) => Some(v4),
@@ -135,22 +145,34 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let joined = join::join(opts.splitter, opts.monitor)?;
-    let config = &joined.config;
-    let socket = joined.socket;
-    socket.set_read_timeout(Some(Duration::from_millis(10)))?;
+    let mut joined = join::join(opts.splitter, opts.monitor)?;
+    let config = joined.config.clone();
     let me = joined.local;
-    opts.counters.port.store(u64::from(me.port()), Ordering::Relaxed);
+    opts.counters
+        .port
+        .store(u64::from(me.port()), Ordering::Relaxed);
 
-    // A monitor plays with half the buffer (as the reference's LRS monitor): it notices a loss
-    // while the other peers still have a quarter of a buffer of slack for the resent chunk.
-    let buffer = if opts.monitor { (config.buffer_size / 2).max(2) } else { config.buffer_size };
-    let mut rules = PeerRules::new(opts.splitter, usize::from(config.chunk_size), buffer);
+    let mut rules = PeerRules::new(
+        opts.splitter,
+        usize::from(config.chunk_size),
+        config.buffer_size,
+    );
     rules.monitor = opts.monitor;
     rules.max_debt = opts.max_debt;
-    let mut core = Peer::new(rules, &config.peers);
-    let (tx, player) =
-        player::spawn(player_listener, opts.output.clone(), joined.header, stop.clone())?;
+    let mut core = Peer::new(rules, &config.peers, config.monitors);
+    let socket = joined.socket.try_clone()?;
+    socket.set_read_timeout(Some(Duration::from_millis(10)))?;
+    // Hellos first, then the ready byte: see `Joined::ready`.
+    while let Some(t) = core.poll_transmit() {
+        let _ = socket.send_to(&t.payload, t.dest);
+    }
+    joined.ready();
+    let (tx, player) = player::spawn(
+        player_listener,
+        opts.output.clone(),
+        std::mem::take(&mut joined.header),
+        stop.clone(),
+    )?;
     if let Some(name) = &opts.status {
         eprintln!(
             "{name} {me}: joined {} as {} (team of {}, chunk {} B, buffer {} chunks)",
@@ -176,7 +198,13 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 core.handle_datagram(now, from, Bytes::copy_from_slice(&buf[..n]));
             }
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
             Err(e) => {
                 outcome = Err(anyhow::anyhow!("UDP receive failed: {e}"));
@@ -192,24 +220,43 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         while let Some(e) = core.poll_event() {
             match e {
                 PeerEvent::Play { payload, .. } => {
-                    if tx.try_send(payload).is_err() {
-                        opts.counters.player_overruns.fetch_add(1, Ordering::Relaxed);
-                    }
+                    let overrun = tx.try_send(payload).is_err();
+                    opts.counters
+                        .player_overruns
+                        .fetch_add(u64::from(overrun), Ordering::Relaxed);
                 }
                 PeerEvent::Left { confirmed } => {
-                    tracing::info!("left the team ({})", if confirmed { "confirmed by the splitter" } else { "the splitter did not answer" });
+                    tracing::info!(
+                        "left the team ({})",
+                        if confirmed {
+                            "confirmed by the splitter"
+                        } else {
+                            "the splitter did not answer"
+                        }
+                    );
                     done = true;
                 }
                 PeerEvent::SplitterGoodbye => {
                     if let Some(name) = &opts.status {
-                        eprintln!("{name} {me}: the splitter said goodbye (it stopped or removed us)");
+                        eprintln!(
+                            "{name} {me}: the splitter said goodbye (it stopped or removed us)"
+                        );
                     }
                     done = true;
                 }
-                PeerEvent::NeighbourRemoved { peer, reason: Removal::Debt } => {
-                    tracing::info!("dropped neighbour {peer}: it does not relay (debt over {})", opts.max_debt);
+                PeerEvent::NeighbourRemoved {
+                    peer,
+                    reason: Removal::Debt,
+                } => {
+                    tracing::info!(
+                        "dropped neighbour {peer}: it does not relay (debt over {})",
+                        opts.max_debt
+                    );
                 }
-                PeerEvent::Skipped { count } => tracing::warn!("skipped {count} chunks: the splitter jumped ahead"),
+                PeerEvent::Lost { number } => tracing::info!("lost chunk {number}"),
+                PeerEvent::Skipped { count } => {
+                    tracing::warn!("skipped {count} chunks: the splitter jumped ahead")
+                }
                 _ => {}
             }
         }
@@ -219,13 +266,18 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         c.lost.store(s.lost, Ordering::Relaxed);
         c.relayed.store(s.relayed, Ordering::Relaxed);
         c.received.store(s.chunks_received, Ordering::Relaxed);
-        c.neighbours.store(core.neighbours().count() as u64, Ordering::Relaxed);
+        c.neighbours
+            .store(core.neighbours().count() as u64, Ordering::Relaxed);
         if now >= next_status {
             next_status = now + Duration::from_secs(1);
             if let Some(name) = &opts.status {
                 eprintln!(
                     "{name} {me}: {} | played {} (+{}) lost {} late {} dup {} | received {} relayed {} | {} neighbours | player overruns {}",
-                    if core.is_playing() { "playing" } else { "buffering" },
+                    if core.is_playing() {
+                        "playing"
+                    } else {
+                        "buffering"
+                    },
                     s.played,
                     s.played - last.played,
                     s.lost,
@@ -247,5 +299,6 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     stop.store(true, Ordering::SeqCst);
     let _ = player.join();
     drop::<UdpSocket>(socket);
+    drop(joined);
     outcome
 }

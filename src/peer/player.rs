@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -30,7 +30,8 @@ pub fn split_header(header: &[u8]) -> (Vec<u8>, Vec<u8>) {
     if let Ok(Some((_, used))) = ResponseHead::parse(header) {
         return (header[..used].to_vec(), header[used..].to_vec());
     }
-    let head = crate::http::response_head(200, "OK", &[("Content-Type", "application/octet-stream")]);
+    let head =
+        crate::http::response_head(200, "OK", &[("Content-Type", "application/octet-stream")]);
     (head, header.to_vec())
 }
 
@@ -44,9 +45,14 @@ pub fn spawn(
     let (head, stream_header) = split_header(&header);
     let mut out: Option<Box<dyn Write + Send>> = match output {
         Some(Output::File(p)) => Some(Box::new(std::io::BufWriter::new(
-            File::create(&p).map_err(|e| anyhow::anyhow!("cannot create --output {}: {e}", p.display()))?,
+            File::create(&p)
+                .map_err(|e| anyhow::anyhow!("cannot create --output {}: {e}", p.display()))?,
         ))),
         Some(Output::Stdout) => Some(Box::new(std::io::stdout())),
+        Some(Output::Check(checker)) => Some(Box::new(CheckWriter {
+            checker,
+            header: true,
+        })),
         None => None,
     };
     if let Some(o) = out.as_mut() {
@@ -56,9 +62,11 @@ pub fn spawn(
         l.set_nonblocking(true)?;
     }
     let (tx, rx) = crossbeam_channel::bounded::<Bytes>(QUEUE);
-    let handle = std::thread::Builder::new().name("player".into()).spawn(move || {
-        serve(listener, out, head, stream_header, rx, stop);
-    })?;
+    let handle = std::thread::Builder::new()
+        .name("player".into())
+        .spawn(move || {
+            serve(listener, out, head, stream_header, rx, stop);
+        })?;
     Ok((tx, handle))
 }
 
@@ -80,7 +88,10 @@ fn serve(
                 // Read (and ignore) the request so closing later does not reset the connection.
                 let mut req = [0u8; 4096];
                 let _ = p.read(&mut req);
-                if p.write_all(&head).and_then(|_| p.write_all(&stream_header)).is_ok() {
+                if p.write_all(&head)
+                    .and_then(|_| p.write_all(&stream_header))
+                    .is_ok()
+                {
                     tracing::info!("player {addr} connected");
                     players.push(p);
                 }
@@ -104,5 +115,27 @@ fn serve(
     }
     if let Some(mut o) = out {
         let _ = o.flush();
+    }
+}
+
+/// Feeds `--output` writes to a pattern checker: the first write is the stream header, every
+/// later one a chunk payload.
+struct CheckWriter {
+    checker: Arc<crate::pattern::Checker>,
+    header: bool,
+}
+
+impl Write for CheckWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if std::mem::take(&mut self.header) {
+            self.checker.header(buf);
+        } else {
+            self.checker.chunk(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

@@ -62,7 +62,10 @@ pub struct Directory {
 impl Directory {
     /// An empty directory. `rules.team_size` and `rules.shards` must be at least 1.
     pub fn new(rules: DirectoryRules) -> Directory {
-        assert!(rules.team_size >= 1 && rules.shards >= 1, "checked by the configuration");
+        assert!(
+            rules.team_size >= 1 && rules.shards >= 1,
+            "checked by the configuration"
+        );
         Directory {
             rules,
             teams: BTreeMap::new(),
@@ -91,20 +94,36 @@ impl Directory {
             match roomiest(&|e: &Entry| e.monitors() < quota) {
                 Some(id) => (id, true),
                 None if quota > 0 => (self.new_team(), true),
-                None => (roomiest(&|_: &Entry| true).unwrap_or_else(|| self.new_team()), false),
+                None => (
+                    roomiest(&|_: &Entry| true).unwrap_or_else(|| self.new_team()),
+                    false,
+                ),
             }
         } else {
-            (roomiest(&|_: &Entry| true).unwrap_or_else(|| self.new_team()), false)
+            (
+                roomiest(&|_: &Entry| true).unwrap_or_else(|| self.new_team()),
+                false,
+            )
         };
         let entry = self.teams.get_mut(&team).expect("team chosen above exists");
         let peers: Vec<Endpoint> = entry.members.iter().map(|m| m.0).collect();
         let monitors = u16::try_from(entry.monitors()).unwrap_or(u16::MAX);
-        let at = if monitor { entry.monitors() } else { entry.members.len() };
+        let at = if monitor {
+            entry.monitors()
+        } else {
+            entry.members.len()
+        };
         entry.members.insert(at, (peer, monitor));
         let shard = entry.shard;
         self.shard_peers[shard] += 1;
         self.members.insert(peer, team);
-        Placement { team, shard, monitor, peers, monitors }
+        Placement {
+            team,
+            shard,
+            monitor,
+            peers,
+            monitors,
+        }
     }
 
     fn new_team(&mut self) -> TeamId {
@@ -113,14 +132,23 @@ impl Directory {
         let shard = (0..self.rules.shards)
             .min_by_key(|&s| (self.shard_peers[s], s))
             .expect("at least one shard");
-        self.teams.insert(id, Entry { shard, members: Vec::new() });
+        self.teams.insert(
+            id,
+            Entry {
+                shard,
+                members: Vec::new(),
+            },
+        );
         id
     }
 
     /// Forgets `peer`; returns its team and shard if it was a member. Empty teams are dropped.
     pub fn remove(&mut self, peer: Endpoint) -> Option<(TeamId, usize)> {
         let team = self.members.remove(&peer)?;
-        let entry = self.teams.get_mut(&team).expect("member index points at a team");
+        let entry = self
+            .teams
+            .get_mut(&team)
+            .expect("member index points at a team");
         entry.members.retain(|m| m.0 != peer);
         let shard = entry.shard;
         self.shard_peers[shard] -= 1;
@@ -148,7 +176,9 @@ impl Directory {
 
     /// Every team with its shard and members (monitor flag), for status pages.
     pub fn teams(&self) -> impl Iterator<Item = (TeamId, usize, &[(Endpoint, bool)])> {
-        self.teams.iter().map(|(id, e)| (*id, e.shard, e.members.as_slice()))
+        self.teams
+            .iter()
+            .map(|(id, e)| (*id, e.shard, e.members.as_slice()))
     }
 }
 
@@ -161,7 +191,11 @@ mod tests {
     }
 
     fn dir(team_size: usize, shards: usize) -> Directory {
-        Directory::new(DirectoryRules { team_size, monitors: 1, shards })
+        Directory::new(DirectoryRules {
+            team_size,
+            monitors: 1,
+            shards,
+        })
     }
 
     #[test]
@@ -205,7 +239,11 @@ mod tests {
         let p = d.place(ep(3), false);
         assert_eq!((p.peers.clone(), p.monitors), (vec![ep(1), ep(2)], 1));
         let m2 = d.place(ep(4), true);
-        assert_eq!((m2.team, m2.monitor), (1, true), "team 0 already has its monitor");
+        assert_eq!(
+            (m2.team, m2.monitor),
+            (1, true),
+            "team 0 already has its monitor"
+        );
     }
 
     #[test]
@@ -214,7 +252,11 @@ mod tests {
         d.place(ep(1), false);
         d.place(ep(1), false);
         assert_eq!(d.peer_count(), 1);
-        assert_eq!(d.lookup(ep(1)), Some((1, 0)), "its old team emptied and was dropped");
+        assert_eq!(
+            d.lookup(ep(1)),
+            Some((1, 0)),
+            "its old team emptied and was dropped"
+        );
         assert_eq!(d.remove(ep(1)), Some((1, 0)));
         assert_eq!(d.team_count(), 0);
         assert_eq!(d.remove(ep(1)), None);

@@ -153,6 +153,7 @@ pub struct PeerStats {
 struct Neighbour {
     endpoint: Endpoint,
     debt: i32,
+    monitor: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +169,8 @@ struct Playout {
     slots: Vec<Option<(u16, Bytes)>>,
     /// Next chunk number to play; `None` until the first chunk from the splitter.
     next: Option<u16>,
+    /// Monitors: next chunk number to check for a loss report.
+    check: u16,
     highest: u16,
     started: bool,
 }
@@ -179,6 +182,11 @@ pub struct Peer {
     neighbours: Vec<Neighbour>,
     /// The last chunk datagram from the splitter, relayed byte-identical.
     prev: Option<Bytes>,
+    /// Whether `prev` is a chunk the splitter resent (LRS): relaying it charges no debt, since the
+    /// neighbours cannot return the favour.
+    prev_resent: bool,
+    /// Number of the newest chunk the splitter sent us.
+    newest_from_splitter: Option<u16>,
     /// Index of the next neighbour `prev` goes to.
     counter: usize,
     modified_list: bool,
@@ -190,24 +198,48 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// A peer that just read its join message: `peers` is the team list; a hello goes to each.
-    pub fn new(rules: PeerRules, peers: &[Endpoint]) -> Peer {
+    /// A peer that just read its join message: `peers` is the team list, whose first `monitors`
+    /// entries are monitors; a hello goes to each.
+    ///
+    /// Monitors come last in the relay order (the reference relays to them first). A peer that
+    /// vanishes in the middle of relaying a chunk then always leaves a monitor without it, so the
+    /// monitor reports the loss and LRS recovers it for the whole team; the other way round the
+    /// monitor would have it and the peers that missed it could not say so.
+    pub fn new(rules: PeerRules, peers: &[Endpoint], monitors: u16) -> Peer {
         let b = usize::from(rules.buffer_size.max(2));
         let mut peer = Peer {
             rules,
             neighbours: Vec::with_capacity(peers.len()),
             prev: None,
+            prev_resent: false,
+            newest_from_splitter: None,
             counter: 0,
             modified_list: false,
-            playout: Playout { slots: vec![None; b], next: None, highest: 0, started: false },
+            playout: Playout {
+                slots: vec![None; b],
+                next: None,
+                check: 0,
+                highest: 0,
+                started: false,
+            },
             membership: Membership::Member,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: PeerStats::default(),
         };
-        for &p in peers {
+        let m = usize::from(monitors).min(peers.len());
+        for (i, &p) in peers
+            .iter()
+            .enumerate()
+            .skip(m)
+            .chain(peers.iter().enumerate().take(m))
+        {
             if p != rules.splitter && peer.position(p).is_none() {
-                peer.neighbours.push(Neighbour { endpoint: p, debt: 0 });
+                peer.neighbours.push(Neighbour {
+                    endpoint: p,
+                    debt: 0,
+                    monitor: i < m,
+                });
                 peer.send(p, Bytes::from_static(HELLO));
             }
         }
@@ -223,7 +255,23 @@ impl Peer {
     }
 
     fn add_neighbour(&mut self, ep: Endpoint) {
-        self.neighbours.push(Neighbour { endpoint: ep, debt: 0 });
+        // Newcomers go before the monitors, which stay last in the relay order.
+        let at = self
+            .neighbours
+            .iter()
+            .rposition(|n| !n.monitor)
+            .map_or(0, |i| i + 1);
+        if at < self.counter {
+            self.counter += 1;
+        }
+        self.neighbours.insert(
+            at,
+            Neighbour {
+                endpoint: ep,
+                debt: 0,
+                monitor: false,
+            },
+        );
         self.events.push_back(PeerEvent::NeighbourAdded(ep));
     }
 
@@ -267,15 +315,22 @@ impl Peer {
             self.counter -= 1;
             self.modified_list = true;
         }
-        self.events.push_back(PeerEvent::NeighbourRemoved { peer: n.endpoint, reason });
+        self.events.push_back(PeerEvent::NeighbourRemoved {
+            peer: n.endpoint,
+            reason,
+        });
     }
 
     /// Sends `prev` to `neighbours[counter]` and charges its debt.
     fn relay_next(&mut self) {
-        let Some(prev) = self.prev.clone() else { return };
+        let Some(prev) = self.prev.clone() else {
+            return;
+        };
         let i = self.counter;
         let n = &mut self.neighbours[i];
-        n.debt += 1;
+        if !self.prev_resent {
+            n.debt += 1;
+        }
         let (dest, debt) = (n.endpoint, n.debt);
         self.send(dest, prev);
         self.stats.relayed += 1;
@@ -283,7 +338,10 @@ impl Peer {
             // Dropped; the next neighbour moves into slot `i`, so `counter` stays.
             self.stats.debt_drops += 1;
             self.neighbours.remove(i);
-            self.events.push_back(PeerEvent::NeighbourRemoved { peer: dest, reason: Removal::Debt });
+            self.events.push_back(PeerEvent::NeighbourRemoved {
+                peer: dest,
+                reason: Removal::Debt,
+            });
         } else {
             self.counter += 1;
         }
@@ -305,6 +363,12 @@ impl Peer {
             self.modified_list = false;
             self.counter = 0;
             self.prev = Some(data.clone());
+            self.prev_resent = self
+                .newest_from_splitter
+                .is_some_and(|m| !seq::gt(number, m));
+            if !self.prev_resent {
+                self.newest_from_splitter = Some(number);
+            }
         } else {
             match self.position(from) {
                 // Neighbours are also learnt from their chunks, as in the reference: a lost hello
@@ -330,6 +394,7 @@ impl Peer {
             if from_splitter {
                 // Playout starts at the first chunk from the splitter (as the reference does).
                 self.playout.next = Some(number);
+                self.playout.check = number;
                 self.playout.highest = number;
                 for (n, _) in self.playout.slots.iter().flatten() {
                     let d = seq::diff(*n, number);
@@ -339,7 +404,10 @@ impl Peer {
                 }
                 self.put(slot, number, data);
                 self.advance();
-            } else if self.playout.slots[slot].as_ref().is_some_and(|s| s.0 == number) {
+            } else if self.playout.slots[slot]
+                .as_ref()
+                .is_some_and(|s| s.0 == number)
+            {
                 self.stats.duplicates += 1;
             } else {
                 self.playout.slots[slot] = Some((number, data));
@@ -360,7 +428,10 @@ impl Peer {
     }
 
     fn put(&mut self, slot: usize, number: u16, data: Bytes) {
-        if self.playout.slots[slot].as_ref().is_some_and(|s| s.0 == number) {
+        if self.playout.slots[slot]
+            .as_ref()
+            .is_some_and(|s| s.0 == number)
+        {
             self.stats.duplicates += 1;
             return;
         }
@@ -370,11 +441,15 @@ impl Peer {
         }
     }
 
-    /// Plays every chunk that is at least B/2 behind the newest one.
+    /// Plays every chunk that is at least B/2 behind the newest one. A monitor reports a chunk
+    /// still missing a quarter of a buffer behind the newest: early enough for a resent chunk
+    /// (LRS) to reach the whole team, itself included, before anyone plays it.
     fn advance(&mut self) {
         let b = self.playout.slots.len();
         let half = (b / 2) as i32;
-        let Some(mut next) = self.playout.next else { return };
+        let Some(mut next) = self.playout.next else {
+            return;
+        };
         let ahead = seq::diff(self.playout.highest, next);
         if ahead >= b as i32 {
             // The splitter jumped ahead of what the buffer can hold: skip to half a buffer behind.
@@ -382,6 +457,21 @@ impl Peer {
             self.stats.lost += u64::from(count);
             self.events.push_back(PeerEvent::Skipped { count });
             next = next.wrapping_add(count as u16);
+        }
+        if self.rules.monitor {
+            if seq::lt(self.playout.check, next) {
+                self.playout.check = next;
+            }
+            let horizon = ((b / 4) as i32).max(1);
+            while seq::diff(self.playout.highest, self.playout.check) >= horizon {
+                let n = self.playout.check;
+                let slot = usize::from(n) % b;
+                if self.playout.slots[slot].as_ref().is_none_or(|s| s.0 != n) {
+                    self.stats.loss_reports += 1;
+                    self.send(self.rules.splitter, Bytes::copy_from_slice(&loss_report(n)));
+                }
+                self.playout.check = n.wrapping_add(1);
+            }
         }
         while seq::diff(self.playout.highest, next) >= half {
             if !self.playout.started {
@@ -392,18 +482,15 @@ impl Peer {
             match self.playout.slots[slot].take() {
                 Some((n, data)) if n == next => {
                     self.stats.played += 1;
-                    self.events
-                        .push_back(PeerEvent::Play { number: n, payload: data.slice(CHUNK_HEADER..) });
+                    self.events.push_back(PeerEvent::Play {
+                        number: n,
+                        payload: data.slice(CHUNK_HEADER..),
+                    });
                 }
                 other => {
                     self.playout.slots[slot] = other;
                     self.stats.lost += 1;
                     self.events.push_back(PeerEvent::Lost { number: next });
-                    if self.rules.monitor {
-                        self.stats.loss_reports += 1;
-                        let report = Bytes::copy_from_slice(&loss_report(next));
-                        self.send(self.rules.splitter, report);
-                    }
                 }
             }
             next = next.wrapping_add(1);
@@ -416,7 +503,9 @@ impl Peer {
     /// every neighbour. Relaying goes on meanwhile, so the team loses nothing.
     pub fn leave(&mut self, now: Instant) {
         if self.membership == Membership::Member {
-            self.membership = Membership::Leaving { deadline: now + self.rules.leave_timeout };
+            self.membership = Membership::Leaving {
+                deadline: now + self.rules.leave_timeout,
+            };
             self.send(self.rules.splitter, Bytes::from_static(GOODBYE));
         }
     }
@@ -513,7 +602,9 @@ mod tests {
     }
 
     fn sends(p: &mut Peer) -> Vec<(u16, Bytes)> {
-        std::iter::from_fn(|| p.poll_transmit()).map(|t| (t.dest.port(), t.payload)).collect()
+        std::iter::from_fn(|| p.poll_transmit())
+            .map(|t| (t.dest.port(), t.payload))
+            .collect()
     }
 
     fn events(p: &mut Peer) -> Vec<PeerEvent> {
@@ -522,14 +613,17 @@ mod tests {
 
     #[test]
     fn hello_to_every_listed_peer() {
-        let mut p = Peer::new(rules(16), &[ep(1), ep(2)]);
-        assert_eq!(sends(&mut p), [(1, Bytes::from_static(b"H")), (2, Bytes::from_static(b"H"))]);
+        let mut p = Peer::new(rules(16), &[ep(1), ep(2)], 0);
+        assert_eq!(
+            sends(&mut p),
+            [(1, Bytes::from_static(b"H")), (2, Bytes::from_static(b"H"))]
+        );
     }
 
     #[test]
     fn relay_order_one_per_received_chunk_then_burst() {
         let now = Instant::now();
-        let mut p = Peer::new(rules(16), &[ep(1), ep(2), ep(3), ep(4)]);
+        let mut p = Peer::new(rules(16), &[ep(1), ep(2), ep(3), ep(4)], 0);
         sends(&mut p);
         // Chunk 10 from the splitter goes to neighbour 1 at once, byte-identical.
         p.handle_datagram(now, ep(SPLITTER), chunk(10));
@@ -540,7 +634,10 @@ mod tests {
         // Neighbour chunks are never relayed themselves; the next splitter chunk bursts the rest
         // of chunk 10 first, then starts chunk 11 with neighbour 1.
         p.handle_datagram(now, ep(SPLITTER), chunk(11));
-        assert_eq!(sends(&mut p), [(3, chunk(10)), (4, chunk(10)), (1, chunk(11))]);
+        assert_eq!(
+            sends(&mut p),
+            [(3, chunk(10)), (4, chunk(10)), (1, chunk(11))]
+        );
         assert_eq!(p.stats().relayed, 5);
         // Debts: +2 for everyone but ep(3) which sent one chunk back.
         let debts: Vec<_> = p.neighbours().map(|n| n.1).collect();
@@ -550,7 +647,7 @@ mod tests {
     #[test]
     fn a_neighbour_that_never_relays_is_dropped_after_129_chunks() {
         let now = Instant::now();
-        let mut p = Peer::new(rules(256), &[ep(1)]);
+        let mut p = Peer::new(rules(256), &[ep(1)], 0);
         sends(&mut p);
         let mut to_free_rider = 0;
         for n in 0..300u16 {
@@ -559,7 +656,10 @@ mod tests {
         }
         assert_eq!(to_free_rider, 129);
         assert_eq!(p.stats().debt_drops, 1);
-        assert!(events(&mut p).contains(&PeerEvent::NeighbourRemoved { peer: ep(1), reason: Removal::Debt }));
+        assert!(events(&mut p).contains(&PeerEvent::NeighbourRemoved {
+            peer: ep(1),
+            reason: Removal::Debt
+        }));
         // A hello (or a chunk) brings it back with a clean slate.
         p.handle_datagram(now, ep(1), Bytes::from_static(b"H"));
         assert_eq!(p.neighbours().collect::<Vec<_>>(), [(ep(1), 0)]);
@@ -568,13 +668,17 @@ mod tests {
     #[test]
     fn playout_waits_for_half_a_buffer_and_plays_in_order() {
         let now = Instant::now();
-        let mut p = Peer::new(rules(8), &[]);
+        let mut p = Peer::new(rules(8), &[], 0);
         for n in [100u16, 102, 101, 103] {
             let from = if n == 100 { ep(SPLITTER) } else { ep(5) };
             p.handle_datagram(now, from, chunk(n));
         }
         assert!(!p.is_playing());
-        assert!(!events(&mut p).iter().any(|e| matches!(e, PeerEvent::Play { .. })));
+        assert!(
+            !events(&mut p)
+                .iter()
+                .any(|e| matches!(e, PeerEvent::Play { .. }))
+        );
         p.handle_datagram(now, ep(5), chunk(104));
         let ev = events(&mut p);
         assert!(ev.contains(&PeerEvent::Started { first: 100 }));
@@ -605,7 +709,7 @@ mod tests {
         let now = Instant::now();
         let mut r = rules(8);
         r.monitor = true;
-        let mut p = Peer::new(r, &[]);
+        let mut p = Peer::new(r, &[], 0);
         for n in (0..12u16).filter(|&n| n != 3) {
             p.handle_datagram(now, ep(SPLITTER), chunk(n));
         }
@@ -618,9 +722,55 @@ mod tests {
     }
 
     #[test]
+    fn a_monitor_reports_early_enough_to_play_the_resent_chunk() {
+        let now = Instant::now();
+        let mut r = rules(16);
+        r.monitor = true;
+        let mut p = Peer::new(r, &[], 0);
+        for n in (0..6u16).filter(|&n| n != 1) {
+            p.handle_datagram(now, ep(SPLITTER), chunk(n));
+        }
+        // 4 chunks (B/4) behind the newest, chunk 1 is reported...
+        assert_eq!(sends(&mut p), [(SPLITTER, Bytes::from_static(&[0, 1]))]);
+        // ...and its resend, relayed like any splitter chunk, is played in time.
+        p.handle_datagram(now, ep(SPLITTER), chunk(1));
+        for n in 6..12u16 {
+            p.handle_datagram(now, ep(SPLITTER), chunk(n));
+        }
+        assert_eq!(p.stats().lost, 0);
+        assert_eq!(p.stats().played, 4);
+        assert_eq!(p.stats().loss_reports, 1);
+    }
+
+    #[test]
+    fn monitors_come_last_in_the_relay_order() {
+        let now = Instant::now();
+        let mut p = Peer::new(rules(16), &[ep(1), ep(2), ep(3)], 1);
+        assert_eq!(
+            p.neighbours().map(|n| n.0).collect::<Vec<_>>(),
+            [ep(2), ep(3), ep(1)]
+        );
+        sends(&mut p);
+        p.handle_datagram(now, ep(SPLITTER), chunk(5));
+        assert_eq!(sends(&mut p), [(2, chunk(5))]);
+    }
+
+    #[test]
+    fn relaying_a_resent_chunk_charges_no_debt() {
+        let now = Instant::now();
+        let mut p = Peer::new(rules(16), &[ep(1)], 0);
+        p.handle_datagram(now, ep(SPLITTER), chunk(10));
+        p.handle_datagram(now, ep(SPLITTER), chunk(11));
+        assert_eq!(p.neighbours().next(), Some((ep(1), 2)));
+        p.handle_datagram(now, ep(SPLITTER), chunk(3)); // an LRS resend
+        assert_eq!(p.neighbours().next(), Some((ep(1), 2)));
+        assert!(sends(&mut p).contains(&(1, chunk(3))));
+    }
+
+    #[test]
     fn playout_crosses_the_65535_to_0_wrap() {
         let now = Instant::now();
-        let mut p = Peer::new(rules(16), &[]);
+        let mut p = Peer::new(rules(16), &[], 0);
         let mut n = 65500u16;
         for _ in 0..100 {
             p.handle_datagram(now, ep(SPLITTER), chunk(n));
@@ -628,7 +778,13 @@ mod tests {
         }
         let played: Vec<u16> = events(&mut p)
             .into_iter()
-            .filter_map(|e| if let PeerEvent::Play { number, .. } = e { Some(number) } else { None })
+            .filter_map(|e| {
+                if let PeerEvent::Play { number, .. } = e {
+                    Some(number)
+                } else {
+                    None
+                }
+            })
             .collect();
         let expected: Vec<u16> = (0..92u16).map(|i| 65500u16.wrapping_add(i)).collect();
         assert_eq!(played, expected);
@@ -638,19 +794,21 @@ mod tests {
     #[test]
     fn chunks_far_ahead_from_neighbours_are_dropped_but_the_splitter_may_jump() {
         let now = Instant::now();
-        let mut p = Peer::new(rules(8), &[ep(1)]);
+        let mut p = Peer::new(rules(8), &[ep(1)], 0);
         p.handle_datagram(now, ep(SPLITTER), chunk(10));
         p.handle_datagram(now, ep(1), chunk(30000));
         assert_eq!(p.stats().out_of_window, 1);
         assert!(!p.is_playing());
         p.handle_datagram(now, ep(SPLITTER), chunk(1000));
-        assert!(events(&mut p).contains(&PeerEvent::Skipped { count: 1000 - 10 - 4 }));
+        assert!(events(&mut p).contains(&PeerEvent::Skipped {
+            count: 1000 - 10 - 4
+        }));
     }
 
     #[test]
     fn polite_goodbye_waits_for_the_splitter_and_keeps_relaying() {
         let now = Instant::now();
-        let mut p = Peer::new(rules(16), &[ep(1), ep(2), ep(3)]);
+        let mut p = Peer::new(rules(16), &[ep(1), ep(2), ep(3)], 0);
         sends(&mut p);
         p.handle_datagram(now, ep(SPLITTER), chunk(1));
         sends(&mut p);
@@ -658,7 +816,10 @@ mod tests {
         assert_eq!(sends(&mut p), [(SPLITTER, Bytes::from_static(b"G"))]);
         // Still relaying, and saying goodbye to the splitter with every chunk.
         p.handle_datagram(now, ep(2), chunk(0));
-        assert_eq!(sends(&mut p), [(SPLITTER, Bytes::from_static(b"G")), (2, chunk(1))]);
+        assert_eq!(
+            sends(&mut p),
+            [(SPLITTER, Bytes::from_static(b"G")), (2, chunk(1))]
+        );
         // The splitter confirms: the rest of chunk 1 goes out, then goodbyes to the team.
         p.handle_datagram(now, ep(SPLITTER), Bytes::from_static(b"G"));
         assert_eq!(
@@ -677,7 +838,7 @@ mod tests {
     #[test]
     fn goodbye_times_out_without_the_splitter() {
         let now = Instant::now();
-        let mut p = Peer::new(rules(16), &[ep(1)]);
+        let mut p = Peer::new(rules(16), &[ep(1)], 0);
         p.leave(now);
         assert_eq!(p.poll_timeout(), Some(now + Duration::from_secs(2)));
         p.handle_timeout(now + Duration::from_secs(1));
@@ -690,12 +851,15 @@ mod tests {
     #[test]
     fn a_neighbour_goodbye_mid_round_does_not_skip_anyone() {
         let now = Instant::now();
-        let mut p = Peer::new(rules(16), &[ep(1), ep(2), ep(3)]);
+        let mut p = Peer::new(rules(16), &[ep(1), ep(2), ep(3)], 0);
         sends(&mut p);
         p.handle_datagram(now, ep(SPLITTER), chunk(1)); // -> 1
         p.handle_datagram(now, ep(1), Bytes::from_static(b"G"));
         p.handle_datagram(now, ep(SPLITTER), chunk(2)); // burst 2, 3; then 2 gets chunk 2
-        assert_eq!(sends(&mut p), [(1, chunk(1)), (2, chunk(1)), (3, chunk(1)), (2, chunk(2))]);
+        assert_eq!(
+            sends(&mut p),
+            [(1, chunk(1)), (2, chunk(1)), (3, chunk(1)), (2, chunk(2))]
+        );
         p.handle_datagram(now, ep(7), Bytes::from_static(b"G"));
         assert_eq!(p.stats().stray_goodbyes, 1);
         p.handle_datagram(now, ep(7), Bytes::from_static(b"XYZ"));

@@ -32,7 +32,12 @@ pub struct TeamRules {
 
 impl Default for TeamRules {
     fn default() -> Self {
-        TeamRules { buffer_size: 256, max_losses: 32, loss_halving: Duration::from_secs(1), lrs: false }
+        TeamRules {
+            buffer_size: 256,
+            max_losses: 32,
+            loss_halving: Duration::from_secs(1),
+            lrs: false,
+        }
     }
 }
 
@@ -120,11 +125,23 @@ impl Team {
     fn insert(&mut self, endpoint: Endpoint, monitor: bool) {
         // Monitors stay in front, as in the reference where they are the first to join; everyone
         // else is appended and so gets a first chunk within one round.
-        let at = if monitor { self.monitors() } else { self.members.len() };
+        let at = if monitor {
+            self.monitors()
+        } else {
+            self.members.len()
+        };
         if at < self.members.len() && at <= self.next {
             self.next += 1;
         }
-        self.members.insert(at, Member { endpoint, monitor, leaving: false, losses: 0 });
+        self.members.insert(
+            at,
+            Member {
+                endpoint,
+                monitor,
+                leaving: false,
+                losses: 0,
+            },
+        );
     }
 
     fn remove_at(&mut self, i: usize) -> Member {
@@ -166,7 +183,10 @@ impl Team {
                     if self.members[i].leaving {
                         let m = self.remove_at(i);
                         goodbyes.push_back((m.endpoint, GOODBYE));
-                        events.push_back(TeamEvent::Left { peer: m.endpoint, team: id });
+                        events.push_back(TeamEvent::Left {
+                            peer: m.endpoint,
+                            team: id,
+                        });
                         counters.left += 1;
                     } else {
                         i += 1;
@@ -248,8 +268,7 @@ impl Teams {
         let mut removed = false;
         for t in &mut self.teams {
             let before = t.members.len();
-            if let Some(d) =
-                t.schedule(n, &mut self.goodbyes, &mut self.events, &mut self.counters)
+            if let Some(d) = t.schedule(n, &mut self.goodbyes, &mut self.events, &mut self.counters)
             {
                 dests.push(d);
             }
@@ -293,7 +312,11 @@ impl Teams {
             self.counters.stray_loss_reports += 1;
             return;
         };
-        let t = self.teams.iter_mut().find(|t| t.id == id).expect("member index points at a team");
+        let t = self
+            .teams
+            .iter_mut()
+            .find(|t| t.id == id)
+            .expect("member index points at a team");
         let is_monitor = t.position(from).is_some_and(|i| t.members[i].monitor);
         if !is_monitor {
             self.counters.stray_loss_reports += 1;
@@ -323,7 +346,11 @@ impl Teams {
             t.remove_at(i);
             self.members.remove(&blamed);
             self.counters.expelled += 1;
-            self.events.push_back(TeamEvent::Expelled { peer: blamed, team: id, losses });
+            self.events.push_back(TeamEvent::Expelled {
+                peer: blamed,
+                team: id,
+                losses,
+            });
             self.drop_empty_teams();
         }
     }
@@ -343,7 +370,11 @@ impl Teams {
                 }
                 // Keep the period even if the caller was late, but never schedule in the past.
                 let next = at + self.rules.loss_halving;
-                self.next_halving = Some(if next > now { next } else { now + self.rules.loss_halving });
+                self.next_halving = Some(if next > now {
+                    next
+                } else {
+                    now + self.rules.loss_halving
+                });
             }
             Some(_) => {}
         }
@@ -389,7 +420,12 @@ impl Teams {
         self.teams
             .iter()
             .find(|t| t.id == team)
-            .map(|t| t.members.iter().map(|m| (m.endpoint, m.monitor, m.losses)).collect())
+            .map(|t| {
+                t.members
+                    .iter()
+                    .map(|m| (m.endpoint, m.monitor, m.losses))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -442,7 +478,10 @@ mod tests {
         t.insert(0, ep(3), false);
         assert_eq!(chunk(&mut t, 0), vec![ep(2)]);
         t.insert(0, ep(1), true);
-        assert_eq!(t.members(0).iter().map(|m| m.0).collect::<Vec<_>>(), [ep(1), ep(2), ep(3)]);
+        assert_eq!(
+            t.members(0).iter().map(|m| m.0).collect::<Vec<_>>(),
+            [ep(1), ep(2), ep(3)]
+        );
         // The round robin still continues with ep(3), then starts over at the monitor.
         assert_eq!(chunk(&mut t, 1), vec![ep(3)]);
         assert_eq!(chunk(&mut t, 2), vec![ep(1)]);
@@ -463,7 +502,13 @@ mod tests {
         assert_eq!(t.poll_transmit(), None);
         assert_eq!(chunk(&mut t, 2), [ep(3)]); // round boundary
         assert_eq!(t.poll_transmit(), Some((ep(2), &b"G"[..])));
-        assert_eq!(t.poll_event(), Some(TeamEvent::Left { peer: ep(2), team: 0 }));
+        assert_eq!(
+            t.poll_event(),
+            Some(TeamEvent::Left {
+                peer: ep(2),
+                team: 0
+            })
+        );
         assert!(!t.contains(ep(2)));
         assert_eq!(chunk(&mut t, 3), [ep(1)]);
         assert_eq!(chunk(&mut t, 4), [ep(3)]);
@@ -523,7 +568,11 @@ mod tests {
         }
         assert_eq!(
             t.poll_event(),
-            Some(TeamEvent::Expelled { peer: ep(2), team: 0, losses: 33 })
+            Some(TeamEvent::Expelled {
+                peer: ep(2),
+                team: 0,
+                losses: 33
+            })
         );
         assert!(!t.contains(ep(2)));
         assert_eq!(t.poll_transmit(), None, "an expelled peer gets no message");
@@ -534,7 +583,10 @@ mod tests {
 
     #[test]
     fn lrs_resends_a_reported_chunk_to_the_reporting_monitor() {
-        let mut t = Teams::new(TeamRules { lrs: true, ..TeamRules::default() });
+        let mut t = Teams::new(TeamRules {
+            lrs: true,
+            ..TeamRules::default()
+        });
         t.insert(0, ep(1), true);
         t.insert(0, ep(2), false);
         chunk(&mut t, 0);
@@ -547,14 +599,24 @@ mod tests {
 
     #[test]
     fn destinations_are_remembered_across_the_wrap() {
-        let mut t = Teams::new(TeamRules { max_losses: 0, ..TeamRules::default() });
+        let mut t = Teams::new(TeamRules {
+            max_losses: 0,
+            ..TeamRules::default()
+        });
         t.insert(0, ep(1), true);
         t.insert(0, ep(2), false);
         for n in [65534, 65535, 0, 1] {
             chunk(&mut t, n);
         }
         t.handle_datagram(ep(1), &1u16.to_be_bytes());
-        assert_eq!(t.poll_event(), Some(TeamEvent::Expelled { peer: ep(2), team: 0, losses: 1 }));
+        assert_eq!(
+            t.poll_event(),
+            Some(TeamEvent::Expelled {
+                peer: ep(2),
+                team: 0,
+                losses: 1
+            })
+        );
     }
 
     #[test]

@@ -77,7 +77,10 @@ fn put_endpoint(out: &mut Vec<u8>, ep: SocketAddrV4) {
 }
 
 fn get_endpoint(b: &[u8]) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::new(b[0], b[1], b[2], b[3]), u16::from_be_bytes([b[4], b[5]]))
+    SocketAddrV4::new(
+        Ipv4Addr::new(b[0], b[1], b[2], b[3]),
+        u16::from_be_bytes([b[4], b[5]]),
+    )
 }
 
 fn get_u16(b: &[u8], at: usize) -> u16 {
@@ -104,7 +107,13 @@ impl JoinConfig {
         put_endpoint(out, self.source);
         out.extend_from_slice(&channel_len.to_be_bytes());
         out.extend_from_slice(self.channel.as_bytes());
-        for v in [self.header_size, self.chunk_size, self.buffer_size, self.monitors, peers] {
+        for v in [
+            self.header_size,
+            self.chunk_size,
+            self.buffer_size,
+            self.monitors,
+            peers,
+        ] {
             out.extend_from_slice(&v.to_be_bytes());
         }
         for &p in &self.peers {
@@ -277,7 +286,10 @@ mod tests {
         assert_eq!(config.monitors, 1);
         assert_eq!(
             config.peers,
-            vec!["127.0.0.1:51459".parse().unwrap(), "127.0.0.1:41093".parse().unwrap()]
+            vec![
+                "127.0.0.1:51459".parse().unwrap(),
+                "127.0.0.1:41093".parse().unwrap()
+            ]
         );
         assert_eq!(config.encoded_len(), bytes.len());
         let mut out = Vec::new();
@@ -315,12 +327,18 @@ mod tests {
             monitors: 0,
             peers: vec![],
         };
-        assert!(matches!(c.encode(&mut Vec::new()), Err(WireError::TooLong { .. })));
+        assert!(matches!(
+            c.encode(&mut Vec::new()),
+            Err(WireError::TooLong { .. })
+        ));
     }
 
     #[test]
     fn udp_demultiplexing_by_length() {
-        assert_eq!(ToSplitter::parse(&[0x12, 0x34]), ToSplitter::LossReport(0x1234));
+        assert_eq!(
+            ToSplitter::parse(&[0x12, 0x34]),
+            ToSplitter::LossReport(0x1234)
+        );
         assert_eq!(ToSplitter::parse(b"G"), ToSplitter::Goodbye);
         assert_eq!(ToSplitter::parse(b""), ToSplitter::Malformed);
         assert_eq!(ToSplitter::parse(b"GG"), ToSplitter::LossReport(0x4747));
@@ -331,7 +349,10 @@ mod tests {
         assert_eq!(d.len(), 66);
         assert_eq!(
             ToPeer::parse(&d, 64),
-            ToPeer::Chunk { number: 0xfffe, payload: &[7; 64] }
+            ToPeer::Chunk {
+                number: 0xfffe,
+                payload: &[7; 64]
+            }
         );
         assert_eq!(ToPeer::parse(&d, 1024), ToPeer::Malformed);
         assert_eq!(ToPeer::parse(b"H", 64), ToPeer::Hello);

@@ -54,7 +54,10 @@ impl ChunkRing {
     /// A ring of `capacity` slots (at least 2).
     pub fn new(capacity: usize) -> ChunkRing {
         let capacity = capacity.max(2);
-        ChunkRing { slots: (0..capacity).map(|_| Mutex::new(None)).collect(), head: AtomicU64::new(0) }
+        ChunkRing {
+            slots: (0..capacity).map(|_| Mutex::new(None)).collect(),
+            head: AtomicU64::new(0),
+        }
     }
 
     /// Number of slots.
@@ -76,7 +79,11 @@ impl ChunkRing {
         let seq = self.head.load(Ordering::Relaxed);
         let old = {
             let mut slot = self.slot(seq).lock().unwrap_or_else(|e| e.into_inner());
-            slot.replace(Chunk { seq, number, datagram })
+            slot.replace(Chunk {
+                seq,
+                number,
+                datagram,
+            })
         };
         self.head.store(seq + 1, Ordering::Release);
         // The previous occupant is freed here, outside the lock (or later, by its last reader).
@@ -94,14 +101,20 @@ impl ChunkRing {
         // Leave one slot of slack: the writer may be overwriting the oldest slot right now.
         let oldest = head.saturating_sub(cap - 1);
         if seq < oldest {
-            return Read::Overrun { resume: oldest, missed: oldest - seq };
+            return Read::Overrun {
+                resume: oldest,
+                missed: oldest - seq,
+            };
         }
         let slot = self.slot(seq).lock().unwrap_or_else(|e| e.into_inner());
         match slot.as_ref() {
             Some(c) if c.seq == seq => Read::Chunk(c.clone()),
             Some(c) if c.seq > seq => {
                 let resume = self.head().saturating_sub(cap - 1).max(seq + 1);
-                Read::Overrun { resume, missed: resume - seq }
+                Read::Overrun {
+                    resume,
+                    missed: resume - seq,
+                }
             }
             _ => Read::NotYet,
         }
@@ -127,7 +140,9 @@ mod tests {
             assert_eq!(ring.publish(n, datagram(n)), u64::from(n));
         }
         for s in 0..5u64 {
-            let Read::Chunk(c) = ring.read(s) else { panic!() };
+            let Read::Chunk(c) = ring.read(s) else {
+                panic!()
+            };
             assert_eq!((c.seq, c.number), (s, s as u16));
             assert_eq!(c.datagram, datagram(s as u16));
         }
@@ -140,7 +155,13 @@ mod tests {
         for n in 0..10u16 {
             ring.publish(n, datagram(n));
         }
-        assert_eq!(ring.read(2), Read::Overrun { resume: 7, missed: 5 });
+        assert_eq!(
+            ring.read(2),
+            Read::Overrun {
+                resume: 7,
+                missed: 5
+            }
+        );
         assert!(matches!(ring.read(7), Read::Chunk(c) if c.number == 7));
     }
 
@@ -148,7 +169,9 @@ mod tests {
     fn a_reader_keeps_its_chunk_after_the_writer_moves_on() {
         let ring = ChunkRing::new(2);
         ring.publish(1, datagram(1));
-        let Read::Chunk(c) = ring.read(0) else { panic!() };
+        let Read::Chunk(c) = ring.read(0) else {
+            panic!()
+        };
         for n in 2..10 {
             ring.publish(n, datagram(n));
         }

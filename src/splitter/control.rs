@@ -164,7 +164,8 @@ impl Control {
         loop {
             match self.listener.accept() {
                 Ok((stream, remote)) => {
-                    let (SocketAddr::V4(remote), Ok(SocketAddr::V4(local))) = (remote, stream.local_addr())
+                    let (SocketAddr::V4(remote), Ok(SocketAddr::V4(local))) =
+                        (remote, stream.local_addr())
                     else {
                         self.counters.refused += 1;
                         continue;
@@ -203,7 +204,9 @@ impl Control {
 
     /// Moves one connection along; drops it when done or failed.
     fn progress(&mut self, id: u64, ready: bool, now: Instant) {
-        let Some(mut c) = self.conns.remove(&id) else { return };
+        let Some(mut c) = self.conns.remove(&id) else {
+            return;
+        };
         match self.step(&mut c, ready, now) {
             Step::Keep => {
                 self.conns.insert(id, c);
@@ -230,7 +233,9 @@ impl Control {
                         Ok(0) => return Step::Fail,
                         Ok(_) => match b[0] {
                             ROLE_PEER | ROLE_MONITOR => {
-                                c.state = State::JoinWaitHeader { monitor: b[0] == ROLE_MONITOR }
+                                c.state = State::JoinWaitHeader {
+                                    monitor: b[0] == ROLE_MONITOR,
+                                }
                             }
                             b'G' => {
                                 c.input.push(b'G');
@@ -291,7 +296,9 @@ impl Control {
                     if !done {
                         return Step::Keep;
                     }
-                    let State::JoinReady { placement } = std::mem::replace(&mut c.state, State::Hello) else {
+                    let State::JoinReady { placement } =
+                        std::mem::replace(&mut c.state, State::Hello)
+                    else {
                         unreachable!()
                     };
                     self.commit(c.remote, &placement);
@@ -363,7 +370,8 @@ impl Control {
         while let Ok(r) = self.reports.try_recv() {
             match r {
                 Report::Event(e) => {
-                    let (TeamEvent::Left { peer, team } | TeamEvent::Expelled { peer, team, .. }) = e;
+                    let (TeamEvent::Left { peer, team } | TeamEvent::Expelled { peer, team, .. }) =
+                        e;
                     // Only forget it if it was not placed again meanwhile.
                     if self.directory.lookup(peer).is_some_and(|(t, _)| t == team) {
                         self.directory.remove(peer);
@@ -417,8 +425,15 @@ fn write_out(c: &mut Conn) -> Result<bool, ()> {
 /// The response to `GET /<channel>`: an HTTP head then the stream header. A reference peer relays
 /// exactly these `header_size` bytes to its player, which so sees a valid HTTP response.
 pub fn header_response(h: &StreamHeader) -> Vec<u8> {
-    let ct = h.content_type.as_deref().unwrap_or("application/octet-stream");
-    let mut out = crate::http::response_head(200, "OK", &[("Content-Type", ct), ("Cache-Control", "no-cache")]);
+    let ct = h
+        .content_type
+        .as_deref()
+        .unwrap_or("application/octet-stream");
+    let mut out = crate::http::response_head(
+        200,
+        "OK",
+        &[("Content-Type", ct), ("Cache-Control", "no-cache")],
+    );
     out.extend_from_slice(&h.bytes);
     out
 }
@@ -435,7 +450,14 @@ struct Status {
 
 impl Status {
     fn new(now: Instant) -> Status {
-        Status { next: now + Duration::from_secs(1), last: now, chunks: 0, datagrams: 0, bytes: 0, loss_reports: 0 }
+        Status {
+            next: now + Duration::from_secs(1),
+            last: now,
+            chunks: 0,
+            datagrams: 0,
+            bytes: 0,
+            loss_reports: 0,
+        }
     }
 
     fn tick(&mut self, now: Instant, c: &Control) -> Option<String> {
@@ -445,13 +467,16 @@ impl Status {
         let dt = now.duration_since(self.last).as_secs_f64().max(1e-3);
         self.last = now;
         self.next = now + Duration::from_secs(1);
-        let sum = |f: &dyn Fn(&ShardStats) -> u64| c.shards.iter().map(|l| f(&l.stats)).sum::<u64>();
+        let sum =
+            |f: &dyn Fn(&ShardStats) -> u64| c.shards.iter().map(|l| f(&l.stats)).sum::<u64>();
         let chunks = c.feed.chunks.load(Ordering::Relaxed);
         let datagrams = sum(&|s| s.datagrams.load(Ordering::Relaxed));
         let bytes = sum(&|s| s.bytes.load(Ordering::Relaxed));
         let loss_reports = sum(&|s| s.loss_reports.load(Ordering::Relaxed));
         let expelled = sum(&|s| s.expelled.load(Ordering::Relaxed));
-        let dropped = sum(&|s| s.send_dropped.load(Ordering::Relaxed) + s.ring_missed.load(Ordering::Relaxed));
+        let dropped = sum(&|s| {
+            s.send_dropped.load(Ordering::Relaxed) + s.ring_missed.load(Ordering::Relaxed)
+        });
         let ignored = sum(&|s| s.ignored.load(Ordering::Relaxed)) + c.counters.foreign_datagrams;
         let line = format!(
             "splitter: {} peers in {} teams | in {:.0} chunks/s | out {:.0} datagrams/s {:.2} Mbit/s | losses {:.0}/s ({} total) expelled {} | send drops {} | ignored {}",

@@ -35,7 +35,11 @@ pub struct HeaderCell {
 impl HeaderCell {
     /// An empty cell for a header of `size` bytes.
     pub fn new(size: usize) -> HeaderCell {
-        HeaderCell { size, state: Mutex::new(StreamHeader::default()), ready: Condvar::new() }
+        HeaderCell {
+            size,
+            state: Mutex::new(StreamHeader::default()),
+            ready: Condvar::new(),
+        }
     }
 
     /// The header if it is complete.
@@ -124,7 +128,9 @@ pub fn run(
         match item {
             SourceItem::StreamStart { content_type } => {
                 stats.streams.fetch_add(1, Ordering::Relaxed);
-                stats.reconnects.store(source.reconnects(), Ordering::Relaxed);
+                stats
+                    .reconnects
+                    .store(source.reconnects(), Ordering::Relaxed);
                 if chunk.len() > CHUNK_HEADER {
                     // Half a chunk of the old stream cannot be completed with the new one.
                     let partial = (chunk.len() - CHUNK_HEADER) as u64;
@@ -149,7 +155,10 @@ pub fn run(
                     chunk.extend_from_slice(&data[..take]);
                     data = &data[take..];
                     if chunk.len() == CHUNK_HEADER + chunk_size {
-                        let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_HEADER + chunk_size));
+                        let full = std::mem::replace(
+                            &mut chunk,
+                            Vec::with_capacity(CHUNK_HEADER + chunk_size),
+                        );
                         ring.publish(number, Bytes::from(full));
                         number = number.wrapping_add(1);
                         stats.chunks.fetch_add(1, Ordering::Relaxed);

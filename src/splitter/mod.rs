@@ -55,15 +55,25 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
     let mut shard_links = Vec::new();
     let (report_tx, report_rx) = crossbeam_channel::unbounded();
     for index in 0..settings.shards {
-        let socket = driver::udp_socket(udp_addr, true, Some(settings.socket_buffer), Some(settings.socket_buffer))
-            .with_context(|| format!("cannot bind UDP {udp_addr}"))?;
+        let socket = driver::udp_socket(
+            udp_addr,
+            true,
+            Some(settings.socket_buffer),
+            Some(settings.socket_buffer),
+        )
+        .with_context(|| format!("cannot bind UDP {udp_addr}"))?;
         let waker = Waker::new().context("cannot create an eventfd")?;
         let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
         let stats = Arc::new(shard::ShardStats::default());
         let core = cores.get(index % cores.len().max(1)).copied();
         let shard_stop = stop.clone();
-        let (ring, waker2, report_tx, stats2, settings2) =
-            (ring.clone(), waker.clone(), report_tx.clone(), stats.clone(), settings.clone());
+        let (ring, waker2, report_tx, stats2, settings2) = (
+            ring.clone(),
+            waker.clone(),
+            report_tx.clone(),
+            stats.clone(),
+            settings.clone(),
+        );
         // io_uring rings are single-issuer: each shard builds its own on its own thread and says
         // whether that worked before the splitter announces itself.
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
@@ -99,17 +109,28 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
             }
         }
         shard_handles.push(handle);
-        shard_links.push(control::ShardLink { commands: cmd_tx, waker, stats });
+        shard_links.push(control::ShardLink {
+            commands: cmd_tx,
+            waker,
+            stats,
+        });
     }
     drop(report_tx);
 
     let wakers: Vec<Waker> = shard_links.iter().map(|l| l.waker.clone()).collect();
     let feed_handle = {
-        let (ring, header, stats, stop) = (ring.clone(), header.clone(), feed_stats.clone(), stop.clone());
+        let (ring, header, stats, stop) = (
+            ring.clone(),
+            header.clone(),
+            feed_stats.clone(),
+            stop.clone(),
+        );
         let chunk_size = settings.chunk_size;
         let first = settings.first_chunk_number;
         thread::Builder::new().name("feed".into()).spawn(move || {
-            let result = feed::run(source, chunk_size, first, &ring, &header, &stats, &wakers, &stop);
+            let result = feed::run(
+                source, chunk_size, first, &ring, &header, &stats, &wakers, &stop,
+            );
             // The source ended or failed for good: the splitter stops with it.
             stop.store(true, Ordering::SeqCst);
             for w in &wakers {
@@ -128,14 +149,28 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
     );
     eprintln!("p2psp splitter listening on {}:{port}", settings.bind.ip());
 
-    let control = control::Control::new(&settings, listener, header, feed_stats, shard_links, report_rx);
+    let control = control::Control::new(
+        &settings,
+        listener,
+        header,
+        feed_stats,
+        shard_links,
+        report_rx,
+    );
     let control_stop = stop.clone();
-    let control = thread::Builder::new().name("control".into()).spawn(move || {
-        let result = control.run(&control_stop);
-        control_stop.store(true, Ordering::SeqCst);
-        result
-    })?;
-    Ok(Splitter { port, feed: feed_handle, shards: shard_handles, control })
+    let control = thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            let result = control.run(&control_stop);
+            control_stop.store(true, Ordering::SeqCst);
+            result
+        })?;
+    Ok(Splitter {
+        port,
+        feed: feed_handle,
+        shards: shard_handles,
+        control,
+    })
 }
 
 impl Splitter {
@@ -146,9 +181,13 @@ impl Splitter {
 
     /// Waits until it has stopped.
     pub fn wait(self) -> anyhow::Result<()> {
-        let control = self.control.join().map_err(|_| anyhow::anyhow!("the control thread panicked"))?;
+        let control = self
+            .control
+            .join()
+            .map_err(|_| anyhow::anyhow!("the control thread panicked"))?;
         for h in self.shards {
-            h.join().map_err(|_| anyhow::anyhow!("a shard thread panicked"))??;
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a shard thread panicked"))??;
         }
         control?;
         // A feed blocked reading stdin cannot be interrupted; give it a moment, then leave it.
@@ -157,7 +196,9 @@ impl Splitter {
             thread::sleep(std::time::Duration::from_millis(10));
         }
         if self.feed.is_finished() {
-            self.feed.join().map_err(|_| anyhow::anyhow!("the feed thread panicked"))??;
+            self.feed
+                .join()
+                .map_err(|_| anyhow::anyhow!("the feed thread panicked"))??;
         }
         Ok(())
     }

@@ -77,7 +77,10 @@ pub fn parse_bitrate(s: &str) -> Result<u64, String> {
         Some('g' | 'G') => (&t[..t.len() - 1], 1e9),
         _ => (t, 1.0),
     };
-    let v: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a bit rate (try 2M or 500k)"))?;
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a bit rate (try 2M or 500k)"))?;
     let bits = v * mult;
     if !(bits.is_finite() && bits >= 8.0) {
         return Err(format!("bit rate `{s}` must be at least 8 bits per second"));
@@ -134,8 +137,10 @@ pub const MAX_HEADER_SIZE: usize = 60_000;
 impl Settings {
     /// Checks the flags; the error is one line naming the flag.
     pub fn from_args(a: &SplitterArgs) -> Result<Settings, String> {
-        let source: SourceSpec =
-            a.source.parse().map_err(|e| format!("--source {}: {e}", a.source))?;
+        let source: SourceSpec = a
+            .source
+            .parse()
+            .map_err(|e| format!("--source {}: {e}", a.source))?;
         if a.chunk_size < MIN_CHUNK_SIZE || a.chunk_size > MAX_CHUNK_SIZE {
             return Err(format!(
                 "--chunk-size {} must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} (under {MIN_CHUNK_SIZE} chunks could be taken for control messages)",
@@ -158,12 +163,21 @@ impl Settings {
             ));
         }
         if a.header_size > MAX_HEADER_SIZE {
-            return Err(format!("--header-size {} is over {MAX_HEADER_SIZE} bytes", a.header_size));
+            return Err(format!(
+                "--header-size {} is over {MAX_HEADER_SIZE} bytes",
+                a.header_size
+            ));
         }
         if a.monitors > a.team_size {
-            return Err(format!("--monitors {} is more than --team-size {}", a.monitors, a.team_size));
+            return Err(format!(
+                "--monitors {} is more than --team-size {}",
+                a.monitors, a.team_size
+            ));
         }
-        let cores = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(1).max(1);
+        let cores = core_affinity::get_core_ids()
+            .map(|c| c.len())
+            .unwrap_or(1)
+            .max(1);
         let shards = a.shards.unwrap_or(cores);
         if shards == 0 || shards > 256 {
             return Err(format!("--shards {shards} must be between 1 and 256"));
@@ -181,7 +195,9 @@ impl Settings {
             },
         };
         if channel.len() > 1024 || channel.bytes().any(|b| b.is_ascii_control() || b == b' ') {
-            return Err(format!("--channel `{channel}` must be a short name without spaces"));
+            return Err(format!(
+                "--channel `{channel}` must be a short name without spaces"
+            ));
         }
         Ok(Settings {
             source,

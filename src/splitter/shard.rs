@@ -160,17 +160,26 @@ impl Shard {
         let mut inbox: Vec<(Endpoint, Vec<u8>)> = Vec::new();
         while !stop.load(Ordering::Relaxed) {
             let timeout = match self.teams.poll_timeout() {
-                Some(t) => t.saturating_duration_since(Instant::now()).min(Duration::from_millis(100)),
+                Some(t) => t
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(100)),
                 None => Duration::from_millis(100),
             };
-            self.recv.poll(1, timeout, |_, d| inbox.push((d.from, d.data.to_vec())))?;
-            self.stats.received.fetch_add(inbox.len() as u64, Ordering::Relaxed);
+            self.recv
+                .poll(1, timeout, |_, d| inbox.push((d.from, d.data.to_vec())))?;
+            self.stats
+                .received
+                .fetch_add(inbox.len() as u64, Ordering::Relaxed);
             for (from, data) in inbox.drain(..) {
                 self.on_datagram(from, data);
             }
             while let Ok(cmd) = self.commands.try_recv() {
                 match cmd {
-                    Command::Insert { team, peer, monitor } => self.teams.insert(team, peer, monitor),
+                    Command::Insert {
+                        team,
+                        peer,
+                        monitor,
+                    } => self.teams.insert(team, peer, monitor),
                     Command::Datagram { from, data } => self.teams.handle_datagram(from, &data),
                 }
             }
@@ -189,7 +198,8 @@ impl Shard {
                         dests.clear();
                         self.teams.on_chunk(chunk.number, &mut dests);
                         if !dests.is_empty() {
-                            self.sender.send_to_all(&chunk.datagram, &dests, &mut self.send_stats);
+                            self.sender
+                                .send_to_all(&chunk.datagram, &dests, &mut self.send_stats);
                         }
                         self.flush_control();
                     }
@@ -207,7 +217,8 @@ impl Shard {
             .into_iter()
             .flat_map(|t| self.teams.members(t).into_iter().map(|m| m.0))
             .collect();
-        self.sender.send_to_all(crate::proto::wire::GOODBYE, &all, &mut self.send_stats);
+        self.sender
+            .send_to_all(crate::proto::wire::GOODBYE, &all, &mut self.send_stats);
         self.publish_stats();
         drop(self.socket);
         Ok(())
@@ -224,7 +235,8 @@ impl Shard {
             if let Read::Chunk(c) = self.ring.read(seq - back as u64)
                 && c.number == number
             {
-                self.sender.send_to_all(&c.datagram, &[monitor], &mut self.send_stats);
+                self.sender
+                    .send_to_all(&c.datagram, &[monitor], &mut self.send_stats);
                 self.stats.resent.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -234,7 +246,11 @@ impl Shard {
         if self.teams.contains(from) {
             self.teams.handle_datagram(from, &data);
         } else {
-            let _ = self.reports.send(Report::Foreign { from, data, shard: self.index });
+            let _ = self.reports.send(Report::Foreign {
+                from,
+                data,
+                shard: self.index,
+            });
         }
     }
 
@@ -262,8 +278,10 @@ impl Shard {
         s.eagain.store(t.eagain, Ordering::Relaxed);
         s.enobufs.store(t.enobufs, Ordering::Relaxed);
         s.send_dropped.store(t.dropped, Ordering::Relaxed);
-        s.teams.store(self.teams.team_count() as u64, Ordering::Relaxed);
-        s.peers.store(self.teams.peer_count() as u64, Ordering::Relaxed);
+        s.teams
+            .store(self.teams.team_count() as u64, Ordering::Relaxed);
+        s.peers
+            .store(self.teams.peer_count() as u64, Ordering::Relaxed);
         s.loss_reports.store(c.loss_reports, Ordering::Relaxed);
         s.goodbyes.store(c.goodbyes, Ordering::Relaxed);
         s.expelled.store(c.expelled, Ordering::Relaxed);
