@@ -65,8 +65,10 @@ fn feed(
     round
 }
 
+/// A peer that joined a team whose list is `neighbours`, the first of them a monitor (the
+/// splitter's default of one monitor per team).
 fn new_peer(rules: PeerRules, neighbours: &[Endpoint]) -> Peer {
-    let mut p = Peer::new(rules, neighbours);
+    let mut p = Peer::new(rules, neighbours, 1);
     while p.poll_transmit().is_some() {}
     p
 }
