@@ -277,13 +277,16 @@ fn header_generation(splitter: &Splitter) -> Option<u64> {
         .ok()
 }
 
+/// About 36 chunks/s: a buffer of 128 chunks holds 3.5 s, enough to ride out a loaded machine,
+/// and LRS recovers what a stalled peer drops.
 const SPLITTER_OGG: &[&str] = &[
     "--shards",
     "1",
     "--chunk-size",
     "512",
     "--buffer-size",
-    "64",
+    "128",
+    "--lrs",
     "--header-size",
     OGG_HEADER_SIZE,
 ];
@@ -369,7 +372,8 @@ fn mpeg_ts_from_stdin_decodes_at_a_peer() {
             "--header-size",
             "0",
             "--buffer-size",
-            "64",
+            "128",
+            "--lrs",
         ],
         Stdio::from(ts),
     );
