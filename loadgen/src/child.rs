@@ -188,11 +188,6 @@ impl SplitterChild {
         }
     }
 
-    /// Its process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Its CPU times so far (`None` once it has exited).
     pub fn cpu(&self) -> Option<CpuTimes> {
         procfs::process_cpu(self.child.id())
@@ -265,7 +260,10 @@ mod tests {
         assert_eq!(s.datagrams_per_s, 7812.0);
         assert_eq!(s.mbit_per_s, 64.06);
         assert_eq!(s.send_drops, 3);
-        assert_eq!(parse_status("p2psp splitter listening on 127.0.0.1:8001"), None);
+        assert_eq!(
+            parse_status("p2psp splitter listening on 127.0.0.1:8001"),
+            None
+        );
         // A reworded line still gives what it can.
         let s = parse_status("splitter: out 5 datagrams/s").unwrap();
         assert_eq!((s.peers, s.datagrams_per_s), (0, 5.0));

@@ -194,7 +194,10 @@ fn check(a: &Args) -> Result<(), String> {
         ));
     }
     if !(a.join_rate > 0.0 && a.join_rate <= 100_000.0) {
-        return Err(format!("--join-rate {} must be in (0, 100000]", a.join_rate));
+        return Err(format!(
+            "--join-rate {} must be in (0, 100000]",
+            a.join_rate
+        ));
     }
     if a.team_size == 0 {
         return Err("--team-size must be at least 1".into());
@@ -263,7 +266,9 @@ enum Sender {
 }
 
 fn local_ips(n: usize) -> Vec<Ipv4Addr> {
-    (0..n).map(|k| Ipv4Addr::new(127, 0, 0, 1 + k as u8)).collect()
+    (0..n)
+        .map(|k| Ipv4Addr::new(127, 0, 0, 1 + k as u8))
+        .collect()
 }
 
 fn run(a: &Args) -> anyhow::Result<()> {
@@ -293,7 +298,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
     // Ports: each peer holds one UDP port on its address (and its join's TCP port, the same
     // number); use at most half the ephemeral range per address.
     let (lo, hi) = procfs::local_port_range();
-    let per_ip = ((usize::from(hi) - usize::from(lo) + 1) / 2).max(1);
+    let per_ip = (usize::from(hi) - usize::from(lo)).div_ceil(2).max(1);
     let naddr = a.addresses.unwrap_or(a.peers.div_ceil(per_ip)).max(1);
     if naddr > 250 {
         bail!("--peers {} needs more than 250 local addresses", a.peers);
@@ -415,7 +420,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
             thread::Builder::new()
                 .name(format!("worker-{w}"))
                 .spawn(move || {
-                    let r = peers::run_worker(w, opts, &rx, &report_tx, &shared, &*last_seq);
+                    let r = peers::run_worker(opts, &rx, &report_tx, &shared, &*last_seq);
                     if r.is_err() {
                         shared.stop.store(true, Ordering::SeqCst);
                     }
@@ -486,9 +491,13 @@ fn run(a: &Args) -> anyhow::Result<()> {
             let core = (!a.no_pin && ncores > 1).then(|| cores[0]);
             let (stats, stop) = (stats.clone(), stop.clone());
             let chunk_size = a.chunk_size;
-            *handle = Some(thread::Builder::new().name("baseline".into()).spawn(
-                move || baseline::run(dests, chunk_size, chunks_per_second, core, stats, stop),
-            )?);
+            *handle = Some(
+                thread::Builder::new()
+                    .name("baseline".into())
+                    .spawn(move || {
+                        baseline::run(dests, chunk_size, chunks_per_second, core, stats, stop)
+                    })?,
+            );
         }
     }
     drop(join_tx);
@@ -662,7 +671,8 @@ fn run(a: &Args) -> anyhow::Result<()> {
             Phase::Leave => {
                 let all_left = shared.left.load(Ordering::Relaxed) >= joined;
                 let late = leave_deadline.is_some_and(|d| now > d);
-                if (all_left || late || a.baseline.is_some()) && !shared.stop.load(Ordering::Relaxed)
+                if (all_left || late || a.baseline.is_some())
+                    && !shared.stop.load(Ordering::Relaxed)
                 {
                     if let Sender::Baseline { handle, end, .. } = &mut sender
                         && let Some(h) = handle.take()
@@ -752,7 +762,8 @@ fn run(a: &Args) -> anyhow::Result<()> {
     let measured_s = measured.max(1) as f64;
     let window: Vec<&Interval> = intervals.iter().filter(|i| i.phase == "measure").collect();
     let tx_rates: Vec<f64> = window.iter().filter_map(|i| i.tx_datagrams_per_s).collect();
-    let tx_datagrams_per_s = (!tx_rates.is_empty()).then(|| tx_rates.iter().sum::<f64>() / tx_rates.len() as f64);
+    let tx_datagrams_per_s =
+        (!tx_rates.is_empty()).then(|| tx_rates.iter().sum::<f64>() / tx_rates.len() as f64);
     let datagram_bytes = (a.chunk_size + p2psp::proto::wire::CHUNK_HEADER) as f64;
     let tx_drops = match &sender {
         Sender::Child(c) => c.latest().map(|s| s.send_drops),

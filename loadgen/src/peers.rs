@@ -14,7 +14,6 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -116,8 +115,6 @@ pub enum NewPeer {
 
 /// One worker's counts for one interval.
 pub struct Report {
-    /// Which worker.
-    pub worker: usize,
     /// Which interval (seconds since the epoch).
     pub index: u64,
     /// Counters.
@@ -161,7 +158,6 @@ enum Slot {
 /// relays, reports every interval. Baseline receivers are finished against `last_seq()` (the bare
 /// loop's last sequence number) before the last report.
 pub fn run_worker(
-    worker: usize,
     opts: WorkerOptions,
     incoming: &Receiver<NewPeer>,
     reports: &Sender<Report>,
@@ -191,7 +187,6 @@ pub fn run_worker(
     let mut want: u32 = 1;
     let mut leaving = false;
     let mut next_leave_tick = Instant::now();
-    let mut last_count = 0u64;
     loop {
         for np in incoming.try_iter().take(4096) {
             let token = slots.len() as u64;
@@ -211,11 +206,12 @@ pub fn run_worker(
             };
             recv.add_socket(fd, token)
                 .context("cannot add a peer socket to the receive ring")?;
-            if leaving && let Slot::Live { core, .. } = &slot {
-                // Joined after the others started leaving: leave too.
-                let _ = core;
-            }
             slots.push(slot);
+            if leaving && let Some(Slot::Live { socket, core, .. }) = slots.last_mut() {
+                // Joined after the others started leaving: leave too.
+                core.leave(Instant::now());
+                queue_transmits(socket.as_raw_fd(), core, &mut sends);
+            }
             shared.registered.fetch_add(1, Ordering::Relaxed);
         }
         let now = Instant::now();
@@ -258,13 +254,10 @@ pub fn run_worker(
                     if d.data.len() == datagram {
                         tally.chunks += 1;
                         let payload = &d.data[CHUNK_HEADER..];
-                        if let Some(lat) =
-                            tally::record_latency(payload, recv_ns, &mut tally, &mut hist)
+                        if tally::record_latency(payload, recv_ns, &mut tally, &mut hist).is_some()
+                            && let Some(st) = crate::stamp::Stamp::read(payload)
                         {
-                            let _ = lat;
-                            if let Some(st) = crate::stamp::Stamp::read(payload) {
-                                seq.on_seq(st.seq, &mut tally);
-                            }
+                            seq.on_seq(st.seq, &mut tally);
                         }
                     }
                 }
@@ -307,12 +300,9 @@ pub fn run_worker(
             shared
                 .received
                 .fetch_add(tally.datagrams, Ordering::Relaxed);
-            // Adapt `want` to the arrival rate of the interval just ended.
-            let rate = (tally.datagrams - last_count.min(tally.datagrams)) as f64;
-            last_count = 0;
-            want = ((rate * WANT_FILL) as u32).clamp(1, 32);
+            // Adapt `want` to the arrival rate of the interval just ended (about one second).
+            want = ((tally.datagrams as f64 * WANT_FILL) as u32).clamp(1, 32);
             let report = Report {
-                worker,
                 index,
                 tally: std::mem::take(&mut tally),
                 hist: hist.clone(),
@@ -326,7 +316,6 @@ pub fn run_worker(
             // Intervals this worker slept through get empty reports, so none is waited for.
             for k in index + 1..current {
                 let _ = reports.send(Report {
-                    worker,
                     index: k,
                     tally: Tally::default(),
                     hist: latency_histogram(),
@@ -526,11 +515,7 @@ pub fn join_one(
         source = SocketAddrV4::new(*splitter.ip(), source.port());
     }
     p2psp::peer::join::fetch_header(source, &config.channel, usize::from(config.header_size))?;
-    let mut rules = PeerRules::new(
-        splitter,
-        usize::from(config.chunk_size),
-        config.buffer_size,
-    );
+    let mut rules = PeerRules::new(splitter, usize::from(config.chunk_size), config.buffer_size);
     rules.monitor = monitor;
     let mut core = Peer::new(rules, &config.peers, config.monitors);
     // Hellos first, then the ready byte: the splitter adds us to the team on that byte.

@@ -303,12 +303,15 @@ impl Report {
         } else {
             "baseline"
         };
+        let teams = if c.mode == "splitter" {
+            format!("splitter, teams of {}", c.team_size)
+        } else {
+            c.mode.clone()
+        };
         let _ = writeln!(
             s,
-            "\n{} peers ({} in teams of {}), {} B chunks at {:.3} Mbit/s ({:.1} chunks/s), {:.0} s measured",
+            "\n{} peers ({teams}), {} B chunks at {:.3} Mbit/s ({:.1} chunks/s), {:.0} s measured",
             self.joins.ok,
-            c.mode,
-            c.team_size,
             c.chunk_size,
             c.bitrate_bps as f64 / 1e6,
             c.chunks_per_second,
@@ -468,12 +471,19 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
 
 /// Writes the SVG: the latency percentile curve on top, the per-second throughput and loss
 /// timeline below.
-pub fn plot(path: &Path, h: &Histogram<u64>, intervals: &[Interval], title: &str) -> anyhow::Result<()> {
+pub fn plot(
+    path: &Path,
+    h: &Histogram<u64>,
+    intervals: &[Interval],
+    title: &str,
+) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plot {}: {e}", path.display());
     let root = SVGBackend::new(path, (1000, 900)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let root = root.titled(title, ("sans-serif", 20)).map_err(|e| err(&e))?;
+    let root = root
+        .titled(title, ("sans-serif", 20))
+        .map_err(|e| err(&e))?;
     let (top, bottom) = root.split_vertically(430);
 
     // Latency by percentile: x is the number of nines, -log10(1 - p).
@@ -489,7 +499,10 @@ pub fn plot(path: &Path, h: &Histogram<u64>, intervals: &[Interval], title: &str
     let x_max = points.last().map_or(1.0, |p| p.0).clamp(1.0, 6.0);
     let y_max = points.iter().map(|p| p.1).fold(0.0, f64::max).max(0.001) * 1.1;
     let mut chart = ChartBuilder::on(&top)
-        .caption("Latency by percentile (source schedule to peer)", ("sans-serif", 16))
+        .caption(
+            "Latency by percentile (source schedule to peer)",
+            ("sans-serif", 16),
+        )
         .margin(15)
         .x_label_area_size(35)
         .y_label_area_size(60)
@@ -525,7 +538,10 @@ pub fn plot(path: &Path, h: &Histogram<u64>, intervals: &[Interval], title: &str
         .max(1.0)
         * 1.15;
     let mut chart = ChartBuilder::on(&bottom)
-        .caption("Per second: received Gbit/s (blue), loss % (red)", ("sans-serif", 16))
+        .caption(
+            "Per second: received Gbit/s (blue), loss % (red)",
+            ("sans-serif", 16),
+        )
         .margin(15)
         .x_label_area_size(35)
         .y_label_area_size(60)
@@ -546,7 +562,9 @@ pub fn plot(path: &Path, h: &Histogram<u64>, intervals: &[Interval], title: &str
         .map_err(|e| err(&e))?;
     chart
         .draw_series(LineSeries::new(
-            intervals.iter().map(|i| (i.t as f64 + 0.5, i.rx_gbit_per_s)),
+            intervals
+                .iter()
+                .map(|i| (i.t as f64 + 0.5, i.rx_gbit_per_s)),
             &BLUE,
         ))
         .map_err(|e| err(&e))?;

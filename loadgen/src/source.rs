@@ -72,9 +72,9 @@ impl SourceServer {
         };
         let writer = {
             let (stop, stats) = (stop.clone(), stats.clone());
-            thread::Builder::new().name("source".into()).spawn(move || {
-                write_loop(chunk_size, chunks_per_second, &clients, &stats, &stop)
-            })?
+            thread::Builder::new()
+                .name("source".into())
+                .spawn(move || write_loop(chunk_size, chunks_per_second, &clients, &stats, &stop))?
         };
         Ok(SourceServer {
             addr,
@@ -221,11 +221,12 @@ mod tests {
     /// the asked rate.
     #[test]
     fn streams_stamped_records_at_the_rate() {
-        let src = SourceServer::start(SocketAddrV4::new([127, 0, 0, 1].into(), 0), 128, 500.0)
-            .unwrap();
+        let src =
+            SourceServer::start(SocketAddrV4::new([127, 0, 0, 1].into(), 0), 128, 500.0).unwrap();
         thread::sleep(Duration::from_millis(50));
         let mut s = TcpStream::connect(src.addr).unwrap();
-        s.write_all(b"GET /loadgen HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.write_all(b"GET /loadgen HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let t = Instant::now();
         let mut got = Vec::new();
