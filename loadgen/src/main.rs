@@ -546,6 +546,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
         + Duration::from_secs(30);
     let mut failure: Option<String> = None;
     let mut finished_workers = 0usize;
+    let mut recv_stats: Vec<p2psp::driver::RecvStats> = Vec::new();
     loop {
         let now = Instant::now();
         let current = shared.interval(now);
@@ -575,6 +576,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
         for r in report_rx.try_iter() {
             if r.last {
                 finished_workers += 1;
+                recv_stats.push(r.recv);
             }
             let agg = aggs.entry(r.index).or_default();
             agg.reports += 1;
@@ -716,6 +718,9 @@ fn run(a: &Args) -> anyhow::Result<()> {
     }
     // Late reports of measured intervals (the last one of each worker is partial: ignored).
     for r in report_rx.try_iter() {
+        if r.last {
+            recv_stats.push(r.recv);
+        }
         if let Some((from, until)) = measure
             && r.index >= from
             && r.index < until
@@ -822,6 +827,10 @@ fn run(a: &Args) -> anyhow::Result<()> {
                 0.0
             },
             process_cpu_s: process_cpu,
+            recv_enobufs: recv_stats.iter().map(|r| r.enobufs).sum(),
+            recv_rearms: recv_stats.iter().map(|r| r.rearms).sum(),
+            recv_truncated: recv_stats.iter().map(|r| r.truncated).sum(),
+            recv_errors: recv_stats.iter().map(|r| r.errors).sum(),
             rss_mib: rss as f64 / (1 << 20) as f64,
             rss_peak_mib: hwm as f64 / (1 << 20) as f64,
         },

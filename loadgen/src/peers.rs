@@ -127,6 +127,8 @@ pub struct Report {
     pub cpu: Duration,
     /// The worker's last report: it has stopped.
     pub last: bool,
+    /// The receive ring's counters so far.
+    pub recv: p2psp::driver::RecvStats,
 }
 
 /// How the workers run.
@@ -309,6 +311,7 @@ pub fn run_worker(
                 peers: slots.len(),
                 cpu: cpu.saturating_sub(cpu_mark),
                 last: stop,
+                recv: recv.stats(),
             };
             hist.reset();
             cpu_mark = cpu;
@@ -322,6 +325,7 @@ pub fn run_worker(
                     peers: slots.len(),
                     cpu: Duration::ZERO,
                     last: false,
+                    recv: recv.stats(),
                 });
             }
             index = current.max(index + 1);

@@ -258,6 +258,14 @@ pub struct Own {
     pub cpu_us_per_datagram: f64,
     /// Whole process CPU seconds in the measured seconds.
     pub process_cpu_s: f64,
+    /// Receive ring: multishot receives that ended because the provided buffers ran out.
+    pub recv_enobufs: u64,
+    /// Receive ring: multishot receives re-armed.
+    pub recv_rearms: u64,
+    /// Datagrams longer than the receive buffers (dropped).
+    pub recv_truncated: u64,
+    /// Receive errors.
+    pub recv_errors: u64,
     /// Resident memory at the end, MiB.
     pub rss_mib: f64,
     /// Peak resident memory, MiB.
@@ -411,6 +419,13 @@ impl Report {
             o.rss_mib,
             o.rss_peak_mib
         );
+        if o.recv_enobufs + o.recv_truncated + o.recv_errors > 0 {
+            let _ = writeln!(
+                s,
+                "  Receive    buffer ring ran dry {} times ({} re-arms), {} truncated, {} errors",
+                o.recv_enobufs, o.recv_rearms, o.recv_truncated, o.recv_errors
+            );
+        }
         if let Some(lag) = &self.source_lag_ms {
             let _ = writeln!(
                 s,
