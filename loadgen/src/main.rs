@@ -99,7 +99,8 @@ struct Args {
     /// Replace the splitter by a bare fan-out loop (peers do not join, they receive and count).
     #[arg(long, value_enum, value_name = "KIND")]
     baseline: Option<Baseline>,
-    /// Worker threads running the peers [default: 1 on 2 cores, else cores / 2].
+    /// Worker threads running the peers [default: one per core when peers relay (team size over
+    /// 1), else half the cores, at least 1].
     #[arg(long)]
     threads: Option<usize>,
     /// Threads doing joins (blocking TCP, paced by --join-rate).
@@ -274,9 +275,14 @@ fn local_ips(n: usize) -> Vec<Ipv4Addr> {
 fn run(a: &Args) -> anyhow::Result<()> {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let ncores = cores.len().max(1);
-    let threads = a
-        .threads
-        .unwrap_or(if ncores <= 2 { 1 } else { ncores / 2 });
+    // Relaying peers carry most of the load (they send about what they receive); with teams of
+    // one the splitter does, and gets the cores the workers leave.
+    let relaying = a.team_size > 1 && a.baseline.is_none();
+    let threads = a.threads.unwrap_or(if relaying {
+        ncores
+    } else {
+        (ncores / 2).max(1)
+    });
     let shards = a.shards.unwrap_or((ncores.saturating_sub(threads)).max(1));
     let chunks_per_second = a.bitrate as f64 / (8.0 * a.chunk_size as f64);
     let mode = if a.baseline.is_some() {
