@@ -14,7 +14,9 @@
 #
 # Bounded: every run has a time limit; waiting for an idle machine gives up after IDLE_WAIT s.
 # Environment: PAIRS (5), PEERS (1000), SECS (5, measured seconds per run), BITRATE (10M),
-# LOADGEN (path; default: built with cargo into the workspace's target), IDLE_WAIT (30).
+# LOADGEN (path; default: built with cargo into the workspace's target), IDLE_WAIT (30),
+# NICE (-10: as root, runs loadgen and its splitter at this niceness, so that other work on a
+# shared machine disturbs the measurement less; 0 turns it off).
 set -euo pipefail
 
 PAIRS=${PAIRS:-5}
@@ -22,6 +24,9 @@ PEERS=${PEERS:-1000}
 SECS=${SECS:-5}
 BITRATE=${BITRATE:-10M}
 IDLE_WAIT=${IDLE_WAIT:-30}
+NICE=${NICE:--10}
+prefix=()
+if [[ $(id -u) == 0 && $NICE != 0 ]]; then prefix=(nice -n "$NICE"); fi
 here=$(cd "$(dirname "$0")/.." && pwd)
 if [[ -z "${LOADGEN:-}" ]]; then
     (cd "$here" && cargo build --release --workspace --quiet)
@@ -59,7 +64,7 @@ run() { # name, extra loadgen flags...
     local name=$1
     shift
     local json=$work/$name.json
-    if ! timeout 180 "$LOADGEN" --peers "$PEERS" --team-size 1 --chunk-size 1024 \
+    if ! timeout 180 "${prefix[@]}" "$LOADGEN" --peers "$PEERS" --team-size 1 --chunk-size 1024 \
         --bitrate "$BITRATE" --duration "$SECS" --join-rate 2000 --no-progress --quiet \
         --json "$json" "$@" >"$work/$name.out" 2>&1; then
         echo "loadgen $name failed:" >&2
