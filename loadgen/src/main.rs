@@ -394,6 +394,24 @@ fn run(a: &Args) -> anyhow::Result<()> {
         naddr,
     );
 
+    // A splitter started by hand may not be up yet (it needs our source first): wait for it.
+    if let (Sender::Manual(addr), Some(src)) = (&sender, &source) {
+        eprintln!(
+            "loadgen: serving the source at {}; waiting up to 120 s for the splitter at {addr}",
+            src.url()
+        );
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while std::net::TcpStream::connect_timeout(&(*addr).into(), Duration::from_secs(1)).is_err()
+        {
+            if Instant::now() > deadline {
+                bail!("no splitter answered at {addr} within 120 s");
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+        // Let it read a few records (its source connects before it listens).
+        thread::sleep(Duration::from_millis(500));
+    }
+
     // Workers: pinned to the last cores (the splitter pins its shards from core 0 on).
     let shared = Arc::new(Shared::new());
     let (report_tx, report_rx) = crossbeam_channel::unbounded::<peers::Report>();
