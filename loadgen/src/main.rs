@@ -563,6 +563,8 @@ fn run(a: &Args) -> anyhow::Result<()> {
     let mut measure: Option<(u64, u64)> = None; // [from, until) intervals
     let mut window_marks: BTreeMap<u64, (Option<CpuTimes>, Option<CpuTimes>, u64)> =
         BTreeMap::new();
+    // Kernel drops at the peers' sockets at the start and the end of the measured seconds.
+    let mut drop_marks: BTreeMap<u64, u64> = BTreeMap::new();
     let mut seen_interval = u64::MAX;
     let mut leave_deadline: Option<Instant> = None;
     let join_deadline = join_start
@@ -586,6 +588,12 @@ fn run(a: &Args) -> anyhow::Result<()> {
                 _ => 0,
             };
             window_marks.insert(current, (sender_cpu, procfs::self_cpu(), tx));
+            if let Some((from, until)) = measure
+                && (current == from || current == until)
+            {
+                let addrs = shared.addrs.lock().unwrap().clone();
+                drop_marks.insert(current, procfs::udp_drops(&addrs));
+            }
         }
         for r in join_rx.try_iter() {
             match r {
@@ -799,6 +807,10 @@ fn run(a: &Args) -> anyhow::Result<()> {
         Sender::Baseline { stats, .. } => Some(stats.dropped.load(Ordering::Relaxed)),
         Sender::Manual(_) => None,
     };
+    let socket_drops = match (drop_marks.get(&from), drop_marks.get(&until)) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(*a)),
+        _ => None,
+    };
     let (rss, hwm) = procfs::self_rss();
     let joined = shared.joined.load(Ordering::Relaxed);
     let report = report::Report {
@@ -838,6 +850,9 @@ fn run(a: &Args) -> anyhow::Result<()> {
             rx_datagrams_per_s: total.datagrams as f64 / measured_s,
             rx_gbit_per_s: total.bytes as f64 * 8.0 / 1e9 / measured_s,
             peer_tx_datagrams_per_s: total.sent as f64 / measured_s,
+            socket_drops,
+            delivered_datagrams_per_s: socket_drops
+                .map(|d| (total.datagrams + d) as f64 / measured_s),
             tx_datagrams_per_s,
             tx_gbit_per_s: tx_datagrams_per_s.map(|d| d * datagram_bytes * 8.0 / 1e9),
             tx_drops,

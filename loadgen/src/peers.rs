@@ -79,6 +79,8 @@ pub struct Shared {
     pub left: AtomicUsize,
     /// Datagrams received by all workers so far (for the progress bar).
     pub received: AtomicU64,
+    /// Local addresses of every peer socket (to read their kernel drop counters).
+    pub addrs: std::sync::Mutex<std::collections::HashSet<SocketAddrV4>>,
 }
 
 impl Shared {
@@ -94,6 +96,7 @@ impl Shared {
             registered: AtomicUsize::new(0),
             left: AtomicUsize::new(0),
             received: AtomicU64::new(0),
+            addrs: Default::default(),
         }
     }
 
@@ -226,6 +229,11 @@ pub fn run_worker(
             };
             recv.add_socket(fd, token)
                 .context("cannot add a peer socket to the receive ring")?;
+            if let Slot::Live { socket, .. } | Slot::Bare { socket, .. } = &slot
+                && let Ok(SocketAddr::V4(a)) = socket.local_addr()
+            {
+                shared.addrs.lock().unwrap().insert(a);
+            }
             slots.push(slot);
             if leaving && let Some(Slot::Live { socket, core, .. }) = slots.last_mut() {
                 // Joined after the others started leaving: leave too.

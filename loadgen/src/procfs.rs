@@ -75,6 +75,40 @@ pub fn self_rss() -> (u64, u64) {
     (kib("VmRSS:"), kib("VmHWM:"))
 }
 
+/// Sums the `drops` column of `/proc/net/udp` (datagrams the kernel dropped because a socket's
+/// receive buffer was full, counted per socket) over the sockets bound to an address in `ours`.
+pub fn udp_drops(ours: &std::collections::HashSet<std::net::SocketAddrV4>) -> u64 {
+    let text = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
+    parse_udp_drops(&text, ours)
+}
+
+/// The parser of [`udp_drops`]: `local_address` is `IIIIIIII:PPPP` in hex, the address as the
+/// kernel stores it (network order read as a little-endian u32 on the machines we run on).
+pub fn parse_udp_drops(
+    text: &str,
+    ours: &std::collections::HashSet<std::net::SocketAddrV4>,
+) -> u64 {
+    let mut sum = 0;
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_ascii_whitespace().collect();
+        let (Some(local), Some(drops)) = (f.get(1), f.last()) else {
+            continue;
+        };
+        let Some((ip, port)) = local.split_once(':') else {
+            continue;
+        };
+        let (Ok(ip), Ok(port)) = (u32::from_str_radix(ip, 16), u16::from_str_radix(port, 16))
+        else {
+            continue;
+        };
+        let addr = std::net::SocketAddrV4::new(std::net::Ipv4Addr::from(ip.swap_bytes()), port);
+        if ours.contains(&addr) {
+            sum += drops.parse::<u64>().unwrap_or(0);
+        }
+    }
+    sum
+}
+
 /// The local port range for ephemeral ports (`net.ipv4.ip_local_port_range`).
 pub fn local_port_range() -> (u16, u16) {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -104,6 +138,28 @@ mod tests {
         };
         assert_eq!(later.since(&t).user, Duration::from_millis(500));
         assert_eq!(later.since(&t).total(), Duration::from_millis(1130));
+    }
+
+    #[test]
+    fn udp_drops_of_our_sockets_only() {
+        let text = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+          1: 0100007F:1F90 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2 0000000000000000 17\n\
+          2: 0200007F:1F90 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2 0000000000000000 5\n\
+          3: 0100007F:1F91 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2 0000000000000000 100\n";
+        let ours: std::collections::HashSet<std::net::SocketAddrV4> = [
+            "127.0.0.1:8080".parse().unwrap(),
+            "127.0.0.2:8080".parse().unwrap(),
+        ]
+        .into();
+        assert_eq!(parse_udp_drops(text, &ours), 22);
+        // A real socket of ours shows up with its count (0 here).
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let std::net::SocketAddr::V4(a) = s.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let text = std::fs::read_to_string("/proc/net/udp").unwrap();
+        assert!(text.contains(&format!(":{:04X}", a.port())));
+        assert_eq!(udp_drops(&[a].into()), 0);
     }
 
     #[test]

@@ -215,6 +215,12 @@ pub struct Fanout {
     pub rx_gbit_per_s: f64,
     /// Datagrams the peers sent per second (relays, hellos, goodbyes, loss reports).
     pub peer_tx_datagrams_per_s: f64,
+    /// Datagrams the kernel dropped at the peers' full receive buffers in the measured seconds
+    /// (`/proc/net/udp`): the senders outran loadgen's receive threads.
+    pub socket_drops: Option<u64>,
+    /// (received + socket drops) per second: what reached the peers' sockets, whatever loadgen
+    /// could read. With teams of 1 this is the sender's fan-out, independent of loadgen's speed.
+    pub delivered_datagrams_per_s: Option<f64>,
     /// Datagrams the splitter (or baseline loop) sent per second, if known.
     pub tx_datagrams_per_s: Option<f64>,
     /// Gigabits the splitter (or baseline loop) sent per second, if known.
@@ -380,6 +386,16 @@ impl Report {
             f.rx_gbit_per_s,
             group(f.peer_tx_datagrams_per_s.round() as u64)
         );
+        if let (Some(d), Some(del)) = (f.socket_drops, f.delivered_datagrams_per_s)
+            && d > 0
+        {
+            let _ = write!(
+                s,
+                "; {} dropped at full peer sockets (delivered {} dgram/s)",
+                group(d),
+                group(del.round() as u64)
+            );
+        }
         match (f.tx_datagrams_per_s, f.tx_gbit_per_s) {
             (Some(d), Some(g)) => {
                 let _ = writeln!(
