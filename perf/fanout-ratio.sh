@@ -111,7 +111,7 @@ for ((p = 1; p <= PAIRS; p++)); do
         "$p" "$idle" "$brx" "$bd" "$urx" "$ud" "$mrx" "$md" "$r1" "$r2" "$r3"
 done
 echo
-echo "median over $PAIRS pairs (datagrams/s delivered to the peers' sockets; $PEERS peers, team size 1, 1 KiB chunks, $BITRATE offered, ${SECS} s each, $((SECONDS - start)) s in all):"
+echo "median over $PAIRS pairs (datagrams/s received by the peers; $PEERS peers, team size 1, 1 KiB chunks, $BITRATE offered, ${SECS} s each, $((SECONDS - start)) s in all):"
 echo "  splitter(io_uring)/baseline(sendmmsg) = $(median <"$work/r1")   [$(clean "$work/c1")]   (target >= 0.95)"
 echo "  splitter io_uring/sendmmsg            = $(median <"$work/r2")   [$(clean "$work/c2")]   (target >= 1)"
 echo "  splitter(sendmmsg)/baseline(sendmmsg) = $(median <"$work/r3")   [$(clean "$work/c3")]"

@@ -164,10 +164,12 @@ pub struct WorkerOptions {
     pub core: Option<core_affinity::CoreId>,
 }
 
+/// A worker's peer. The core is stored inline (not boxed): one pointer chase less, one cache miss
+/// less per datagram, which is most of a peer's cost with thousands of them.
 enum Slot {
     Live {
         socket: UdpSocket,
-        core: Box<Peer>,
+        core: Peer,
         left: bool,
     },
     Bare {
@@ -216,7 +218,7 @@ pub fn run_worker(
             let slot = match np {
                 NewPeer::Live { socket, core } => Slot::Live {
                     socket,
-                    core,
+                    core: *core,
                     left: false,
                 },
                 NewPeer::Bare { socket } => Slot::Bare {
