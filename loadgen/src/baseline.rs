@@ -40,6 +40,8 @@ pub struct BaselineStats {
 pub struct BaselineEnd {
     /// User and system time of the sending thread.
     pub cpu: CpuTimes,
+    /// How long it ran.
+    pub wall: Duration,
 }
 
 /// Sends one stamped chunk to every destination per round, `chunks_per_second` rounds per second,
@@ -64,6 +66,7 @@ pub fn run(
     let mut sender = BatchSender::new(socket.as_raw_fd(), SendPath::Sendmmsg, BATCH)?;
     let mut chunk = vec![0u8; CHUNK_HEADER + chunk_size];
     let cpu0 = procfs::thread_cpu().unwrap_or_default();
+    let started = std::time::Instant::now();
     let period_ns = 1e9 / chunks_per_second;
     let t0 = driver::monotonic_ns();
     let mut seq: u64 = 0;
@@ -99,5 +102,8 @@ pub fn run(
         stats.dropped.store(send_stats.dropped, Ordering::Relaxed);
     }
     let cpu = procfs::thread_cpu().unwrap_or_default().since(&cpu0);
-    Ok(BaselineEnd { cpu })
+    Ok(BaselineEnd {
+        cpu,
+        wall: started.elapsed(),
+    })
 }

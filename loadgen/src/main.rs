@@ -763,10 +763,9 @@ fn run(a: &Args) -> anyhow::Result<()> {
             worker_cpu += r.cpu;
         }
     }
-    let splitter_log = match &mut sender {
-        Sender::Child(c) => c.stop_and_log(),
-        _ => String::new(),
-    };
+    if let Sender::Child(c) = &mut sender {
+        c.stop_and_log();
+    }
     if let Some(f) = failure {
         if let Some(e) = worker_error {
             bail!("{f}: {e:#}");
@@ -786,10 +785,8 @@ fn run(a: &Args) -> anyhow::Result<()> {
             (Some((Some(c0), _, _)), Some((Some(c1), _, _))) => Some(Cpu::new(c1.since(&c0), wall)),
             _ => None,
         },
-        Sender::Baseline { end, stats, .. } => end.map(|e| {
-            let _ = stats;
-            Cpu::new(e.cpu, a.duration.as_secs_f64())
-        }),
+        // The loop's whole life (it starts before the measured seconds and stops after them).
+        Sender::Baseline { end, .. } => end.map(|e| Cpu::new(e.cpu, e.wall.as_secs_f64())),
         Sender::Manual(_) => None,
     };
     let process_cpu = match (marks(from), marks(until)) {
@@ -881,8 +878,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
     if let Some(s) = source {
         s.stop();
     }
-    print!("{}", report.summary(&total_hist));
-    let _ = splitter_log;
+    print!("{}", report.summary());
     if let Some(p) = &a.json {
         report::write_file(p, &serde_json::to_string_pretty(&report)?)?;
     }

@@ -161,7 +161,6 @@ fn write_loop(
 ) {
     let period_ns = 1e9 / rate;
     let t0 = p2psp::driver::monotonic_ns();
-    let start = Instant::now();
     let mut seq: u64 = 0;
     let mut buf = vec![0u8; chunk_size * MAX_BURST as usize];
     let mut lag = latency_histogram();
@@ -210,7 +209,6 @@ fn write_loop(
         }
     }
     *stats.lag.lock().unwrap() = Some(lag);
-    let _ = start;
 }
 
 #[cfg(test)]
