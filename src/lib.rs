@@ -17,6 +17,8 @@
 
 pub mod demo;
 pub mod driver;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod pattern;
 pub mod peer;

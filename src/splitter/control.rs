@@ -231,17 +231,15 @@ impl Control {
                     let mut b = [0u8; 1];
                     match c.stream.read(&mut b) {
                         Ok(0) => return Step::Fail,
-                        Ok(_) => match b[0] {
-                            ROLE_PEER | ROLE_MONITOR => {
-                                c.state = State::JoinWaitHeader {
-                                    monitor: b[0] == ROLE_MONITOR,
-                                }
+                        Ok(_) => match classify_request(&b) {
+                            Request::Join { monitor } => {
+                                c.state = State::JoinWaitHeader { monitor }
                             }
-                            b'G' => {
-                                c.input.push(b'G');
+                            Request::NeedMore | Request::Header { .. } => {
+                                c.input.push(b[0]);
                                 c.state = State::HttpRequest;
                             }
-                            _ => {
+                            Request::Bad => {
                                 self.counters.bad_requests += 1;
                                 return Step::Fail;
                             }
@@ -307,17 +305,20 @@ impl Control {
                 State::HttpRequest => {
                     if ready {
                         let mut b = [0u8; 1024];
-                        match c.stream.read(&mut b) {
+                        let room = MAX_REQUEST_HEAD
+                            .saturating_sub(c.input.len())
+                            .clamp(1, 1024);
+                        match c.stream.read(&mut b[..room]) {
                             Ok(0) => return Step::Fail,
                             Ok(n) => c.input.extend_from_slice(&b[..n]),
                             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                             Err(_) => return Step::Fail,
                         }
                     }
-                    match crate::http::RequestHead::parse(&c.input) {
-                        Ok(Some(_)) => {}
-                        Ok(None) if c.input.len() < 8192 => return self.timeout(c, now),
-                        _ => {
+                    match classify_request(&c.input) {
+                        Request::Header { .. } => {}
+                        Request::NeedMore => return self.timeout(c, now),
+                        Request::Join { .. } | Request::Bad => {
                             self.counters.bad_requests += 1;
                             return Step::Fail;
                         }
@@ -406,6 +407,46 @@ enum Step {
     Keep,
     Done,
     Fail,
+}
+
+/// Most bytes of an HTTP request head the splitter reads before giving up on it.
+pub const MAX_REQUEST_HEAD: usize = 8192;
+
+/// What a TCP connection to the splitter's port asks for, judged from the bytes received so far
+/// (sans-IO, so that it can be fuzzed and tested without sockets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Not enough bytes to tell yet.
+    NeedMore,
+    /// A join (reference-notes §3.1): the first byte is `P`, or `M` for a monitor. Whatever
+    /// follows the role byte belongs to the join (the ready byte).
+    Join {
+        /// Whether the peer asks to be a monitor.
+        monitor: bool,
+    },
+    /// `GET /<channel>` for the stream header; the request head took this many bytes.
+    Header {
+        /// Length of the request head.
+        head_len: usize,
+    },
+    /// Anything else: the connection is closed.
+    Bad,
+}
+
+/// Classifies the start of a connection. A join is told by its first byte; an HTTP request by a
+/// first `G` and then a complete, well-formed request head of at most [`MAX_REQUEST_HEAD`] bytes.
+pub fn classify_request(input: &[u8]) -> Request {
+    match input.first() {
+        None => Request::NeedMore,
+        Some(&ROLE_PEER) => Request::Join { monitor: false },
+        Some(&ROLE_MONITOR) => Request::Join { monitor: true },
+        Some(b'G') => match crate::http::RequestHead::parse(input) {
+            Ok(Some((head, head_len))) if head.method() == "GET" => Request::Header { head_len },
+            Ok(None) if input.len() < MAX_REQUEST_HEAD => Request::NeedMore,
+            _ => Request::Bad,
+        },
+        Some(_) => Request::Bad,
+    }
 }
 
 /// Writes what is left of `c.output`; `Ok(true)` when all is written.
