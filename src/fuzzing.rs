@@ -290,9 +290,9 @@ pub fn udp_peer(data: &[u8]) {
                     1 => ep(1 + u16::from(input.byte() % 4)),
                     _ => ep(100 + u16::from(input.byte())),
                 };
-                let delta =
-                    i16::from(input.byte() as i8) * if input.byte() & 1 == 0 { 1 } else { 300 };
-                let n = newest.wrapping_add_signed(delta);
+                let scale = if input.byte() & 1 == 0 { 1 } else { 300 };
+                let delta = i32::from(input.byte() as i8) * scale;
+                let n = newest.wrapping_add(delta as u16);
                 if op == 0 && seq::gt(n, newest) {
                     newest = n;
                 }
