@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::peer::{self, PeerCounters, PeerOptions};
+use crate::pattern::Checker;
+use crate::peer::{self, Output, PeerCounters, PeerOptions};
 use crate::splitter::{self, SplitterArgs};
 
 /// Flags of `p2psp demo`.
@@ -59,10 +60,11 @@ pub fn run(args: &DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let mut peers = Vec::new();
     for i in 0..args.peers {
         let counters = Arc::new(PeerCounters::default());
+        let checker = Arc::new(Checker::default());
         let opts = PeerOptions {
             splitter: addr,
             player: None,
-            output: None,
+            output: Some(Output::Check(checker.clone())),
             monitor: i == 0,
             max_debt: 128,
             status: None,
@@ -70,7 +72,7 @@ pub fn run(args: &DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         };
         let peer_stop = stop.clone();
         let h = std::thread::spawn(move || peer::run(opts, peer_stop));
-        peers.push((counters, h));
+        peers.push((counters, checker, h));
         // Joins one after another, as people arrive.
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -81,10 +83,22 @@ pub fn run(args: &DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     {
         std::thread::sleep(Duration::from_secs(1));
         println!("demo: t={:>3}s", start.elapsed().as_secs());
-        for (i, (c, _)) in peers.iter().enumerate() {
+        for (i, (c, check, _)) in peers.iter().enumerate() {
             let played = c.played.load(Ordering::Relaxed);
+            let r = check.report();
+            let verdict = match (r.header_ok, r.breaks) {
+                (None, _) => "waiting for the stream".to_owned(),
+                (Some(false), _) => "WRONG stream header".to_owned(),
+                (Some(true), 0) if r.first.is_some() => format!(
+                    "stream OK from byte {} ({} KiB checked)",
+                    r.first.unwrap_or(0),
+                    r.verified / 1024
+                ),
+                (Some(true), 0) => "header OK, buffering".to_owned(),
+                (Some(true), b) => format!("stream BROKEN {b} times"),
+            };
             println!(
-                "  peer {:>2}{} udp port {:>5}: played {:>6} chunks (+{:>4}, {:>6.0} kbit/s), lost {}, relayed {}, {} neighbours",
+                "  peer {:>2}{} udp port {:>5}: played {:>6} chunks (+{:>4}, {:>6.0} kbit/s), lost {}, relayed {}, {} neighbours; {verdict}",
                 i + 1,
                 if i == 0 { " (monitor)" } else { "          " },
                 c.port.load(Ordering::Relaxed),
@@ -100,7 +114,7 @@ pub fn run(args: &DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     }
     stop.store(true, Ordering::SeqCst);
     let mut failed = None;
-    for (_, h) in peers {
+    for (_, _, h) in peers {
         if let Ok(Err(e)) = h.join() {
             failed = Some(e);
         }

@@ -202,3 +202,105 @@ mod tests {
         assert_eq!(locate(b"OggS\0\x02 and something else"), None);
     }
 }
+
+/// Checks a played stream against the pattern as it goes: the stream header must be the pattern
+/// from offset 0, and the chunks after it must continue the pattern from wherever playout started
+/// (a lost or misplaced chunk breaks it). Shared between the thread that plays and the one that
+/// reports.
+#[derive(Debug, Default)]
+pub struct Checker {
+    state: std::sync::Mutex<CheckState>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct CheckState {
+    header_ok: Option<bool>,
+    next: Option<u64>,
+    first: Option<u64>,
+    verified: u64,
+    breaks: u64,
+}
+
+/// What a [`Checker`] found so far.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Whether the stream header matched (None before it was seen).
+    pub header_ok: Option<bool>,
+    /// Stream offset of the first played chunk.
+    pub first: Option<u64>,
+    /// Chunk bytes that continued the pattern.
+    pub verified: u64,
+    /// Places where the played stream broke off the pattern.
+    pub breaks: u64,
+}
+
+impl Checker {
+    fn state(&self) -> std::sync::MutexGuard<'_, CheckState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks the stream header.
+    pub fn header(&self, bytes: &[u8]) {
+        self.state().header_ok = Some(first_mismatch(0, bytes).is_none());
+    }
+
+    /// Checks the next played chunk payload.
+    pub fn chunk(&self, bytes: &[u8]) {
+        let mut s = self.state();
+        let at = match s.next {
+            Some(at) if first_mismatch(at, bytes).is_none() => at,
+            _ => {
+                // First chunk, or the stream broke: find where we are now.
+                if s.next.is_some() {
+                    s.breaks += 1;
+                }
+                match locate(bytes) {
+                    Some(at) => {
+                        s.first.get_or_insert(at);
+                        at
+                    }
+                    None => {
+                        s.next = None;
+                        return;
+                    }
+                }
+            }
+        };
+        s.verified += bytes.len() as u64;
+        s.next = Some(at.wrapping_add(bytes.len() as u64));
+    }
+
+    /// What was found so far.
+    pub fn report(&self) -> CheckReport {
+        let s = *self.state();
+        CheckReport {
+            header_ok: s.header_ok,
+            first: s.first,
+            verified: s.verified,
+            breaks: s.breaks,
+        }
+    }
+}
+
+#[cfg(test)]
+mod checker_tests {
+    use super::*;
+
+    #[test]
+    fn a_checker_follows_the_stream_and_counts_breaks() {
+        let c = Checker::default();
+        let mut h = vec![0; 100];
+        fill(0, &mut h);
+        c.header(&h);
+        let mut chunk = vec![0; 64];
+        for k in [10u64, 11, 12, 14, 15] {
+            fill(k * 64, &mut chunk);
+            c.chunk(&chunk);
+        }
+        let r = c.report();
+        assert_eq!(r.header_ok, Some(true));
+        assert_eq!(r.first, Some(640));
+        assert_eq!(r.verified, 5 * 64);
+        assert_eq!(r.breaks, 1);
+    }
+}

@@ -57,15 +57,23 @@ impl Drop for Proc {
     }
 }
 
+/// The streaming tests run one at a time: each starts up to 17 processes that must keep real-time
+/// deadlines (half a buffer is half a second at 2 Mbit/s), and a 2-core CI machine running four
+/// teams at once would measure its scheduler, not the protocol.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 struct Run {
     dir: PathBuf,
     splitter: Proc,
     port: u16,
     next_peer: usize,
+    // Last: released after the splitter is gone.
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Run {
     fn start(name: &str, extra: &[&str]) -> Run {
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let dir = std::env::temp_dir().join(format!("p2psp-e2e-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -118,27 +126,27 @@ impl Run {
             splitter,
             port,
             next_peer: 0,
+            _turn: turn,
         }
     }
 
     fn peer(&mut self, monitor: bool) -> Proc {
+        self.peer_with(monitor, &["--player-port", "0"])
+    }
+
+    fn peer_with(&mut self, monitor: bool, extra: &[&str]) -> Proc {
         self.next_peer += 1;
         let name = format!("peer{}", self.next_peer);
         let output = self.dir.join(format!("{name}.out"));
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
         let mut cmd = Command::new(BIN);
         cmd.env("RUST_LOG", "p2psp=info");
-        cmd.args([
-            "peer",
-            "--splitter",
-            &format!("127.0.0.1:{}", self.port),
-            "--player-port",
-            "0",
-        ])
-        .arg("--output")
-        .arg(&output)
-        .stdout(Stdio::null())
-        .stderr(log);
+        cmd.args(["peer", "--splitter", &format!("127.0.0.1:{}", self.port)])
+            .args(extra)
+            .arg("--output")
+            .arg(&output)
+            .stdout(Stdio::null())
+            .stderr(log);
         if monitor {
             cmd.arg("--monitor");
         }
@@ -293,4 +301,72 @@ fn bad_flags_give_one_line_and_exit_code_2() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.trim().lines().count(), 1, "{args:?} printed: {err}");
     }
+}
+
+/// Reads an HTTP response head and `want` bytes of body from a player connection.
+fn play(port: u16, want: usize) -> (String, Vec<u8>) {
+    use std::io::Read;
+    // The peer process may still be starting.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut s = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot connect to the player port {port}: {e}"),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    use std::io::Write;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut data = Vec::new();
+    let mut buf = [0u8; 65536];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n")
+            && data.len() >= end + 4 + want
+        {
+            let head = String::from_utf8_lossy(&data[..end + 4]).into_owned();
+            return (head, data[end + 4..end + 4 + want].to_vec());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the player got only {} bytes",
+            data.len()
+        );
+        let n = s.read(&mut buf).expect("read from the player port");
+        assert!(n > 0, "the peer closed the player connection");
+        data.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn a_player_gets_http_then_the_header_then_chunks_and_may_come_back() {
+    let mut run = Run::start("player", &[]);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let peer = run.peer_with(true, &["--player-port", &port.to_string()]);
+    for round in 0..2 {
+        let (head, body) = play(port, HEADER + 64 * CHUNK);
+        assert!(head.starts_with("HTTP/1.0 200"), "round {round}: {head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/octet-stream")
+        );
+        assert_eq!(
+            pattern::first_mismatch(0, &body[..HEADER]),
+            None,
+            "round {round}: header"
+        );
+        let chunks = &body[HEADER..];
+        let offset = pattern::locate(chunks).expect("chunks follow the header");
+        assert_eq!(offset as usize % CHUNK, 0);
+    }
+    let (_, clean) = peer.stop();
+    assert!(clean);
 }

@@ -52,6 +52,8 @@ pub enum Output {
     File(PathBuf),
     /// Standard output.
     Stdout,
+    /// Checked against the test source's pattern (the demo).
+    Check(Arc<crate::pattern::Checker>),
 }
 
 /// Checked peer options.

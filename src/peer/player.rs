@@ -49,6 +49,10 @@ pub fn spawn(
                 .map_err(|e| anyhow::anyhow!("cannot create --output {}: {e}", p.display()))?,
         ))),
         Some(Output::Stdout) => Some(Box::new(std::io::stdout())),
+        Some(Output::Check(checker)) => Some(Box::new(CheckWriter {
+            checker,
+            header: true,
+        })),
         None => None,
     };
     if let Some(o) = out.as_mut() {
@@ -111,5 +115,27 @@ fn serve(
     }
     if let Some(mut o) = out {
         let _ = o.flush();
+    }
+}
+
+/// Feeds `--output` writes to a pattern checker: the first write is the stream header, every
+/// later one a chunk payload.
+struct CheckWriter {
+    checker: Arc<crate::pattern::Checker>,
+    header: bool,
+}
+
+impl Write for CheckWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if std::mem::take(&mut self.header) {
+            self.checker.header(buf);
+        } else {
+            self.checker.chunk(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

@@ -170,18 +170,13 @@ impl JoinConfig {
             ));
         }
         let b = self.buffer_size;
-        if b < 2 || !b.is_power_of_two() {
+        if !(2..=32768).contains(&b) {
             return Err(format!(
-                "the splitter's buffer size {b} is not a power of two of at least 2 (it must divide 65536)"
+                "the splitter's buffer size {b} is not between 2 and 32768 chunks"
             ));
         }
-        if usize::from(self.monitors) > self.peers.len() {
-            return Err(format!(
-                "the splitter says {} monitors but lists {} peers",
-                self.monitors,
-                self.peers.len()
-            ));
-        }
+        // `monitors` may exceed the list: a reference splitter sends its configured number of
+        // monitors, and the list is empty for the first peer to join.
         Ok(())
     }
 }
@@ -312,8 +307,25 @@ mod tests {
         c.chunk_size = 9;
         assert!(c.check_usable().unwrap_err().contains("9-byte chunks"));
         c.chunk_size = 1024;
+        c.buffer_size = 1;
+        assert!(
+            c.check_usable()
+                .unwrap_err()
+                .contains("between 2 and 32768")
+        );
+        // A reference splitter may use any buffer size.
         c.buffer_size = 100;
-        assert!(c.check_usable().unwrap_err().contains("power of two"));
+        c.check_usable().unwrap();
+    }
+
+    #[test]
+    fn a_reference_splitter_counts_monitors_it_does_not_list_yet() {
+        // The first peer to join a reference splitter with one monitor configured: 1 monitor,
+        // an empty list.
+        let bytes = hex("7f0000011f40 0008 746573742e6f6767 0400 0400 0100 0001 0000");
+        let (c, _) = JoinConfig::decode(&bytes).unwrap().unwrap();
+        assert_eq!((c.monitors, c.peers.len()), (1, 0));
+        c.check_usable().unwrap();
     }
 
     #[test]

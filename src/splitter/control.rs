@@ -252,11 +252,17 @@ impl Control {
                     let Some(header) = self.header.get() else {
                         return self.timeout(c, now);
                     };
+                    let Ok(header_size) = u16::try_from(header_response(&header).len()) else {
+                        // Cannot happen with the checked --header-size and the capped content
+                        // type; refuse rather than send a wrong size.
+                        tracing::error!("stream header too long for the join message");
+                        return Step::Fail;
+                    };
                     let placement = self.directory.place(c.remote, *monitor);
                     let config = JoinConfig {
                         source: SocketAddrV4::new(*c.local.ip(), c.local.port()),
                         channel: self.settings.channel.clone(),
-                        header_size: header_response(&header).len() as u16,
+                        header_size,
                         chunk_size: self.settings.chunk_size as u16,
                         buffer_size: self.settings.buffer_size,
                         monitors: placement.monitors,
