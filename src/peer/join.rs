@@ -68,7 +68,7 @@ pub fn join(splitter: SocketAddrV4, monitor: bool) -> anyhow::Result<Joined> {
         let mut chunk = [0u8; 4096];
         match tcp.read(&mut chunk) {
             Ok(0) => bail!(
-                "the splitter at {splitter} closed the connection before sending its configuration"
+                "the splitter at {splitter} closed the connection before sending its configuration: it refused the join (it may be full, see its --max-peers, or too busy)"
             ),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e)
