@@ -40,17 +40,29 @@ impl Joined {
 
 /// Joins the team of `splitter`.
 pub fn join(splitter: SocketAddrV4, monitor: bool) -> anyhow::Result<Joined> {
-    let mut tcp = TcpStream::connect_timeout(&splitter.into(), JOIN_TIMEOUT)
-        .with_context(|| format!("cannot connect to the splitter at {splitter}"))?;
-    tcp.set_read_timeout(Some(Duration::from_secs(1)))?;
-    tcp.set_nodelay(true)?;
-    let SocketAddr::V4(local) = tcp.local_addr()? else {
-        bail!("not an IPv4 connection")
+    // Our team identity is the TCP source endpoint: bind UDP to the same port before asking to
+    // join, so no chunk can arrive before we listen. Without SO_REUSEADDR: a UDP port shared with
+    // another socket (another peer on this host whose TCP connection got the same local port for
+    // another splitter, or a local process waiting for it) would take our datagrams. If the port
+    // is taken, a new connection gets another one.
+    let mut attempt = 0;
+    let (mut tcp, local, socket) = loop {
+        attempt += 1;
+        let tcp = TcpStream::connect_timeout(&splitter.into(), JOIN_TIMEOUT)
+            .with_context(|| format!("cannot connect to the splitter at {splitter}"))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(1)))?;
+        tcp.set_nodelay(true)?;
+        let SocketAddr::V4(local) = tcp.local_addr()? else {
+            bail!("not an IPv4 connection")
+        };
+        match driver::udp_socket(local, false, Some(4 << 20), Some(4 << 20)) {
+            Ok(socket) => break (tcp, local, socket),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < 8 => {
+                tracing::info!("UDP port {} is taken here; reconnecting", local.port());
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot bind UDP {local}")),
+        }
     };
-    // Our team identity is the TCP source endpoint: bind UDP to the same port before asking to join,
-    // so no chunk can arrive before we listen.
-    let socket = driver::udp_socket_reuse_addr(local, Some(4 << 20), Some(4 << 20))
-        .with_context(|| format!("cannot bind UDP {local}"))?;
     socket.set_nonblocking(false)?;
     tcp.write_all(&[if monitor { ROLE_MONITOR } else { ROLE_PEER }])?;
 

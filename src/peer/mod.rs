@@ -310,7 +310,7 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                     reason: Removal::Debt,
                 } => {
                     tracing::info!(
-                        "dropped neighbour {peer}: it does not relay (debt over {})",
+                        "dropped neighbour {peer}: it does not relay (chunk debt over the limit, {} or 8 on probation)",
                         opts.max_debt
                     );
                 }

@@ -13,9 +13,11 @@
 //!
 //! Hostile input (see `docs/security.md`): anyone can send a peer a hello or a chunk with any
 //! source address, so the peer bounds what a stranger can get out of it. A neighbour learnt from a
-//! hello is on probation until it sends a chunk: it is dropped once owed more than
-//! [`PeerRules::probation_debt`] chunks (8), not 128, so a forged hello buys a victim at most that
-//! many chunks. A chunk from a stranger makes it a neighbour (a lost hello must not cut a peer off)
+//! hello is on probation until it sends a chunk: once it has been on probation for
+//! [`PeerRules::probation_grace`] (1 s, so that a burst of chunks after a stall cannot drop an
+//! honest newcomer) it is dropped as soon as it is owed more than [`PeerRules::probation_debt`]
+//! chunks (8), not 128. A forged hello so buys a victim what this peer originates in about a
+//! second (a 16th of the stream in a team of 16), at most 129 chunks. A chunk from a stranger makes it a neighbour (a lost hello must not cut a peer off)
 //! only if its number is within a buffer of the playout position; other chunks from strangers, and
 //! chunks from neighbours that far off, are counted and dropped without crediting any debt. The
 //! neighbour list is bounded by [`PeerRules::max_neighbours`].
@@ -50,9 +52,11 @@ pub struct PeerRules {
     /// chunks it misses (LRS at a splitter of this project resends them to it alone). Monitors
     /// always report.
     pub request_lost: bool,
-    /// A neighbour that has never sent us a chunk (learnt from a hello) is dropped once owed more
-    /// than this many chunks.
+    /// A neighbour that has never sent us a chunk (learnt from a hello), on probation for longer
+    /// than `probation_grace`, is dropped once owed more than this many chunks.
     pub probation_debt: i32,
+    /// How long a neighbour on probation is held only to `max_debt`.
+    pub probation_grace: Duration,
     /// Most neighbours. Hellos and chunks from strangers beyond this are counted and ignored
     /// (a stranger on probation may be displaced).
     pub max_neighbours: usize,
@@ -71,6 +75,7 @@ impl PeerRules {
             leave_timeout: Duration::from_secs(2),
             request_lost: false,
             probation_debt: 8,
+            probation_grace: Duration::from_secs(1),
             // DBS rule 8: a team is never larger than the buffer (reference-notes §5.7).
             max_neighbours: usize::from(buffer_size).max(1),
         }
@@ -189,6 +194,8 @@ struct Neighbour {
     monitor: bool,
     /// Listed by the splitter, or has sent us a chunk; otherwise on probation.
     proven: bool,
+    /// When it became a neighbour.
+    since: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,6 +241,8 @@ pub struct Peer {
     transmits: VecDeque<Transmit>,
     events: VecDeque<PeerEvent>,
     stats: PeerStats,
+    /// The time of the datagram being handled.
+    now: Option<Instant>,
 }
 
 impl Peer {
@@ -267,6 +276,7 @@ impl Peer {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: PeerStats::default(),
+            now: None,
         };
         let m = usize::from(monitors).min(peers.len());
         for (i, &p) in peers
@@ -281,6 +291,7 @@ impl Peer {
                     debt: 0,
                     monitor: i < m,
                     proven: true,
+                    since: None,
                 });
                 peer.send(p, Bytes::from_static(HELLO));
             }
@@ -340,6 +351,7 @@ impl Peer {
                 debt: 0,
                 monitor: false,
                 proven,
+                since: self.now,
             },
         );
         self.events.push_back(PeerEvent::NeighbourAdded(ep));
@@ -347,7 +359,7 @@ impl Peer {
 
     /// Handles one datagram received at `now` from `from`.
     pub fn handle_datagram(&mut self, now: Instant, from: Endpoint, data: Bytes) {
-        let _ = now;
+        self.now = Some(now);
         if self.membership == Membership::Left {
             return;
         }
@@ -401,7 +413,11 @@ impl Peer {
         if !self.prev_resent {
             n.debt += 1;
         }
-        let limit = if n.proven {
+        let probation_over = match (n.since, self.now) {
+            (Some(since), Some(now)) => now.duration_since(since) >= self.rules.probation_grace,
+            _ => false,
+        };
+        let limit = if n.proven || !probation_over {
             self.rules.max_debt
         } else {
             self.rules.probation_debt.min(self.rules.max_debt)
@@ -1011,11 +1027,14 @@ mod tests {
         sends(&mut p);
         let mut to_victim = 0;
         for n in 0..300u16 {
-            p.handle_datagram(now, ep(SPLITTER), chunk(n));
-            p.handle_datagram(now, ep(1), chunk(n.wrapping_sub(1)));
+            // 40 chunks a second from the splitter to this peer.
+            let t = now + Duration::from_millis(25 * u64::from(n));
+            p.handle_datagram(t, ep(SPLITTER), chunk(n));
+            p.handle_datagram(t, ep(1), chunk(n.wrapping_sub(1)));
             to_victim += sends(&mut p).iter().filter(|s| s.0 == 66).count();
         }
-        assert_eq!(to_victim, 9, "probation debt 8: dropped at the 9th chunk");
+        // A second of grace (40 chunks), then dropped at once: its debt is over 8.
+        assert_eq!(to_victim, 41);
         assert!(events(&mut p).contains(&PeerEvent::NeighbourRemoved {
             peer: ep(66),
             reason: Removal::Debt
@@ -1068,6 +1087,7 @@ mod tests {
     #[test]
     fn the_neighbour_list_is_bounded() {
         let now = Instant::now();
+        let later = now + Duration::from_secs(2);
         let mut r = rules(16);
         r.max_neighbours = 4;
         let mut p = Peer::new(r, &[ep(1), ep(2)], 0);
@@ -1078,8 +1098,8 @@ mod tests {
         assert_eq!(p.stats().neighbours_refused, 98);
         // Probationers that took chunks without returning any make room for a real chunk sender.
         p.handle_datagram(now, ep(SPLITTER), chunk(1));
-        p.handle_datagram(now, ep(SPLITTER), chunk(2));
-        p.handle_datagram(now, ep(300), chunk(1));
+        p.handle_datagram(later, ep(SPLITTER), chunk(2));
+        p.handle_datagram(later, ep(300), chunk(1));
         assert!(p.neighbours().any(|n| n.0 == ep(300)));
         assert_eq!(p.neighbours().count(), 4);
         assert!(p.neighbours().any(|n| n.0 == ep(1)) && p.neighbours().any(|n| n.0 == ep(2)));
