@@ -215,7 +215,8 @@ fn one_team_of_a_monitor_and_15_peers_loses_nothing() {
 
 #[test]
 fn several_teams_of_4_lose_nothing() {
-    let mut run = Run::start("teams4", &["--team-size", "4"]);
+    // This one also covers the sendmmsg send path (the others take io_uring).
+    let mut run = Run::start("teams4", &["--team-size", "4", "--io", "sendmmsg"]);
     let mut peers = Vec::new();
     for i in 0..16 {
         peers.push(run.peer(i % 4 == 0));

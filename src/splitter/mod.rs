@@ -95,7 +95,15 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
                 match shard {
                     Ok(shard) => {
                         let _ = ready_tx.send(Ok(()));
-                        shard.run(&shard_stop)
+                        // A shard that fails takes the splitter down with it: its teams would
+                        // silently get nothing otherwise.
+                        let guard = StopOnExit(&shard_stop);
+                        let result = shard.run(&shard_stop);
+                        if let Err(e) = &result {
+                            tracing::error!("shard {index} failed: {e:#}");
+                        }
+                        drop(guard);
+                        result
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(format!("{e:#}")));
@@ -297,5 +305,14 @@ impl Splitter {
                 .map_err(|_| anyhow::anyhow!("the feed thread panicked"))??;
         }
         Ok(())
+    }
+}
+
+/// Raises the stop flag when dropped, also when a thread unwinds from a panic.
+struct StopOnExit<'a>(&'a AtomicBool);
+
+impl Drop for StopOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
