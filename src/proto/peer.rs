@@ -211,14 +211,43 @@ struct Playout {
     slots: Vec<Option<(u16, Bytes)>>,
     /// Next chunk number to play; `None` until the first chunk from the splitter.
     next: Option<u16>,
-    /// Monitors: next chunk number to check for a loss report.
-    check: u16,
-    /// Next chunk number to check for a second report (the resend may be lost too).
-    recheck: u16,
+    /// Monitors and peers that ask for their losses: for each report horizon (chunks behind the
+    /// newest), the next chunk number to check. The first is the report, the others retries
+    /// (a resend may be lost as well).
+    checks: Vec<(i32, u16)>,
     /// `n` at `n % B` for the chunks this peer reported, to recognise their resends.
     reported: Vec<Option<u16>>,
     highest: u16,
     started: bool,
+}
+
+/// How far behind the newest chunk a missing chunk is reported, first and then again, by a
+/// monitor (`monitor`) or by a plain peer that asks for its losses. Empty if it reports nothing.
+///
+/// A monitor reports a quarter of a buffer behind the newest chunk and retries every sixteenth
+/// until half a buffer (playout), four times in all with the usual B: a resend can be lost as
+/// well, and the splitter blames the chunk's origin once however often it is reported. A plain
+/// peer asks from three eighths on, every thirty-second: a chunk the whole team lost comes back
+/// through the monitor before that, and only its own losses are left to ask for.
+fn report_horizons(buffer: usize, reports: bool, monitor: bool) -> Vec<i32> {
+    if !reports {
+        return Vec::new();
+    }
+    let half = (buffer / 2) as i32;
+    let (first, step) = if monitor {
+        (buffer / 4, buffer / 16)
+    } else {
+        (3 * buffer / 8, buffer / 32)
+    };
+    let (first, step) = ((first as i32).max(1), (step as i32).max(1));
+    let mut out: Vec<i32> = (0..4)
+        .map(|k| first + k * step)
+        .filter(|&h| h < half)
+        .collect();
+    if out.is_empty() {
+        out.push(first);
+    }
+    out
 }
 
 /// One DBS peer.
@@ -266,8 +295,10 @@ impl Peer {
             playout: Playout {
                 slots: vec![None; b],
                 next: None,
-                check: 0,
-                recheck: 0,
+                checks: report_horizons(b, rules.monitor || rules.request_lost, rules.monitor)
+                    .into_iter()
+                    .map(|h| (h, 0))
+                    .collect(),
                 reported: vec![None; b],
                 highest: 0,
                 started: false,
@@ -522,8 +553,9 @@ impl Peer {
             if from_splitter {
                 // Playout starts at the first chunk from the splitter (as the reference does).
                 self.playout.next = Some(number);
-                self.playout.check = number;
-                self.playout.recheck = number;
+                for c in &mut self.playout.checks {
+                    c.1 = number;
+                }
                 self.playout.highest = number;
                 for (n, _) in self.playout.slots.iter().flatten() {
                     let d = seq::diff(*n, number);
@@ -587,19 +619,9 @@ impl Peer {
             self.events.push_back(PeerEvent::Skipped { count });
             next = next.wrapping_add(count as u16);
         }
-        if self.rules.monitor || self.rules.request_lost {
-            // A monitor reports a quarter of a buffer behind the newest chunk, and again at three
-            // eighths if the chunk is still missing (the resend may have been lost as well); the
-            // splitter blames the chunk's origin once however often it is reported. A plain peer
-            // asks an eighth later, at 3/8 and 7/16: a chunk the whole team lost comes back
-            // through the monitor before that, and only its own losses are left to ask for.
-            let eighths = if self.rules.monitor { 2 } else { 3 };
-            let first = ((eighths * b / 8) as i32).max(1);
-            let second = (((2 * eighths + 1) * b / 16) as i32).max(first + 1);
-            self.playout.check = self.report_missing(self.playout.check, first, next);
-            if second < half {
-                self.playout.recheck = self.report_missing(self.playout.recheck, second, next);
-            }
+        for i in 0..self.playout.checks.len() {
+            let (horizon, cursor) = self.playout.checks[i];
+            self.playout.checks[i].1 = self.report_missing(cursor, horizon, next);
         }
         while seq::diff(self.playout.highest, next) >= half {
             if !self.playout.started {

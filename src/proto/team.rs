@@ -12,7 +12,7 @@
 //! counters, so neither a lossy monitor nor a forged report can make the splitter send more than
 //! a bounded number of datagrams.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::Endpoint;
@@ -88,6 +88,9 @@ pub struct TeamCounters {
     pub goodbyes: u64,
     /// Goodbyes from endpoints that are not members (ignored).
     pub stray_goodbyes: u64,
+    /// Goodbyes from peers that left recently, confirmed again (the first confirmation may have
+    /// been lost).
+    pub repeated_goodbyes: u64,
     /// Loss reports from monitors.
     pub loss_reports: u64,
     /// Loss reports from endpoints that are not monitors of any team here (ignored).
@@ -282,7 +285,13 @@ pub struct Teams {
     resends: VecDeque<(u16, Endpoint)>,
     events: VecDeque<TeamEvent>,
     next_halving: Option<Instant>,
+    /// The last peers that left after a goodbye, oldest first, to confirm a repeated goodbye.
+    recently_left: VecDeque<Endpoint>,
+    recently_left_set: HashSet<Endpoint>,
 }
+
+/// How many peers that left are remembered to confirm their goodbye again.
+const RECENTLY_LEFT: usize = 1024;
 
 impl Teams {
     /// No teams yet.
@@ -296,6 +305,8 @@ impl Teams {
             resends: VecDeque::new(),
             events: VecDeque::new(),
             next_halving: None,
+            recently_left: VecDeque::new(),
+            recently_left_set: HashSet::new(),
         }
     }
 
@@ -312,6 +323,9 @@ impl Teams {
     /// moved, as the reference does when an endpoint joins twice.
     pub fn insert(&mut self, team: TeamId, peer: Endpoint, monitor: bool) {
         self.remove(peer);
+        if self.recently_left_set.remove(&peer) {
+            self.recently_left.retain(|&p| p != peer);
+        }
         if self.team_mut(team).is_none() {
             self.teams.push(Team::new(team, self.rules.buffer_size));
         }
@@ -353,8 +367,17 @@ impl Teams {
             removed |= t.members.len() != before;
         }
         if removed {
-            for (ep, _) in self.goodbyes.range(queued..) {
-                self.members.remove(ep);
+            let left: Vec<Endpoint> = self.goodbyes.range(queued..).map(|g| g.0).collect();
+            for ep in left {
+                self.members.remove(&ep);
+                if self.recently_left_set.insert(ep) {
+                    self.recently_left.push_back(ep);
+                    if self.recently_left.len() > RECENTLY_LEFT
+                        && let Some(old) = self.recently_left.pop_front()
+                    {
+                        self.recently_left_set.remove(&old);
+                    }
+                }
             }
             self.drop_empty_teams();
         }
@@ -371,7 +394,14 @@ impl Teams {
 
     fn on_goodbye(&mut self, from: Endpoint) {
         let Some(&id) = self.members.get(&from) else {
-            self.counters.stray_goodbyes += 1;
+            if self.recently_left_set.contains(&from) {
+                // It left, but our confirmation was lost: one goodbye for one goodbye, only to a
+                // former member, so nothing is amplified.
+                self.counters.repeated_goodbyes += 1;
+                self.goodbyes.push_back((from, GOODBYE));
+            } else {
+                self.counters.stray_goodbyes += 1;
+            }
             return;
         };
         self.counters.goodbyes += 1;
@@ -627,6 +657,15 @@ mod tests {
         assert_eq!(chunk(&mut t, 4), [ep(3)]);
         assert_eq!(t.counters().goodbyes, 2);
         assert_eq!(t.counters().left, 1);
+        // Our confirmation was lost and it says goodbye again: confirmed again, one for one.
+        t.handle_datagram(ep(2), b"G");
+        assert_eq!(t.poll_transmit(), Some((ep(2), &b"G"[..])));
+        assert_eq!(t.counters().repeated_goodbyes, 1);
+        assert_eq!(t.counters().stray_goodbyes, 0);
+        // A stranger's goodbye is still only counted.
+        t.handle_datagram(ep(9), b"G");
+        assert_eq!(t.poll_transmit(), None);
+        assert_eq!(t.counters().stray_goodbyes, 1);
     }
 
     #[test]

@@ -250,6 +250,7 @@ impl Splitter {
             let t = &mut out.team;
             t.goodbyes += c.goodbyes;
             t.stray_goodbyes += c.stray_goodbyes;
+            t.repeated_goodbyes += c.repeated_goodbyes;
             t.loss_reports += c.loss_reports;
             t.stray_loss_reports += c.stray_loss_reports;
             t.unattributed_loss_reports += c.unattributed_loss_reports;
