@@ -77,7 +77,7 @@ fn args() -> SplitterArgs {
         first_chunk_number: 0,
         lrs: true,
         acs: false,
-        max_peers: 0,
+        max_peers: 100_000,
         max_pending_joins: 1024,
         max_pending_per_ip: 64,
         join_timeout: 5.0,

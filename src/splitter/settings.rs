@@ -64,7 +64,7 @@ pub struct SplitterArgs {
     pub acs: bool,
     /// Most peers over all teams; a join over the limit is refused (the connection is closed
     /// before the configuration, and the splitter logs why). 0: no limit.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 100_000)]
     pub max_peers: usize,
     /// Most TCP connections in the middle of a join or a stream-header request. When full, the
     /// oldest connection that has not sent a byte yet makes room, or the new one is closed.
