@@ -515,3 +515,19 @@ fn churn_of_30_percent_with_lrs_costs_nobody_a_chunk() {
 fn churn_60_seconds_of_30_percent_with_lrs_costs_nobody_a_chunk() {
     churn_with_lrs("churn60", 20, Duration::from_secs(60));
 }
+
+#[test]
+fn fault_and_limit_flags_are_checked() {
+    for args in [
+        &["peer", "--drop-rate", "1.5"][..],
+        &["peer", "--drop-rate=-0.1"],
+        &["splitter", "--join-timeout", "0"],
+        &["splitter", "--max-pending-joins", "0"],
+        &["splitter", "--max-pending-per-ip", "0"],
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?} printed: {err}");
+    }
+}
