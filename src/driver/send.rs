@@ -28,6 +28,9 @@ pub const EAGAIN_WAIT_BUDGET: Duration = Duration::from_millis(20);
 /// even with wait budget left. Bounds the loop when `poll` says "writable" but sends still fail.
 const MAX_IDLE_ROUNDS: u32 = 8;
 
+/// How long a [`BatchSender::send_from_each`] retry round waits after EAGAIN.
+const MANY_SOCKETS_WAIT: Duration = Duration::from_micros(200);
+
 /// Consecutive EINTRs from `sendmmsg` before the rest of the batch goes to the retry round.
 const MAX_EINTR: u32 = 16;
 
@@ -156,6 +159,8 @@ enum Payloads<'a> {
     Same(&'a [u8]),
     /// This batch's `(destination, payload)` items.
     Each(&'a [(SocketAddrV4, &'a [u8])]),
+    /// This batch's `(socket, destination, payload)` items: each from its own socket.
+    From(&'a [(RawFd, SocketAddrV4, &'a [u8])]),
 }
 
 impl<'a> Payloads<'a> {
@@ -163,6 +168,15 @@ impl<'a> Payloads<'a> {
         match self {
             Payloads::Same(p) => p,
             Payloads::Each(items) => items[i as usize].1,
+            Payloads::From(items) => items[i as usize].2,
+        }
+    }
+
+    /// The socket entry `i` goes out from: its own for [`Payloads::From`], else the sender's.
+    fn fd(self, i: u32, own: RawFd) -> RawFd {
+        match self {
+            Payloads::From(items) => items[i as usize].0,
+            _ => own,
         }
     }
 }
@@ -367,6 +381,37 @@ impl BatchSender {
         }
     }
 
+    /// A sender with no socket of its own, for [`send_from_each`](Self::send_from_each) only
+    /// (its [`send_to_all`](Self::send_to_all) and [`send_each`](Self::send_each) count every
+    /// datagram as an error). Used where thousands of sockets each send a little, as the load
+    /// generator's peers relaying chunks: one submission carries sends from many sockets.
+    pub fn without_socket(path: SendPath, max_batch: usize) -> io::Result<BatchSender> {
+        let mut sender = BatchSender::new(0, path, max_batch)?;
+        sender.fd = -1;
+        Ok(sender)
+    }
+
+    /// Sends each payload from its own socket (`(socket, destination, payload)`; every socket must
+    /// stay open during the call), with the same accounting as [`send_each`](Self::send_each).
+    ///
+    /// io_uring: one submission per batch, whatever the sockets. sendmmsg: one call per run of
+    /// consecutive items from the same socket, so group items by socket for fewer calls. After
+    /// EAGAIN the retry round waits a short while (up to the same total budget) instead of for
+    /// `POLLOUT` on one socket.
+    pub fn send_from_each(
+        &mut self,
+        items: &[(RawFd, SocketAddrV4, &[u8])],
+        stats: &mut SendStats,
+    ) {
+        let mut budget = EAGAIN_WAIT_BUDGET;
+        for batch in items.chunks(self.max_batch) {
+            for (slot, (_, dest, _)) in self.addrs.iter_mut().zip(batch) {
+                *slot = sockaddr_in(*dest);
+            }
+            self.send_batch(Payloads::From(batch), batch.len(), stats, &mut budget);
+        }
+    }
+
     /// Sends batch entries `0..n` (addresses already in `self.addrs`).
     fn send_batch(
         &mut self,
@@ -390,10 +435,40 @@ impl BatchSender {
         pending.extend(0..n as u32);
         let attempt = |pend: &[u32], retry: &mut Vec<u32>, stats: &mut SendStats| match ring {
             Some(ring) => uring_attempt(ring, fd, addrs, payloads, pend, retry, stats),
+            None if matches!(payloads, Payloads::From(_)) => {
+                // One sendmmsg per run of entries from the same socket.
+                let mut rest = pend;
+                while let Some(&first) = rest.first() {
+                    let run_fd = payloads.fd(first, fd);
+                    let run = rest
+                        .iter()
+                        .position(|&i| payloads.fd(i, fd) != run_fd)
+                        .unwrap_or(rest.len());
+                    mmsg_attempt(
+                        run_fd,
+                        addrs,
+                        iovs,
+                        msgs,
+                        payloads,
+                        &rest[..run],
+                        retry,
+                        stats,
+                    );
+                    rest = &rest[run..];
+                }
+            }
             None => mmsg_attempt(fd, addrs, iovs, msgs, payloads, pend, retry, stats),
         };
+        let many = matches!(payloads, Payloads::From(_));
         drive(pending, retry, stats, budget, attempt, |max| {
-            wait_writable(fd, max)
+            if many {
+                // Several sockets may be full: no single one to wait on.
+                let start = Instant::now();
+                let _ = sys::poll(&mut [], Some(max.min(MANY_SOCKETS_WAIT)));
+                start.elapsed()
+            } else {
+                wait_writable(fd, max)
+            }
         });
     }
 }
@@ -488,7 +563,7 @@ fn uring_attempt(
                 continue;
             };
             // MSG_DONTWAIT: EAGAIN comes back to us instead of io_uring arming a poll.
-            let entry = opcode::Send::new(types::Fd(fd), payload.as_ptr(), len)
+            let entry = opcode::Send::new(types::Fd(payloads.fd(i, fd)), payload.as_ptr(), len)
                 .dest_addr(ptr::from_ref(&addrs[i as usize]).cast())
                 .dest_addr_len(SOCKADDR_IN_LEN)
                 .flags(libc::MSG_DONTWAIT)
@@ -774,6 +849,55 @@ mod tests {
                 assert_eq!(&recv_one(s), p, "{path}");
             }
             assert_nothing_queued(&rx);
+        }
+    }
+
+    /// Each datagram leaves from the socket named with it (receivers see that socket's address),
+    /// in one batch mixing sockets, and runs of one socket, on both paths.
+    #[test]
+    fn send_from_each_sends_from_each_named_socket() {
+        for path in BOTH {
+            let rx = receivers(40);
+            let tx: Vec<UdpSocket> = (0..4)
+                .map(|_| udp_socket(localhost(), false, None, None).unwrap())
+                .collect();
+            let payloads: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 10 + usize::from(i)]).collect();
+            // Items 0..20 alternate sockets; 20..40 come in runs of 5 from one socket.
+            let from = |k: usize| if k < 20 { k % 4 } else { (k / 5) % 4 };
+            let items: Vec<(RawFd, SocketAddrV4, &[u8])> = (0..40)
+                .map(|k| {
+                    (
+                        tx[from(k)].as_raw_fd(),
+                        addr_of(&rx[k]),
+                        payloads[k].as_slice(),
+                    )
+                })
+                .collect();
+            let mut sender = BatchSender::without_socket(path, 16).unwrap();
+            let mut stats = SendStats::default();
+            sender.send_from_each(&items, &mut stats);
+            assert_eq!(stats.datagrams, 40, "{path}: {stats:?}");
+            assert_eq!(stats.dropped, 0, "{path}: {stats:?}");
+            let mut buf = [0u8; 256];
+            for (k, s) in rx.iter().enumerate() {
+                let mut fds = [PollFd::new(s.as_raw_fd(), sys::POLLIN)];
+                assert_eq!(
+                    sys::poll(&mut fds, Some(Duration::from_secs(5))).unwrap(),
+                    1
+                );
+                let (n, src) = s.recv_from(&mut buf).unwrap();
+                assert_eq!(&buf[..n], payloads[k].as_slice(), "{path}");
+                assert_eq!(src, tx[from(k)].local_addr().unwrap(), "{path}: item {k}");
+            }
+            assert_nothing_queued(&rx);
+            // Without a socket of its own, the single-socket calls count errors, nothing else.
+            let mut stats = SendStats::default();
+            sender.send_to_all(b"x", &[addr_of(&rx[0])], &mut stats);
+            assert_eq!(
+                (stats.datagrams, stats.dropped),
+                (0, 1),
+                "{path}: {stats:?}"
+            );
         }
     }
 

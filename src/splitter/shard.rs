@@ -229,6 +229,10 @@ impl Shard {
                                 .send_to_all(&chunk.datagram, &dests, &mut self.send_stats);
                         }
                         self.flush_control();
+                        // Keep the counters current while catching up on a long run of chunks.
+                        if cursor % 32 == 0 {
+                            self.publish_stats();
+                        }
                     }
                 }
             }

@@ -1,0 +1,585 @@
+//! The lightweight peers: real DBS peers, thousands per thread.
+//!
+//! Each peer has its own UDP socket and does the compat join over TCP (role byte, join message,
+//! the stream header fetched from the source the join message names, hellos to its team, then the
+//! ready byte). After that it lives in a worker thread: the worker receives for all its peers
+//! through one [`MultiRecv`] (io_uring multishot receives and one provided-buffer ring), feeds each
+//! datagram to that peer's [`Peer`] core (the same sans-IO core `p2psp peer` runs: relaying by
+//! DBS, chunk debts, playout), and sends every relay its peers produced in one batch per poll
+//! ([`BatchSender::send_from_each`], each datagram from its own peer's socket).
+//!
+//! In baseline mode peers do not join: they only receive the bare fan-out loop's datagrams and
+//! count sequence numbers.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::{Bytes, BytesMut};
+use crossbeam_channel::{Receiver, Sender};
+use hdrhistogram::Histogram;
+use p2psp::driver::{self, BatchSender, MultiRecv, RecvPath, SendPath, SendStats};
+use p2psp::proto::peer::{Peer, PeerEvent, PeerRules};
+use p2psp::proto::wire::{CHUNK_HEADER, JoinConfig, READY, ROLE_MONITOR, ROLE_PEER};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::tally::{self, Seen, SeqTracker, Tally, latency_histogram};
+
+/// How long a join may take, step by step.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Ports tried when the port the kernel gave the UDP socket is taken for TCP.
+const BIND_ATTEMPTS: usize = 16;
+/// Longest wait of one receive poll.
+const POLL_TIMEOUT: Duration = Duration::from_millis(2);
+/// How often leaving peers check their goodbye timeout.
+const LEAVE_TICK: Duration = Duration::from_millis(10);
+/// Longest time a worker keeps waiting before its peers' `want` is reached: `want` is chosen so
+/// that at the measured arrival rate it fills in about this long, so receive times stay accurate.
+const WANT_FILL: f64 = 20e-6;
+
+/// Bytes per receive arena: datagrams handed to the peer cores are copied into shared arenas, so
+/// a chunk costs no allocation of its own and relaying it (a clone) only bumps a count.
+const ARENA: usize = 64 * 1024;
+
+/// Copies datagrams into shared arenas (see [`ARENA`]).
+struct Arena(BytesMut);
+
+impl Arena {
+    fn copy(&mut self, data: &[u8]) -> Bytes {
+        if self.0.capacity() - self.0.len() < data.len() {
+            self.0 = BytesMut::with_capacity(ARENA.max(data.len()));
+        }
+        self.0.extend_from_slice(data);
+        self.0.split().freeze()
+    }
+}
+
+/// State shared by the main thread, the joiners and the workers.
+#[derive(Debug)]
+pub struct Shared {
+    /// Start of interval 0.
+    pub epoch: Instant,
+    /// Peers start leaving politely.
+    pub leave: AtomicBool,
+    /// Workers stop.
+    pub stop: AtomicBool,
+    /// Joiners stop.
+    pub stop_joins: AtomicBool,
+    /// Peers that completed their join (or baseline sockets bound).
+    pub joined: AtomicUsize,
+    /// Joins that failed.
+    pub join_failed: AtomicUsize,
+    /// Sockets the workers receive on.
+    pub registered: AtomicUsize,
+    /// Peers that left (after `leave`).
+    pub left: AtomicUsize,
+    /// Datagrams received by all workers so far (for the progress bar).
+    pub received: AtomicU64,
+    /// Local addresses of every peer socket (to read their kernel drop counters).
+    pub addrs: std::sync::Mutex<std::collections::HashSet<SocketAddrV4>>,
+}
+
+impl Shared {
+    /// Fresh state, interval 0 starting now.
+    pub fn new() -> Shared {
+        Shared {
+            epoch: Instant::now(),
+            leave: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            stop_joins: AtomicBool::new(false),
+            joined: AtomicUsize::new(0),
+            join_failed: AtomicUsize::new(0),
+            registered: AtomicUsize::new(0),
+            left: AtomicUsize::new(0),
+            received: AtomicU64::new(0),
+            addrs: Default::default(),
+        }
+    }
+
+    /// The interval `t` falls in.
+    pub fn interval(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_secs()
+    }
+
+    /// When interval `k` starts.
+    pub fn interval_start(&self, k: u64) -> Instant {
+        self.epoch + Duration::from_secs(k)
+    }
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared::new()
+    }
+}
+
+/// A peer handed to a worker.
+pub enum NewPeer {
+    /// A joined DBS peer.
+    Live {
+        /// Its socket (its identity in the team).
+        socket: UdpSocket,
+        /// Its protocol core, hellos already sent.
+        core: Box<Peer>,
+    },
+    /// A baseline receiver.
+    Bare {
+        /// Its socket.
+        socket: UdpSocket,
+    },
+}
+
+/// One worker's counts for one interval.
+pub struct Report {
+    /// Which interval (seconds since the epoch).
+    pub index: u64,
+    /// Counters.
+    pub tally: Tally,
+    /// Latencies (ns).
+    pub hist: Histogram<u64>,
+    /// Peers the worker has.
+    pub peers: usize,
+    /// The worker thread's CPU time during the interval.
+    pub cpu: Duration,
+    /// The worker's last report: it has stopped.
+    pub last: bool,
+    /// The receive ring's counters so far.
+    pub recv: p2psp::driver::RecvStats,
+}
+
+/// How the workers run.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerOptions {
+    /// Receive path.
+    pub recv_path: RecvPath,
+    /// Send path for relays.
+    pub send_path: SendPath,
+    /// Chunk payload bytes.
+    pub chunk_size: usize,
+    /// Core to pin the worker to.
+    pub core: Option<core_affinity::CoreId>,
+}
+
+/// A worker's peer. The core is stored inline (not boxed): one pointer chase less, one cache miss
+/// less per datagram, which is most of a peer's cost with thousands of them. Bare slots (the
+/// baseline) are as large as live ones; a run has only one kind.
+#[allow(clippy::large_enum_variant)]
+enum Slot {
+    Live {
+        socket: UdpSocket,
+        core: Peer,
+        left: bool,
+    },
+    Bare {
+        socket: UdpSocket,
+        seq: SeqTracker,
+    },
+}
+
+/// Runs one worker until `shared.stop`: receives for its peers, runs their cores, sends their
+/// relays, reports every interval. Baseline receivers are finished against `last_seq()` (the bare
+/// loop's last sequence number) before the last report.
+pub fn run_worker(
+    opts: WorkerOptions,
+    incoming: &Receiver<NewPeer>,
+    reports: &Sender<Report>,
+    shared: &Shared,
+    last_seq: &dyn Fn() -> Option<u64>,
+) -> anyhow::Result<()> {
+    if let Some(core) = opts.core {
+        core_affinity::set_for_current(core);
+    }
+    let datagram = CHUNK_HEADER + opts.chunk_size;
+    let buf_size = (datagram as u32).next_power_of_two().max(2048);
+    // Enough buffers for a few ms of arrivals at a few hundred thousand datagrams/s; bigger
+    // chunks get fewer (the ring's memory is buf_count * buf_size).
+    let buf_count = ((32u32 << 20) / buf_size).clamp(1024, 16384) as u16;
+    let mut recv = MultiRecv::new(opts.recv_path, buf_count.next_power_of_two(), buf_size)
+        .context("cannot set up the receive ring")?;
+    let mut sender = BatchSender::without_socket(opts.send_path, 256)
+        .context("cannot set up the relay sender")?;
+    let mut send_stats = SendStats::default();
+    let mut sent_before = SendStats::default();
+    let mut slots: Vec<Slot> = Vec::new();
+    let mut tally = Tally::default();
+    let mut hist = latency_histogram();
+    let mut index = shared.interval(Instant::now());
+    let mut cpu_mark = driver::thread_cpu_time();
+    let mut sends: Vec<(RawFd, SocketAddrV4, Bytes)> = Vec::with_capacity(1024);
+    let mut want: u32 = 1;
+    let mut arena = Arena(BytesMut::new());
+    let mut leaving = false;
+    let mut next_leave_tick = Instant::now();
+    loop {
+        for np in incoming.try_iter().take(4096) {
+            let token = slots.len() as u64;
+            let slot = match np {
+                NewPeer::Live { socket, core } => Slot::Live {
+                    socket,
+                    core: *core,
+                    left: false,
+                },
+                NewPeer::Bare { socket } => Slot::Bare {
+                    socket,
+                    seq: SeqTracker::default(),
+                },
+            };
+            let fd = match &slot {
+                Slot::Live { socket, .. } | Slot::Bare { socket, .. } => socket.as_raw_fd(),
+            };
+            recv.add_socket(fd, token)
+                .context("cannot add a peer socket to the receive ring")?;
+            if let Slot::Live { socket, .. } | Slot::Bare { socket, .. } = &slot
+                && let Ok(SocketAddr::V4(a)) = socket.local_addr()
+            {
+                shared.addrs.lock().unwrap().insert(a);
+            }
+            slots.push(slot);
+            if leaving && let Some(Slot::Live { socket, core, .. }) = slots.last_mut() {
+                // Joined after the others started leaving: leave too.
+                core.leave(Instant::now());
+                queue_transmits(socket.as_raw_fd(), core, &mut sends);
+            }
+            shared.registered.fetch_add(1, Ordering::Relaxed);
+        }
+        let now = Instant::now();
+        if !leaving && shared.leave.load(Ordering::Relaxed) {
+            leaving = true;
+            for s in &mut slots {
+                if let Slot::Live { socket, core, .. } = s {
+                    core.leave(now);
+                    queue_transmits(socket.as_raw_fd(), core, &mut sends);
+                }
+            }
+        }
+        recv.poll(want, POLL_TIMEOUT, |token, d| {
+            let Some(slot) = slots.get_mut(token as usize) else {
+                return;
+            };
+            let recv_ns = driver::monotonic_ns();
+            tally.datagrams += 1;
+            tally.bytes += d.data.len() as u64;
+            match slot {
+                Slot::Live { socket, core, left } => {
+                    let is_chunk = d.data.len() == datagram;
+                    let before = Seen::of(core.stats());
+                    core.handle_datagram(now, d.from, arena.copy(d.data));
+                    if is_chunk {
+                        let after = Seen::of(core.stats());
+                        tally::account_chunk(
+                            &d.data[CHUNK_HEADER..],
+                            recv_ns,
+                            before,
+                            after,
+                            &mut tally,
+                            &mut hist,
+                        );
+                    }
+                    queue_transmits(socket.as_raw_fd(), core, &mut sends);
+                    drain_events(core, &mut tally, left, shared);
+                }
+                Slot::Bare { seq, .. } => {
+                    if d.data.len() == datagram {
+                        tally.chunks += 1;
+                        let payload = &d.data[CHUNK_HEADER..];
+                        if tally::record_latency(payload, recv_ns, &mut tally, &mut hist).is_some()
+                            && let Some(st) = crate::stamp::Stamp::read(payload)
+                        {
+                            seq.on_seq(st.seq, &mut tally);
+                        }
+                    }
+                }
+            }
+        })?;
+        if leaving && now >= next_leave_tick {
+            next_leave_tick = now + LEAVE_TICK;
+            for s in &mut slots {
+                if let Slot::Live { socket, core, left } = s
+                    && !*left
+                {
+                    core.handle_timeout(now);
+                    queue_transmits(socket.as_raw_fd(), core, &mut sends);
+                    drain_events(core, &mut tally, left, shared);
+                }
+            }
+        }
+        if !sends.is_empty() {
+            let items: Vec<(RawFd, SocketAddrV4, &[u8])> =
+                sends.iter().map(|(fd, to, b)| (*fd, *to, &b[..])).collect();
+            sender.send_from_each(&items, &mut send_stats);
+            drop(items);
+            sends.clear();
+        }
+        let stop = shared.stop.load(Ordering::Relaxed);
+        let now = Instant::now();
+        let current = shared.interval(now);
+        if current > index || stop {
+            if stop && let Some(last) = last_seq() {
+                for s in &mut slots {
+                    if let Slot::Bare { seq, .. } = s {
+                        seq.finish(last, &mut tally);
+                    }
+                }
+            }
+            tally.sent += send_stats.datagrams - sent_before.datagrams;
+            tally.send_dropped += send_stats.dropped - sent_before.dropped;
+            sent_before = send_stats;
+            let cpu = driver::thread_cpu_time();
+            shared
+                .received
+                .fetch_add(tally.datagrams, Ordering::Relaxed);
+            // Adapt `want` to the arrival rate of the interval just ended (about one second).
+            want = ((tally.datagrams as f64 * WANT_FILL) as u32).clamp(1, 32);
+            let report = Report {
+                index,
+                tally: std::mem::take(&mut tally),
+                hist: hist.clone(),
+                peers: slots.len(),
+                cpu: cpu.saturating_sub(cpu_mark),
+                last: stop,
+                recv: recv.stats(),
+            };
+            hist.reset();
+            cpu_mark = cpu;
+            let _ = reports.send(report);
+            // Intervals this worker slept through get empty reports, so none is waited for.
+            for k in index + 1..current {
+                let _ = reports.send(Report {
+                    index: k,
+                    tally: Tally::default(),
+                    hist: latency_histogram(),
+                    peers: slots.len(),
+                    cpu: Duration::ZERO,
+                    last: false,
+                    recv: recv.stats(),
+                });
+            }
+            index = current.max(index + 1);
+            if stop {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn queue_transmits(fd: RawFd, core: &mut Peer, sends: &mut Vec<(RawFd, SocketAddrV4, Bytes)>) {
+    while let Some(t) = core.poll_transmit() {
+        sends.push((fd, t.dest, t.payload));
+    }
+}
+
+fn drain_events(core: &mut Peer, tally: &mut Tally, left: &mut bool, shared: &Shared) {
+    while let Some(e) = core.poll_event() {
+        tally::count_event(&e, tally);
+        if let PeerEvent::Left { .. } = e
+            && !*left
+        {
+            *left = true;
+            shared.left.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How peers join.
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    /// The splitter.
+    pub splitter: SocketAddrV4,
+    /// Local addresses to spread peers over.
+    pub ips: Vec<Ipv4Addr>,
+    /// Peers to join.
+    pub peers: usize,
+    /// Joins per second.
+    pub rate: f64,
+    /// Team size: peer `i` asks to be a monitor if `i % team_size < monitors`.
+    pub team_size: usize,
+    /// Monitors per team.
+    pub monitors: usize,
+    /// Receive buffer per peer socket.
+    pub rcvbuf: usize,
+    /// Seed for the join schedule's jitter.
+    pub seed: u64,
+}
+
+/// The outcome of one join.
+pub type JoinResult = Result<Duration, String>;
+
+/// The start time of join `i`: evenly spaced at `rate`, each moved by up to ±25 % of the spacing
+/// (a seeded jitter, so runs are repeatable and joins are not in lock-step).
+pub fn join_offset(i: usize, rate: f64, seed: u64) -> Duration {
+    let spacing = 1.0 / rate;
+    let mut x = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    let unit = (x >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+    let t = (i as f64 + (unit - 0.5) * 0.5) * spacing;
+    Duration::from_secs_f64(t.max(0.0))
+}
+
+/// Runs one joiner thread: takes peer numbers from `next` until all are taken, joins each at its
+/// time, hands it to worker `i % workers`.
+pub fn run_joiner(
+    opts: &JoinOptions,
+    start: Instant,
+    next: &AtomicUsize,
+    workers: &[Sender<NewPeer>],
+    results: &Sender<JoinResult>,
+    shared: &Shared,
+) {
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= opts.peers {
+            return;
+        }
+        let due = start + join_offset(i, opts.rate, opts.seed);
+        loop {
+            if shared.stop_joins.load(Ordering::Relaxed) {
+                return;
+            }
+            let now = Instant::now();
+            if now >= due {
+                break;
+            }
+            thread::sleep((due - now).min(Duration::from_millis(50)));
+        }
+        let ip = opts.ips[i % opts.ips.len()];
+        let monitor = i % opts.team_size.max(1) < opts.monitors;
+        let t = Instant::now();
+        match join_one(opts.splitter, ip, monitor, opts.rcvbuf) {
+            Ok((socket, core)) => {
+                shared.joined.fetch_add(1, Ordering::Relaxed);
+                let _ = workers[i % workers.len()].send(NewPeer::Live {
+                    socket,
+                    core: Box::new(core),
+                });
+                let _ = results.send(Ok(t.elapsed()));
+            }
+            Err(e) => {
+                shared.join_failed.fetch_add(1, Ordering::Relaxed);
+                let _ = results.send(Err(format!("{e:#}")));
+            }
+        }
+    }
+}
+
+/// A UDP socket on `ip` and a TCP socket bound to the same address and port: the peer's identity
+/// in its team is the TCP source endpoint of its join, which must also be its UDP endpoint. The
+/// UDP socket is bound first (a free UDP port from the kernel), then TCP tries that port.
+fn bind_pair(ip: Ipv4Addr, rcvbuf: usize) -> anyhow::Result<(UdpSocket, Socket, SocketAddrV4)> {
+    for _ in 0..BIND_ATTEMPTS {
+        let udp = driver::udp_socket(SocketAddrV4::new(ip, 0), false, Some(rcvbuf), None)
+            .map_err(|e| limit_error(e, &format!("cannot bind a UDP socket on {ip}")))?;
+        let SocketAddr::V4(local) = udp.local_addr()? else {
+            bail!("not IPv4")
+        };
+        let tcp = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+            .map_err(|e| limit_error(e, "cannot open a TCP socket"))?;
+        tcp.set_reuse_address(true)?;
+        match tcp.bind(&SocketAddr::V4(local).into()) {
+            Ok(()) => return Ok((udp, tcp, local)),
+            Err(e) if e.kind() == ErrorKind::AddrInUse => continue,
+            Err(e) => return Err(e).context(format!("cannot bind TCP {local}")),
+        }
+    }
+    bail!("no port on {ip} was free for both UDP and TCP after {BIND_ATTEMPTS} tries")
+}
+
+/// Turns "too many open files" and "address not available" into what the user can do about it.
+pub fn limit_error(e: std::io::Error, what: &str) -> anyhow::Error {
+    match e.raw_os_error() {
+        Some(24) | Some(23) => anyhow::anyhow!(
+            "{what}: out of file descriptors ({e}); loadgen raised RLIMIT_NOFILE as far as it \
+             could, run fewer --peers or raise the hard limit (ulimit -Hn, fs.nr_open)"
+        ),
+        Some(99) | Some(98) => anyhow::anyhow!(
+            "{what}: out of local ports ({e}); spread peers over more addresses (--addresses) or \
+             widen net.ipv4.ip_local_port_range"
+        ),
+        _ => anyhow::Error::new(e).context(what.to_owned()),
+    }
+}
+
+/// The compat join of one peer (reference-notes §3.1), as `p2psp peer` does it, returning its
+/// socket and its protocol core with the hellos already sent and the ready byte written.
+pub fn join_one(
+    splitter: SocketAddrV4,
+    ip: Ipv4Addr,
+    monitor: bool,
+    rcvbuf: usize,
+) -> anyhow::Result<(UdpSocket, Peer)> {
+    let (udp, tcp, _local) = bind_pair(ip, rcvbuf)?;
+    tcp.connect_timeout(&SocketAddr::V4(splitter).into(), JOIN_TIMEOUT)
+        .map_err(|e| limit_error(e, &format!("cannot connect to the splitter at {splitter}")))?;
+    let mut tcp: TcpStream = tcp.into();
+    tcp.set_nodelay(true)?;
+    tcp.set_read_timeout(Some(Duration::from_millis(500)))?;
+    tcp.write_all(&[if monitor { ROLE_MONITOR } else { ROLE_PEER }])?;
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    let mut buf = Vec::new();
+    let config = loop {
+        if let Some((config, _)) = JoinConfig::decode(&buf)
+            .map_err(|e| anyhow::anyhow!("the splitter sent a malformed join message: {e}"))?
+        {
+            break config;
+        }
+        if Instant::now() >= deadline {
+            bail!("the splitter sent no join message within {JOIN_TIMEOUT:?}");
+        }
+        let mut chunk = [0u8; 4096];
+        match tcp.read(&mut chunk) {
+            Ok(0) => bail!(
+                "the splitter closed the join connection before its join message (it refuses \
+                 joins beyond 1024 pending: lower --join-rate)"
+            ),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e).context("reading the join message"),
+        }
+    };
+    config
+        .check_usable()
+        .map_err(|e| anyhow::anyhow!("cannot use the splitter: {e}"))?;
+    let mut source = config.source;
+    if source.ip().is_unspecified() {
+        source = SocketAddrV4::new(*splitter.ip(), source.port());
+    }
+    p2psp::peer::join::fetch_header(source, &config.channel, usize::from(config.header_size))?;
+    let mut rules = PeerRules::new(splitter, usize::from(config.chunk_size), config.buffer_size);
+    rules.monitor = monitor;
+    let mut core = Peer::new(rules, &config.peers, config.monitors);
+    // Hellos first, then the ready byte: the splitter adds us to the team on that byte.
+    while let Some(t) = core.poll_transmit() {
+        let _ = udp.send_to(&t.payload, t.dest);
+    }
+    tcp.write_all(&[READY])?;
+    let _ = tcp.shutdown(std::net::Shutdown::Both);
+    Ok((udp, core))
+}
+
+/// A baseline receiver socket on `ip`.
+pub fn bare_socket(ip: Ipv4Addr, rcvbuf: usize) -> anyhow::Result<UdpSocket> {
+    driver::udp_socket(SocketAddrV4::new(ip, 0), false, Some(rcvbuf), None)
+        .map_err(|e| limit_error(e, &format!("cannot bind a UDP socket on {ip}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_schedule_is_paced_jittered_and_repeatable() {
+        let rate = 100.0;
+        for i in 0..1000 {
+            let t = join_offset(i, rate, 7).as_secs_f64();
+            let ideal = i as f64 / rate;
+            assert!((t - ideal).abs() <= 0.25 / rate + 1e-12, "{i}: {t}");
+            assert_eq!(join_offset(i, rate, 7), join_offset(i, rate, 7));
+        }
+        assert_ne!(join_offset(5, rate, 7), join_offset(5, rate, 8));
+    }
+}

@@ -1,0 +1,760 @@
+//! What loadgen prints and writes: the per-second line, the final summary, the JSON report, the
+//! HdrHistogram percentile distribution (`.hgrm`, as wrk2 writes it) and the SVG plot.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::tally::Tally;
+
+/// Nanoseconds to milliseconds.
+pub fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+/// Latency figures in milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Latency {
+    /// Samples.
+    pub count: u64,
+    /// Smallest.
+    pub min: f64,
+    /// Mean.
+    pub mean: f64,
+    /// Standard deviation.
+    pub stdev: f64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p99_9: f64,
+    /// 99.99th percentile.
+    pub p99_99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Latency {
+    /// From a histogram of nanoseconds (all zero when empty).
+    pub fn of(h: &Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        let q = |x: f64| ms(h.value_at_quantile(x));
+        Latency {
+            count: h.len(),
+            min: ms(h.min()),
+            mean: h.mean() / 1e6,
+            stdev: h.stdev() / 1e6,
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            p99_9: q(0.999),
+            p99_99: q(0.9999),
+            max: ms(h.max()),
+        }
+    }
+}
+
+/// One second of the run.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Interval {
+    /// Seconds since loadgen started its clock (start of this interval).
+    pub t: u64,
+    /// `join`, `measure` or `leave`.
+    pub phase: &'static str,
+    /// Peers receiving.
+    pub peers: usize,
+    /// Datagrams received by the peers per second.
+    pub rx_datagrams_per_s: f64,
+    /// Gigabits received by the peers per second (UDP payload).
+    pub rx_gbit_per_s: f64,
+    /// Datagrams the splitter (or the baseline loop) sent per second, if known.
+    pub tx_datagrams_per_s: Option<f64>,
+    /// Chunks lost at playout over chunks due, in percent.
+    pub loss_pct: f64,
+    /// Chunks lost.
+    pub lost: u64,
+    /// Chunks played.
+    pub played: u64,
+    /// Median latency in ms (null without samples).
+    pub p50_ms: Option<f64>,
+    /// 99th percentile latency in ms.
+    pub p99_ms: Option<f64>,
+}
+
+impl Interval {
+    /// Builds the line's figures from one second of counts.
+    pub fn new(
+        t: u64,
+        phase: &'static str,
+        peers: usize,
+        tally: &Tally,
+        hist: &Histogram<u64>,
+        tx: Option<f64>,
+    ) -> Interval {
+        let q = |x: f64| (!hist.is_empty()).then(|| ms(hist.value_at_quantile(x)));
+        Interval {
+            t,
+            phase,
+            peers,
+            rx_datagrams_per_s: tally.datagrams as f64,
+            rx_gbit_per_s: tally.bytes as f64 * 8.0 / 1e9,
+            tx_datagrams_per_s: tx,
+            loss_pct: tally.loss_ratio() * 100.0,
+            lost: tally.lost,
+            played: tally.played,
+            p50_ms: q(0.5),
+            p99_ms: q(0.99),
+        }
+    }
+
+    /// The once-a-second line (iperf3 style).
+    pub fn line(&self, tx_name: &str) -> String {
+        let lat = |v: Option<f64>| v.map_or("     -".to_owned(), |v| format!("{v:6.3}"));
+        let tx = self
+            .tx_datagrams_per_s
+            .map_or("-".to_owned(), |v| group(v.round() as u64));
+        format!(
+            "[{:>4}-{:<4}s] {:<7} {:>6} peers  rx {:>10} dgram/s {:6.3} Gbit/s  {tx_name} {:>10} dgram/s  loss {:7.3} %  p50 {} ms  p99 {} ms",
+            self.t,
+            self.t + 1,
+            self.phase,
+            self.peers,
+            group(self.rx_datagrams_per_s.round() as u64),
+            self.rx_gbit_per_s,
+            tx,
+            self.loss_pct,
+            lat(self.p50_ms),
+            lat(self.p99_ms),
+        )
+    }
+}
+
+/// `1234567` as `1,234,567`.
+pub fn group(v: u64) -> String {
+    let s = v.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The run's settings, as reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// `splitter` or `baseline-sendmmsg`.
+    pub mode: String,
+    /// Where peers joined (or the baseline's destinations' first address).
+    pub splitter: String,
+    /// Whether loadgen started the splitter itself.
+    pub splitter_child: bool,
+    /// Peers asked for.
+    pub peers: usize,
+    /// Team size.
+    pub team_size: usize,
+    /// Chunk payload bytes.
+    pub chunk_size: usize,
+    /// Stream bit rate (bits/s of chunk payload).
+    pub bitrate_bps: u64,
+    /// Chunks per second.
+    pub chunks_per_second: f64,
+    /// Seconds measured, as asked.
+    pub duration_s: f64,
+    /// Joins per second asked.
+    pub join_rate: f64,
+    /// Splitter shards (child only).
+    pub shards: Option<usize>,
+    /// Splitter send path asked (child only).
+    pub io: Option<String>,
+    /// Peers' playout buffer in chunks (child only).
+    pub buffer_size: Option<u32>,
+    /// Monitors per team.
+    pub monitors: usize,
+    /// Worker threads.
+    pub threads: usize,
+    /// Local addresses the peers were spread over.
+    pub addresses: Vec<String>,
+    /// Receive path of the workers.
+    pub recv_path: String,
+    /// Seed.
+    pub seed: u64,
+}
+
+/// How the joins went.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Joins {
+    /// Joins completed.
+    pub ok: usize,
+    /// Joins failed.
+    pub failed: usize,
+    /// Seconds from the first join's start to the last join's end.
+    pub seconds: f64,
+    /// Join time (connect to ready byte) percentiles.
+    pub latency_ms: Latency,
+    /// The first few distinct errors.
+    pub errors: Vec<String>,
+}
+
+/// Fan-out figures over the measured seconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Fanout {
+    /// Datagrams received by all peers per second.
+    pub rx_datagrams_per_s: f64,
+    /// Gigabits received by all peers per second (UDP payload).
+    pub rx_gbit_per_s: f64,
+    /// Datagrams the peers sent per second (relays, hellos, goodbyes, loss reports).
+    pub peer_tx_datagrams_per_s: f64,
+    /// Datagrams the kernel dropped at the peers' full receive buffers in the measured seconds
+    /// (`/proc/net/udp`): the senders outran loadgen's receive threads.
+    pub socket_drops: Option<u64>,
+    /// (received + socket drops) per second: what reached the peers' sockets, whatever loadgen
+    /// could read. With teams of 1 this is the sender's fan-out, independent of loadgen's speed.
+    pub delivered_datagrams_per_s: Option<f64>,
+    /// Datagrams the splitter (or baseline loop) sent per second, if known.
+    pub tx_datagrams_per_s: Option<f64>,
+    /// Gigabits the splitter (or baseline loop) sent per second, if known.
+    pub tx_gbit_per_s: Option<f64>,
+    /// Datagrams the splitter or baseline loop gave up sending (and splitter ring overruns).
+    pub tx_drops: Option<u64>,
+}
+
+/// CPU time of the splitter process (or the baseline's sending thread).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Cpu {
+    /// User-space seconds.
+    pub user_s: f64,
+    /// Kernel seconds.
+    pub system_s: f64,
+    /// (user + system) / wall time: cores kept busy.
+    pub cores: f64,
+    /// user / (user + system).
+    pub user_share: f64,
+}
+
+impl Cpu {
+    /// From CPU times over `wall` seconds.
+    pub fn new(t: crate::procfs::CpuTimes, wall: f64) -> Cpu {
+        let (u, s) = (t.user.as_secs_f64(), t.system.as_secs_f64());
+        Cpu {
+            user_s: u,
+            system_s: s,
+            cores: if wall > 0.0 { (u + s) / wall } else { 0.0 },
+            user_share: if u + s > 0.0 { u / (u + s) } else { 0.0 },
+        }
+    }
+}
+
+/// loadgen's own costs.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Own {
+    /// Worker threads' CPU seconds in the measured seconds.
+    pub worker_cpu_s: f64,
+    /// Worker CPU per received datagram, microseconds.
+    pub cpu_us_per_datagram: f64,
+    /// Whole process CPU seconds in the measured seconds.
+    pub process_cpu_s: f64,
+    /// Receive ring: multishot receives that ended because the provided buffers ran out.
+    pub recv_enobufs: u64,
+    /// Receive ring: multishot receives re-armed.
+    pub recv_rearms: u64,
+    /// Datagrams longer than the receive buffers (dropped).
+    pub recv_truncated: u64,
+    /// Receive errors.
+    pub recv_errors: u64,
+    /// Resident memory at the end, MiB.
+    pub rss_mib: f64,
+    /// Peak resident memory, MiB.
+    pub rss_peak_mib: f64,
+}
+
+/// The whole report (`--json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// loadgen's version.
+    pub loadgen_version: &'static str,
+    /// Settings.
+    pub config: Config,
+    /// Joins.
+    pub joins: Joins,
+    /// Seconds measured (whole intervals after every join finished).
+    pub measured_seconds: f64,
+    /// Counters over the measured seconds.
+    pub chunks: Tally,
+    /// lost / (played + lost) over the measured seconds.
+    pub loss_ratio: f64,
+    /// Source-to-peer latency over the measured seconds.
+    pub latency_ms: Latency,
+    /// Fan-out.
+    pub fanout: Fanout,
+    /// Splitter process CPU (child only), or the baseline loop's thread.
+    pub sender_cpu: Option<Cpu>,
+    /// loadgen's own costs.
+    pub loadgen: Own,
+    /// How late the source wrote its records against its schedule.
+    pub source_lag_ms: Option<Latency>,
+    /// Every second of the run.
+    pub intervals: Vec<Interval>,
+}
+
+impl Report {
+    /// The final summary (vegeta / wrk2 style).
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let c = &self.config;
+        let tx_name = if c.mode == "splitter" {
+            "splitter"
+        } else {
+            "baseline"
+        };
+        let teams = if c.mode == "splitter" {
+            format!("splitter, teams of {}", c.team_size)
+        } else {
+            c.mode.clone()
+        };
+        let _ = writeln!(
+            s,
+            "\n{} peers ({teams}), {} B chunks at {:.3} Mbit/s ({:.1} chunks/s), {:.0} s measured",
+            self.joins.ok,
+            c.chunk_size,
+            c.bitrate_bps as f64 / 1e6,
+            c.chunks_per_second,
+            self.measured_seconds
+        );
+        if c.mode == "splitter" {
+            let j = &self.joins;
+            let _ = writeln!(
+                s,
+                "  Joins      {} ok, {} failed in {:.2} s   join time p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+                j.ok, j.failed, j.seconds, j.latency_ms.p50, j.latency_ms.p99, j.latency_ms.max
+            );
+            for e in &j.errors {
+                let _ = writeln!(s, "             error: {e}");
+            }
+        }
+        let t = &self.chunks;
+        let _ = writeln!(
+            s,
+            "  Chunks     played {}  lost {} ({:.4} %)  late {}  duplicates {}  out of window {}  unstamped {}",
+            group(t.played),
+            group(t.lost),
+            self.loss_ratio * 100.0,
+            group(t.late),
+            group(t.duplicates),
+            group(t.out_of_window),
+            group(t.unstamped)
+        );
+        let l = &self.latency_ms;
+        let _ = writeln!(
+            s,
+            "  Latency    mean {:.3} ms  stdev {:.3} ms  max {:.3} ms  ({} samples, source schedule to peer)",
+            l.mean,
+            l.stdev,
+            l.max,
+            group(l.count)
+        );
+        let _ = writeln!(
+            s,
+            "  Latency Distribution (HdrHistogram - Recorded Latency)"
+        );
+        for (name, v) in [
+            ("50.000%", l.p50),
+            ("90.000%", l.p90),
+            ("99.000%", l.p99),
+            ("99.900%", l.p99_9),
+            ("99.990%", l.p99_99),
+            ("100.000%", l.max),
+        ] {
+            let _ = writeln!(s, "   {name:>8}  {v:9.3} ms");
+        }
+        let f = &self.fanout;
+        let _ = write!(
+            s,
+            "  Fan-out    peers rx {} dgram/s ({:.3} Gbit/s), peers tx {} dgram/s",
+            group(f.rx_datagrams_per_s.round() as u64),
+            f.rx_gbit_per_s,
+            group(f.peer_tx_datagrams_per_s.round() as u64)
+        );
+        if let (Some(d), Some(del)) = (f.socket_drops, f.delivered_datagrams_per_s)
+            && d > 0
+        {
+            let _ = write!(
+                s,
+                "; {} dropped at full peer sockets (delivered {} dgram/s)",
+                group(d),
+                group(del.round() as u64)
+            );
+        }
+        match (f.tx_datagrams_per_s, f.tx_gbit_per_s) {
+            (Some(d), Some(g)) => {
+                let _ = writeln!(
+                    s,
+                    "; {tx_name} tx {} dgram/s ({g:.3} Gbit/s), drops {}",
+                    group(d.round() as u64),
+                    f.tx_drops.unwrap_or(0)
+                );
+            }
+            _ => {
+                let _ = writeln!(s);
+            }
+        }
+        if let Some(cpu) = &self.sender_cpu {
+            let _ = writeln!(
+                s,
+                "  {:<10} CPU user {:.2} s  system {:.2} s  = {:.2} cores; user share {:.1} %",
+                if c.mode == "splitter" {
+                    "Splitter"
+                } else {
+                    "Baseline"
+                },
+                cpu.user_s,
+                cpu.system_s,
+                cpu.cores,
+                cpu.user_share * 100.0
+            );
+        }
+        let o = &self.loadgen;
+        let _ = writeln!(
+            s,
+            "  Loadgen    {:.2} µs CPU per received datagram ({:.2} s on {} worker(s)), process {:.2} s; RSS {:.0} MiB, peak {:.0} MiB",
+            o.cpu_us_per_datagram,
+            o.worker_cpu_s,
+            c.threads,
+            o.process_cpu_s,
+            o.rss_mib,
+            o.rss_peak_mib
+        );
+        if o.recv_enobufs + o.recv_truncated + o.recv_errors > 0 {
+            let _ = writeln!(
+                s,
+                "  Receive    buffer ring ran dry {} times ({} re-arms), {} truncated, {} errors",
+                o.recv_enobufs, o.recv_rearms, o.recv_truncated, o.recv_errors
+            );
+        }
+        if let Some(lag) = &self.source_lag_ms {
+            let _ = writeln!(
+                s,
+                "  Source lag p99 {:.3} ms  max {:.3} ms (writes behind the schedule latency is measured from)",
+                lag.p99, lag.max
+            );
+        }
+        s
+    }
+}
+
+/// The HdrHistogram percentile distribution in milliseconds, as wrk2 (and HdrHistogram's
+/// `outputPercentileDistribution`) print it; plotted by HdrHistogram's online plotter.
+pub fn hgrm(h: &Histogram<u64>) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:>12} {:>14} {:>10} {:>14}\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
+    if !h.is_empty() {
+        let mut total = 0u64;
+        for v in h.iter_quantiles(5) {
+            total += v.count_since_last_iteration();
+            let q = v.quantile_iterated_to();
+            let value = ms(v.value_iterated_to());
+            if q < 1.0 {
+                let _ = writeln!(
+                    s,
+                    "{value:12.3} {q:14.12} {total:10} {:14.2}",
+                    1.0 / (1.0 - q)
+                );
+            } else {
+                let _ = writeln!(s, "{value:12.3} {q:14.12} {total:10}");
+            }
+        }
+    }
+    let _ = writeln!(
+        s,
+        "#[Mean    = {:12.3}, StdDeviation   = {:12.3}]",
+        h.mean() / 1e6,
+        h.stdev() / 1e6
+    );
+    let _ = writeln!(
+        s,
+        "#[Max     = {:12.3}, Total count    = {:12}]",
+        ms(h.max()),
+        h.len()
+    );
+    let _ = writeln!(
+        s,
+        "#[Buckets = {:12}, SubBuckets     = {:12}]",
+        h.buckets(),
+        h.distinct_values()
+    );
+    s
+}
+
+/// Writes the SVG: the latency percentile curve on top, the per-second throughput and loss
+/// timeline below.
+pub fn plot(
+    path: &Path,
+    h: &Histogram<u64>,
+    intervals: &[Interval],
+    title: &str,
+) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plot {}: {e}", path.display());
+    let root = SVGBackend::new(path, (1000, 900)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let root = root
+        .titled(title, ("sans-serif", 20))
+        .map_err(|e| err(&e))?;
+    let (top, bottom) = root.split_vertically(430);
+
+    // Latency by percentile: x is the number of nines, -log10(1 - p).
+    let mut points = Vec::new();
+    if !h.is_empty() {
+        for v in h.iter_quantiles(5) {
+            let q = v.quantile_iterated_to();
+            if q < 1.0 {
+                points.push((-(1.0 - q).log10(), ms(v.value_iterated_to())));
+            }
+        }
+    }
+    let x_max = points.last().map_or(1.0, |p| p.0).clamp(1.0, 6.0);
+    let y_max = points.iter().map(|p| p.1).fold(0.0, f64::max).max(0.001) * 1.1;
+    let mut chart = ChartBuilder::on(&top)
+        .caption(
+            "Latency by percentile (source schedule to peer)",
+            ("sans-serif", 16),
+        )
+        .margin(15)
+        .x_label_area_size(35)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("ms")
+        .x_labels(7)
+        .x_label_formatter(&|x| {
+            let p = 100.0 * (1.0 - 10f64.powf(-x));
+            format!("{p:.3}%")
+        })
+        .draw()
+        .map_err(|e| err(&e))?;
+    chart
+        .draw_series(LineSeries::new(points, &BLUE))
+        .map_err(|e| err(&e))?;
+
+    // Timeline.
+    let t_max = intervals.last().map_or(1, |i| i.t + 1) as f64;
+    let g_max = intervals
+        .iter()
+        .map(|i| i.rx_gbit_per_s)
+        .fold(0.0, f64::max)
+        .max(0.001)
+        * 1.15;
+    let l_max = intervals
+        .iter()
+        .map(|i| i.loss_pct)
+        .fold(0.0, f64::max)
+        .max(1.0)
+        * 1.15;
+    let mut chart = ChartBuilder::on(&bottom)
+        .caption(
+            "Per second: received Gbit/s (blue), loss % (red)",
+            ("sans-serif", 16),
+        )
+        .margin(15)
+        .x_label_area_size(35)
+        .y_label_area_size(60)
+        .right_y_label_area_size(60)
+        .build_cartesian_2d(0.0..t_max, 0.0..g_max)
+        .map_err(|e| err(&e))?
+        .set_secondary_coord(0.0..t_max, 0.0..l_max);
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("Gbit/s received")
+        .draw()
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_secondary_axes()
+        .y_desc("loss %")
+        .draw()
+        .map_err(|e| err(&e))?;
+    chart
+        .draw_series(LineSeries::new(
+            intervals
+                .iter()
+                .map(|i| (i.t as f64 + 0.5, i.rx_gbit_per_s)),
+            &BLUE,
+        ))
+        .map_err(|e| err(&e))?;
+    chart
+        .draw_secondary_series(LineSeries::new(
+            intervals.iter().map(|i| (i.t as f64 + 0.5, i.loss_pct)),
+            &RED,
+        ))
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// Writes `text` to `path`, naming the file in the error.
+pub fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tally::latency_histogram;
+
+    fn sample_hist() -> Histogram<u64> {
+        let mut h = latency_histogram();
+        for i in 1..=10_000u64 {
+            h.record(i * 1000).unwrap(); // 1 µs .. 10 ms
+        }
+        h
+    }
+
+    #[test]
+    fn latency_percentiles_in_ms() {
+        let l = Latency::of(&sample_hist());
+        assert_eq!(l.count, 10_000);
+        assert!((l.p50 - 5.0).abs() < 0.01, "{l:?}");
+        assert!((l.p99 - 9.9).abs() < 0.01, "{l:?}");
+        assert!((l.max - 10.0).abs() < 0.01, "{l:?}");
+        assert!(l.min <= l.p50 && l.p50 <= l.p90 && l.p90 <= l.p99 && l.p99 <= l.p99_9);
+        assert_eq!(Latency::of(&latency_histogram()), Latency::default());
+    }
+
+    #[test]
+    fn hgrm_has_wrk2_columns_and_footer() {
+        let text = hgrm(&sample_hist());
+        let mut lines = text.lines();
+        let head = lines.next().unwrap();
+        for col in ["Value", "Percentile", "TotalCount", "1/(1-Percentile)"] {
+            assert!(head.contains(col));
+        }
+        let rows: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.contains("Value"))
+            .collect();
+        assert!(rows.len() > 20);
+        // Last row is the 100th percentile with the whole count, and no 1/(1-p) column.
+        let last: Vec<&str> = rows.last().unwrap().split_whitespace().collect();
+        assert_eq!(last.len(), 3);
+        assert_eq!(last[1].parse::<f64>().unwrap(), 1.0);
+        assert_eq!(last[2], "10000");
+        assert!(text.contains("#[Mean    ="));
+        assert!(text.contains("Total count    =        10000]"));
+    }
+
+    #[test]
+    fn json_report_has_the_documented_fields() {
+        let h = sample_hist();
+        let mut t = Tally {
+            datagrams: 100,
+            bytes: 102_600,
+            played: 99,
+            lost: 1,
+            ..Tally::default()
+        };
+        t.chunks = 100;
+        let iv = Interval::new(3, "measure", 10, &t, &h, Some(50.0));
+        assert!((iv.loss_pct - 1.0).abs() < 1e-9);
+        assert!(iv.line("splitter").contains("loss   1.000 %"));
+        let r = Report {
+            loadgen_version: "0",
+            config: Config {
+                mode: "splitter".into(),
+                splitter: "127.0.0.1:1".into(),
+                splitter_child: true,
+                peers: 10,
+                team_size: 2,
+                chunk_size: 1024,
+                bitrate_bps: 1_000_000,
+                chunks_per_second: 122.0,
+                duration_s: 1.0,
+                join_rate: 100.0,
+                shards: Some(1),
+                io: Some("auto".into()),
+                buffer_size: Some(256),
+                monitors: 0,
+                threads: 1,
+                addresses: vec!["127.0.0.1".into()],
+                recv_path: "io_uring".into(),
+                seed: 1,
+            },
+            joins: Joins::default(),
+            measured_seconds: 1.0,
+            chunks: t,
+            loss_ratio: t.loss_ratio(),
+            latency_ms: Latency::of(&h),
+            fanout: Fanout::default(),
+            sender_cpu: Some(Cpu::default()),
+            loadgen: Own::default(),
+            source_lag_ms: None,
+            intervals: vec![iv],
+        };
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        for path in [
+            "/config/peers",
+            "/config/mode",
+            "/joins/ok",
+            "/joins/latency_ms/p99",
+            "/measured_seconds",
+            "/chunks/played",
+            "/chunks/lost",
+            "/chunks/late",
+            "/chunks/duplicates",
+            "/loss_ratio",
+            "/latency_ms/p50",
+            "/latency_ms/p99_99",
+            "/latency_ms/max",
+            "/fanout/rx_datagrams_per_s",
+            "/fanout/tx_datagrams_per_s",
+            "/sender_cpu/user_share",
+            "/loadgen/cpu_us_per_datagram",
+            "/loadgen/rss_peak_mib",
+            "/intervals/0/loss_pct",
+            "/intervals/0/p99_ms",
+        ] {
+            assert!(v.pointer(path).is_some(), "missing {path}");
+        }
+        assert_eq!(v.pointer("/chunks/lost").unwrap(), 1);
+        assert!(r.summary().contains("99.990%"));
+    }
+
+    #[test]
+    fn plot_writes_an_svg() {
+        let h = sample_hist();
+        let t = Tally::default();
+        let ivs: Vec<Interval> = (0..5)
+            .map(|k| Interval::new(k, "measure", 1, &t, &h, None))
+            .collect();
+        let path = std::env::temp_dir().join(format!("loadgen-plot-{}.svg", std::process::id()));
+        plot(&path, &h, &ivs, "test").unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.contains("percentile"));
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn numbers_are_grouped() {
+        assert_eq!(group(0), "0");
+        assert_eq!(group(999), "999");
+        assert_eq!(group(1000), "1,000");
+        assert_eq!(group(1234567), "1,234,567");
+    }
+}
