@@ -52,6 +52,7 @@ pub fn run(args: &DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         max_pending_joins: 1024,
         max_pending_per_ip: 64,
         join_timeout: 5.0,
+        service: Default::default(),
     };
     let settings = splitter::Settings::from_args(&splitter_args).map_err(anyhow::Error::msg)?;
     let splitter_stop = Arc::new(AtomicBool::new(false));
@@ -76,6 +77,7 @@ pub fn run(args: &DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             faults: peer::Faults::default(),
             status: None,
             counters: counters.clone(),
+            metrics: None,
         };
         let peer_stop = stop.clone();
         let h = std::thread::spawn(move || peer::run(opts, peer_stop));

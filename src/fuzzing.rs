@@ -19,6 +19,54 @@ use crate::proto::team::{TeamRules, Teams};
 use crate::proto::wire::{CHUNK_HEADER, JoinConfig, ToPeer, ToSplitter, encode_chunk};
 use crate::splitter::control::{Request, classify_request};
 
+/// The `p2psp` command line as `main` builds it, for the configuration-file harness.
+fn cli() -> &'static clap::Command {
+    use clap::Args;
+    static CLI: std::sync::OnceLock<clap::Command> = std::sync::OnceLock::new();
+    CLI.get_or_init(|| {
+        clap::Command::new("p2psp")
+            .subcommand(crate::splitter::SplitterArgs::augment_args(
+                clap::Command::new("splitter"),
+            ))
+            .subcommand(crate::peer::PeerArgs::augment_args(clap::Command::new(
+                "peer",
+            )))
+    })
+}
+
+/// A `--config` file (TOML; keys are long flag names): the parser never panics, an error is one
+/// line naming the file, and what it accepts is a command line clap parses into the
+/// subcommand's flags.
+pub fn config_file(data: &[u8]) {
+    use clap::FromArgMatches;
+    let (which, text) = match data.split_first() {
+        Some((b, rest)) => (*b & 1, String::from_utf8_lossy(rest).into_owned()),
+        None => (0, String::new()),
+    };
+    let sub = if which == 0 { "splitter" } else { "peer" };
+    let raw: Vec<std::ffi::OsString> = ["p2psp", sub, "--config", "fuzz.toml"]
+        .iter()
+        .map(Into::into)
+        .collect();
+    match crate::config::expand_with(cli(), raw, |_| Ok(text)) {
+        Ok(expanded) => {
+            assert!(expanded.args.len() >= 4);
+            if let Ok(m) = cli().clone().try_get_matches_from(&expanded.args) {
+                let (name, sub) = m.subcommand().expect("a subcommand was given");
+                if name == "splitter" {
+                    let _ = crate::splitter::SplitterArgs::from_arg_matches(sub);
+                } else {
+                    let _ = crate::peer::PeerArgs::from_arg_matches(sub);
+                }
+            }
+        }
+        Err(e) => {
+            assert!(!e.contains('\n'), "a multi-line error: {e}");
+            assert!(e.starts_with("--config fuzz.toml: "), "{e}");
+        }
+    }
+}
+
 /// Reads the harness input byte by byte; zeros once it runs out.
 struct Input<'a> {
     data: &'a [u8],

@@ -12,14 +12,19 @@
 //! - [`driver`]: the io_uring (and `sendmmsg`) data path and the few system calls the standard
 //!   library lacks. The only module with `unsafe`.
 //! - [`http`]: sans-IO HTTP/1.x heads and chunked decoding, for the source and the small servers.
+//! - [`media`]: just enough Ogg and MPEG-TS to start a player in the middle of a live stream.
 //! - [`pattern`]: the test source's deterministic byte stream, to check what players receive.
 //! - [`splitter`] and [`peer`]: the programs, wiring the core to sockets, sources and players.
+//! - [`metrics`] and [`config`]: what an operator sees (`--metrics`) and sets (`--config`).
 
+pub mod config;
 pub mod demo;
 pub mod driver;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod media;
+pub mod metrics;
 pub mod pattern;
 pub mod peer;
 pub mod proto;

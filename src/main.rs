@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use mimalloc::MiMalloc;
 
 use p2psp::{demo, peer, splitter};
@@ -16,8 +16,11 @@ static GLOBAL: MiMalloc = MiMalloc;
 /// of every team; peers relay it to the rest of their team (DBS) and play it to a local player.
 /// Byte-compatible with the C++ P2PSP reference.
 ///
-/// Exit codes: 0 done, 1 failed while running, 2 bad flags or configuration (port in use,
-/// unreachable source).
+/// Exit codes: 0 done (also after SIGTERM or SIGINT), 1 failed while running, 2 bad flags or
+/// configuration file, or a setup error (port in use, unreachable source or splitter).
+///
+/// `--config FILE` (splitter, peer) reads flags from a TOML file whose keys are the long flag
+/// names (`header-size = 16384`); flags on the command line win.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -43,8 +46,14 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    // `--config FILE`: the file's settings join the command line, which wins.
+    let expanded = match p2psp::config::expand(&Cli::command(), std::env::args_os().collect()) {
+        Ok(e) => e,
+        Err(message) => return usage_error(&message),
+    };
+    let cli = Cli::parse_from(&expanded.args);
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal ends the process at once.
@@ -55,18 +64,22 @@ fn main() -> ExitCode {
         Command::Splitter(args) => {
             let settings = match splitter::Settings::from_args(&args) {
                 Ok(s) => s,
-                Err(e) => return usage_error(&e),
+                Err(e) => return usage_error(&expanded.blame(&e)),
             };
             let running = match splitter::start(settings, stop) {
                 Ok(r) => r,
                 Err(e) => return usage_error(&format!("{e:#}")),
             };
-            finish(running.wait())
+            // Under systemd (`Type=notify`): listening, so ready.
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            let result = running.wait();
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+            finish(result)
         }
         Command::Peer(args) => {
             let opts = match peer::PeerOptions::from_args(&args) {
                 Ok(o) => o,
-                Err(e) => return usage_error(&e),
+                Err(e) => return usage_error(&expanded.blame(&e)),
             };
             finish(peer::run(opts, stop))
         }
@@ -82,6 +95,7 @@ fn usage_error(message: &str) -> ExitCode {
 fn finish(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<peer::SetupError>().is_some() => usage_error(&format!("{e:#}")),
         Err(e) => {
             eprintln!("p2psp: {e:#}");
             ExitCode::from(1)

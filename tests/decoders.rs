@@ -124,6 +124,34 @@ proptest! {
     }
 
     #[test]
+    fn config_file_random(data in bytes(256)) {
+        fuzzing::config_file(&data);
+    }
+
+    #[test]
+    fn config_file_mutated(data in mutated("config_file")) {
+        fuzzing::config_file(&data);
+    }
+
+    #[test]
+    fn config_file_of_keys_and_values(
+        which in 0u8..2,
+        lines in proptest::collection::vec(
+            (
+                "(lrs|acs|max-peers|drop-rate|join-timeout|chunk-size|buffer-size|seed|monitor|splitter|source|bogus)",
+                "(true|false|-?[0-9]{1,6}(\\.[0-9]{1,3})?|\"[a-z0-9:./]{0,20}\"|\\[1, 2\\])",
+            ),
+            0..8,
+        ),
+    ) {
+        let mut data = vec![which];
+        for (k, v) in lines {
+            data.extend_from_slice(format!("{k} = {v}\n").as_bytes());
+        }
+        fuzzing::config_file(&data);
+    }
+
+    #[test]
     fn udp_peer_random(data in bytes(1024)) {
         fuzzing::udp_peer(&data);
     }
@@ -153,5 +181,8 @@ fn seeds_pass() {
     }
     for s in seeds("udp_peer") {
         fuzzing::udp_peer(&s);
+    }
+    for s in seeds("config_file") {
+        fuzzing::config_file(&s);
     }
 }

@@ -81,6 +81,7 @@ fn args() -> SplitterArgs {
         max_pending_joins: 1024,
         max_pending_per_ip: 64,
         join_timeout: 5.0,
+        service: Default::default(),
     }
 }
 
@@ -110,6 +111,7 @@ fn spawn_peer(port: u16, monitor: bool) -> HonestPeer {
         faults: Faults::default(),
         status: None,
         counters: counters.clone(),
+        metrics: None,
     };
     let s = stop.clone();
     let thread = std::thread::spawn(move || peer::run(opts, s));

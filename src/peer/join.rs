@@ -22,7 +22,9 @@ pub struct Joined {
     /// Its address.
     pub local: SocketAddrV4,
     /// The first `header_size` bytes of `GET /<channel>` from the source the splitter named.
-    pub header: Vec<u8>,
+    pub header: FetchedHeader,
+    /// Where the header came from (to fetch it again when it changes).
+    pub header_source: SocketAddrV4,
     /// The join connection, still open: [`Joined::ready`] completes the join.
     tcp: TcpStream,
 }
@@ -40,14 +42,9 @@ impl Joined {
 
 /// Joins the team of `splitter`.
 pub fn join(splitter: SocketAddrV4, monitor: bool) -> anyhow::Result<Joined> {
-    // Our team identity is the TCP source endpoint: bind UDP to the same port before asking to
-    // join, so no chunk can arrive before we listen. Without SO_REUSEADDR: a UDP port shared with
-    // another socket (another peer on this host whose TCP connection got the same local port for
-    // another splitter, or a local process waiting for it) would take our datagrams. If the port
-    // is taken, a new connection gets another one.
-    let mut attempt = 0;
-    let (mut tcp, local, socket) = loop {
-        attempt += 1;
+    let mut attempts = 0;
+    let (mut tcp, socket, local) = loop {
+        attempts += 1;
         let tcp = TcpStream::connect_timeout(&splitter.into(), JOIN_TIMEOUT)
             .with_context(|| format!("cannot connect to the splitter at {splitter}"))?;
         tcp.set_read_timeout(Some(Duration::from_secs(1)))?;
@@ -55,10 +52,19 @@ pub fn join(splitter: SocketAddrV4, monitor: bool) -> anyhow::Result<Joined> {
         let SocketAddr::V4(local) = tcp.local_addr()? else {
             bail!("not an IPv4 connection")
         };
+        // Our team identity is the TCP source endpoint: bind UDP to the same port before asking
+        // to join, so no chunk can arrive before we listen. The kernel picked the TCP port among
+        // free TCP ports only: when that UDP port is taken, connect again from another one.
+        // Without SO_REUSEADDR (unlike the reference): a UDP port shared with another socket
+        // (another peer on this host whose connection to another splitter got the same local
+        // port, or a local process waiting for it) would take our datagrams.
         match driver::udp_socket(local, false, Some(4 << 20), Some(4 << 20)) {
-            Ok(socket) => break (tcp, local, socket),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < 8 => {
-                tracing::info!("UDP port {} is taken here; reconnecting", local.port());
+            Ok(socket) => break (tcp, socket, local),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempts < 8 => {
+                tracing::debug!(
+                    "UDP port {} is taken; joining from another port",
+                    local.port()
+                );
             }
             Err(e) => return Err(e).with_context(|| format!("cannot bind UDP {local}")),
         }
@@ -105,38 +111,175 @@ pub fn join(splitter: SocketAddrV4, monitor: bool) -> anyhow::Result<Joined> {
         socket,
         local,
         header,
+        header_source: source,
         tcp,
     })
 }
 
+/// Which stream a header starts, as our splitter says in its header response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamId {
+    /// Counts the source's stream starts at the splitter.
+    pub generation: u64,
+    /// Chunks from this number on carry this stream from its first byte.
+    pub first_chunk: u16,
+    /// How many chunks of this stream the splitter had sent when it answered.
+    pub chunks: u64,
+}
+
+/// A stream header as fetched from the source the splitter named.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FetchedHeader {
+    /// What a reference peer hands its player: the HTTP response head and the header bytes.
+    pub raw: Vec<u8>,
+    /// Which stream it starts, when the splitter is one of ours.
+    pub stream: Option<StreamId>,
+}
+
+/// Most bytes read from a header endpoint that closes after the header (ours).
+const MAX_HEADER_RESPONSE: usize = 1 << 20;
+
 /// Reads the first `size` bytes of `GET /<channel>` from `source`, exactly as the reference peer
 /// does (they include the HTTP response head, which the player needs).
-pub fn fetch_header(source: SocketAddrV4, channel: &str, size: usize) -> anyhow::Result<Vec<u8>> {
+///
+/// Our splitter marks its answer with [`STREAM_HEADER`](crate::splitter::control::STREAM_HEADER)
+/// and closes after the header; its answer is read to the end instead, since after a source
+/// restart the header may differ in length from the `size` the join message gave.
+pub fn fetch_header(
+    source: SocketAddrV4,
+    channel: &str,
+    size: usize,
+) -> anyhow::Result<FetchedHeader> {
+    fetch_header_within(source, channel, size, JOIN_TIMEOUT)
+}
+
+/// [`fetch_header`] with a time limit for connecting and for each read.
+pub fn fetch_header_within(
+    source: SocketAddrV4,
+    channel: &str,
+    size: usize,
+    timeout: Duration,
+) -> anyhow::Result<FetchedHeader> {
     if size == 0 {
-        return Ok(Vec::new());
+        return Ok(FetchedHeader::default());
     }
-    let mut s = TcpStream::connect_timeout(&source.into(), JOIN_TIMEOUT)
+    let mut s = TcpStream::connect_timeout(&source.into(), timeout)
         .with_context(|| format!("cannot fetch the stream header from {source}"))?;
-    s.set_read_timeout(Some(JOIN_TIMEOUT))?;
+    s.set_read_timeout(Some(timeout))?;
     let request = format!(
         "GET /{} HTTP/1.1\r\nHost: {source}\r\nUser-Agent: p2psp/{}\r\nIcy-MetaData: 0\r\n\r\n",
         channel.trim_start_matches('/'),
         env!("CARGO_PKG_VERSION")
     );
     s.write_all(request.as_bytes())?;
-    let mut header = vec![0u8; size];
-    let mut got = 0;
-    while got < size {
-        match s.read(&mut header[got..]) {
+    let mut raw = Vec::with_capacity(size);
+    let mut buf = [0u8; 16 * 1024];
+    let mut ours: Option<Option<StreamId>> = None;
+    loop {
+        let limit = match ours {
+            Some(Some(_)) => MAX_HEADER_RESPONSE,
+            _ => size,
+        };
+        if raw.len() >= limit {
+            break;
+        }
+        let want = (limit - raw.len()).min(buf.len());
+        match s.read(&mut buf[..want]) {
             Ok(0) => break,
-            Ok(n) => got += n,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
             Err(e) => {
                 return Err(e).with_context(|| format!("reading the stream header from {source}"));
             }
         }
+        if ours.is_none()
+            && let Ok(Some((head, _))) = crate::http::ResponseHead::parse(&raw)
+        {
+            ours = Some(
+                head.header(crate::splitter::control::STREAM_HEADER)
+                    .and_then(parse_stream_id),
+            );
+        }
     }
-    if got < size {
-        bail!("the stream header from {source} ended after {got} of {size} bytes");
+    match ours {
+        Some(Some(id)) => Ok(FetchedHeader {
+            raw,
+            stream: Some(id),
+        }),
+        _ if raw.len() < size => bail!(
+            "the stream header from {source} ended after {} of {size} bytes",
+            raw.len()
+        ),
+        _ => Ok(FetchedHeader { raw, stream: None }),
     }
-    Ok(header)
+}
+
+/// Parses `<generation> <first chunk> <chunks sent>`.
+fn parse_stream_id(v: &str) -> Option<StreamId> {
+    let mut it = v.split_ascii_whitespace();
+    let id = StreamId {
+        generation: it.next()?.parse().ok()?,
+        first_chunk: it.next()?.parse().ok()?,
+        chunks: it.next()?.parse().ok()?,
+    };
+    it.next().is_none().then_some(id)
+}
+
+impl StreamId {
+    /// Whether a peer whose playout is at chunk `played` has not reached this stream's first
+    /// chunk yet (the stream started after the chunks it is playing now).
+    pub fn ahead_of(&self, played: u16) -> bool {
+        if self.chunks >= 32768 {
+            return false;
+        }
+        // The splitter's newest chunk when it answered, and how far playout is behind it.
+        let newest = self
+            .first_chunk
+            .wrapping_add(self.chunks as u16)
+            .wrapping_sub(1);
+        let behind = crate::proto::seq::diff(newest, played);
+        (self.chunks as i64) <= i64::from(behind)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_ids() {
+        assert_eq!(
+            parse_stream_id("3 65535 0000000012"),
+            Some(StreamId {
+                generation: 3,
+                first_chunk: 65535,
+                chunks: 12
+            })
+        );
+        assert_eq!(parse_stream_id("3 1"), None);
+        assert_eq!(parse_stream_id("x 1 2"), None);
+        assert_eq!(parse_stream_id("1 2 3 4"), None);
+    }
+
+    #[test]
+    fn stream_ahead_of_playout() {
+        // Stream starts at chunk 65530, 10 chunks sent: the splitter is at chunk 3.
+        let id = StreamId {
+            generation: 2,
+            first_chunk: 65530,
+            chunks: 10,
+        };
+        assert!(id.ahead_of(65529));
+        assert!(id.ahead_of(65400));
+        assert!(!id.ahead_of(65530));
+        assert!(!id.ahead_of(2));
+        // No chunk of the new stream sent yet: whatever is playing is older.
+        let fresh = StreamId { chunks: 0, ..id };
+        assert!(fresh.ahead_of(65529));
+        // A stream started long ago is never ahead.
+        let old = StreamId {
+            chunks: 1 << 20,
+            ..id
+        };
+        assert!(!old.ahead_of(65529));
+    }
 }

@@ -7,6 +7,7 @@
 
 pub mod join;
 pub mod player;
+pub mod status;
 
 use std::net::{SocketAddr, SocketAddrV4, ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
@@ -60,6 +61,9 @@ pub struct PeerArgs {
     /// No status line.
     #[arg(long, short)]
     pub quiet: bool,
+    /// `--config` and `--metrics`.
+    #[command(flatten)]
+    pub service: crate::config::ServiceArgs,
 }
 
 /// Where played chunks go.
@@ -105,6 +109,8 @@ pub struct PeerOptions {
     pub status: Option<String>,
     /// Shared counters (for the demo and for status pages).
     pub counters: Arc<PeerCounters>,
+    /// Where to serve metrics and the status page.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Counters a running peer publishes.
@@ -128,6 +134,14 @@ pub struct PeerCounters {
     pub injected_drops: AtomicU64,
     /// Everything the protocol core counted, as of the last datagram.
     pub stats: Mutex<PeerStats>,
+    /// Players connected now.
+    pub players: AtomicU64,
+    /// Players that connected since the start.
+    pub player_connects: AtomicU64,
+    /// Generation of the newest stream header known (0: the splitter does not say).
+    pub stream_generation: AtomicU64,
+    /// Neighbours and protocol counters, published once a second.
+    pub detail: status::DetailCell,
 }
 
 impl PeerOptions {
@@ -165,7 +179,20 @@ impl PeerOptions {
             },
             status: (!a.quiet).then(|| "peer".to_owned()),
             counters: Arc::default(),
+            metrics: a.service.metrics,
         })
+    }
+}
+
+/// An error the operator must fix before the peer can run (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct SetupError(pub anyhow::Error);
+
+impl SetupError {
+    /// Marks `e` as a setup error.
+    pub fn wrap(e: anyhow::Error) -> anyhow::Error {
+        anyhow::Error::new(SetupError(e))
     }
 }
 
@@ -185,15 +212,27 @@ pub fn resolve_v4(s: &str) -> Result<SocketAddrV4, String> {
 
 /// Joins the splitter and runs until `stop` (then leaves politely), until the splitter says
 /// goodbye, or until an error.
+///
+/// Errors before the peer has joined (a player or metrics port in use, a splitter that cannot be
+/// reached or refuses) are [`SetupError`]s: the operator's to fix.
 pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let player_listener = match opts.player {
         Some(addr) => Some(
             std::net::TcpListener::bind(addr)
-                .with_context(|| format!("cannot listen for players on {addr}"))?,
+                .with_context(|| format!("cannot listen for players on {addr}"))
+                .map_err(SetupError::wrap)?,
         ),
         None => None,
     };
-    let mut joined = join::join(opts.splitter, opts.monitor)?;
+    if let Some(addr) = opts.metrics {
+        let endpoint = crate::metrics::Endpoint::bind(addr).map_err(SetupError::wrap)?;
+        let bound = endpoint.local_addr();
+        endpoint.serve(Arc::new(status::PeerExporter::new(&opts)), stop.clone())?;
+        if opts.status.is_some() {
+            eprintln!("p2psp peer metrics on http://{bound}/");
+        }
+    }
+    let mut joined = join::join(opts.splitter, opts.monitor).map_err(SetupError::wrap)?;
     let config = joined.config.clone();
     let me = joined.local;
     opts.counters
@@ -218,10 +257,19 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         let _ = socket.send_to(&t.payload, t.dest);
     }
     joined.ready();
+    // Under systemd (`Type=notify`): joined.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let refetch = player::Refetch {
+        source: joined.header_source,
+        channel: config.channel.clone(),
+        size: usize::from(config.header_size),
+    };
     let (tx, player) = player::spawn(
         player_listener,
         opts.output.clone(),
         std::mem::take(&mut joined.header),
+        Some(refetch),
+        opts.counters.clone(),
         stop.clone(),
     )?;
     if let Some(name) = &opts.status {
@@ -237,6 +285,7 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
 
     let mut buf = vec![0u8; 65536];
     let mut next_status = Instant::now() + Duration::from_secs(1);
+    let mut last_tick = Instant::now();
     let mut last = *core.stats();
     let mut outcome = Ok(());
     loop {
@@ -280,8 +329,8 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         let mut done = false;
         while let Some(e) = core.poll_event() {
             match e {
-                PeerEvent::Play { payload, .. } => {
-                    let overrun = tx.try_send(payload).is_err();
+                PeerEvent::Play { number, payload } => {
+                    let overrun = tx.try_send(player::Played { number, payload }).is_err();
                     opts.counters
                         .player_overruns
                         .fetch_add(u64::from(overrun), Ordering::Relaxed);
@@ -314,7 +363,7 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                         opts.max_debt
                     );
                 }
-                PeerEvent::Lost { number } => tracing::info!("lost chunk {number}"),
+                PeerEvent::Lost { number } => tracing::debug!("lost chunk {number}"),
                 PeerEvent::Skipped { count } => {
                     tracing::warn!("skipped {count} chunks: the splitter jumped ahead")
                 }
@@ -330,7 +379,23 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         c.neighbours
             .store(core.neighbours().count() as u64, Ordering::Relaxed);
         if now >= next_status {
+            let dt = now.duration_since(last_tick).as_secs_f64().max(1e-3);
+            last_tick = now;
             next_status = now + Duration::from_secs(1);
+            opts.counters.detail.publish(status::PeerDetail {
+                me: Some(me),
+                chunk_size: config.chunk_size,
+                buffer_size: config.buffer_size,
+                playing: core.is_playing(),
+                stats: s,
+                neighbours: core.neighbours().collect(),
+                rates: [
+                    (s.played - last.played) as f64 / dt,
+                    (s.chunks_received - last.chunks_received) as f64 / dt,
+                    (s.relayed - last.relayed) as f64 / dt,
+                    (s.lost - last.lost) as f64 / dt,
+                ],
+            });
             if let Some(name) = &opts.status {
                 eprintln!(
                     "{name} {me}: {} | played {} (+{}) lost {} late {} dup {} | received {} relayed {} | {} neighbours | player overruns {}",

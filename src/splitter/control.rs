@@ -125,6 +125,8 @@ pub struct Control {
     next_conn: u64,
     stats: Arc<ControlStats>,
     last_full_log: Option<Instant>,
+    /// Where the status line's numbers are published for `--metrics`.
+    board: Arc<super::status::Board>,
 }
 
 impl Control {
@@ -159,7 +161,14 @@ impl Control {
             next_conn: 0,
             stats,
             last_full_log: None,
+            board: Arc::default(),
         }
+    }
+
+    /// Publishes the control plane's counters and rates to `board` once a second.
+    pub fn with_board(mut self, board: Arc<super::status::Board>) -> Control {
+        self.board = board;
+        self
     }
 
     /// Runs until `stop`.
@@ -193,6 +202,7 @@ impl Control {
             self.drain_reports();
             if let Some(line) = status.tick(now, &self) {
                 eprintln!("{line}");
+                self.publish(status.rates);
             }
             if self.feed.ended.load(Ordering::Relaxed) {
                 break;
@@ -324,7 +334,8 @@ impl Control {
                     let Some(header) = self.header.get() else {
                         return self.timeout(c, now);
                     };
-                    let Ok(header_size) = u16::try_from(header_response(&header).len()) else {
+                    let response = header_response(&header, self.header.chunks_in_stream());
+                    let Ok(header_size) = u16::try_from(response.len()) else {
                         // Cannot happen with the checked --header-size and the capped content
                         // type; refuse rather than send a wrong size.
                         tracing::error!("stream header too long for the join message");
@@ -423,7 +434,7 @@ impl Control {
                         return self.timeout(c, now);
                     };
                     bump(&self.stats.header_requests);
-                    c.output = header_response(&header);
+                    c.output = header_response(&header, self.header.chunks_in_stream());
                     c.state = State::HttpResponse;
                 }
                 State::HttpResponse => {
@@ -593,19 +604,39 @@ fn write_out(c: &mut Conn) -> Result<bool, ()> {
 
 /// The response to `GET /<channel>`: an HTTP head then the stream header. A reference peer relays
 /// exactly these `header_size` bytes to its player, which so sees a valid HTTP response.
-pub fn header_response(h: &StreamHeader) -> Vec<u8> {
+///
+/// [`STREAM_HEADER`] tells our peers which stream this header starts, from which chunk on that
+/// stream runs and how many of its chunks were sent so far (`chunks`), so that a peer hands
+/// players that connect after a source restart the new header, from the right chunk on; players
+/// ignore it. Its length does not change while the stream runs, so `header_size` in a join message
+/// stays right for the reference peer, which reads exactly that many bytes.
+pub fn header_response(h: &StreamHeader, chunks: u64) -> Vec<u8> {
     let ct = h
         .content_type
         .as_deref()
         .unwrap_or("application/octet-stream");
+    let stream = format!(
+        "{} {} {:010}",
+        h.generation,
+        h.first_chunk,
+        chunks.min(9_999_999_999)
+    );
     let mut out = crate::http::response_head(
         200,
         "OK",
-        &[("Content-Type", ct), ("Cache-Control", "no-cache")],
+        &[
+            ("Content-Type", ct),
+            ("Cache-Control", "no-cache"),
+            (STREAM_HEADER, &stream),
+        ],
     );
     out.extend_from_slice(&h.bytes);
     out
 }
+
+/// Response header naming the stream a header belongs to: `<generation> <first chunk number>
+/// <chunks of it sent so far>`.
+pub const STREAM_HEADER: &str = "X-P2PSP-Stream";
 
 /// The once-a-second status line.
 struct Status {
@@ -615,6 +646,8 @@ struct Status {
     datagrams: u64,
     bytes: u64,
     loss_reports: u64,
+    source_bytes: u64,
+    rates: super::status::Rates,
 }
 
 impl Status {
@@ -626,6 +659,8 @@ impl Status {
             datagrams: 0,
             bytes: 0,
             loss_reports: 0,
+            source_bytes: 0,
+            rates: super::status::Rates::default(),
         }
     }
 
@@ -665,10 +700,45 @@ impl Status {
             dropped,
             ignored,
         );
+        let source_bytes = c.feed.bytes.load(Ordering::Relaxed);
+        self.rates = super::status::Rates {
+            chunks_in_per_second: (chunks - self.chunks) as f64 / dt,
+            bits_in_per_second: (source_bytes - self.source_bytes) as f64 * 8.0 / dt,
+            datagrams_out_per_second: (datagrams - self.datagrams) as f64 / dt,
+            bits_out_per_second: (bytes - self.bytes) as f64 * 8.0 / dt,
+            loss_reports_per_second: (loss_reports - self.loss_reports) as f64 / dt,
+        };
         self.chunks = chunks;
         self.datagrams = datagrams;
         self.bytes = bytes;
         self.loss_reports = loss_reports;
+        self.source_bytes = source_bytes;
         Some(line)
+    }
+}
+
+impl Control {
+    /// Publishes the counters and the last second's rates for `--metrics`, and tells systemd.
+    fn publish(&self, rates: super::status::Rates) {
+        let c = &self.stats;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        self.board.publish(
+            super::status::ControlCounters {
+                joins: get(&c.joins),
+                refused: get(&c.refused_pending) + get(&c.refused_full),
+                timeouts: get(&c.timeouts),
+                bad_requests: get(&c.bad_requests),
+                header_requests: get(&c.header_requests),
+                foreign_datagrams: get(&c.foreign_datagrams),
+            },
+            rates,
+        );
+        let status = format!(
+            "{} peers in {} teams, {:.2} Mbit/s out",
+            self.directory.peer_count(),
+            self.directory.team_count(),
+            rates.bits_out_per_second / 1e6
+        );
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
     }
 }

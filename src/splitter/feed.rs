@@ -16,6 +16,9 @@ use crate::ring::ChunkRing;
 pub struct StreamHeader {
     /// Counts stream starts (a reconnected source starts a new stream with a new header).
     pub generation: u64,
+    /// Number of the first chunk of this stream: chunks from this one on carry the stream from
+    /// its first byte (a stream always starts at a chunk boundary).
+    pub first_chunk: u16,
     /// The source's content type, if it said.
     pub content_type: Option<String>,
     /// The header bytes captured so far.
@@ -30,6 +33,8 @@ pub struct HeaderCell {
     size: usize,
     state: Mutex<StreamHeader>,
     ready: Condvar,
+    /// Chunks of the current stream published so far.
+    chunks: AtomicU64,
 }
 
 impl HeaderCell {
@@ -39,6 +44,7 @@ impl HeaderCell {
             size,
             state: Mutex::new(StreamHeader::default()),
             ready: Condvar::new(),
+            chunks: AtomicU64::new(0),
         }
     }
 
@@ -58,9 +64,11 @@ impl HeaderCell {
         h.complete.then(|| h.clone())
     }
 
-    fn start(&self, content_type: Option<String>) {
+    fn start(&self, content_type: Option<String>, first_chunk: u16) {
         let mut h = self.state.lock().unwrap_or_else(|e| e.into_inner());
         h.generation += 1;
+        h.first_chunk = first_chunk;
+        self.chunks.store(0, Ordering::Relaxed);
         h.content_type = content_type;
         h.bytes.clear();
         h.complete = self.size == 0;
@@ -78,9 +86,44 @@ impl HeaderCell {
         let take = (self.size - h.bytes.len()).min(data.len());
         h.bytes.extend_from_slice(&data[..take]);
         if h.bytes.len() == self.size {
+            trim_ogg(&mut h);
             h.complete = true;
             self.ready.notify_all();
         }
+    }
+
+    /// How many chunks of the current stream have been published.
+    pub fn chunks_in_stream(&self) -> u64 {
+        self.chunks.load(Ordering::Relaxed)
+    }
+
+    /// The current header, complete or not (for status pages).
+    pub fn peek(&self) -> StreamHeader {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// An Ogg header cut inside a page is trimmed to its whole pages: a player reading a page whose
+/// end is missing reports a CRC mismatch, while it silently finds the next page in the chunks
+/// that follow the header.
+fn trim_ogg(h: &mut StreamHeader) {
+    let Some(whole) = crate::media::ogg_complete_len(&h.bytes) else {
+        return;
+    };
+    if whole == 0 {
+        tracing::warn!(
+            "the stream is Ogg but its first page is longer than --header-size {}: players cannot start; raise --header-size",
+            h.bytes.len()
+        );
+        return;
+    }
+    if whole < h.bytes.len() {
+        tracing::info!(
+            "Ogg stream header of stream {}: {whole} bytes of whole pages (of {} captured)",
+            h.generation,
+            h.bytes.len()
+        );
+        h.bytes.truncate(whole);
     }
 }
 
@@ -137,7 +180,7 @@ pub fn run(
                     stats.partial_dropped.fetch_add(partial, Ordering::Relaxed);
                 }
                 chunk.clear();
-                header.start(content_type);
+                header.start(content_type, number);
                 in_header = true;
             }
             SourceItem::Data(n) => {
@@ -160,6 +203,7 @@ pub fn run(
                             Vec::with_capacity(CHUNK_HEADER + chunk_size),
                         );
                         ring.publish(number, Bytes::from(full));
+                        header.chunks.fetch_add(1, Ordering::Relaxed);
                         number = number.wrapping_add(1);
                         stats.chunks.fetch_add(1, Ordering::Relaxed);
                     }

@@ -7,13 +7,15 @@
 //!   an io_uring (or `sendmmsg`) UDP socket bound to the splitter port with `SO_REUSEPORT`; each
 //!   chunk goes out in batched submissions that all point at the one datagram in the ring;
 //! - the **control plane** ([`control`]) accepts TCP joins (no thread per peer), places peers in
-//!   teams, serves the stream header over HTTP and prints the status line.
+//!   teams, serves the stream header over HTTP and prints the status line;
+//! - with `--metrics`, a small thread serves what [`status`] exports.
 
 pub mod control;
 pub mod feed;
 pub mod settings;
 pub mod shard;
 pub mod source;
+pub mod status;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +46,10 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
     let listener = driver::tcp_listener(settings.bind)
         .with_context(|| format!("cannot listen on TCP {}", settings.bind))?;
     let port = listener.local_addr()?.port();
+    let metrics = settings
+        .metrics
+        .map(crate::metrics::Endpoint::bind)
+        .transpose()?;
     let udp_addr = std::net::SocketAddrV4::new(*settings.bind.ip(), port);
     let source = source::open(&settings.source, settings.bitrate, stop.clone())
         .with_context(|| format!("cannot open the source {}", settings.source_text))?;
@@ -71,6 +77,7 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         let (cmd_tx, cmd_rx) = crossbeam_channel::bounded(65536);
         let (dgram_tx, dgram_rx) = crossbeam_channel::bounded(shard::DATAGRAM_QUEUE);
         let stats = Arc::new(shard::ShardStats::default());
+        status::check_socket_buffers(&socket, settings.socket_buffer, index, &stats);
         let core = cores.get(index % cores.len().max(1)).copied();
         let shard_stop = stop.clone();
         let queues = shard::ShardQueues {
@@ -165,6 +172,20 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         settings.send_path.name(),
         settings.source_text
     );
+    let board = Arc::new(status::Board::default());
+    if let Some(endpoint) = metrics {
+        let addr = endpoint.local_addr();
+        let exporter = status::SplitterExporter::new(
+            &settings,
+            port,
+            feed_stats.clone(),
+            header.clone(),
+            shard_links.iter().map(|l| l.stats.clone()).collect(),
+            board.clone(),
+        );
+        endpoint.serve(Arc::new(exporter), stop.clone())?;
+        eprintln!("p2psp splitter metrics on http://{addr}/");
+    }
     eprintln!("p2psp splitter listening on {}:{port}", settings.bind.ip());
 
     let control = control::Control::new(
@@ -176,7 +197,8 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         report_rx,
         foreign_rx,
         control_stats.clone(),
-    );
+    )
+    .with_board(board);
     let control_stop = stop.clone();
     let control = thread::Builder::new()
         .name("control".into())

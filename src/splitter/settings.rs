@@ -79,6 +79,9 @@ pub struct SplitterArgs {
     /// Testing only: number of the first chunk (to test the 65535 → 0 wrap).
     #[arg(long, default_value_t = 0, hide = true)]
     pub first_chunk_number: u16,
+    /// `--config` and `--metrics`.
+    #[command(flatten)]
+    pub service: crate::config::ServiceArgs,
 }
 
 /// Parses `2000000`, `2M`, `500k`, `1.5M`, `2Mbit`, `2Mbps` into bits per second.
@@ -156,6 +159,8 @@ pub struct Settings {
     pub ring_slots: usize,
     /// UDP socket buffer bytes.
     pub socket_buffer: usize,
+    /// Where to serve metrics and the status page.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Largest stream header: the join message carries its size (plus the HTTP head the splitter
@@ -259,6 +264,7 @@ impl Settings {
             join_timeout: std::time::Duration::from_secs_f64(a.join_timeout),
             ring_slots: 4096,
             socket_buffer: 8 << 20,
+            metrics: a.service.metrics,
         })
     }
 }

@@ -104,6 +104,22 @@ pub struct ShardStats {
     pub resends_refused: AtomicU64,
     /// Everything the teams' protocol core counted, as of the last loop.
     pub team: std::sync::Mutex<TeamCounters>,
+    /// The shard's teams with their members and loss counters, published once a second.
+    pub detail: std::sync::Mutex<Vec<super::status::TeamSnapshot>>,
+    /// The UDP socket's send buffer as the kernel granted it, in bytes.
+    pub send_buffer: AtomicU64,
+    /// The UDP socket's receive buffer as the kernel granted it, in bytes.
+    pub recv_buffer: AtomicU64,
+}
+
+impl ShardStats {
+    /// The last published snapshot of the shard's teams.
+    pub fn snapshot(&self) -> Vec<super::status::TeamSnapshot> {
+        self.detail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// Capacity of the queues between a shard and the control plane for datagrams (each way).
@@ -123,6 +139,8 @@ pub struct Shard {
     foreign: Sender<Report>,
     stats: Arc<ShardStats>,
     send_stats: SendStats,
+    /// When the team snapshot is published next.
+    detail_due: Instant,
 }
 
 /// The queues a shard reads and writes.
@@ -177,6 +195,7 @@ impl Shard {
             foreign: queues.foreign,
             stats,
             send_stats: SendStats::default(),
+            detail_due: Instant::now(),
         })
     }
 
@@ -240,6 +259,7 @@ impl Shard {
             self.resend(last);
             self.flush_control();
             self.publish_stats();
+            self.publish_detail();
         }
         // Shutting down: tell every peer.
         let all: Vec<Endpoint> = self
@@ -311,6 +331,25 @@ impl Shard {
         while let Some(e) = self.teams.poll_event() {
             let _ = self.reports.send(Report::Event(e));
         }
+    }
+
+    /// Publishes the team snapshot for status pages, at most once a second.
+    fn publish_detail(&mut self) {
+        let now = Instant::now();
+        if now < self.detail_due {
+            return;
+        }
+        self.detail_due = now + Duration::from_secs(1);
+        let teams = self
+            .teams
+            .team_ids()
+            .into_iter()
+            .map(|id| super::status::TeamSnapshot {
+                id,
+                members: self.teams.members(id),
+            })
+            .collect();
+        *self.stats.detail.lock().unwrap_or_else(|e| e.into_inner()) = teams;
     }
 
     fn publish_stats(&self) {

@@ -1,0 +1,619 @@
+//! What an operator sees and does, with the real binary: `--metrics` (Prometheus text, `/status`
+//! JSON, the live page in headless Chromium), `--config`, SIGTERM and SIGINT, systemd readiness,
+//! and the one-line errors with exit code 2.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{TcpListener, UdpSocket};
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{
+    BIN, Proc, Splitter, free_port, have, http_get, skip, start_peer, start_peer_env, test_dir,
+    wait_until,
+};
+
+/// A splitter with the test source and `--metrics` on a free port, plus a monitor and `peers`
+/// peers, all joined.
+fn team(dir: &Path, peers: usize, extra: &[&str]) -> (Splitter, Vec<Proc>) {
+    let mut args = vec![
+        "--bitrate",
+        "500k",
+        "--shards",
+        "2",
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let splitter = Splitter::start(dir, &args, Stdio::null());
+    assert!(splitter.metrics.is_some(), "no metrics address announced");
+    let mut procs = vec![start_peer(
+        dir,
+        "monitor",
+        splitter.port,
+        &["--monitor", "--player-port", "0"],
+    )];
+    for i in 0..peers {
+        procs.push(start_peer(
+            dir,
+            &format!("peer{i}"),
+            splitter.port,
+            &["--player-port", "0"],
+        ));
+    }
+    let want = peers as u64 + 1;
+    assert!(
+        wait_until(Duration::from_secs(15), || peer_count(&splitter)
+            == Some(want)),
+        "the team did not form: {:?}",
+        splitter.status()
+    );
+    (splitter, procs)
+}
+
+fn peer_count(s: &Splitter) -> Option<u64> {
+    s.status()?["totals"]["peers"].as_u64()
+}
+
+/// Runs headless Chromium on `url` and returns the DOM after the page's scripts ran.
+fn chromium_dom(dir: &Path, url: &str, screenshot: Option<&Path>) -> String {
+    let profile = dir.join(format!("chromium-{}", free_port()));
+    let out_path = dir.join("dom.html");
+    let out = std::fs::File::create(&out_path).unwrap();
+    let mut cmd = Command::new("chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--virtual-time-budget=4000",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()));
+    match screenshot {
+        Some(p) => {
+            cmd.arg("--window-size=1100,700")
+                .arg(format!("--screenshot={}", p.display()));
+        }
+        None => {
+            cmd.arg("--dump-dom");
+        }
+    }
+    cmd.arg(url)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(Stdio::null());
+    let mut p = Proc::spawn("chromium", &mut cmd);
+    assert!(
+        p.wait_exit(Duration::from_secs(60)).is_some(),
+        "chromium did not finish within 60 s"
+    );
+    let _ = std::fs::remove_dir_all(&profile);
+    std::fs::read_to_string(out_path).unwrap_or_default()
+}
+
+/// The text of the element with id `id` in a dumped DOM.
+fn element_text(dom: &str, id: &str) -> Option<String> {
+    let at = dom.find(&format!("id=\"{id}\""))?;
+    let rest = &dom[at..];
+    let start = rest.find('>')? + 1;
+    let end = rest[start..].find('<')? + start;
+    Some(rest[start..end].to_owned())
+}
+
+#[test]
+fn status_page_shows_the_live_peer_count_in_headless_chromium() {
+    if !have("chromium", "--version") {
+        skip(
+            "status_page_shows_the_live_peer_count_in_headless_chromium",
+            "chromium not installed",
+        );
+        return;
+    }
+    let dir = test_dir("ops-page");
+    let (splitter, _peers) = team(&dir, 2, &[]);
+    let url = format!("http://127.0.0.1:{}/", splitter.metrics.unwrap());
+    let dom = chromium_dom(&dir, &url, None);
+    assert_eq!(
+        element_text(&dom, "peers").as_deref(),
+        Some("3"),
+        "the page does not show 3 peers:\n{dom}"
+    );
+    assert!(dom.contains("127.0.0.1:"), "no peer endpoints listed");
+    assert!(dom.contains("monitor"), "the monitor is not shown");
+
+    // One more joins: the page shows it.
+    let _late = start_peer(&dir, "late", splitter.port, &["--player-port", "0"]);
+    assert!(wait_until(Duration::from_secs(10), || peer_count(
+        &splitter
+    ) == Some(4)));
+    let dom = chromium_dom(&dir, &url, None);
+    assert_eq!(element_text(&dom, "peers").as_deref(), Some("4"), "{dom}");
+    // A picture for people reading the test's directory.
+    chromium_dom(&dir, &url, Some(&dir.join("status-page.png")));
+}
+
+/// Parses Prometheus text: sample name with labels → value. Checks the format on the way.
+fn parse_prometheus(text: &str) -> HashMap<String, f64> {
+    let mut types: HashMap<String, String> = HashMap::new();
+    let mut samples = HashMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(kind == "counter" || kind == "gauge", "{line}");
+            if kind == "counter" {
+                assert!(name.ends_with("_total"), "counter without _total: {line}");
+            }
+            assert!(
+                types.insert(name.to_owned(), kind.to_owned()).is_none(),
+                "family twice: {name}"
+            );
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        assert!(
+            !line.starts_with('#') && !line.is_empty(),
+            "odd line {line:?}"
+        );
+        let (series, value) = line.rsplit_once(' ').expect("name value");
+        let name = series.split('{').next().unwrap();
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "{line}"
+        );
+        assert!(types.contains_key(name), "sample before its TYPE: {line}");
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
+        samples.insert(series.to_owned(), v);
+    }
+    samples
+}
+
+#[test]
+fn metrics_status_and_prometheus_text() {
+    let dir = test_dir("ops-metrics");
+    let (splitter, _peers) = team(&dir, 2, &["--lrs"]);
+    let port = splitter.metrics.unwrap();
+    // Let the status tick publish rates and the shards their snapshots.
+    std::thread::sleep(Duration::from_millis(2500));
+    let (head, body) = http_get(port, "/metrics", 1 << 20).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    let m = parse_prometheus(&String::from_utf8(body).unwrap());
+    assert_eq!(m["p2psp_splitter_peers"], 3.0);
+    assert_eq!(m["p2psp_splitter_teams"], 1.0);
+    assert!(m["p2psp_splitter_chunks_in_total"] > 0.0);
+    assert!(m["p2psp_splitter_joins_total"] >= 3.0);
+    assert_eq!(m["p2psp_splitter_source_reconnects_total"], 0.0);
+    let sent: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("p2psp_splitter_datagrams_sent_total{shard="))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(sent > 0.0);
+    for family in [
+        "p2psp_splitter_send_eagain_total{shard=\"0\"}",
+        "p2psp_splitter_send_enobufs_total{shard=\"1\"}",
+        "p2psp_splitter_loss_reports_total{shard=\"0\"}",
+        "p2psp_splitter_expelled_total{shard=\"0\"}",
+        "p2psp_splitter_lrs_resent_total{shard=\"0\"}",
+        "p2psp_splitter_shard_peers{shard=\"1\"}",
+    ] {
+        assert!(m.contains_key(family), "missing {family}");
+    }
+    assert!(
+        m.keys()
+            .any(|k| k.starts_with("p2psp_splitter_bytes_sent_total{shard=\"0\",path=\"")),
+        "no send path label"
+    );
+
+    let s = splitter.status().unwrap();
+    assert_eq!(s["role"], "splitter");
+    assert_eq!(s["stream"]["generation"], 1);
+    assert!(s["rates"]["bits_in_per_second"].as_f64().unwrap() > 100_000.0);
+    let teams = s["teams"].as_array().unwrap();
+    assert_eq!(teams.len(), 1);
+    let members = teams[0]["peers"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    assert_eq!(members.iter().filter(|p| p["monitor"] == true).count(), 1);
+    assert!(members.iter().all(|p| p["losses"].is_u64()));
+
+    // A peer's own endpoint.
+    let peer_metrics = free_port();
+    let _p = start_peer(
+        &dir,
+        "watched",
+        splitter.port,
+        &["--player-port", "0", "--metrics", &peer_metrics.to_string()],
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            http_get(peer_metrics, "/metrics", 1 << 20).is_some_and(|(_, b)| {
+                let m = parse_prometheus(&String::from_utf8_lossy(&b));
+                m.get("p2psp_peer_chunks_played_total")
+                    .is_some_and(|v| *v > 0.0)
+            })
+        }),
+        "the peer's metrics never showed played chunks"
+    );
+    let (_, body) = http_get(peer_metrics, "/status", 1 << 20).unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(s["role"], "peer");
+    assert_eq!(s["state"], "playing");
+    assert_eq!(s["neighbours"].as_array().unwrap().len(), 3);
+    let (head, page) = http_get(peer_metrics, "/", 1 << 20).unwrap();
+    assert!(head.contains("text/html"));
+    assert!(String::from_utf8_lossy(&page).contains("fetch(\"/status\""));
+    assert!(
+        http_get(peer_metrics, "/nope", 1024)
+            .unwrap()
+            .0
+            .contains(" 404")
+    );
+}
+
+#[test]
+fn sigterm_and_sigint_splitter_says_goodbye_to_every_peer_and_exits_0_within_1s() {
+    for sig in ["TERM", "INT"] {
+        let dir = test_dir(&format!("ops-stop-{sig}"));
+        let (mut splitter, mut peers) = team(&dir, 3, &[]);
+        let t = Instant::now();
+        splitter.proc.signal(sig);
+        let status = splitter.proc.wait_exit(Duration::from_secs(5));
+        let took = t.elapsed();
+        let status = status.unwrap_or_else(|| panic!("SIG{sig}: the splitter did not exit"));
+        assert!(status.success(), "SIG{sig}: exit {status}");
+        assert!(
+            took < Duration::from_secs(1),
+            "SIG{sig}: took {took:?} to exit"
+        );
+        for p in &mut peers {
+            let st = p.wait_exit(Duration::from_secs(5));
+            assert!(
+                st.is_some_and(|s| s.success()),
+                "SIG{sig}: {} did not exit cleanly after the splitter left: {st:?}",
+                p.name
+            );
+            let log = std::fs::read_to_string(dir.join(format!("{}.log", p.name))).unwrap();
+            assert!(
+                log.contains("the splitter said goodbye"),
+                "SIG{sig}: {} got no goodbye:\n{log}",
+                p.name
+            );
+        }
+    }
+}
+
+#[test]
+fn sigterm_peer_leaves_politely() {
+    let dir = test_dir("ops-peer-leaves");
+    let (splitter, mut peers) = team(&dir, 2, &[]);
+    let mut leaver = peers.pop().unwrap();
+    leaver.signal("TERM");
+    let st = leaver.wait_exit(Duration::from_secs(5));
+    assert!(st.is_some_and(|s| s.success()), "{st:?}");
+    let log = std::fs::read_to_string(dir.join(format!("{}.log", leaver.name))).unwrap();
+    assert!(
+        log.contains("left the team (confirmed by the splitter)"),
+        "{log}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            splitter.status().is_some_and(|s| {
+                s["totals"]["peers"] == 2 && s["totals"]["goodbyes"].as_u64() >= Some(1)
+            })
+        }),
+        "the splitter did not see the goodbye: {:?}",
+        splitter.status()
+    );
+    for p in &mut peers {
+        assert!(p.running(), "{} stopped", p.name);
+    }
+}
+
+/// Runs the binary with `args` (and maybe an environment), expects exit code 2 and exactly one
+/// line on standard error, within 15 s; returns that line.
+fn one_line_exit_2(args: &[&str]) -> String {
+    let dir = std::env::temp_dir();
+    let err_path = dir.join(format!(
+        "p2psp-ops-err-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    let mut p = Proc::spawn(
+        "p2psp",
+        Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err_path).unwrap()),
+    );
+    let status = p
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("{args:?} still running after 15 s"));
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    let _ = std::fs::remove_file(&err_path);
+    assert_eq!(status.code(), Some(2), "{args:?}: {status}, said {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?} printed:\n{err}"
+    );
+    assert!(err.starts_with("p2psp: "), "{err}");
+    err.trim_end().to_owned()
+}
+
+#[test]
+fn setup_errors_are_one_line_and_exit_2() {
+    // Ports in use.
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = tcp.local_addr().unwrap().port().to_string();
+    let e = one_line_exit_2(&["splitter", "--bind", "127.0.0.1", "--port", &taken]);
+    assert!(e.contains("cannot listen on TCP"), "{e}");
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_taken = udp.local_addr().unwrap().port().to_string();
+    if TcpListener::bind(("127.0.0.1", udp.local_addr().unwrap().port())).is_ok() {
+        let e = one_line_exit_2(&["splitter", "--bind", "127.0.0.1", "--port", &udp_taken]);
+        assert!(e.contains("cannot bind UDP"), "{e}");
+    }
+    let metrics_taken = format!("127.0.0.1:{taken}");
+    let e = one_line_exit_2(&[
+        "splitter",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics",
+        &metrics_taken,
+    ]);
+    assert!(e.contains("--metrics") && e.contains(&metrics_taken), "{e}");
+
+    // Sources that cannot be used.
+    let e = one_line_exit_2(&[
+        "splitter",
+        "--port",
+        "0",
+        "--source",
+        "http://127.0.0.1:1/live",
+    ]);
+    assert!(e.contains("cannot open the source"), "{e}");
+    let not_found = TcpListener::bind("127.0.0.1:0").unwrap();
+    let nf_port = not_found.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in not_found.incoming().flatten().take(1) {
+            let mut buf = [0u8; 1024];
+            let _ = std::io::Read::read(&mut c, &mut buf);
+            let _ = c.write_all(b"HTTP/1.0 404 Not Found\r\n\r\n");
+        }
+    });
+    let e = one_line_exit_2(&[
+        "splitter",
+        "--port",
+        "0",
+        "--source",
+        &format!("http://127.0.0.1:{nf_port}/missing.ogg"),
+    ]);
+    assert!(e.contains("404"), "{e}");
+    for bad in [
+        "http://",
+        "ftp://example.org/live",
+        "https://example.org/live",
+        "http://127.0.0.1:99999/live",
+        "127.0.0.1:8000/live",
+        "http://user:pw@127.0.0.1/live",
+    ] {
+        let e = one_line_exit_2(&["splitter", "--port", "0", "--source", bad]);
+        assert!(e.contains("--source"), "{bad}: {e}");
+    }
+
+    // The peer: its ports, and a splitter that is not there.
+    let e = one_line_exit_2(&["peer", "--splitter", "127.0.0.1:1", "--player-port", &taken]);
+    assert!(e.contains("cannot listen for players"), "{e}");
+    let e = one_line_exit_2(&[
+        "peer",
+        "--splitter",
+        "127.0.0.1:1",
+        "--player-port",
+        "0",
+        "--metrics",
+        &metrics_taken,
+    ]);
+    assert!(e.contains("--metrics"), "{e}");
+    let e = one_line_exit_2(&["peer", "--splitter", "127.0.0.1:1", "--player-port", "0"]);
+    assert!(e.contains("cannot connect to the splitter"), "{e}");
+    drop((tcp, udp));
+}
+
+#[test]
+fn config_file_sets_flags_and_the_command_line_wins() {
+    let dir = test_dir("ops-config");
+    let file = dir.join("splitter.toml");
+    std::fs::write(
+        &file,
+        "# p2psp splitter\nsource = \"test\"\nbitrate = \"300k\"\nchunk-size = 512\n\
+         team-size = 4\nbuffer-size = 64\nlrs = true\nmetrics = \"127.0.0.1:0\"\nshards = 1\n",
+    )
+    .unwrap();
+    let splitter = Splitter::start(
+        &dir,
+        &["--config", file.to_str().unwrap(), "--team-size", "8"],
+        Stdio::null(),
+    );
+    let s = splitter.status().expect("metrics from the file");
+    let c = &s["config"];
+    assert_eq!(c["chunk_size"], 512);
+    assert_eq!(c["buffer_size"], 64);
+    assert_eq!(c["team_size"], 8, "the command line must win");
+    assert_eq!(c["lrs"], true);
+    assert_eq!(c["shards"], 1);
+
+    // A peer's file.
+    let pfile = dir.join("peer.toml");
+    std::fs::write(
+        &pfile,
+        format!(
+            "splitter = \"127.0.0.1:{}\"\nplayer-port = 0\nmonitor = true\nquiet = true\n",
+            splitter.port
+        ),
+    )
+    .unwrap();
+    let mut peer = Proc::spawn(
+        "peer",
+        Command::new(BIN)
+            .args(["peer", "--config", pfile.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            splitter.status().is_some_and(|s| {
+                s["teams"][0]["peers"][0]["monitor"] == true && s["totals"]["peers"] == 1
+            })
+        }),
+        "the peer from the config file did not join as a monitor"
+    );
+    assert!(peer.running());
+}
+
+#[test]
+fn shipped_example_configs_work() {
+    let dir = test_dir("ops-dist");
+    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("dist");
+    let splitter_toml = dist.join("splitter.toml");
+    // Its source, port and metrics address are for a real host; the command line wins.
+    let splitter = Splitter::start(
+        &dir,
+        &[
+            "--config",
+            splitter_toml.to_str().unwrap(),
+            "--source",
+            "test",
+            "--bitrate",
+            "200k",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        Stdio::null(),
+    );
+    let s = splitter.status().unwrap();
+    assert_eq!(s["config"]["lrs"], true);
+    assert_eq!(s["config"]["header_size"], 16384);
+    let peer_toml = dist.join("peer.toml");
+    let metrics = free_port().to_string();
+    let splitter_addr = format!("127.0.0.1:{}", splitter.port);
+    let mut peer = Proc::spawn(
+        "peer",
+        Command::new(BIN)
+            .args(["peer", "--config", peer_toml.to_str().unwrap()])
+            .args(["--splitter", &splitter_addr, "--player-port", "0"])
+            .args(["--metrics", &metrics])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || peer_count(&splitter) == Some(1)),
+        "the peer with the example configuration did not join"
+    );
+    assert!(peer.running());
+    for unit in ["p2psp-splitter.service", "p2psp-peer@.service"] {
+        let text = std::fs::read_to_string(dist.join(unit)).unwrap();
+        for needed in [
+            "Type=notify",
+            "LimitNOFILE=",
+            "Restart=",
+            "--config /etc/p2psp/",
+        ] {
+            assert!(text.contains(needed), "{unit} lacks {needed}");
+        }
+    }
+}
+
+#[test]
+fn config_file_errors_name_the_key() {
+    let dir = test_dir("ops-config-errors");
+    for (name, text, want) in [
+        ("unknown.toml", "sauce = \"test\"\n", "unknown key `sauce`"),
+        ("type.toml", "chunk-size = \"large\"\n", "key `chunk-size`"),
+        ("range.toml", "chunk-size = 10\n", "key `chunk-size`"),
+        ("bool.toml", "lrs = 1\n", "key `lrs`"),
+        ("url.toml", "source = \"ftp://x/y\"\n", "key `source`"),
+        ("syntax.toml", "chunk-size = = 3\n", "line 1"),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        let e = one_line_exit_2(&[
+            "splitter",
+            "--port",
+            "0",
+            "--config",
+            path.to_str().unwrap(),
+        ]);
+        assert!(e.contains(want) && e.contains(name), "{name}: {e}");
+    }
+    let e = one_line_exit_2(&["peer", "--config", "/nonexistent/peer.toml"]);
+    assert!(e.contains("/nonexistent/peer.toml"), "{e}");
+}
+
+#[test]
+fn systemd_readiness_is_notified() {
+    let dir = test_dir("ops-notify");
+    let path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let env = [("NOTIFY_SOCKET", path.to_str().unwrap())];
+    let splitter = Splitter::start_env(
+        &dir,
+        &["--bitrate", "200k", "--shards", "1"],
+        Stdio::null(),
+        &env,
+    );
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && !got.iter().any(|m: &String| m.starts_with("STATUS=")) {
+        let Ok(n) = sock.recv(&mut buf) else { break };
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(got.iter().any(|m| m == "READY=1\n"), "{got:?}");
+    assert!(
+        got.iter()
+            .any(|m| m.starts_with("STATUS=0 peers in 0 teams")),
+        "{got:?}"
+    );
+    let peer = start_peer_env(
+        &dir,
+        "peer",
+        splitter.port,
+        &["--player-port", "0", "--monitor"],
+        &env,
+    );
+    let mut ready = false;
+    while !ready && Instant::now() < deadline + Duration::from_secs(10) {
+        let Ok(n) = sock.recv(&mut buf) else { break };
+        ready = &buf[..n] == b"READY=1\n";
+    }
+    assert!(ready, "the peer did not notify READY=1");
+    drop(peer);
+    splitter.proc.signal("TERM");
+    let mut stopping = false;
+    while !stopping {
+        let Ok(n) = sock.recv(&mut buf) else { break };
+        stopping = &buf[..n] == b"STOPPING=1\n";
+    }
+    assert!(stopping, "no STOPPING=1");
+}
