@@ -65,6 +65,18 @@ impl Expanded {
 ///
 /// A command line clap cannot parse is returned as it is, for clap to report.
 pub fn expand(cmd: &clap::Command, raw: Vec<OsString>) -> Result<Expanded, String> {
+    expand_with(cmd, raw, |path| {
+        std::fs::read_to_string(path).map_err(|e| e.to_string())
+    })
+}
+
+/// [`expand`] with the file's text from `read` instead of the file system (sans-IO, for the
+/// fuzzer and the property tests).
+pub fn expand_with(
+    cmd: &clap::Command,
+    raw: Vec<OsString>,
+    read: impl FnOnce(&std::path::Path) -> Result<String, String>,
+) -> Result<Expanded, String> {
     let unchanged = |args| Expanded {
         args,
         file: None,
@@ -81,7 +93,7 @@ pub fn expand(cmd: &clap::Command, raw: Vec<OsString>) -> Result<Expanded, Strin
     };
     let path = path.clone();
     let at = |what: String| format!("--config {}: {what}", path.display());
-    let text = std::fs::read_to_string(&path).map_err(|e| at(format!("{e}")))?;
+    let text = read(&path).map_err(at)?;
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
         let line = e
             .span()

@@ -47,6 +47,11 @@ pub fn run(args: &DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         max_losses: 32,
         first_chunk_number: 0,
         lrs: true,
+        acs: false,
+        max_peers: 100_000,
+        max_pending_joins: 1024,
+        max_pending_per_ip: 64,
+        join_timeout: 5.0,
         service: Default::default(),
     };
     let settings = splitter::Settings::from_args(&splitter_args).map_err(anyhow::Error::msg)?;
@@ -68,6 +73,8 @@ pub fn run(args: &DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             output: Some(Output::Check(checker.clone())),
             monitor: i == 0,
             max_debt: 128,
+            lrs: false,
+            faults: peer::Faults::default(),
             status: None,
             counters: counters.clone(),
             metrics: None,

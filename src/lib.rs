@@ -20,6 +20,8 @@
 pub mod config;
 pub mod demo;
 pub mod driver;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod media;
 pub mod metrics;

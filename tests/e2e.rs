@@ -371,3 +371,163 @@ fn a_player_gets_http_then_the_header_then_chunks_and_may_come_back() {
     let (_, clean) = peer.stop();
     assert!(clean);
 }
+
+/// The UDP endpoint a peer announced in its log (`peer 127.0.0.1:PORT: joined ...`).
+fn announced_endpoint(run: &Run, name: &str) -> String {
+    let log = run.dir.join(format!("{name}.log"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains(": joined ")) {
+            let ep = line.split_whitespace().nth(1).unwrap();
+            return ep.trim_end_matches(':').to_owned();
+        }
+        assert!(Instant::now() < deadline, "{name} never joined");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn splitter_log(run: &Run) -> String {
+    std::fs::read_to_string(run.dir.join("splitter.log")).unwrap_or_default()
+}
+
+#[test]
+fn with_lrs_and_2_percent_loss_at_every_peer_nobody_loses_a_chunk() {
+    let mut run = Run::start("loss2", &["--lrs"]);
+    let mut peers = Vec::new();
+    for i in 0..10 {
+        let seed = (i + 1).to_string();
+        let args = [
+            "--player-port",
+            "0",
+            "--lrs",
+            "--drop-rate",
+            "0.02",
+            "--seed",
+            &seed,
+        ];
+        peers.push(run.peer_with(i == 0, &args));
+    }
+    std::thread::sleep(Duration::from_secs(20));
+    let mut total = 0;
+    for p in peers {
+        let name = p.name.clone();
+        let (out, clean) = p.stop();
+        assert!(clean, "{name} did not leave cleanly");
+        // Any lost chunk would break the pattern in the output.
+        let played = check_output(&out, &name);
+        assert!(played > 3000, "{name} played only {played} chunks");
+        total += played;
+    }
+    let log = splitter_log(&run);
+    assert!(
+        !log.contains(" expelled from team"),
+        "nobody is expelled for injected loss:\n{log}"
+    );
+    let (_, clean) = run.splitter.stop();
+    assert!(clean);
+    assert!(total > 30_000);
+}
+
+#[test]
+fn a_free_rider_is_dropped_by_its_teammates_and_expelled_by_the_splitter() {
+    let mut run = Run::start("freerider", &["--lrs"]);
+    let mut honest = vec![run.peer_with(true, &["--player-port", "0", "--lrs"])];
+    for _ in 0..3 {
+        honest.push(run.peer_with(false, &["--player-port", "0", "--lrs"]));
+    }
+    let rider = run.peer_with(false, &["--player-port", "0", "--free-ride"]);
+    let rider_ep = announced_endpoint(&run, &rider.name);
+    for _ in 0..2 {
+        honest.push(run.peer_with(false, &["--player-port", "0", "--lrs"]));
+    }
+    std::thread::sleep(Duration::from_secs(12));
+    let log = splitter_log(&run);
+    assert!(
+        log.contains(&format!("{rider_ep} expelled")),
+        "the splitter expelled {rider_ep}:\n{log}"
+    );
+    rider.kill();
+    for p in honest {
+        let name = p.name.clone();
+        let peer_log = run.dir.join(format!("{name}.log"));
+        let (out, clean) = p.stop();
+        assert!(clean, "{name} did not leave cleanly");
+        let text = std::fs::read_to_string(peer_log).unwrap();
+        assert!(
+            text.contains(&format!("dropped neighbour {rider_ep}: it does not relay")),
+            "{name} dropped the free rider {rider_ep} for debt:\n{text}"
+        );
+        // With LRS the team loses nothing to the free rider.
+        assert!(check_output(&out, &name) > 1500);
+    }
+}
+
+/// Over `total`, 30 % of `peers` are replaced one at a time, every other one without a goodbye
+/// (killed). The splitter and the peers run LRS; every peer there at the end, the newcomers
+/// included, must have played its stream without a gap.
+fn churn_with_lrs(name: &str, peers: usize, total: Duration) {
+    let mut run = Run::start(name, &["--lrs"]);
+    let args = ["--player-port", "0", "--lrs"];
+    let mut present = vec![run.peer_with(true, &args)];
+    for _ in 1..peers {
+        present.push(run.peer_with(false, &args));
+    }
+    let replace = (peers * 3).div_ceil(10);
+    let step = total / (replace as u32 + 1);
+    for i in 0..replace {
+        std::thread::sleep(step);
+        // Never the monitor (index 0); the oldest plain peers first.
+        let leaver = present.remove(1);
+        if i % 2 == 0 {
+            let name = leaver.name.clone();
+            let (_, clean) = leaver.stop();
+            assert!(clean, "{name} did not leave cleanly");
+        } else {
+            leaver.kill();
+        }
+        present.push(run.peer_with(false, &args));
+    }
+    std::thread::sleep(step);
+    for p in present {
+        let name = p.name.clone();
+        let (out, clean) = p.stop();
+        assert!(clean, "{name} did not leave cleanly");
+        check_output(&out, &name);
+    }
+    let log = splitter_log(&run);
+    let expelled = log.matches(" expelled from team").count();
+    assert_eq!(
+        expelled,
+        replace / 2,
+        "each killed peer was expelled:\n{log}"
+    );
+}
+
+#[test]
+fn churn_of_30_percent_with_lrs_costs_nobody_a_chunk() {
+    churn_with_lrs("churn30", 10, Duration::from_secs(20));
+}
+
+/// The full-length version: `cargo test --release --test e2e -- --ignored churn_60`.
+#[test]
+#[ignore = "60 s; run with --ignored"]
+fn churn_60_seconds_of_30_percent_with_lrs_costs_nobody_a_chunk() {
+    churn_with_lrs("churn60", 20, Duration::from_secs(60));
+}
+
+#[test]
+fn fault_and_limit_flags_are_checked() {
+    for args in [
+        &["peer", "--drop-rate", "1.5"][..],
+        &["peer", "--drop-rate=-0.1"],
+        &["splitter", "--join-timeout", "0"],
+        &["splitter", "--max-pending-joins", "0"],
+        &["splitter", "--max-pending-per-ip", "0"],
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?} printed: {err}");
+    }
+}

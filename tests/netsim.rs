@@ -1,13 +1,14 @@
 //! A deterministic in-memory team: the splitter's DBS core and many peer cores exchange datagrams
 //! through a seeded, reordering "network" with time as a plain counter. No sockets, no sleeps.
+//! The network can drop a share of what each peer receives (as `p2psp peer --drop-rate` does).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use p2psp::proto::Endpoint;
 use p2psp::proto::directory::{Directory, DirectoryRules};
-use p2psp::proto::peer::{Peer, PeerEvent, PeerRules};
+use p2psp::proto::peer::{Peer, PeerEvent, PeerRules, Removal};
 use p2psp::proto::team::{TeamEvent, TeamRules, Teams};
 use p2psp::proto::wire::encode_chunk;
 
@@ -31,6 +32,15 @@ struct Net {
     now: Instant,
     team_events: Vec<TeamEvent>,
     buffer: u16,
+    /// Share of the datagrams each peer receives that the network drops.
+    drop_rate: f64,
+    /// Plain peers ask the splitter for their own losses (`p2psp peer --lrs`).
+    request_lost: bool,
+    /// Peers that never relay.
+    free_riders: HashSet<Endpoint>,
+    /// (who, whom) a peer dropped for debt.
+    debt_drops: Vec<(Endpoint, Endpoint)>,
+    dropped: u64,
 }
 
 impl Net {
@@ -55,7 +65,25 @@ impl Net {
             now: Instant::now(),
             team_events: Vec::new(),
             buffer: B,
+            drop_rate: 0.0,
+            request_lost: false,
+            free_riders: HashSet::new(),
+            debt_drops: Vec::new(),
+            dropped: 0,
         }
+    }
+
+    /// A team with LRS at the splitter and at plain peers, and a buffer of `buffer` chunks.
+    fn with_lrs(team_size: usize, buffer: u16) -> Net {
+        let mut net = Net::new(team_size);
+        net.buffer = buffer;
+        net.request_lost = true;
+        net.teams = Teams::new(TeamRules {
+            buffer_size: buffer,
+            lrs: true,
+            ..TeamRules::default()
+        });
+        net
     }
 
     fn random(&mut self) -> u64 {
@@ -69,6 +97,8 @@ impl Net {
         let placement = self.dir.place(who, monitor);
         let mut rules = PeerRules::new(self.splitter, C, self.buffer);
         rules.monitor = placement.monitor;
+        rules.request_lost = self.request_lost;
+        rules.relay = !self.free_riders.contains(&who);
         let mut peer = Peer::new(rules, &placement.peers, placement.monitors);
         // Hellos go out before the splitter adds the peer (it waits for the ready byte).
         self.flush(who, &mut peer);
@@ -84,6 +114,10 @@ impl Net {
             match e {
                 PeerEvent::Play { number, .. } => self.played.entry(from).or_default().push(number),
                 PeerEvent::Lost { .. } => *self.lost.entry(from).or_default() += 1,
+                PeerEvent::NeighbourRemoved {
+                    peer,
+                    reason: Removal::Debt,
+                } => self.debt_drops.push((from, peer)),
                 _ => {}
             }
         }
@@ -99,6 +133,12 @@ impl Net {
                 continue;
             }
             if self.dead.contains(&to) {
+                continue;
+            }
+            if self.drop_rate > 0.0
+                && (self.random() >> 11) as f64 / (1u64 << 53) as f64 <= self.drop_rate
+            {
+                self.dropped += 1;
                 continue;
             }
             if let Some(mut peer) = self.peers.remove(&to) {
@@ -141,6 +181,19 @@ impl Net {
             self.wire.push_back((self.splitter, to, Bytes::from(d)));
         }
         self.deliver();
+    }
+
+    /// A peer leaves: politely (goodbye) or by vanishing.
+    fn leave(&mut self, who: Endpoint, politely: bool) {
+        if politely {
+            let now = self.now;
+            let mut peer = self.peers.remove(&who).unwrap();
+            peer.leave(now);
+            self.flush(who, &mut peer);
+            self.peers.insert(who, peer);
+        } else {
+            self.dead.push(who);
+        }
     }
 
     fn assert_contiguous(&self, who: Endpoint) -> usize {
@@ -285,5 +338,145 @@ fn with_lrs_vanished_peers_cost_the_others_nothing() {
     );
     for p in (0..10).filter(|p| *p != 4 && *p != 5) {
         net.assert_contiguous(ep(5000 + p));
+    }
+}
+
+#[test]
+fn with_lrs_and_2_percent_loss_at_every_peer_nobody_loses_a_chunk() {
+    let mut net = Net::with_lrs(16, 256);
+    net.drop_rate = 0.02;
+    for p in 0..16 {
+        net.join(ep(6000 + p), p == 0);
+    }
+    for n in 0..5000u16 {
+        net.chunk_lrs(n.wrapping_add(63000));
+    }
+    // Every peer receives each chunk about once: 2 % of 80 000.
+    assert!(
+        net.dropped > 1200,
+        "the network dropped only {}",
+        net.dropped
+    );
+    for p in 0..16 {
+        let played = net.assert_contiguous(ep(6000 + p));
+        assert!(played > 4700, "peer {p} played only {played}");
+    }
+    let c = net.teams.counters();
+    assert!(c.loss_reports > 0 && c.loss_requests > 0, "{c:?}");
+    assert_eq!(c.expelled, 0, "nobody is expelled for the network's losses");
+    assert_eq!(c.resends_refused, 0, "{c:?}");
+}
+
+#[test]
+fn without_lrs_2_percent_loss_does_cost_chunks() {
+    // The control for the test above: the losses are real.
+    let mut net = Net::new(16);
+    net.buffer = 256;
+    net.teams = Teams::new(TeamRules {
+        buffer_size: 256,
+        ..TeamRules::default()
+    });
+    net.drop_rate = 0.02;
+    for p in 0..16 {
+        net.join(ep(6100 + p), p == 0);
+    }
+    for n in 0..2000 {
+        net.chunk(n);
+    }
+    let lost: u64 = net.lost.values().sum();
+    assert!(lost > 100, "only {lost} lost");
+}
+
+#[test]
+fn a_free_rider_is_dropped_by_its_teammates_and_expelled_by_the_splitter() {
+    let mut net = Net::with_lrs(8, 64);
+    let rider = ep(7004);
+    net.free_riders.insert(rider);
+    for p in 0..8 {
+        net.join(ep(7000 + p), p == 0);
+    }
+    for n in 0..3000 {
+        net.chunk_lrs(n);
+    }
+    assert!(
+        net.team_events
+            .iter()
+            .any(|e| matches!(e, TeamEvent::Expelled { peer, .. } if *peer == rider)),
+        "the splitter expelled the free rider: {:?}",
+        net.team_events
+    );
+    for p in (0..8).filter(|&p| ep(7000 + p) != rider) {
+        let who = ep(7000 + p);
+        assert!(
+            net.debt_drops.contains(&(who, rider)),
+            "{who} dropped the free rider for debt"
+        );
+        assert!(net.peers[&who].neighbours().all(|n| n.0 != rider));
+        // With LRS its teammates lose nothing meanwhile.
+        net.assert_contiguous(who);
+    }
+    assert_eq!(
+        net.team_events.len(),
+        1,
+        "only the free rider was removed: {:?}",
+        net.team_events
+    );
+}
+
+/// 60 s of stream (4 ms chunks) in two teams of 10 (room for 12); every 6 s a peer leaves (half of them
+/// vanishing without a goodbye) and a new one joins: 30 % of the peers are replaced. With LRS
+/// nobody who is there at the end lost a chunk.
+#[test]
+fn churn_of_30_percent_in_60_seconds_costs_the_stayers_nothing() {
+    let mut net = Net::with_lrs(12, 128);
+    let mut present = Vec::new();
+    for p in 0..20 {
+        net.join(ep(20000 + p), p < 2);
+        present.push(ep(20000 + p));
+    }
+    let mut next_port = 20100;
+    let (mut gone, mut killed) = (0, 0);
+    for n in 0..15_000u16 {
+        net.chunk_lrs(n);
+        // Every 1250 chunks (5 s) a plain peer goes, every other one without a goodbye, and a
+        // newcomer takes its place.
+        if n % 1250 == 625 {
+            let i = 1 + (net.random() as usize % (present.len() - 1));
+            let who = present[i];
+            if net.peers[&who].rules().monitor {
+                continue;
+            }
+            present.remove(i);
+            let politely = gone % 2 == 0;
+            killed += usize::from(!politely);
+            gone += 1;
+            net.leave(who, politely);
+            net.join(ep(next_port), false);
+            present.push(ep(next_port));
+            next_port += 1;
+        }
+    }
+    assert!(
+        gone >= 6 && killed >= 3,
+        "{gone} left, {killed} without goodbye"
+    );
+    assert_eq!(
+        net.teams.team_count(),
+        2,
+        "newcomers found room in the two teams"
+    );
+    let expelled = net
+        .team_events
+        .iter()
+        .filter(|e| matches!(e, TeamEvent::Expelled { .. }))
+        .count();
+    assert_eq!(
+        expelled, killed,
+        "every vanished peer was expelled: {:?}",
+        net.team_events
+    );
+    for who in present {
+        let played = net.assert_contiguous(who);
+        assert!(played > 400, "{who} played only {played}");
     }
 }

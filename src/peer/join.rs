@@ -55,7 +55,10 @@ pub fn join(splitter: SocketAddrV4, monitor: bool) -> anyhow::Result<Joined> {
         // Our team identity is the TCP source endpoint: bind UDP to the same port before asking
         // to join, so no chunk can arrive before we listen. The kernel picked the TCP port among
         // free TCP ports only: when that UDP port is taken, connect again from another one.
-        match driver::udp_socket_reuse_addr(local, Some(4 << 20), Some(4 << 20)) {
+        // Without SO_REUSEADDR (unlike the reference): a UDP port shared with another socket
+        // (another peer on this host whose connection to another splitter got the same local
+        // port, or a local process waiting for it) would take our datagrams.
+        match driver::udp_socket(local, false, Some(4 << 20), Some(4 << 20)) {
             Ok(socket) => break (tcp, socket, local),
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempts < 8 => {
                 tracing::debug!(
@@ -83,7 +86,7 @@ pub fn join(splitter: SocketAddrV4, monitor: bool) -> anyhow::Result<Joined> {
         let mut chunk = [0u8; 4096];
         match tcp.read(&mut chunk) {
             Ok(0) => bail!(
-                "the splitter at {splitter} closed the connection before sending its configuration"
+                "the splitter at {splitter} closed the connection before sending its configuration: it refused the join (it may be full, see its --max-peers, or too busy)"
             ),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e)

@@ -12,6 +12,7 @@ pub mod status;
 use std::net::{SocketAddr, SocketAddrV4, ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use clap::Args;
 
-use crate::proto::peer::{Peer, PeerEvent, PeerRules, Removal};
+use crate::proto::peer::{Peer, PeerEvent, PeerRules, PeerStats, Removal};
 
 /// Flags of `p2psp peer`.
 #[derive(Debug, Clone, Args)]
@@ -41,6 +42,22 @@ pub struct PeerArgs {
     /// Drop a neighbour that is owed more than this many chunks.
     #[arg(long, default_value_t = 128)]
     pub max_debt: i32,
+    /// Lost-chunk recovery as a plain peer too: ask the splitter to resend chunks still missing
+    /// three eighths of a buffer before they play (a `p2psp splitter --lrs` resends them to this
+    /// peer alone). Monitors always report. A reference splitter would count the requests as
+    /// monitor loss reports, so use it with splitters of this project.
+    #[arg(long)]
+    pub lrs: bool,
+    /// Testing: drop this share (0 to 1) of the datagrams received, to inject loss.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    pub drop_rate: f64,
+    /// Testing: seed of the `--drop-rate` choices.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Testing: never relay a chunk (a free rider), to test that teammates and the splitter
+    /// drop it.
+    #[arg(long)]
+    pub free_ride: bool,
     /// No status line.
     #[arg(long, short)]
     pub quiet: bool,
@@ -60,6 +77,17 @@ pub enum Output {
     Check(Arc<crate::pattern::Checker>),
 }
 
+/// Faults a peer injects into itself, for tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Faults {
+    /// Share of received datagrams dropped, 0 to 1.
+    pub drop_rate: f64,
+    /// Seed of the drop choices.
+    pub seed: u64,
+    /// Never relay.
+    pub free_ride: bool,
+}
+
 /// Checked peer options.
 #[derive(Debug, Clone)]
 pub struct PeerOptions {
@@ -73,6 +101,10 @@ pub struct PeerOptions {
     pub monitor: bool,
     /// Debt limit.
     pub max_debt: i32,
+    /// Ask the splitter for lost chunks as a plain peer too.
+    pub lrs: bool,
+    /// Injected faults (tests).
+    pub faults: Faults,
     /// Print a status line every second (prefixed with this name).
     pub status: Option<String>,
     /// Shared counters (for the demo and for status pages).
@@ -98,6 +130,10 @@ pub struct PeerCounters {
     pub player_overruns: AtomicU64,
     /// Set once joined; the UDP port.
     pub port: AtomicU64,
+    /// Datagrams dropped by `--drop-rate`.
+    pub injected_drops: AtomicU64,
+    /// Everything the protocol core counted, as of the last datagram.
+    pub stats: Mutex<PeerStats>,
     /// Players connected now.
     pub players: AtomicU64,
     /// Players that connected since the start.
@@ -116,6 +152,12 @@ impl PeerOptions {
         if a.max_debt < 1 {
             return Err(format!("--max-debt {} must be at least 1", a.max_debt));
         }
+        if !(0.0..=1.0).contains(&a.drop_rate) {
+            return Err(format!(
+                "--drop-rate {} must be between 0 and 1",
+                a.drop_rate
+            ));
+        }
         Ok(PeerOptions {
             splitter,
             player: (a.player_port != 0)
@@ -129,6 +171,12 @@ impl PeerOptions {
             }),
             monitor: a.monitor,
             max_debt: a.max_debt,
+            lrs: a.lrs,
+            faults: Faults {
+                drop_rate: a.drop_rate,
+                seed: a.seed,
+                free_ride: a.free_ride,
+            },
             status: (!a.quiet).then(|| "peer".to_owned()),
             counters: Arc::default(),
             metrics: a.service.metrics,
@@ -198,6 +246,9 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     );
     rules.monitor = opts.monitor;
     rules.max_debt = opts.max_debt;
+    rules.request_lost = opts.lrs;
+    rules.relay = !opts.faults.free_ride;
+    let mut drops = Xorshift::new(opts.faults.seed);
     let mut core = Peer::new(rules, &config.peers, config.monitors);
     let socket = joined.socket.try_clone()?;
     socket.set_read_timeout(Some(Duration::from_millis(10)))?;
@@ -243,8 +294,18 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             core.leave(now);
         }
         match socket.recv_from(&mut buf) {
+            Ok((_, SocketAddr::V4(_)))
+                if opts.faults.drop_rate > 0.0 && drops.next_f64() < opts.faults.drop_rate =>
+            {
+                opts.counters.injected_drops.fetch_add(1, Ordering::Relaxed);
+            }
             Ok((n, SocketAddr::V4(from))) => {
                 core.handle_datagram(now, from, Bytes::copy_from_slice(&buf[..n]));
+                *opts
+                    .counters
+                    .stats
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = *core.stats();
             }
             Ok(_) => {}
             Err(e)
@@ -298,7 +359,7 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                     reason: Removal::Debt,
                 } => {
                     tracing::info!(
-                        "dropped neighbour {peer}: it does not relay (debt over {})",
+                        "dropped neighbour {peer}: it does not relay (chunk debt over the limit, {} or 8 on probation)",
                         opts.max_debt
                     );
                 }
@@ -366,4 +427,39 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     drop::<UdpSocket>(socket);
     drop(joined);
     outcome
+}
+
+/// A small seeded generator for `--drop-rate` (xorshift64*): reproducible, no dependency.
+struct Xorshift(u64);
+
+impl Xorshift {
+    fn new(seed: u64) -> Xorshift {
+        // Never zero, and different seeds start far apart.
+        Xorshift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    /// Uniform in [0, 1).
+    fn next_f64(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Xorshift;
+
+    #[test]
+    fn drop_choices_are_seeded_and_near_the_rate() {
+        let count = |seed| {
+            let mut r = Xorshift::new(seed);
+            (0..100_000).filter(|_| r.next_f64() < 0.02).count()
+        };
+        assert_eq!(count(7), count(7));
+        assert_ne!(count(7), count(8));
+        assert!((1800..2200).contains(&count(7)), "{}", count(7));
+    }
 }

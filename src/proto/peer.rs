@@ -10,6 +10,17 @@
 //! Deliberate differences from the reference (none visible on the wire): chunk numbers compare as
 //! serial numbers (no stall at the wrap); a lost chunk is skipped, counted and, by a monitor,
 //! reported; when a neighbour is dropped for debt mid-round the next one is not skipped.
+//!
+//! Hostile input (see `docs/security.md`): anyone can send a peer a hello or a chunk with any
+//! source address, so the peer bounds what a stranger can get out of it. A neighbour learnt from a
+//! hello is on probation until it sends a chunk: once it has been on probation for
+//! [`PeerRules::probation_grace`] (1 s, so that a burst of chunks after a stall cannot drop an
+//! honest newcomer) it is dropped as soon as it is owed more than [`PeerRules::probation_debt`]
+//! chunks (8), not 128. A forged hello so buys a victim what this peer originates in about a
+//! second (a 16th of the stream in a team of 16), at most 129 chunks. A chunk from a stranger makes it a neighbour (a lost hello must not cut a peer off)
+//! only if its number is within a buffer of the playout position; other chunks from strangers, and
+//! chunks from neighbours that far off, are counted and dropped without crediting any debt. The
+//! neighbour list is bounded by [`PeerRules::max_neighbours`].
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -37,6 +48,18 @@ pub struct PeerRules {
     pub relay: bool,
     /// How long to wait for the splitter's goodbye before leaving anyway.
     pub leave_timeout: Duration,
+    /// A plain peer (not a monitor) also sends loss reports, asking the splitter to resend the
+    /// chunks it misses (LRS at a splitter of this project resends them to it alone). Monitors
+    /// always report.
+    pub request_lost: bool,
+    /// A neighbour that has never sent us a chunk (learnt from a hello), on probation for longer
+    /// than `probation_grace`, is dropped once owed more than this many chunks.
+    pub probation_debt: i32,
+    /// How long a neighbour on probation is held only to `max_debt`.
+    pub probation_grace: Duration,
+    /// Most neighbours. Hellos and chunks from strangers beyond this are counted and ignored
+    /// (a stranger on probation may be displaced).
+    pub max_neighbours: usize,
 }
 
 impl PeerRules {
@@ -50,6 +73,11 @@ impl PeerRules {
             monitor: false,
             relay: true,
             leave_timeout: Duration::from_secs(2),
+            request_lost: false,
+            probation_debt: 8,
+            probation_grace: Duration::from_secs(1),
+            // DBS rule 8: a team is never larger than the buffer (reference-notes §5.7).
+            max_neighbours: usize::from(buffer_size).max(1),
         }
     }
 }
@@ -70,6 +98,8 @@ pub enum Removal {
     Goodbye,
     /// Its chunk debt went over the limit (it does not relay to us).
     Debt,
+    /// It was on probation and made room for a newcomer when the neighbour list was full.
+    Displaced,
 }
 
 /// Something the program using the peer acts on.
@@ -133,8 +163,16 @@ pub struct PeerStats {
     pub late: u64,
     /// Chunks received twice.
     pub duplicates: u64,
-    /// Chunks from neighbours numbered beyond the buffer (dropped).
+    /// Chunks from neighbours numbered more than a buffer away from the playout position
+    /// (dropped, no debt credited).
     pub out_of_window: u64,
+    /// Chunks from strangers numbered more than a buffer away (dropped; the sender is not made a
+    /// neighbour).
+    pub strangers_out_of_window: u64,
+    /// Hellos and chunks from strangers not taken as neighbours because the list was full.
+    pub neighbours_refused: u64,
+    /// Chunks the splitter resent (LRS), to this peer alone or for its team.
+    pub resent_received: u64,
     /// Datagrams that are neither a chunk, a hello nor a goodbye.
     pub malformed: u64,
     /// Hellos received.
@@ -145,7 +183,7 @@ pub struct PeerStats {
     pub stray_goodbyes: u64,
     /// Neighbours dropped for debt.
     pub debt_drops: u64,
-    /// Loss reports sent (monitors).
+    /// Loss reports sent (monitors, and peers with [`PeerRules::request_lost`]), retries included.
     pub loss_reports: u64,
 }
 
@@ -154,6 +192,10 @@ struct Neighbour {
     endpoint: Endpoint,
     debt: i32,
     monitor: bool,
+    /// Listed by the splitter, or has sent us a chunk; otherwise on probation.
+    proven: bool,
+    /// When it became a neighbour.
+    since: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,10 +211,43 @@ struct Playout {
     slots: Vec<Option<(u16, Bytes)>>,
     /// Next chunk number to play; `None` until the first chunk from the splitter.
     next: Option<u16>,
-    /// Monitors: next chunk number to check for a loss report.
-    check: u16,
+    /// Monitors and peers that ask for their losses: for each report horizon (chunks behind the
+    /// newest), the next chunk number to check. The first is the report, the others retries
+    /// (a resend may be lost as well).
+    checks: Vec<(i32, u16)>,
+    /// `n` at `n % B` for the chunks this peer reported, to recognise their resends.
+    reported: Vec<Option<u16>>,
     highest: u16,
     started: bool,
+}
+
+/// How far behind the newest chunk a missing chunk is reported, first and then again, by a
+/// monitor (`monitor`) or by a plain peer that asks for its losses. Empty if it reports nothing.
+///
+/// A monitor reports a quarter of a buffer behind the newest chunk and retries every sixteenth
+/// until half a buffer (playout), four times in all with the usual B: a resend can be lost as
+/// well, and the splitter blames the chunk's origin once however often it is reported. A plain
+/// peer asks from three eighths on, every thirty-second: a chunk the whole team lost comes back
+/// through the monitor before that, and only its own losses are left to ask for.
+fn report_horizons(buffer: usize, reports: bool, monitor: bool) -> Vec<i32> {
+    if !reports {
+        return Vec::new();
+    }
+    let half = (buffer / 2) as i32;
+    let (first, step) = if monitor {
+        (buffer / 4, buffer / 16)
+    } else {
+        (3 * buffer / 8, buffer / 32)
+    };
+    let (first, step) = ((first as i32).max(1), (step as i32).max(1));
+    let mut out: Vec<i32> = (0..4)
+        .map(|k| first + k * step)
+        .filter(|&h| h < half)
+        .collect();
+    if out.is_empty() {
+        out.push(first);
+    }
+    out
 }
 
 /// One DBS peer.
@@ -195,6 +270,8 @@ pub struct Peer {
     transmits: VecDeque<Transmit>,
     events: VecDeque<PeerEvent>,
     stats: PeerStats,
+    /// The time of the datagram being handled.
+    now: Option<Instant>,
 }
 
 impl Peer {
@@ -218,7 +295,11 @@ impl Peer {
             playout: Playout {
                 slots: vec![None; b],
                 next: None,
-                check: 0,
+                checks: report_horizons(b, rules.monitor || rules.request_lost, rules.monitor)
+                    .into_iter()
+                    .map(|h| (h, 0))
+                    .collect(),
+                reported: vec![None; b],
                 highest: 0,
                 started: false,
             },
@@ -226,6 +307,7 @@ impl Peer {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: PeerStats::default(),
+            now: None,
         };
         let m = usize::from(monitors).min(peers.len());
         for (i, &p) in peers
@@ -239,6 +321,8 @@ impl Peer {
                     endpoint: p,
                     debt: 0,
                     monitor: i < m,
+                    proven: true,
+                    since: None,
                 });
                 peer.send(p, Bytes::from_static(HELLO));
             }
@@ -254,7 +338,34 @@ impl Peer {
         self.transmits.push_back(Transmit { dest, payload });
     }
 
-    fn add_neighbour(&mut self, ep: Endpoint) {
+    /// Takes a stranger as a neighbour: `proven` if it sent a chunk, on probation after a hello.
+    /// Returns whether it was taken.
+    fn adopt(&mut self, ep: Endpoint, proven: bool) -> bool {
+        if self.neighbours.len() >= self.rules.max_neighbours {
+            // Full: a neighbour on probation (never sent a chunk) makes room, the most indebted
+            // first; otherwise the stranger is ignored.
+            let victim = self
+                .neighbours
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| !n.proven)
+                .max_by_key(|(_, n)| n.debt)
+                .map(|(i, _)| i);
+            match victim {
+                Some(i) if proven || self.neighbours[i].debt > 0 => {
+                    self.remove_neighbour(i, Removal::Displaced)
+                }
+                _ => {
+                    self.stats.neighbours_refused += 1;
+                    return false;
+                }
+            }
+        }
+        self.add_neighbour(ep, proven);
+        true
+    }
+
+    fn add_neighbour(&mut self, ep: Endpoint, proven: bool) {
         // Newcomers go before the monitors, which stay last in the relay order.
         let at = self
             .neighbours
@@ -270,6 +381,8 @@ impl Peer {
                 endpoint: ep,
                 debt: 0,
                 monitor: false,
+                proven,
+                since: self.now,
             },
         );
         self.events.push_back(PeerEvent::NeighbourAdded(ep));
@@ -277,7 +390,7 @@ impl Peer {
 
     /// Handles one datagram received at `now` from `from`.
     pub fn handle_datagram(&mut self, now: Instant, from: Endpoint, data: Bytes) {
-        let _ = now;
+        self.now = Some(now);
         if self.membership == Membership::Left {
             return;
         }
@@ -286,7 +399,7 @@ impl Peer {
             ToPeer::Hello => {
                 self.stats.hellos += 1;
                 if from != self.rules.splitter && self.position(from).is_none() {
-                    self.add_neighbour(from);
+                    self.adopt(from, false);
                 }
             }
             ToPeer::Goodbye => self.on_goodbye(from),
@@ -331,10 +444,19 @@ impl Peer {
         if !self.prev_resent {
             n.debt += 1;
         }
+        let probation_over = match (n.since, self.now) {
+            (Some(since), Some(now)) => now.duration_since(since) >= self.rules.probation_grace,
+            _ => false,
+        };
+        let limit = if n.proven || !probation_over {
+            self.rules.max_debt
+        } else {
+            self.rules.probation_debt.min(self.rules.max_debt)
+        };
         let (dest, debt) = (n.endpoint, n.debt);
         self.send(dest, prev);
         self.stats.relayed += 1;
-        if debt > self.rules.max_debt {
+        if debt > limit {
             // Dropped; the next neighbour moves into slot `i`, so `counter` stays.
             self.stats.debt_drops += 1;
             self.neighbours.remove(i);
@@ -347,11 +469,34 @@ impl Peer {
         }
     }
 
+    /// Whether a chunk number from anybody but the splitter is near enough to the playout
+    /// position to be of use: within a buffer either side. Before the first chunk from the
+    /// splitter there is no position yet and every number is taken.
+    fn in_window(&self, number: u16) -> bool {
+        let b = self.playout.slots.len() as i32;
+        self.playout.next.is_none_or(|next| {
+            let d = seq::diff(number, next);
+            (-b..b).contains(&d)
+        })
+    }
+
     fn on_chunk(&mut self, from: Endpoint, number: u16, data: Bytes) {
         self.stats.chunks_received += 1;
         let from_splitter = from == self.rules.splitter;
         if from_splitter {
             self.stats.from_splitter += 1;
+            let slot = usize::from(number) % self.playout.reported.len();
+            if !self.rules.monitor && self.playout.reported[slot] == Some(number) {
+                // A resend this peer asked for itself: play it, relay nothing (a monitor's
+                // resends are for its team and are relayed like any chunk from the splitter).
+                self.stats.resent_received += 1;
+                self.store(number, data, true);
+                return;
+            }
+            let resent = self
+                .newest_from_splitter
+                .is_some_and(|m| !seq::gt(number, m));
+            self.stats.resent_received += u64::from(resent);
             if self.rules.relay {
                 // Burst: finish relaying the previous chunk from the splitter.
                 while self.counter < self.neighbours.len()
@@ -363,18 +508,32 @@ impl Peer {
             self.modified_list = false;
             self.counter = 0;
             self.prev = Some(data.clone());
-            self.prev_resent = self
-                .newest_from_splitter
-                .is_some_and(|m| !seq::gt(number, m));
-            if !self.prev_resent {
+            self.prev_resent = resent;
+            if !resent {
                 self.newest_from_splitter = Some(number);
             }
         } else {
+            let near = self.in_window(number);
             match self.position(from) {
+                Some(i) if near => {
+                    let n = &mut self.neighbours[i];
+                    n.debt -= 1;
+                    n.proven = true;
+                }
+                Some(_) => {
+                    // Far off: no use, no debt credited, and it clocks no relay.
+                    self.stats.out_of_window += 1;
+                    return;
+                }
                 // Neighbours are also learnt from their chunks, as in the reference: a lost hello
-                // must not cut a peer off.
-                None => self.add_neighbour(from),
-                Some(i) => self.neighbours[i].debt -= 1,
+                // must not cut a peer off. If the list is full the chunk is still of use.
+                None if near => {
+                    self.adopt(from, true);
+                }
+                None => {
+                    self.stats.strangers_out_of_window += 1;
+                    return;
+                }
             }
         }
         if matches!(self.membership, Membership::Leaving { .. }) {
@@ -394,7 +553,9 @@ impl Peer {
             if from_splitter {
                 // Playout starts at the first chunk from the splitter (as the reference does).
                 self.playout.next = Some(number);
-                self.playout.check = number;
+                for c in &mut self.playout.checks {
+                    c.1 = number;
+                }
                 self.playout.highest = number;
                 for (n, _) in self.playout.slots.iter().flatten() {
                     let d = seq::diff(*n, number);
@@ -458,20 +619,9 @@ impl Peer {
             self.events.push_back(PeerEvent::Skipped { count });
             next = next.wrapping_add(count as u16);
         }
-        if self.rules.monitor {
-            if seq::lt(self.playout.check, next) {
-                self.playout.check = next;
-            }
-            let horizon = ((b / 4) as i32).max(1);
-            while seq::diff(self.playout.highest, self.playout.check) >= horizon {
-                let n = self.playout.check;
-                let slot = usize::from(n) % b;
-                if self.playout.slots[slot].as_ref().is_none_or(|s| s.0 != n) {
-                    self.stats.loss_reports += 1;
-                    self.send(self.rules.splitter, Bytes::copy_from_slice(&loss_report(n)));
-                }
-                self.playout.check = n.wrapping_add(1);
-            }
+        for i in 0..self.playout.checks.len() {
+            let (horizon, cursor) = self.playout.checks[i];
+            self.playout.checks[i].1 = self.report_missing(cursor, horizon, next);
         }
         while seq::diff(self.playout.highest, next) >= half {
             if !self.playout.started {
@@ -496,6 +646,26 @@ impl Peer {
             next = next.wrapping_add(1);
         }
         self.playout.next = Some(next);
+    }
+
+    /// Sends a loss report for every chunk from `cursor` on that is missing `horizon` chunks
+    /// behind the newest; returns the new cursor.
+    fn report_missing(&mut self, mut cursor: u16, horizon: i32, next: u16) -> u16 {
+        let b = self.playout.slots.len();
+        if seq::lt(cursor, next) {
+            cursor = next;
+        }
+        while seq::diff(self.playout.highest, cursor) >= horizon {
+            let n = cursor;
+            let slot = usize::from(n) % b;
+            if self.playout.slots[slot].as_ref().is_none_or(|s| s.0 != n) {
+                self.stats.loss_reports += 1;
+                self.playout.reported[slot] = Some(n);
+                self.send(self.rules.splitter, Bytes::copy_from_slice(&loss_report(n)));
+            }
+            cursor = n.wrapping_add(1);
+        }
+        cursor
     }
 
     /// Starts leaving politely: goodbye to the splitter now and with every chunk received until
@@ -717,8 +887,13 @@ mod tests {
         assert!(ev.contains(&PeerEvent::Lost { number: 3 }));
         assert_eq!(p.stats().lost, 1);
         assert_eq!(p.stats().played, 7); // 0..=7 but 3
-        assert!(sends(&mut p).contains(&(SPLITTER, Bytes::from_static(&[0, 3]))));
-        assert_eq!(p.stats().loss_reports, 1);
+        // Reported a quarter of a buffer behind the newest chunk, and again at three eighths.
+        let reports: Vec<_> = sends(&mut p)
+            .into_iter()
+            .filter(|s| s.0 == SPLITTER)
+            .collect();
+        assert_eq!(reports, vec![(SPLITTER, Bytes::from_static(&[0, 3])); 2]);
+        assert_eq!(p.stats().loss_reports, 2);
     }
 
     #[test]
@@ -864,5 +1039,115 @@ mod tests {
         assert_eq!(p.stats().stray_goodbyes, 1);
         p.handle_datagram(now, ep(7), Bytes::from_static(b"XYZ"));
         assert_eq!(p.stats().malformed, 1);
+    }
+
+    #[test]
+    fn a_forged_hello_buys_at_most_the_probation_debt() {
+        let now = Instant::now();
+        let mut p = Peer::new(rules(256), &[ep(1)], 0);
+        p.handle_datagram(now, ep(66), Bytes::from_static(b"H"));
+        sends(&mut p);
+        let mut to_victim = 0;
+        for n in 0..300u16 {
+            // 40 chunks a second from the splitter to this peer.
+            let t = now + Duration::from_millis(25 * u64::from(n));
+            p.handle_datagram(t, ep(SPLITTER), chunk(n));
+            p.handle_datagram(t, ep(1), chunk(n.wrapping_sub(1)));
+            to_victim += sends(&mut p).iter().filter(|s| s.0 == 66).count();
+        }
+        // A second of grace (40 chunks), then dropped at once: its debt is over 8.
+        assert_eq!(to_victim, 41);
+        assert!(events(&mut p).contains(&PeerEvent::NeighbourRemoved {
+            peer: ep(66),
+            reason: Removal::Debt
+        }));
+        // The honest neighbour, which relays, is still there.
+        assert_eq!(p.neighbours().map(|n| n.0).collect::<Vec<_>>(), [ep(1)]);
+    }
+
+    #[test]
+    fn a_newcomer_that_relays_leaves_probation() {
+        let now = Instant::now();
+        let mut p = Peer::new(rules(256), &[], 0);
+        p.handle_datagram(now, ep(7), Bytes::from_static(b"H"));
+        for n in 0..400u16 {
+            p.handle_datagram(now, ep(SPLITTER), chunk(2 * n));
+            if n >= 5 && n % 10 != 0 {
+                // Its first chunk comes after 6 of ours; then it misses one in ten: a debt that
+                // grows past 8 but stays under 128.
+                p.handle_datagram(now, ep(7), chunk(2 * n + 1));
+            }
+        }
+        assert_eq!(p.stats().debt_drops, 0);
+        assert_eq!(p.neighbours().next().map(|n| n.0), Some(ep(7)));
+    }
+
+    #[test]
+    fn chunks_from_strangers_far_off_are_dropped_and_nothing_changes() {
+        let now = Instant::now();
+        let mut p = Peer::new(rules(16), &[ep(1)], 0);
+        p.handle_datagram(now, ep(SPLITTER), chunk(1000));
+        sends(&mut p);
+        let before: Vec<_> = p.neighbours().collect();
+        for n in [0u16, 500, 983, 1016, 1100, 40000] {
+            p.handle_datagram(now, ep(99), chunk(n));
+            p.handle_datagram(now, ep(1), chunk(n));
+        }
+        assert_eq!(p.stats().strangers_out_of_window, 6);
+        assert_eq!(p.stats().out_of_window, 6);
+        assert_eq!(
+            p.neighbours().collect::<Vec<_>>(),
+            before,
+            "no debt credited"
+        );
+        assert!(sends(&mut p).is_empty(), "no relay clocked");
+        // Near the playout position a stranger's chunk is an implicit hello.
+        p.handle_datagram(now, ep(99), chunk(1001));
+        assert!(p.neighbours().any(|n| n.0 == ep(99)));
+    }
+
+    #[test]
+    fn the_neighbour_list_is_bounded() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(2);
+        let mut r = rules(16);
+        r.max_neighbours = 4;
+        let mut p = Peer::new(r, &[ep(1), ep(2)], 0);
+        for port in 100..200 {
+            p.handle_datagram(now, ep(port), Bytes::from_static(b"H"));
+        }
+        assert_eq!(p.neighbours().count(), 4);
+        assert_eq!(p.stats().neighbours_refused, 98);
+        // Probationers that took chunks without returning any make room for a real chunk sender.
+        p.handle_datagram(now, ep(SPLITTER), chunk(1));
+        p.handle_datagram(later, ep(SPLITTER), chunk(2));
+        p.handle_datagram(later, ep(300), chunk(1));
+        assert!(p.neighbours().any(|n| n.0 == ep(300)));
+        assert_eq!(p.neighbours().count(), 4);
+        assert!(p.neighbours().any(|n| n.0 == ep(1)) && p.neighbours().any(|n| n.0 == ep(2)));
+    }
+
+    #[test]
+    fn a_plain_peer_asks_for_its_losses_and_keeps_the_resend_to_itself() {
+        let now = Instant::now();
+        let mut r = rules(16);
+        r.request_lost = true;
+        let mut p = Peer::new(r, &[ep(1), ep(2)], 0);
+        p.handle_datagram(now, ep(SPLITTER), chunk(0));
+        for n in 2..8u16 {
+            p.handle_datagram(now, ep(1), chunk(n));
+        }
+        // Asked for three eighths of a buffer behind the newest chunk (a monitor reports at B/4).
+        let out = sends(&mut p);
+        assert!(out.contains(&(SPLITTER, Bytes::from_static(&[0, 1]))));
+        // The splitter resends chunk 1 to this peer alone: no relay, no burst.
+        p.handle_datagram(now, ep(SPLITTER), chunk(1));
+        assert!(sends(&mut p).is_empty());
+        for n in 8..14u16 {
+            p.handle_datagram(now, ep(2), chunk(n));
+        }
+        assert_eq!(p.stats().lost, 0);
+        assert_eq!(p.stats().played, 6);
+        assert_eq!(p.stats().resent_received, 1);
     }
 }

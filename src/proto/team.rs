@@ -5,8 +5,14 @@
 //! per team ([`Teams::on_chunk`]); datagrams from peers go through [`Teams::handle_datagram`];
 //! goodbye confirmations come out of [`Teams::poll_transmit`] and membership changes out of
 //! [`Teams::poll_event`]. Time only enters through [`Teams::handle_timeout`].
+//!
+//! Recovery rules (`docs/recovery.md`): LRS resends reported chunks ([`Teams::poll_resend`]); ACS
+//! sends fewer chunks to peers whose chunks get lost. A chunk's origin is blamed once however
+//! often the chunk is reported, and every member has a budget of resends, halved with the loss
+//! counters, so neither a lossy monitor nor a forged report can make the splitter send more than
+//! a bounded number of datagrams.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::Endpoint;
@@ -26,9 +32,20 @@ pub struct TeamRules {
     /// How often every loss counter is halved (reference: 1 s).
     pub loss_halving: Duration,
     /// LRS (reference-notes §6.2): resend a reported chunk to the monitor that reported it, which
-    /// relays it like any chunk from the splitter.
+    /// relays it like any chunk from the splitter. A plain peer's loss report is then a request for
+    /// itself: the chunk is resent to it alone, and nobody is blamed.
     pub lrs: bool,
+    /// Most resends per member per `loss_halving` period (its counter is halved with the loss
+    /// counters); reports beyond are counted in [`TeamCounters::resends_refused`].
+    pub max_resends: u32,
+    /// ACS (reference-notes §6.3): a peer blamed for a loss gets its next chunks less often (its
+    /// period grows by one per blamed loss, at most [`ACS_MAX_PERIOD`], and shrinks by one every
+    /// `loss_halving`).
+    pub acs: bool,
 }
+
+/// Largest ACS period: a peer blamed for many losses still gets one chunk every this many rounds.
+pub const ACS_MAX_PERIOD: u32 = 16;
 
 impl Default for TeamRules {
     fn default() -> Self {
@@ -37,6 +54,8 @@ impl Default for TeamRules {
             max_losses: 32,
             loss_halving: Duration::from_secs(1),
             lrs: false,
+            max_resends: 128,
+            acs: false,
         }
     }
 }
@@ -69,12 +88,23 @@ pub struct TeamCounters {
     pub goodbyes: u64,
     /// Goodbyes from endpoints that are not members (ignored).
     pub stray_goodbyes: u64,
+    /// Goodbyes from peers that left recently, confirmed again (the first confirmation may have
+    /// been lost).
+    pub repeated_goodbyes: u64,
     /// Loss reports from monitors.
     pub loss_reports: u64,
     /// Loss reports from endpoints that are not monitors of any team here (ignored).
     pub stray_loss_reports: u64,
     /// Loss reports for a chunk whose destination is no longer remembered.
     pub unattributed_loss_reports: u64,
+    /// Loss reports from monitors for a chunk already blamed (a retry, or another monitor).
+    pub repeated_loss_reports: u64,
+    /// Under LRS: loss reports from plain peers, asking for a chunk for themselves.
+    pub loss_requests: u64,
+    /// Resends queued (LRS).
+    pub resends: u64,
+    /// Resends refused because the member had used up its budget.
+    pub resends_refused: u64,
     /// Datagrams that are neither a goodbye nor a loss report.
     pub malformed: u64,
     /// Peers removed after their goodbye.
@@ -89,6 +119,20 @@ struct Member {
     monitor: bool,
     leaving: bool,
     losses: u32,
+    /// Resends to it in the current halving period.
+    resends: u32,
+    /// ACS: it gets one chunk every `period` passes of the round robin.
+    period: u32,
+    /// ACS: passes left to skip before its next chunk.
+    skip: u32,
+}
+
+/// Who got chunk `number`, and whether a loss of it was blamed already.
+#[derive(Debug, Clone, Copy)]
+struct Destination {
+    number: u16,
+    endpoint: Endpoint,
+    blamed: bool,
 }
 
 /// One DBS team: its members in round-robin order (monitors first) and who got which chunk.
@@ -99,7 +143,7 @@ struct Team {
     /// Index of the member that gets the next chunk (the reference's `peer_number`).
     next: usize,
     /// Destination of chunk `n` at `n % B`, with `n` to tell stale entries apart.
-    destinations: Vec<Option<(u16, Endpoint)>>,
+    destinations: Vec<Option<Destination>>,
     leaving: usize,
 }
 
@@ -140,6 +184,9 @@ impl Team {
                 monitor,
                 leaving: false,
                 losses: 0,
+                resends: 0,
+                period: 1,
+                skip: 0,
             },
         );
     }
@@ -159,22 +206,52 @@ impl Team {
     }
 
     /// Picks the destination of chunk `n` and advances the round robin. At the round boundary the
-    /// members that said goodbye are removed and told so.
+    /// members that said goodbye are removed and told so. Under ACS a member with a period over 1
+    /// is passed over until its skip count runs out.
     fn schedule(
         &mut self,
         n: u16,
+        acs: bool,
         goodbyes: &mut VecDeque<(Endpoint, &'static [u8])>,
         events: &mut VecDeque<TeamEvent>,
         counters: &mut TeamCounters,
     ) -> Option<Endpoint> {
+        if acs {
+            // Every pass lowers each skip count by one, so this ends within ACS_MAX_PERIOD passes;
+            // the bound is only a guard.
+            let mut guard = self.members.len() * ACS_MAX_PERIOD as usize + 1;
+            while !self.members.is_empty() && self.members[self.next].skip > 0 && guard > 0 {
+                self.members[self.next].skip -= 1;
+                self.advance(goodbyes, events, counters);
+                guard -= 1;
+            }
+        }
         if self.members.is_empty() {
             return None;
         }
-        let dest = self.members[self.next].endpoint;
+        let m = &mut self.members[self.next];
+        let dest = m.endpoint;
+        if acs {
+            m.skip = m.period - 1;
+        }
         let slot = usize::from(n) % self.destinations.len();
-        self.destinations[slot] = Some((n, dest));
+        self.destinations[slot] = Some(Destination {
+            number: n,
+            endpoint: dest,
+            blamed: false,
+        });
+        self.advance(goodbyes, events, counters);
+        Some(dest)
+    }
+
+    fn advance(
+        &mut self,
+        goodbyes: &mut VecDeque<(Endpoint, &'static [u8])>,
+        events: &mut VecDeque<TeamEvent>,
+        counters: &mut TeamCounters,
+    ) {
         self.next += 1;
-        if self.next == self.members.len() {
+        if self.next >= self.members.len() {
             self.next = 0;
             if self.leaving > 0 {
                 let id = self.id;
@@ -194,7 +271,6 @@ impl Team {
                 }
             }
         }
-        Some(dest)
     }
 }
 
@@ -209,7 +285,13 @@ pub struct Teams {
     resends: VecDeque<(u16, Endpoint)>,
     events: VecDeque<TeamEvent>,
     next_halving: Option<Instant>,
+    /// The last peers that left after a goodbye, oldest first, to confirm a repeated goodbye.
+    recently_left: VecDeque<Endpoint>,
+    recently_left_set: HashSet<Endpoint>,
 }
+
+/// How many peers that left are remembered to confirm their goodbye again.
+const RECENTLY_LEFT: usize = 1024;
 
 impl Teams {
     /// No teams yet.
@@ -223,6 +305,8 @@ impl Teams {
             resends: VecDeque::new(),
             events: VecDeque::new(),
             next_halving: None,
+            recently_left: VecDeque::new(),
+            recently_left_set: HashSet::new(),
         }
     }
 
@@ -239,6 +323,9 @@ impl Teams {
     /// moved, as the reference does when an endpoint joins twice.
     pub fn insert(&mut self, team: TeamId, peer: Endpoint, monitor: bool) {
         self.remove(peer);
+        if self.recently_left_set.remove(&peer) {
+            self.recently_left.retain(|&p| p != peer);
+        }
         if self.team_mut(team).is_none() {
             self.teams.push(Team::new(team, self.rules.buffer_size));
         }
@@ -268,15 +355,29 @@ impl Teams {
         let mut removed = false;
         for t in &mut self.teams {
             let before = t.members.len();
-            if let Some(d) = t.schedule(n, &mut self.goodbyes, &mut self.events, &mut self.counters)
-            {
+            if let Some(d) = t.schedule(
+                n,
+                self.rules.acs,
+                &mut self.goodbyes,
+                &mut self.events,
+                &mut self.counters,
+            ) {
                 dests.push(d);
             }
             removed |= t.members.len() != before;
         }
         if removed {
-            for (ep, _) in self.goodbyes.range(queued..) {
-                self.members.remove(ep);
+            let left: Vec<Endpoint> = self.goodbyes.range(queued..).map(|g| g.0).collect();
+            for ep in left {
+                self.members.remove(&ep);
+                if self.recently_left_set.insert(ep) {
+                    self.recently_left.push_back(ep);
+                    if self.recently_left.len() > RECENTLY_LEFT
+                        && let Some(old) = self.recently_left.pop_front()
+                    {
+                        self.recently_left_set.remove(&old);
+                    }
+                }
             }
             self.drop_empty_teams();
         }
@@ -293,7 +394,14 @@ impl Teams {
 
     fn on_goodbye(&mut self, from: Endpoint) {
         let Some(&id) = self.members.get(&from) else {
-            self.counters.stray_goodbyes += 1;
+            if self.recently_left_set.contains(&from) {
+                // It left, but our confirmation was lost: one goodbye for one goodbye, only to a
+                // former member, so nothing is amplified.
+                self.counters.repeated_goodbyes += 1;
+                self.goodbyes.push_back((from, GOODBYE));
+            } else {
+                self.counters.stray_goodbyes += 1;
+            }
             return;
         };
         self.counters.goodbyes += 1;
@@ -307,7 +415,7 @@ impl Teams {
     }
 
     fn on_loss_report(&mut self, from: Endpoint, n: u16) {
-        let max_losses = self.rules.max_losses;
+        let rules = self.rules;
         let Some(&id) = self.members.get(&from) else {
             self.counters.stray_loss_reports += 1;
             return;
@@ -317,31 +425,62 @@ impl Teams {
             .iter_mut()
             .find(|t| t.id == id)
             .expect("member index points at a team");
-        let is_monitor = t.position(from).is_some_and(|i| t.members[i].monitor);
-        if !is_monitor {
+        let Some(reporter) = t.position(from) else {
+            self.counters.stray_loss_reports += 1;
+            return;
+        };
+        let is_monitor = t.members[reporter].monitor;
+        if !is_monitor && !rules.lrs {
             self.counters.stray_loss_reports += 1;
             return;
         }
         let slot = usize::from(n) % t.destinations.len();
-        let blamed = match t.destinations[slot] {
-            Some((m, blamed)) if m == n => blamed,
+        let dest = match &mut t.destinations[slot] {
+            Some(d) if d.number == n => d,
             _ => {
                 self.counters.unattributed_loss_reports += 1;
                 return;
             }
         };
-        self.counters.loss_reports += 1;
-        if self.rules.lrs {
-            self.resends.push_back((n, from));
+        if is_monitor {
+            self.counters.loss_reports += 1;
+        } else {
+            self.counters.loss_requests += 1;
         }
+        // Only a monitor's report blames, and only the first one for a chunk: a retry, a second
+        // monitor or a forged copy cannot push a peer out faster.
+        let blamed = if is_monitor && !dest.blamed {
+            dest.blamed = true;
+            Some(dest.endpoint)
+        } else {
+            if is_monitor {
+                self.counters.repeated_loss_reports += 1;
+            }
+            None
+        };
+        if rules.lrs {
+            let r = &mut t.members[reporter];
+            if r.resends < rules.max_resends {
+                r.resends += 1;
+                self.counters.resends += 1;
+                self.resends.push_back((n, from));
+            } else {
+                self.counters.resends_refused += 1;
+            }
+        }
+        let Some(blamed) = blamed else { return };
         let Some(i) = t.position(blamed) else {
             return;
         };
         let member = &mut t.members[i];
         member.losses += 1;
+        if rules.acs && !member.monitor {
+            member.period = (member.period + 1).min(ACS_MAX_PERIOD);
+            member.skip = member.period - 1;
+        }
         // Monitors are the operator's own peers and are never expelled (as in the classic
         // reference); their losses are still counted.
-        if member.losses > max_losses && !member.monitor {
+        if member.losses > rules.max_losses && !member.monitor {
             let losses = member.losses;
             t.remove_at(i);
             self.members.remove(&blamed);
@@ -367,6 +506,9 @@ impl Teams {
             Some(at) if now >= at => {
                 for m in self.teams.iter_mut().flat_map(|t| t.members.iter_mut()) {
                     m.losses /= 2;
+                    m.resends /= 2;
+                    m.period = (m.period - 1).max(1);
+                    m.skip = m.skip.min(m.period - 1);
                 }
                 // Keep the period even if the caller was late, but never schedule in the past.
                 let next = at + self.rules.loss_halving;
@@ -385,7 +527,8 @@ impl Teams {
         self.goodbyes.pop_front()
     }
 
-    /// The next chunk to resend under LRS: its number and the monitor to send it to.
+    /// The next chunk to resend under LRS: its number and the member (the monitor or peer that
+    /// reported it) to send it to.
     pub fn poll_resend(&mut self) -> Option<(u16, Endpoint)> {
         self.resends.pop_front()
     }
@@ -514,6 +657,15 @@ mod tests {
         assert_eq!(chunk(&mut t, 4), [ep(3)]);
         assert_eq!(t.counters().goodbyes, 2);
         assert_eq!(t.counters().left, 1);
+        // Our confirmation was lost and it says goodbye again: confirmed again, one for one.
+        t.handle_datagram(ep(2), b"G");
+        assert_eq!(t.poll_transmit(), Some((ep(2), &b"G"[..])));
+        assert_eq!(t.counters().repeated_goodbyes, 1);
+        assert_eq!(t.counters().stray_goodbyes, 0);
+        // A stranger's goodbye is still only counted.
+        t.handle_datagram(ep(9), b"G");
+        assert_eq!(t.poll_transmit(), None);
+        assert_eq!(t.counters().stray_goodbyes, 1);
     }
 
     #[test]
@@ -562,8 +714,17 @@ mod tests {
             t.handle_datagram(ep(1), &n.to_be_bytes()); // 12 more: 22
         }
         assert_eq!(t.members(0)[1].2, 22);
-        // Report the same chunks again to push it over 32.
-        for n in (41u16..64).step_by(2).take(11) {
+        // Reporting the same chunks again blames nobody twice...
+        for n in (41u16..64).step_by(2) {
+            t.handle_datagram(ep(1), &n.to_be_bytes());
+        }
+        assert_eq!(t.members(0)[1].2, 22);
+        assert_eq!(t.counters().repeated_loss_reports, 12);
+        // ...11 more lost chunks of its push it over 32.
+        for n in 64..100 {
+            chunk(&mut t, n);
+        }
+        for n in (65u16..100).step_by(2).take(11) {
             t.handle_datagram(ep(1), &n.to_be_bytes());
         }
         assert_eq!(
@@ -593,8 +754,88 @@ mod tests {
         chunk(&mut t, 1);
         t.handle_datagram(ep(1), &1u16.to_be_bytes());
         assert_eq!(t.poll_resend(), Some((1, ep(1))));
-        t.handle_datagram(ep(2), &1u16.to_be_bytes()); // not a monitor: nothing
+        // A plain peer asks for itself: resent to it, nobody blamed.
+        t.handle_datagram(ep(2), &0u16.to_be_bytes());
+        assert_eq!(t.poll_resend(), Some((0, ep(2))));
+        assert_eq!(t.members(0), vec![(ep(1), true, 0), (ep(2), false, 1)]);
+        assert_eq!(t.counters().loss_requests, 1);
+        // Strangers get nothing.
+        t.handle_datagram(ep(9), &1u16.to_be_bytes());
         assert_eq!(t.poll_resend(), None);
+        assert_eq!(t.counters().stray_loss_reports, 1);
+    }
+
+    #[test]
+    fn without_lrs_a_plain_peers_report_changes_nothing() {
+        let mut t = Teams::new(TeamRules::default());
+        t.insert(0, ep(1), true);
+        t.insert(0, ep(2), false);
+        chunk(&mut t, 0);
+        t.handle_datagram(ep(2), &0u16.to_be_bytes());
+        assert_eq!(t.poll_resend(), None);
+        assert_eq!(t.counters().stray_loss_reports, 1);
+        assert_eq!(t.members(0), vec![(ep(1), true, 0), (ep(2), false, 0)]);
+    }
+
+    #[test]
+    fn resends_are_bounded_per_member_and_period() {
+        let start = Instant::now();
+        let mut t = Teams::new(TeamRules {
+            lrs: true,
+            max_resends: 10,
+            max_losses: 1000,
+            ..TeamRules::default()
+        });
+        t.handle_timeout(start);
+        t.insert(0, ep(1), true);
+        t.insert(0, ep(2), false);
+        chunk(&mut t, 0);
+        chunk(&mut t, 1);
+        for _ in 0..100 {
+            t.handle_datagram(ep(1), &1u16.to_be_bytes());
+        }
+        assert_eq!(std::iter::from_fn(|| t.poll_resend()).count(), 10);
+        assert_eq!(t.counters().resends_refused, 90);
+        assert_eq!(t.members(0)[1].2, 1, "blamed once");
+        // Halved every period: room for 5 more.
+        t.handle_timeout(start + Duration::from_secs(1));
+        for _ in 0..100 {
+            t.handle_datagram(ep(1), &1u16.to_be_bytes());
+        }
+        assert_eq!(std::iter::from_fn(|| t.poll_resend()).count(), 5);
+    }
+
+    #[test]
+    fn acs_sends_fewer_chunks_to_a_lossy_peer_and_forgives_it_over_time() {
+        let start = Instant::now();
+        let mut t = Teams::new(TeamRules {
+            acs: true,
+            max_losses: 1000,
+            ..TeamRules::default()
+        });
+        t.handle_timeout(start);
+        for p in 1..=4 {
+            t.insert(0, ep(p), p == 1);
+        }
+        for n in 0..8 {
+            chunk(&mut t, n);
+        }
+        // Chunks 1 and 5 went to ep(2); two blamed losses: period 3.
+        t.handle_datagram(ep(1), &1u16.to_be_bytes());
+        t.handle_datagram(ep(1), &5u16.to_be_bytes());
+        let got: Vec<u16> = (8..68).map(|n| chunk(&mut t, n)[0].port()).collect();
+        let to = |p: u16| got.iter().filter(|&&q| q == p).count();
+        assert!(to(2) * 3 <= to(3) + 1, "ep(2) got {} of {got:?}", to(2));
+        assert_eq!(to(3), to(4));
+        assert_eq!(to(1), to(3), "monitors and clean peers share evenly");
+        // Monitors are never penalised.
+        t.handle_datagram(ep(1), &8u16.to_be_bytes());
+        // Every period the penalty shrinks by one; after two it is gone.
+        t.handle_timeout(start + Duration::from_secs(1));
+        t.handle_timeout(start + Duration::from_secs(2));
+        let got: Vec<u16> = (68..140).map(|n| chunk(&mut t, n)[0].port()).collect();
+        let to = |p: u16| got.iter().filter(|&&q| q == p).count();
+        assert_eq!((to(1), to(2), to(3), to(4)), (18, 18, 18, 18));
     }
 
     #[test]

@@ -4,13 +4,22 @@
 //! One thread, non-blocking sockets and `poll(2)`. A TCP connection's first byte says what it is:
 //! `P` or `M` is a join (reference-notes §3.1), `G` the start of `GET /<channel>` from a peer
 //! fetching the stream header (the join message names this splitter as the source).
+//!
+//! Hostile connections (`docs/security.md`): at most `--max-pending-joins` connections are in
+//! progress, at most `--max-pending-per-ip` from one address; when full, the oldest connection that
+//! has not sent a byte makes room. Each has `--join-timeout` in all to finish. A join is committed
+//! (the peer added to its team, so the splitter starts sending to it) only on its ready byte, or
+//! when the ready timeout passes with the connection still open; a connection that closes before
+//! is forgotten. Over `--max-peers` a join is refused: the connection is closed before the
+//! configuration (the compat wire has no refusal message) and the splitter logs why.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
+use std::net::Ipv4Addr;
 use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -26,20 +35,23 @@ use crate::proto::wire::{JoinConfig, ROLE_MONITOR, ROLE_PEER};
 
 /// How the control plane reaches a shard.
 pub struct ShardLink {
-    /// Commands to the shard.
+    /// Commands to the shard (joins; bounded, the control plane waits when it is full).
     pub commands: Sender<Command>,
+    /// Datagrams for the shard's peers that arrived at another shard (bounded; dropped and counted
+    /// when full).
+    pub datagrams: Sender<Command>,
     /// Wakes the shard after a command.
     pub waker: Waker,
     /// The shard's counters.
     pub stats: Arc<ShardStats>,
 }
 
-/// Most connections in the middle of a join or header request; more are refused at once.
-const MAX_PENDING: usize = 1024;
-/// How long a connection may take to say what it wants, or to finish.
-const CONN_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long to wait for the ready byte after the configuration (then the peer is added anyway).
+/// How long to wait for the ready byte after the configuration (then the peer is added anyway if
+/// the connection is still open: a reference peer fetches the header before it sends the byte).
 const READY_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a connection that has not sent a byte is safe from being displaced by a newcomer
+/// when the pending connections are at their limit.
+const DISPLACE_AFTER: Duration = Duration::from_millis(100);
 
 enum State {
     /// Waiting for the first byte.
@@ -65,17 +77,38 @@ struct Conn {
     output: Vec<u8>,
     written: usize,
     deadline: Instant,
+    accepted: Instant,
 }
 
-/// Counters of the control plane.
-#[derive(Debug, Default, Clone, Copy)]
-struct Counters {
-    joins: u64,
-    refused: u64,
-    timeouts: u64,
-    bad_requests: u64,
-    header_requests: u64,
-    foreign_datagrams: u64,
+/// Counters of the control plane (relaxed atomics, read by [`super::Splitter::stats`]).
+#[derive(Debug, Default)]
+pub struct ControlStats {
+    /// Joins completed (peers handed to a shard).
+    pub joins: AtomicU64,
+    /// Connections closed at once because too many were pending (in all or from the address).
+    pub refused_pending: AtomicU64,
+    /// Silent connections closed to make room for a new one.
+    pub displaced: AtomicU64,
+    /// Joins refused because the splitter has `--max-peers` peers.
+    pub refused_full: AtomicU64,
+    /// Connections that ran out of time.
+    pub timeouts: AtomicU64,
+    /// Connections that closed after the configuration without the ready byte.
+    pub abandoned: AtomicU64,
+    /// Connections whose first bytes were neither a join nor `GET`.
+    pub bad_requests: AtomicU64,
+    /// Stream headers served.
+    pub header_requests: AtomicU64,
+    /// Datagrams from endpoints that are no member of any team (counted, dropped).
+    pub foreign_datagrams: AtomicU64,
+    /// Datagrams for a member of another shard dropped because that shard's queue was full.
+    pub forward_dropped: AtomicU64,
+    /// Connections in progress now.
+    pub pending: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The control plane.
@@ -86,16 +119,20 @@ pub struct Control {
     feed: Arc<FeedStats>,
     shards: Vec<ShardLink>,
     reports: Receiver<Report>,
+    foreign: Receiver<Report>,
     directory: Directory,
     conns: HashMap<u64, Conn>,
     next_conn: u64,
-    counters: Counters,
+    stats: Arc<ControlStats>,
+    last_full_log: Option<Instant>,
     /// Where the status line's numbers are published for `--metrics`.
     board: Arc<super::status::Board>,
 }
 
 impl Control {
-    /// A control plane over the listening socket and the shards.
+    /// A control plane over the listening socket and the shards. `reports` carries membership
+    /// events, `foreign` the datagrams shards received from endpoints they do not own.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: &Settings,
         listener: TcpListener,
@@ -103,6 +140,8 @@ impl Control {
         feed: Arc<FeedStats>,
         shards: Vec<ShardLink>,
         reports: Receiver<Report>,
+        foreign: Receiver<Report>,
+        stats: Arc<ControlStats>,
     ) -> Control {
         let directory = Directory::new(DirectoryRules {
             team_size: settings.team_size,
@@ -116,10 +155,12 @@ impl Control {
             feed,
             shards,
             reports,
+            foreign,
             directory,
             conns: HashMap::new(),
             next_conn: 0,
-            counters: Counters::default(),
+            stats,
+            last_full_log: None,
             board: Arc::default(),
         }
     }
@@ -177,11 +218,12 @@ impl Control {
                     let (SocketAddr::V4(remote), Ok(SocketAddr::V4(local))) =
                         (remote, stream.local_addr())
                     else {
-                        self.counters.refused += 1;
+                        bump(&self.stats.refused_pending);
                         continue;
                     };
-                    if self.conns.len() >= MAX_PENDING || stream.set_nonblocking(true).is_err() {
-                        self.counters.refused += 1;
+                    let now = Instant::now();
+                    if !self.make_room(*remote.ip(), now) || stream.set_nonblocking(true).is_err() {
+                        bump(&self.stats.refused_pending);
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
@@ -197,7 +239,8 @@ impl Control {
                             input: Vec::new(),
                             output: Vec::new(),
                             written: 0,
-                            deadline: Instant::now() + CONN_TIMEOUT,
+                            deadline: now + self.settings.join_timeout,
+                            accepted: now,
                         },
                     );
                 }
@@ -209,6 +252,35 @@ impl Control {
                     return;
                 }
             }
+        }
+    }
+
+    /// Whether a new connection from `ip` may be served: under the per-address limit, and under
+    /// the global one, if need be by closing the oldest connection that has been silent for a
+    /// while (an honest peer sends its role byte at once).
+    fn make_room(&mut self, ip: Ipv4Addr, now: Instant) -> bool {
+        let from_ip = self.conns.values().filter(|c| *c.remote.ip() == ip).count();
+        if from_ip >= self.settings.max_pending_per_ip {
+            return false;
+        }
+        if self.conns.len() < self.settings.max_pending_joins {
+            return true;
+        }
+        let oldest_silent = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                matches!(c.state, State::Hello) && now.duration_since(c.accepted) >= DISPLACE_AFTER
+            })
+            .min_by_key(|(id, _)| **id)
+            .map(|(id, _)| *id);
+        match oldest_silent {
+            Some(id) => {
+                self.conns.remove(&id);
+                bump(&self.stats.displaced);
+                true
+            }
+            None => false,
         }
     }
 
@@ -241,18 +313,16 @@ impl Control {
                     let mut b = [0u8; 1];
                     match c.stream.read(&mut b) {
                         Ok(0) => return Step::Fail,
-                        Ok(_) => match b[0] {
-                            ROLE_PEER | ROLE_MONITOR => {
-                                c.state = State::JoinWaitHeader {
-                                    monitor: b[0] == ROLE_MONITOR,
-                                }
+                        Ok(_) => match classify_request(&b) {
+                            Request::Join { monitor } => {
+                                c.state = State::JoinWaitHeader { monitor }
                             }
-                            b'G' => {
-                                c.input.push(b'G');
+                            Request::NeedMore | Request::Header { .. } => {
+                                c.input.push(b[0]);
                                 c.state = State::HttpRequest;
                             }
-                            _ => {
-                                self.counters.bad_requests += 1;
+                            Request::Bad => {
+                                bump(&self.stats.bad_requests);
                                 return Step::Fail;
                             }
                         },
@@ -271,6 +341,11 @@ impl Control {
                         tracing::error!("stream header too long for the join message");
                         return Step::Fail;
                     };
+                    let max = self.settings.max_peers;
+                    if max > 0 && self.directory.peer_count() >= max {
+                        self.refuse_full(c.remote, now);
+                        return Step::Fail;
+                    }
                     let placement = self.directory.place(c.remote, *monitor);
                     let config = JoinConfig {
                         source: SocketAddrV4::new(*c.local.ip(), c.local.port()),
@@ -306,7 +381,20 @@ impl Control {
                     // join: by then the peer has bound its UDP socket and said hello to its team.
                     let done = if ready {
                         let mut b = [0u8; 16];
-                        !matches!(c.stream.read(&mut b), Err(e) if e.kind() == ErrorKind::WouldBlock)
+                        match c.stream.read(&mut b) {
+                            Ok(0) => {
+                                // Gone before its ready byte: it never listened for chunks.
+                                bump(&self.stats.abandoned);
+                                return Step::Fail;
+                            }
+                            Ok(_) => true,
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => false,
+                            Err(e) if e.kind() == ErrorKind::Interrupted => false,
+                            Err(_) => {
+                                bump(&self.stats.abandoned);
+                                return Step::Fail;
+                            }
+                        }
                     } else {
                         now >= c.deadline
                     };
@@ -324,25 +412,28 @@ impl Control {
                 State::HttpRequest => {
                     if ready {
                         let mut b = [0u8; 1024];
-                        match c.stream.read(&mut b) {
+                        let room = MAX_REQUEST_HEAD
+                            .saturating_sub(c.input.len())
+                            .clamp(1, 1024);
+                        match c.stream.read(&mut b[..room]) {
                             Ok(0) => return Step::Fail,
                             Ok(n) => c.input.extend_from_slice(&b[..n]),
                             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                             Err(_) => return Step::Fail,
                         }
                     }
-                    match crate::http::RequestHead::parse(&c.input) {
-                        Ok(Some(_)) => {}
-                        Ok(None) if c.input.len() < 8192 => return self.timeout(c, now),
-                        _ => {
-                            self.counters.bad_requests += 1;
+                    match classify_request(&c.input) {
+                        Request::Header { .. } => {}
+                        Request::NeedMore => return self.timeout(c, now),
+                        Request::Join { .. } | Request::Bad => {
+                            bump(&self.stats.bad_requests);
                             return Step::Fail;
                         }
                     }
                     let Some(header) = self.header.get() else {
                         return self.timeout(c, now);
                     };
-                    self.counters.header_requests += 1;
+                    bump(&self.stats.header_requests);
                     c.output = header_response(&header, self.header.chunks_in_stream());
                     c.state = State::HttpResponse;
                 }
@@ -359,15 +450,32 @@ impl Control {
 
     fn timeout(&mut self, c: &Conn, now: Instant) -> Step {
         if now >= c.deadline {
-            self.counters.timeouts += 1;
+            bump(&self.stats.timeouts);
             Step::Fail
         } else {
             Step::Keep
         }
     }
 
+    /// Refuses a join over `--max-peers`: the caller closes the connection before sending the
+    /// configuration. Logged at most once a second (a full splitter may see many).
+    fn refuse_full(&mut self, peer: Endpoint, now: Instant) {
+        bump(&self.stats.refused_full);
+        if self
+            .last_full_log
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.last_full_log = Some(now);
+            tracing::warn!(
+                "refused the join of {peer}: the splitter has {} peers, its --max-peers ({} refused so far)",
+                self.directory.peer_count(),
+                self.stats.refused_full.load(Ordering::Relaxed)
+            );
+        }
+    }
+
     fn commit(&mut self, peer: Endpoint, placement: &Placement) {
-        self.counters.joins += 1;
+        bump(&self.stats.joins);
         let link = &self.shards[placement.shard];
         let _ = link.commands.send(Command::Insert {
             team: placement.team,
@@ -385,36 +493,51 @@ impl Control {
 
     fn drain_reports(&mut self) {
         while let Ok(r) = self.reports.try_recv() {
-            match r {
-                Report::Event(e) => {
-                    let (TeamEvent::Left { peer, team } | TeamEvent::Expelled { peer, team, .. }) =
-                        e;
-                    // Only forget it if it was not placed again meanwhile.
-                    if self.directory.lookup(peer).is_some_and(|(t, _)| t == team) {
-                        self.directory.remove(peer);
-                    }
-                    match e {
-                        TeamEvent::Left { .. } => tracing::info!("{peer} left team {team}"),
-                        TeamEvent::Expelled { losses, .. } => {
-                            tracing::warn!("{peer} expelled from team {team} after {losses} losses")
-                        }
+            self.on_report(r);
+        }
+        // Bounded per call: a flood of foreign datagrams cannot keep joins waiting.
+        for _ in 0..4096 {
+            let Ok(r) = self.foreign.try_recv() else {
+                break;
+            };
+            self.on_report(r);
+        }
+        self.stats
+            .pending
+            .store(self.conns.len() as u64, Ordering::Relaxed);
+    }
+
+    fn on_report(&mut self, r: Report) {
+        match r {
+            Report::Event(e) => {
+                let (TeamEvent::Left { peer, team } | TeamEvent::Expelled { peer, team, .. }) = e;
+                // Only forget it if it was not placed again meanwhile.
+                if self.directory.lookup(peer).is_some_and(|(t, _)| t == team) {
+                    self.directory.remove(peer);
+                }
+                match e {
+                    TeamEvent::Left { .. } => tracing::info!("{peer} left team {team}"),
+                    TeamEvent::Expelled { losses, .. } => {
+                        tracing::warn!("{peer} expelled from team {team} after {losses} losses")
                     }
                 }
-                Report::Foreign { from, data, shard } => match self.directory.lookup(from) {
-                    Some((_, owner)) if owner != shard => {
-                        let link = &self.shards[owner];
-                        let _ = link.commands.send(Command::Datagram { from, data });
-                        link.waker.wake();
-                    }
-                    Some((_, owner)) => {
-                        // Placed but not yet inserted at the shard: hand it over after the insert.
-                        let link = &self.shards[owner];
-                        let _ = link.commands.send(Command::Datagram { from, data });
-                        link.waker.wake();
-                    }
-                    None => self.counters.foreign_datagrams += 1,
-                },
             }
+            Report::Foreign { from, data, .. } => match self.directory.lookup(from) {
+                // A member of another shard (the kernel spreads datagrams over the shards'
+                // sockets by address), or placed but not yet inserted at its shard: hand it over.
+                Some((_, owner)) => {
+                    let link = &self.shards[owner];
+                    if link
+                        .datagrams
+                        .try_send(Command::Datagram { from, data })
+                        .is_err()
+                    {
+                        bump(&self.stats.forward_dropped);
+                    }
+                    link.waker.wake();
+                }
+                None => bump(&self.stats.foreign_datagrams),
+            },
         }
     }
 }
@@ -423,6 +546,46 @@ enum Step {
     Keep,
     Done,
     Fail,
+}
+
+/// Most bytes of an HTTP request head the splitter reads before giving up on it.
+pub const MAX_REQUEST_HEAD: usize = 8192;
+
+/// What a TCP connection to the splitter's port asks for, judged from the bytes received so far
+/// (sans-IO, so that it can be fuzzed and tested without sockets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Not enough bytes to tell yet.
+    NeedMore,
+    /// A join (reference-notes §3.1): the first byte is `P`, or `M` for a monitor. Whatever
+    /// follows the role byte belongs to the join (the ready byte).
+    Join {
+        /// Whether the peer asks to be a monitor.
+        monitor: bool,
+    },
+    /// `GET /<channel>` for the stream header; the request head took this many bytes.
+    Header {
+        /// Length of the request head.
+        head_len: usize,
+    },
+    /// Anything else: the connection is closed.
+    Bad,
+}
+
+/// Classifies the start of a connection. A join is told by its first byte; an HTTP request by a
+/// first `G` and then a complete, well-formed request head of at most [`MAX_REQUEST_HEAD`] bytes.
+pub fn classify_request(input: &[u8]) -> Request {
+    match input.first() {
+        None => Request::NeedMore,
+        Some(&ROLE_PEER) => Request::Join { monitor: false },
+        Some(&ROLE_MONITOR) => Request::Join { monitor: true },
+        Some(b'G') => match crate::http::RequestHead::parse(input) {
+            Ok(Some((head, head_len))) if head.method() == "GET" => Request::Header { head_len },
+            Ok(None) if input.len() < MAX_REQUEST_HEAD => Request::NeedMore,
+            _ => Request::Bad,
+        },
+        Some(_) => Request::Bad,
+    }
 }
 
 /// Writes what is left of `c.output`; `Ok(true)` when all is written.
@@ -518,7 +681,12 @@ impl Status {
         let dropped = sum(&|s| {
             s.send_dropped.load(Ordering::Relaxed) + s.ring_missed.load(Ordering::Relaxed)
         });
-        let ignored = sum(&|s| s.ignored.load(Ordering::Relaxed)) + c.counters.foreign_datagrams;
+        let ignored = sum(&|s| {
+            s.ignored.load(Ordering::Relaxed)
+                + s.truncated.load(Ordering::Relaxed)
+                + s.foreign_dropped.load(Ordering::Relaxed)
+        }) + c.stats.foreign_datagrams.load(Ordering::Relaxed)
+            + c.stats.forward_dropped.load(Ordering::Relaxed);
         let line = format!(
             "splitter: {} peers in {} teams | in {:.0} chunks/s | out {:.0} datagrams/s {:.2} Mbit/s | losses {:.0}/s ({} total) expelled {} | send drops {} | ignored {}",
             c.directory.peer_count(),
@@ -552,15 +720,16 @@ impl Status {
 impl Control {
     /// Publishes the counters and the last second's rates for `--metrics`, and tells systemd.
     fn publish(&self, rates: super::status::Rates) {
-        let c = &self.counters;
+        let c = &self.stats;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         self.board.publish(
             super::status::ControlCounters {
-                joins: c.joins,
-                refused: c.refused,
-                timeouts: c.timeouts,
-                bad_requests: c.bad_requests,
-                header_requests: c.header_requests,
-                foreign_datagrams: c.foreign_datagrams,
+                joins: get(&c.joins),
+                refused: get(&c.refused_pending) + get(&c.refused_full),
+                timeouts: get(&c.timeouts),
+                bad_requests: get(&c.bad_requests),
+                header_requests: get(&c.header_requests),
+                foreign_datagrams: get(&c.foreign_datagrams),
             },
             rates,
         );

@@ -31,6 +31,8 @@ use crate::ring::ChunkRing;
 /// A started splitter.
 pub struct Splitter {
     port: u16,
+    shard_stats: Vec<Arc<shard::ShardStats>>,
+    control_stats: Arc<control::ControlStats>,
     feed: thread::JoinHandle<anyhow::Result<()>>,
     shards: Vec<thread::JoinHandle<anyhow::Result<()>>>,
     control: thread::JoinHandle<anyhow::Result<()>>,
@@ -59,7 +61,10 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
 
     let mut shard_handles = Vec::new();
     let mut shard_links = Vec::new();
-    let (report_tx, report_rx) = crossbeam_channel::unbounded();
+    // Membership events: at most one per peer that joined, and the shard waits rather than lose
+    // one. Foreign datagrams: dropped and counted when the control plane falls behind.
+    let (report_tx, report_rx) = crossbeam_channel::bounded(65536);
+    let (foreign_tx, foreign_rx) = crossbeam_channel::bounded(shard::DATAGRAM_QUEUE);
     for index in 0..settings.shards {
         let socket = driver::udp_socket(
             udp_addr,
@@ -69,18 +74,20 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         )
         .with_context(|| format!("cannot bind UDP {udp_addr}"))?;
         let waker = Waker::new().context("cannot create an eventfd")?;
-        let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
+        let (cmd_tx, cmd_rx) = crossbeam_channel::bounded(65536);
+        let (dgram_tx, dgram_rx) = crossbeam_channel::bounded(shard::DATAGRAM_QUEUE);
         let stats = Arc::new(shard::ShardStats::default());
         status::check_socket_buffers(&socket, settings.socket_buffer, index, &stats);
         let core = cores.get(index % cores.len().max(1)).copied();
         let shard_stop = stop.clone();
-        let (ring, waker2, report_tx, stats2, settings2) = (
-            ring.clone(),
-            waker.clone(),
-            report_tx.clone(),
-            stats.clone(),
-            settings.clone(),
-        );
+        let queues = shard::ShardQueues {
+            commands: cmd_rx,
+            datagrams: dgram_rx,
+            reports: report_tx.clone(),
+            foreign: foreign_tx.clone(),
+        };
+        let (ring, waker2, stats2, settings2) =
+            (ring.clone(), waker.clone(), stats.clone(), settings.clone());
         // io_uring rings are single-issuer: each shard builds its own on its own thread and says
         // whether that worked before the splitter announces itself.
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
@@ -90,9 +97,8 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
                 if let Some(core) = core {
                     core_affinity::set_for_current(core);
                 }
-                let shard = shard::Shard::new(
-                    index, &settings2, socket, ring, waker2, cmd_rx, report_tx, stats2,
-                );
+                let shard =
+                    shard::Shard::new(index, &settings2, socket, ring, waker2, queues, stats2);
                 match shard {
                     Ok(shard) => {
                         let _ = ready_tx.send(Ok(()));
@@ -126,11 +132,15 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         shard_handles.push(handle);
         shard_links.push(control::ShardLink {
             commands: cmd_tx,
+            datagrams: dgram_tx,
             waker,
             stats,
         });
     }
     drop(report_tx);
+    drop(foreign_tx);
+    let shard_stats: Vec<_> = shard_links.iter().map(|l| l.stats.clone()).collect();
+    let control_stats = Arc::new(control::ControlStats::default());
 
     let wakers: Vec<Waker> = shard_links.iter().map(|l| l.waker.clone()).collect();
     let feed_handle = {
@@ -185,6 +195,8 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         feed_stats,
         shard_links,
         report_rx,
+        foreign_rx,
+        control_stats.clone(),
     )
     .with_board(board);
     let control_stop = stop.clone();
@@ -197,16 +209,101 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         })?;
     Ok(Splitter {
         port,
+        shard_stats,
+        control_stats,
         feed: feed_handle,
         shards: shard_handles,
         control,
     })
 }
 
+/// A snapshot of a running splitter's counters ([`Splitter::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SplitterStats {
+    /// The teams' protocol counters, summed over the shards.
+    pub team: crate::proto::team::TeamCounters,
+    /// Datagrams received on the splitter port.
+    pub received: u64,
+    /// Of which longer than any valid message and dropped by the receive path.
+    pub truncated: u64,
+    /// From non-members, dropped because the control plane's queue was full.
+    pub foreign_dropped: u64,
+    /// From non-members, counted and dropped by the control plane.
+    pub foreign_datagrams: u64,
+    /// For another shard's member, dropped because its queue was full.
+    pub forward_dropped: u64,
+    /// Datagrams sent (chunks, resends, goodbyes).
+    pub datagrams_sent: u64,
+    /// Chunks resent (LRS).
+    pub resent: u64,
+    /// Peers in the shards' teams.
+    pub peers: u64,
+    /// Joins completed.
+    pub joins: u64,
+    /// Connections refused because too many were pending.
+    pub refused_pending: u64,
+    /// Silent connections closed to make room.
+    pub displaced: u64,
+    /// Joins refused over `--max-peers`.
+    pub refused_full: u64,
+    /// Connections that ran out of time.
+    pub timeouts: u64,
+    /// Joins abandoned before the ready byte.
+    pub abandoned: u64,
+    /// Connections that asked for nothing known.
+    pub bad_requests: u64,
+    /// Stream headers served.
+    pub header_requests: u64,
+    /// Connections in progress.
+    pub pending: u64,
+}
+
 impl Splitter {
     /// The port it listens on (useful with `--port 0`).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// What the splitter counted so far, summed over its shards.
+    pub fn stats(&self) -> SplitterStats {
+        let mut out = SplitterStats::default();
+        for s in &self.shard_stats {
+            let c = *s.team.lock().unwrap_or_else(|e| e.into_inner());
+            let t = &mut out.team;
+            t.goodbyes += c.goodbyes;
+            t.stray_goodbyes += c.stray_goodbyes;
+            t.repeated_goodbyes += c.repeated_goodbyes;
+            t.loss_reports += c.loss_reports;
+            t.stray_loss_reports += c.stray_loss_reports;
+            t.unattributed_loss_reports += c.unattributed_loss_reports;
+            t.repeated_loss_reports += c.repeated_loss_reports;
+            t.loss_requests += c.loss_requests;
+            t.resends += c.resends;
+            t.resends_refused += c.resends_refused;
+            t.malformed += c.malformed;
+            t.left += c.left;
+            t.expelled += c.expelled;
+            out.received += s.received.load(Ordering::Relaxed);
+            out.truncated += s.truncated.load(Ordering::Relaxed);
+            out.foreign_dropped += s.foreign_dropped.load(Ordering::Relaxed);
+            out.datagrams_sent += s.datagrams.load(Ordering::Relaxed);
+            out.resent += s.resent.load(Ordering::Relaxed);
+            out.peers += s.peers.load(Ordering::Relaxed);
+        }
+        let c = &self.control_stats;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        out.joins = get(&c.joins);
+        out.refused_pending = get(&c.refused_pending);
+        out.displaced = get(&c.displaced);
+        out.refused_full = get(&c.refused_full);
+        out.timeouts = get(&c.timeouts);
+        out.abandoned = get(&c.abandoned);
+        out.bad_requests = get(&c.bad_requests);
+        out.header_requests = get(&c.header_requests);
+        out.foreign_datagrams = get(&c.foreign_datagrams);
+        out.forward_dropped = get(&c.forward_dropped);
+        out.pending = get(&c.pending);
+        out
     }
 
     /// Waits until it has stopped.

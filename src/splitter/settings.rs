@@ -58,6 +58,24 @@ pub struct SplitterArgs {
     /// relays it to its team in time for the other peers (monitors play half a buffer earlier).
     #[arg(long)]
     pub lrs: bool,
+    /// Adaptive chunk rate (ACS): a peer blamed for lost chunks gets chunks to relay less often
+    /// (one more round between its chunks per loss, one less every second).
+    #[arg(long)]
+    pub acs: bool,
+    /// Most peers over all teams; a join over the limit is refused (the connection is closed
+    /// before the configuration, and the splitter logs why). 0: no limit.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_peers: usize,
+    /// Most TCP connections in the middle of a join or a stream-header request. When full, the
+    /// oldest connection that has not sent a byte yet makes room, or the new one is closed.
+    #[arg(long, default_value_t = 1024)]
+    pub max_pending_joins: usize,
+    /// Most such connections from one IPv4 address.
+    #[arg(long, default_value_t = 64)]
+    pub max_pending_per_ip: usize,
+    /// Seconds a connection may take to join or to fetch the stream header.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    pub join_timeout: f64,
     /// Testing only: number of the first chunk (to test the 65535 → 0 wrap).
     #[arg(long, default_value_t = 0, hide = true)]
     pub first_chunk_number: u16,
@@ -127,6 +145,16 @@ pub struct Settings {
     pub first_chunk_number: u16,
     /// LRS on.
     pub lrs: bool,
+    /// ACS on.
+    pub acs: bool,
+    /// Most peers (0: no limit).
+    pub max_peers: usize,
+    /// Most connections in the middle of a join or header request.
+    pub max_pending_joins: usize,
+    /// Most such connections per IPv4 address.
+    pub max_pending_per_ip: usize,
+    /// Time a connection has to join or fetch the header.
+    pub join_timeout: std::time::Duration,
     /// Chunks the ring holds.
     pub ring_slots: usize,
     /// UDP socket buffer bytes.
@@ -179,6 +207,15 @@ impl Settings {
                 a.monitors, a.team_size
             ));
         }
+        if a.max_pending_joins == 0 || a.max_pending_per_ip == 0 {
+            return Err("--max-pending-joins and --max-pending-per-ip must be at least 1".into());
+        }
+        if !(a.join_timeout >= 0.1 && a.join_timeout <= 600.0) {
+            return Err(format!(
+                "--join-timeout {} must be between 0.1 and 600 seconds",
+                a.join_timeout
+            ));
+        }
         let cores = core_affinity::get_core_ids()
             .map(|c| c.len())
             .unwrap_or(1)
@@ -220,6 +257,11 @@ impl Settings {
             max_losses: a.max_losses,
             first_chunk_number: a.first_chunk_number,
             lrs: a.lrs,
+            acs: a.acs,
+            max_peers: a.max_peers,
+            max_pending_joins: a.max_pending_joins,
+            max_pending_per_ip: a.max_pending_per_ip,
+            join_timeout: std::time::Duration::from_secs_f64(a.join_timeout),
             ring_slots: 4096,
             socket_buffer: 8 << 20,
             metrics: a.service.metrics,

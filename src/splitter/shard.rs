@@ -16,7 +16,7 @@ use crossbeam_channel::{Receiver, Sender};
 use super::Settings;
 use crate::driver::{BatchSender, MultiRecv, RecvPath, SendPath, SendStats, Waker};
 use crate::proto::Endpoint;
-use crate::proto::team::{TeamEvent, TeamId, TeamRules, Teams};
+use crate::proto::team::{TeamCounters, TeamEvent, TeamId, TeamRules, Teams};
 use crate::ring::{ChunkRing, Read};
 
 /// What the control plane tells a shard.
@@ -46,7 +46,8 @@ pub enum Report {
     /// A membership change.
     Event(TeamEvent),
     /// A datagram from an endpoint that is not a member here: the control plane forwards it to
-    /// the shard that owns the sender, or counts it.
+    /// the shard that owns the sender, or counts it. These go over their own bounded queue: when
+    /// it is full they are dropped and counted ([`ShardStats::foreign_dropped`]).
     Foreign {
         /// Sender.
         from: Endpoint,
@@ -92,6 +93,17 @@ pub struct ShardStats {
     pub resent: AtomicU64,
     /// Ignored datagrams: goodbyes and loss reports from strangers or non-monitors, malformed.
     pub ignored: AtomicU64,
+    /// Datagrams longer than the receive buffer (2048 bytes; nothing valid is longer than 2):
+    /// dropped by the receive path.
+    pub truncated: AtomicU64,
+    /// Datagrams from non-members dropped because the queue to the control plane was full.
+    pub foreign_dropped: AtomicU64,
+    /// Loss requests from plain peers (LRS), resends refused for a used-up budget.
+    pub loss_requests: AtomicU64,
+    /// Resends refused because the member had used up its budget.
+    pub resends_refused: AtomicU64,
+    /// Everything the teams' protocol core counted, as of the last loop.
+    pub team: std::sync::Mutex<TeamCounters>,
     /// The shard's teams with their members and loss counters, published once a second.
     pub detail: std::sync::Mutex<Vec<super::status::TeamSnapshot>>,
     /// The UDP socket's send buffer as the kernel granted it, in bytes.
@@ -110,6 +122,9 @@ impl ShardStats {
     }
 }
 
+/// Capacity of the queues between a shard and the control plane for datagrams (each way).
+pub const DATAGRAM_QUEUE: usize = 1024;
+
 /// One shard, ready to run on its own thread.
 pub struct Shard {
     index: usize,
@@ -119,24 +134,36 @@ pub struct Shard {
     teams: Teams,
     ring: Arc<ChunkRing>,
     commands: Receiver<Command>,
+    datagrams: Receiver<Command>,
     reports: Sender<Report>,
+    foreign: Sender<Report>,
     stats: Arc<ShardStats>,
     send_stats: SendStats,
     /// When the team snapshot is published next.
     detail_due: Instant,
 }
 
+/// The queues a shard reads and writes.
+pub struct ShardQueues {
+    /// Joins from the control plane.
+    pub commands: Receiver<Command>,
+    /// Datagrams for this shard's peers that arrived at other shards.
+    pub datagrams: Receiver<Command>,
+    /// Membership events to the control plane.
+    pub reports: Sender<Report>,
+    /// Datagrams from endpoints this shard does not own, to the control plane (bounded).
+    pub foreign: Sender<Report>,
+}
+
 impl Shard {
     /// Sets up a shard on `socket` (bound to the splitter port with `SO_REUSEPORT`).
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         index: usize,
         settings: &Settings,
         socket: UdpSocket,
         ring: Arc<ChunkRing>,
         waker: Waker,
-        commands: Receiver<Command>,
-        reports: Sender<Report>,
+        queues: ShardQueues,
         stats: Arc<ShardStats>,
     ) -> anyhow::Result<Shard> {
         let fd = socket.as_raw_fd();
@@ -152,6 +179,7 @@ impl Shard {
             buffer_size: settings.buffer_size,
             max_losses: settings.max_losses,
             lrs: settings.lrs,
+            acs: settings.acs,
             ..TeamRules::default()
         };
         Ok(Shard {
@@ -161,8 +189,10 @@ impl Shard {
             recv,
             teams: Teams::new(rules),
             ring,
-            commands,
-            reports,
+            commands: queues.commands,
+            datagrams: queues.datagrams,
+            reports: queues.reports,
+            foreign: queues.foreign,
             stats,
             send_stats: SendStats::default(),
             detail_due: Instant::now(),
@@ -192,15 +222,12 @@ impl Shard {
             for (from, data) in inbox.drain(..) {
                 self.on_datagram(from, data);
             }
+            // Joins first, so that a datagram forwarded for a new member finds it.
             while let Ok(cmd) = self.commands.try_recv() {
-                match cmd {
-                    Command::Insert {
-                        team,
-                        peer,
-                        monitor,
-                    } => self.teams.insert(team, peer, monitor),
-                    Command::Datagram { from, data } => self.teams.handle_datagram(from, &data),
-                }
+                self.on_command(cmd);
+            }
+            while let Ok(cmd) = self.datagrams.try_recv() {
+                self.on_command(cmd);
             }
             // Every new chunk: one destination per team, one batched send.
             loop {
@@ -248,9 +275,9 @@ impl Shard {
         Ok(())
     }
 
-    /// LRS: resends reported chunks (still in the ring) to the monitors that reported them.
+    /// LRS: resends reported chunks (still in the ring) to the members that reported them.
     fn resend(&mut self, last: Option<(u64, u16)>) {
-        while let Some((number, monitor)) = self.teams.poll_resend() {
+        while let Some((number, to)) = self.teams.poll_resend() {
             let Some((seq, newest)) = last else { continue };
             let back = crate::proto::seq::diff(newest, number);
             if back < 0 || back as u64 > seq {
@@ -260,9 +287,20 @@ impl Shard {
                 && c.number == number
             {
                 self.sender
-                    .send_to_all(&c.datagram, &[monitor], &mut self.send_stats);
+                    .send_to_all(&c.datagram, &[to], &mut self.send_stats);
                 self.stats.resent.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Insert {
+                team,
+                peer,
+                monitor,
+            } => self.teams.insert(team, peer, monitor),
+            Command::Datagram { from, data } => self.teams.handle_datagram(from, &data),
         }
     }
 
@@ -270,11 +308,14 @@ impl Shard {
         if self.teams.contains(from) {
             self.teams.handle_datagram(from, &data);
         } else {
-            let _ = self.reports.send(Report::Foreign {
+            let report = Report::Foreign {
                 from,
                 data,
                 shard: self.index,
-            });
+            };
+            if self.foreign.try_send(report).is_err() {
+                self.stats.foreign_dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -332,5 +373,11 @@ impl Shard {
             c.stray_goodbyes + c.stray_loss_reports + c.unattributed_loss_reports + c.malformed,
             Ordering::Relaxed,
         );
+        s.truncated
+            .store(self.recv.stats().truncated, Ordering::Relaxed);
+        s.loss_requests.store(c.loss_requests, Ordering::Relaxed);
+        s.resends_refused
+            .store(c.resends_refused, Ordering::Relaxed);
+        *s.team.lock().unwrap_or_else(|e| e.into_inner()) = *c;
     }
 }

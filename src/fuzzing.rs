@@ -1,0 +1,431 @@
+//! Harnesses shared by the cargo-fuzz targets (`fuzz/`) and the property tests
+//! (`tests/decoders.rs`). Each takes arbitrary bytes, feeds them to one decoder or protocol state
+//! machine and panics if an invariant breaks, so `cargo test` and `cargo fuzz` check the same
+//! things. Not part of the stable API.
+//!
+//! The state-machine harnesses read their input as a little program: one byte chooses an
+//! operation, the next bytes its arguments, until the input runs out.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::http::{ChunkedDecoder, RequestHead, ResponseHead};
+use crate::proto::Endpoint;
+use crate::proto::peer::{Peer, PeerEvent, PeerRules};
+use crate::proto::seq;
+use crate::proto::team::{TeamRules, Teams};
+use crate::proto::wire::{CHUNK_HEADER, JoinConfig, ToPeer, ToSplitter, encode_chunk};
+use crate::splitter::control::{Request, classify_request};
+
+/// The `p2psp` command line as `main` builds it, for the configuration-file harness.
+fn cli() -> &'static clap::Command {
+    use clap::Args;
+    static CLI: std::sync::OnceLock<clap::Command> = std::sync::OnceLock::new();
+    CLI.get_or_init(|| {
+        clap::Command::new("p2psp")
+            .subcommand(crate::splitter::SplitterArgs::augment_args(
+                clap::Command::new("splitter"),
+            ))
+            .subcommand(crate::peer::PeerArgs::augment_args(clap::Command::new(
+                "peer",
+            )))
+    })
+}
+
+/// A `--config` file (TOML; keys are long flag names): the parser never panics, an error is one
+/// line naming the file, and what it accepts is a command line clap parses into the
+/// subcommand's flags.
+pub fn config_file(data: &[u8]) {
+    use clap::FromArgMatches;
+    let (which, text) = match data.split_first() {
+        Some((b, rest)) => (*b & 1, String::from_utf8_lossy(rest).into_owned()),
+        None => (0, String::new()),
+    };
+    let sub = if which == 0 { "splitter" } else { "peer" };
+    let raw: Vec<std::ffi::OsString> = ["p2psp", sub, "--config", "fuzz.toml"]
+        .iter()
+        .map(Into::into)
+        .collect();
+    match crate::config::expand_with(cli(), raw, |_| Ok(text)) {
+        Ok(expanded) => {
+            assert!(expanded.args.len() >= 4);
+            if let Ok(m) = cli().clone().try_get_matches_from(&expanded.args) {
+                let (name, sub) = m.subcommand().expect("a subcommand was given");
+                if name == "splitter" {
+                    let _ = crate::splitter::SplitterArgs::from_arg_matches(sub);
+                } else {
+                    let _ = crate::peer::PeerArgs::from_arg_matches(sub);
+                }
+            }
+        }
+        Err(e) => {
+            assert!(!e.contains('\n'), "a multi-line error: {e}");
+            assert!(e.starts_with("--config fuzz.toml: "), "{e}");
+        }
+    }
+}
+
+/// Reads the harness input byte by byte; zeros once it runs out.
+struct Input<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Input<'a> {
+    fn new(data: &'a [u8]) -> Input<'a> {
+        Input { data, at: 0 }
+    }
+
+    fn done(&self) -> bool {
+        self.at >= self.data.len()
+    }
+
+    fn byte(&mut self) -> u8 {
+        let b = self.data.get(self.at).copied().unwrap_or(0);
+        self.at += 1;
+        b
+    }
+
+    fn u16(&mut self) -> u16 {
+        u16::from_be_bytes([self.byte(), self.byte()])
+    }
+
+    /// Up to `n` of the remaining bytes.
+    fn take(&mut self, n: usize) -> &'a [u8] {
+        let start = self.at.min(self.data.len());
+        let end = (start + n).min(self.data.len());
+        self.at = end.max(self.at);
+        &self.data[start..end]
+    }
+}
+
+fn ep(port: u16) -> Endpoint {
+    Endpoint::new([127, 0, 0, 1].into(), port)
+}
+
+/// The join message a splitter sends (reference-notes §3.1): decoding never panics, a decoded
+/// message re-encodes to exactly the bytes it came from, and every shorter prefix asks for more.
+pub fn join_config(data: &[u8]) {
+    match JoinConfig::decode(data) {
+        Ok(Some((config, used))) => {
+            assert!(used <= data.len());
+            assert_eq!(used, config.encoded_len());
+            let mut out = Vec::new();
+            config
+                .encode(&mut out)
+                .expect("a decoded configuration encodes");
+            assert_eq!(out, &data[..used], "re-encoding gives the same bytes");
+            assert_eq!(JoinConfig::decode(&data[..used - 1]), Ok(None));
+            let _ = config.check_usable();
+        }
+        Ok(None) => {}
+        Err(_) => {
+            // Only the channel can be wrong, and it is decided once its bytes are all there.
+            assert!(data.len() >= 8);
+        }
+    }
+}
+
+/// What a connection to the splitter's port asks for (its first bytes): never panics, decided by
+/// the first byte for a join, and a prefix never decides differently from the whole.
+pub fn join_request(data: &[u8]) {
+    let r = classify_request(data);
+    match r {
+        Request::Join { monitor } => assert_eq!(data[0], if monitor { b'M' } else { b'P' }),
+        Request::Header { head_len } => {
+            assert!(head_len <= data.len() && data[0] == b'G');
+            assert_eq!(classify_request(&data[..head_len]), r);
+        }
+        Request::NeedMore => assert!(data.is_empty() || data[0] == b'G'),
+        Request::Bad => {}
+    }
+    for cut in [data.len() / 2, data.len().saturating_sub(1)] {
+        let p = classify_request(&data[..cut]);
+        if p != Request::NeedMore && !matches!(r, Request::Bad) {
+            assert_eq!(p, r, "the first {cut} bytes decided otherwise");
+        }
+    }
+    if let Ok(Some((head, used))) = RequestHead::parse(data) {
+        assert!(used <= data.len());
+        let _ = (head.method(), head.path(), head.version());
+    }
+}
+
+/// The HTTP response head a source (Icecast, any HTTP server) sends, and a chunked body: the
+/// parsers never panic, and decoding a body in two pieces gives what decoding it whole gives.
+pub fn http_response(data: &[u8]) {
+    let split = data.first().map_or(0, |&b| usize::from(b));
+    if let Ok(Some((head, used))) = ResponseHead::parse(data) {
+        assert!(used <= data.len());
+        let _ = (head.status(), head.content_type(), head.content_length());
+        assert_eq!(
+            ResponseHead::parse(&data[..used]).map(|r| r.map(|(_, n)| n)),
+            Ok(Some(used))
+        );
+        if head.is_chunked() {
+            chunked(&data[used..], split);
+        }
+    }
+    chunked(data, split);
+}
+
+fn chunked(body: &[u8], split: usize) {
+    let mut whole = ChunkedDecoder::new();
+    let mut whole_out = Vec::new();
+    let whole_result = whole.decode(body, &mut whole_out);
+    if let Ok(n) = whole_result {
+        assert!(n <= body.len());
+        assert!(n == body.len() || whole.is_done());
+    }
+    let at = split.min(body.len());
+    let mut parts = ChunkedDecoder::new();
+    let mut parts_out = Vec::new();
+    let parts_result = parts.decode(&body[..at], &mut parts_out).and_then(|n| {
+        if parts.is_done() {
+            Ok(n)
+        } else {
+            parts.decode(&body[at..], &mut parts_out).map(|m| at + m)
+        }
+    });
+    assert_eq!(whole_result.is_ok(), parts_result.is_ok());
+    if let (Ok(a), Ok(b)) = (whole_result, parts_result) {
+        assert_eq!(a, b);
+        assert_eq!(whole_out, parts_out);
+        assert_eq!(whole.is_done(), parts.is_done());
+    }
+}
+
+/// Arbitrary datagrams, chunks, joins, leaves and time at the splitter's teams. Checks: the
+/// splitter only ever sends to endpoints that joined (no reflection), datagrams from strangers
+/// change nothing, and the counts agree.
+pub fn udp_splitter(data: &[u8]) {
+    let mut input = Input::new(data);
+    let flags = input.byte();
+    let mut teams = Teams::new(TeamRules {
+        buffer_size: 1 << (1 + flags % 8),
+        max_losses: u32::from(input.byte() % 40),
+        loss_halving: Duration::from_millis(100),
+        lrs: flags & 0x10 != 0,
+        max_resends: u32::from(input.byte()),
+        acs: flags & 0x20 != 0,
+    });
+    let start = Instant::now();
+    let mut now = start;
+    teams.handle_timeout(now);
+    // Members are ports 1..=16, strangers 1000 and up.
+    let mut joined: HashSet<Endpoint> = HashSet::new();
+    let mut number = input.u16();
+    let mut dests = Vec::new();
+    while !input.done() {
+        match input.byte() % 8 {
+            0 => {
+                dests.clear();
+                let before = teams.team_count();
+                teams.on_chunk(number, &mut dests);
+                assert!(dests.len() <= before, "one destination per team");
+                for d in &dests {
+                    assert!(joined.contains(d), "chunk to {d}, which never joined");
+                }
+                number = number.wrapping_add(1 + u16::from(input.byte() % 4 == 0) * 100);
+            }
+            1 | 2 => {
+                let from = ep(1 + u16::from(input.byte() % 16));
+                let len = usize::from(input.byte() % 4);
+                let d = input.take(len);
+                check_to_splitter(d);
+                teams.handle_datagram(from, d);
+            }
+            3 => {
+                let from = ep(1000 + u16::from(input.byte()));
+                let len = usize::from(input.byte());
+                let d = input.take(len);
+                let before = snapshot(&teams);
+                teams.handle_datagram(from, d);
+                assert_eq!(
+                    before,
+                    snapshot(&teams),
+                    "a stranger's datagram changed the teams"
+                );
+            }
+            4 => {
+                now += Duration::from_millis(u64::from(input.byte()) * 4);
+                teams.handle_timeout(now);
+                if let Some(t) = teams.poll_timeout() {
+                    assert!(t > now);
+                }
+            }
+            5 => {
+                let who = ep(1 + u16::from(input.byte() % 16));
+                let b = input.byte();
+                teams.insert(u32::from(b % 3), who, b & 0x80 != 0);
+                joined.insert(who);
+            }
+            6 => {
+                let who = ep(1 + u16::from(input.byte() % 16));
+                teams.remove(who);
+            }
+            _ => {}
+        }
+        while let Some((to, payload)) = teams.poll_transmit() {
+            assert!(joined.contains(&to), "goodbye to {to}, which never joined");
+            assert_eq!(payload, b"G");
+        }
+        while let Some((_, to)) = teams.poll_resend() {
+            assert!(teams.contains(to), "resend to {to}, not a member");
+        }
+        while teams.poll_event().is_some() {}
+        let listed: usize = teams
+            .team_ids()
+            .iter()
+            .map(|&t| teams.members(t).len())
+            .sum();
+        assert_eq!(listed, teams.peer_count());
+    }
+}
+
+/// Every team's members with their monitor flags and loss counters.
+type Snapshot = Vec<(u32, Vec<(Endpoint, bool, u32)>)>;
+
+fn snapshot(teams: &Teams) -> Snapshot {
+    teams
+        .team_ids()
+        .into_iter()
+        .map(|t| (t, teams.members(t)))
+        .collect()
+}
+
+fn check_to_splitter(d: &[u8]) {
+    match ToSplitter::parse(d) {
+        ToSplitter::LossReport(n) => assert_eq!(d, n.to_be_bytes()),
+        ToSplitter::Goodbye => assert_eq!(d, b"G"),
+        ToSplitter::Malformed => assert!(d.len() != 2 && d != b"G"),
+    }
+}
+
+/// Arbitrary datagrams from the splitter, neighbours and strangers at a peer, with leaves and
+/// time. Checks: a peer sends only to the splitter, to the peers it was given, or to endpoints
+/// that sent it a hello or a chunk (no amplification toward anyone else); what it sends a
+/// neighbour is byte-identical to a chunk from the splitter; the neighbour list stays bounded;
+/// playout goes forward one chunk at a time.
+pub fn udp_peer(data: &[u8]) {
+    const C: usize = 64;
+    let mut input = Input::new(data);
+    let flags = input.byte();
+    let splitter = ep(8001);
+    let buffer = 1u16 << (1 + flags % 8);
+    let mut rules = PeerRules::new(splitter, C, buffer);
+    rules.monitor = flags & 0x10 != 0;
+    rules.request_lost = flags & 0x20 != 0;
+    rules.relay = flags & 0x40 == 0;
+    rules.max_neighbours = 1 + usize::from(input.byte() % 8);
+    rules.max_debt = 1 + i32::from(input.byte() % 130);
+    let listed = [ep(1), ep(2), ep(3)];
+    let mut peer = Peer::new(rules, &listed, u16::from(flags >> 7));
+    let mut heard: HashSet<Endpoint> = listed.iter().copied().collect();
+    let mut from_splitter: HashSet<Bytes> = HashSet::new();
+    let start = Instant::now();
+    let mut now = start;
+    let mut newest = input.u16();
+    let mut last_played: Option<u16> = None;
+    let mut datagram = Vec::new();
+    while !input.done() {
+        match input.byte() % 8 {
+            op @ 0..=2 => {
+                let from = match op {
+                    0 => splitter,
+                    1 => ep(1 + u16::from(input.byte() % 4)),
+                    _ => ep(100 + u16::from(input.byte())),
+                };
+                let scale = if input.byte() & 1 == 0 { 1 } else { 300 };
+                let delta = i32::from(input.byte() as i8) * scale;
+                let n = newest.wrapping_add(delta as u16);
+                if op == 0 && seq::gt(n, newest) {
+                    newest = n;
+                }
+                encode_chunk(n, &[n as u8; C], &mut datagram);
+                let d = Bytes::copy_from_slice(&datagram);
+                if from == splitter {
+                    from_splitter.insert(d.clone());
+                } else {
+                    heard.insert(from);
+                }
+                peer.handle_datagram(now, from, d);
+            }
+            3 => {
+                let from = ep(100 + u16::from(input.byte() % 8));
+                let len = usize::from(input.byte() % 3);
+                let d = Bytes::copy_from_slice(input.take(len));
+                if d == b"H"[..] {
+                    heard.insert(from);
+                }
+                check_to_peer(&d, C);
+                peer.handle_datagram(now, from, d);
+            }
+            4 => {
+                let from = ep(1 + u16::from(input.byte() % 4));
+                let len = usize::from(input.u16() % 2048);
+                let d = Bytes::copy_from_slice(input.take(len));
+                check_to_peer(&d, C);
+                if d.len() == CHUNK_HEADER + C || d == b"H"[..] {
+                    heard.insert(from);
+                }
+                peer.handle_datagram(now, from, d);
+            }
+            5 => peer.leave(now),
+            6 => {
+                now += Duration::from_millis(u64::from(input.byte()) * 20);
+                peer.handle_timeout(now);
+            }
+            _ => {}
+        }
+        assert!(peer.neighbours().count() <= listed.len().max(peer.rules().max_neighbours));
+        while let Some(t) = peer.poll_transmit() {
+            if t.dest == splitter {
+                assert!(t.payload == b"G"[..] || t.payload.len() == 2);
+                continue;
+            }
+            assert!(
+                heard.contains(&t.dest),
+                "sent to {}, never heard of",
+                t.dest
+            );
+            assert!(
+                t.payload == b"H"[..]
+                    || t.payload == b"G"[..]
+                    || from_splitter.contains(&t.payload),
+                "sent a neighbour something that is not a chunk from the splitter"
+            );
+        }
+        while let Some(e) = peer.poll_event() {
+            match e {
+                PeerEvent::Play { number, payload } => {
+                    assert_eq!(payload.len(), C);
+                    if let Some(last) = last_played {
+                        assert!(seq::gt(number, last), "played {number} after {last}");
+                    }
+                    last_played = Some(number);
+                }
+                // After jumps (each under half the number space) order is relative again.
+                PeerEvent::Skipped { .. } => last_played = None,
+                _ => {}
+            }
+        }
+    }
+}
+
+fn check_to_peer(d: &[u8], chunk_size: usize) {
+    match ToPeer::parse(d, chunk_size) {
+        ToPeer::Chunk { number, payload } => {
+            assert_eq!(d.len(), CHUNK_HEADER + chunk_size);
+            assert_eq!(d[..2], number.to_be_bytes());
+            assert_eq!(payload, &d[2..]);
+        }
+        ToPeer::Hello => assert_eq!(d, b"H"),
+        ToPeer::Goodbye => assert_eq!(d, b"G"),
+        ToPeer::Malformed => {
+            assert!(d.len() != CHUNK_HEADER + chunk_size && d != b"H" && d != b"G")
+        }
+    }
+}

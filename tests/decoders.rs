@@ -1,0 +1,188 @@
+//! Property tests over every decoder, with the same harnesses as the cargo-fuzz targets in
+//! `fuzz/` (`p2psp::fuzzing`), so that `cargo test` checks what the fuzzers check: random bytes,
+//! and the fuzzers' seed corpora (real captures) with random bytes changed.
+
+use std::path::PathBuf;
+
+use p2psp::fuzzing;
+use p2psp::proto::Endpoint;
+use p2psp::proto::wire::JoinConfig;
+use proptest::prelude::*;
+
+fn seeds(target: &str) -> Vec<Vec<u8>> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/seeds")
+        .join(target);
+    let mut out: Vec<Vec<u8>> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    out.sort();
+    assert!(!out.is_empty(), "no seeds in {}", dir.display());
+    out
+}
+
+/// A seed of `target` with up to 8 bytes replaced, inserted or cut.
+fn mutated(target: &'static str) -> impl Strategy<Value = Vec<u8>> {
+    let seeds = seeds(target);
+    let n = seeds.len();
+    (
+        0..n,
+        proptest::collection::vec((any::<u16>(), any::<u8>(), 0u8..3), 0..8),
+    )
+        .prop_map(move |(i, edits)| {
+            let mut s = seeds[i].clone();
+            for (at, b, kind) in edits {
+                let at = usize::from(at) % (s.len() + 1);
+                match kind {
+                    0 if at < s.len() => s[at] = b,
+                    1 => s.insert(at, b),
+                    _ => s.truncate(at),
+                }
+            }
+            s
+        })
+}
+
+fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..max)
+}
+
+fn endpoint() -> impl Strategy<Value = Endpoint> {
+    (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| Endpoint::new(ip.into(), port))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn join_config_random(data in bytes(256)) {
+        fuzzing::join_config(&data);
+    }
+
+    #[test]
+    fn join_config_mutated(data in mutated("join_config")) {
+        fuzzing::join_config(&data);
+    }
+
+    #[test]
+    fn join_config_round_trip(
+        source in endpoint(),
+        channel in "[a-z0-9./_-]{0,40}",
+        sizes in any::<[u16; 3]>(),
+        peers in proptest::collection::vec(endpoint(), 0..40),
+        monitors in any::<u16>(),
+        trailing in bytes(8),
+    ) {
+        let config = JoinConfig {
+            source,
+            channel,
+            header_size: sizes[0],
+            chunk_size: sizes[1],
+            buffer_size: sizes[2],
+            monitors: monitors % (peers.len() as u16 + 1),
+            peers,
+        };
+        let mut out = Vec::new();
+        config.encode(&mut out).unwrap();
+        prop_assert_eq!(out.len(), config.encoded_len());
+        out.extend_from_slice(&trailing);
+        let (decoded, used) = JoinConfig::decode(&out).unwrap().unwrap();
+        prop_assert_eq!(used, config.encoded_len());
+        prop_assert_eq!(decoded, config);
+        fuzzing::join_config(&out);
+    }
+
+    #[test]
+    fn join_request_random(data in bytes(256)) {
+        fuzzing::join_request(&data);
+    }
+
+    #[test]
+    fn join_request_mutated(data in mutated("join_request")) {
+        fuzzing::join_request(&data);
+    }
+
+    #[test]
+    fn http_response_random(data in bytes(512)) {
+        fuzzing::http_response(&data);
+    }
+
+    #[test]
+    fn http_response_mutated(data in mutated("http_response")) {
+        fuzzing::http_response(&data);
+    }
+
+    #[test]
+    fn udp_splitter_random(data in bytes(1024)) {
+        fuzzing::udp_splitter(&data);
+    }
+
+    #[test]
+    fn udp_splitter_mutated(data in mutated("udp_splitter")) {
+        fuzzing::udp_splitter(&data);
+    }
+
+    #[test]
+    fn config_file_random(data in bytes(256)) {
+        fuzzing::config_file(&data);
+    }
+
+    #[test]
+    fn config_file_mutated(data in mutated("config_file")) {
+        fuzzing::config_file(&data);
+    }
+
+    #[test]
+    fn config_file_of_keys_and_values(
+        which in 0u8..2,
+        lines in proptest::collection::vec(
+            (
+                "(lrs|acs|max-peers|drop-rate|join-timeout|chunk-size|buffer-size|seed|monitor|splitter|source|bogus)",
+                "(true|false|-?[0-9]{1,6}(\\.[0-9]{1,3})?|\"[a-z0-9:./]{0,20}\"|\\[1, 2\\])",
+            ),
+            0..8,
+        ),
+    ) {
+        let mut data = vec![which];
+        for (k, v) in lines {
+            data.extend_from_slice(format!("{k} = {v}\n").as_bytes());
+        }
+        fuzzing::config_file(&data);
+    }
+
+    #[test]
+    fn udp_peer_random(data in bytes(1024)) {
+        fuzzing::udp_peer(&data);
+    }
+
+    #[test]
+    fn udp_peer_mutated(data in mutated("udp_peer")) {
+        fuzzing::udp_peer(&data);
+    }
+}
+
+/// Every seed as it is (the real captures must of course pass).
+#[test]
+fn seeds_pass() {
+    for s in seeds("join_config") {
+        fuzzing::join_config(&s);
+        assert!(JoinConfig::decode(&s).unwrap().is_some());
+    }
+    for s in seeds("join_request") {
+        fuzzing::join_request(&s);
+    }
+    for s in seeds("http_response") {
+        fuzzing::http_response(&s);
+        assert!(p2psp::http::ResponseHead::parse(&s).unwrap().is_some());
+    }
+    for s in seeds("udp_splitter") {
+        fuzzing::udp_splitter(&s);
+    }
+    for s in seeds("udp_peer") {
+        fuzzing::udp_peer(&s);
+    }
+    for s in seeds("config_file") {
+        fuzzing::config_file(&s);
+    }
+}
