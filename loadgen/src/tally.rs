@@ -264,17 +264,19 @@ mod tests {
 
     #[test]
     fn peer_core_loss_late_and_duplicates_are_counted() {
-        // Buffer of 8: playout runs 4 behind the newest chunk.
-        let mut p = Peer::new(PeerRules::new(ep(9), C, 8), &[], 0);
+        // Buffer of 8: playout runs 4 behind the newest chunk. Endpoint 7 is a teammate (a
+        // stranger's chunks far from the playout position would be dropped, not counted late).
+        let mut p = Peer::new(PeerRules::new(ep(9), C, 8), &[ep(7)], 0);
         let (mut t, mut h) = (Tally::default(), latency_histogram());
-        for n in (0..20u16).filter(|&n| n != 5) {
+        for n in (0..20u16).filter(|&n| n != 10) {
             feed(&mut p, 9, chunk(n, 1000), 2000, &mut t, &mut h);
         }
-        // 0..=15 are due (19 - 4): 15 played, 5 lost.
+        // 0..=15 are due (19 - 4): 15 played, 10 lost.
         assert_eq!((t.played, t.lost), (15, 1));
         assert!((t.loss_ratio() - 1.0 / 16.0).abs() < 1e-12);
-        // 5 arrives after its deadline: late, and its (large) latency is recorded.
-        feed(&mut p, 7, chunk(5, 1000), 9000, &mut t, &mut h);
+        // 10 arrives after its deadline (still within a buffer of it): late, and its (large)
+        // latency is recorded.
+        feed(&mut p, 7, chunk(10, 1000), 9000, &mut t, &mut h);
         assert_eq!(t.late, 1);
         assert_eq!(h.len(), 20);
         // 18 again: a duplicate, no latency recorded.
