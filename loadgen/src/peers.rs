@@ -11,7 +11,7 @@
 //! In baseline mode peers do not join: they only receive the bare fan-out loop's datagrams and
 //! count sequence numbers.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -24,7 +24,7 @@ use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use p2psp::driver::{self, BatchSender, MultiRecv, RecvPath, SendPath, SendStats};
 use p2psp::proto::peer::{Peer, PeerEvent, PeerRules};
-use p2psp::proto::wire::{CHUNK_HEADER, JoinConfig, READY, ROLE_MONITOR, ROLE_PEER};
+use p2psp::proto::wire::{CHUNK_HEADER, READY, ROLE_MONITOR, ROLE_PEER};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::tally::{self, Seen, SeqTracker, Tally, latency_histogram};
@@ -519,28 +519,8 @@ pub fn join_one(
     tcp.set_nodelay(true)?;
     tcp.set_read_timeout(Some(Duration::from_millis(500)))?;
     tcp.write_all(&[if monitor { ROLE_MONITOR } else { ROLE_PEER }])?;
-    let deadline = Instant::now() + JOIN_TIMEOUT;
-    let mut buf = Vec::new();
-    let config = loop {
-        if let Some((config, _)) = JoinConfig::decode(&buf)
-            .map_err(|e| anyhow::anyhow!("the splitter sent a malformed join message: {e}"))?
-        {
-            break config;
-        }
-        if Instant::now() >= deadline {
-            bail!("the splitter sent no join message within {JOIN_TIMEOUT:?}");
-        }
-        let mut chunk = [0u8; 4096];
-        match tcp.read(&mut chunk) {
-            Ok(0) => bail!(
-                "the splitter closed the join connection before its join message (it refuses \
-                 joins beyond 1024 pending: lower --join-rate)"
-            ),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) => return Err(e).context("reading the join message"),
-        }
-    };
+    let config = p2psp::peer::join::read_config(&mut tcp, splitter, JOIN_TIMEOUT)
+        .context("joining (the splitter refuses joins beyond its pending limit: lower --join-rate if this repeats)")?;
     config
         .check_usable()
         .map_err(|e| anyhow::anyhow!("cannot use the splitter: {e}"))?;

@@ -72,16 +72,58 @@ pub fn join(splitter: SocketAddrV4, monitor: bool) -> anyhow::Result<Joined> {
     socket.set_nonblocking(false)?;
     tcp.write_all(&[if monitor { ROLE_MONITOR } else { ROLE_PEER }])?;
 
-    let deadline = Instant::now() + JOIN_TIMEOUT;
+    let config = read_config(&mut tcp, splitter, JOIN_TIMEOUT)?;
+    // From here on a reference splitter already counts us as a member (it adds a peer as soon as
+    // it has read the role byte): if we give up now, say goodbye so it stops sending to us.
+    let fetched = config
+        .check_usable()
+        .map_err(|e| anyhow::anyhow!("cannot use the splitter at {splitter}: {e}"))
+        .and_then(|()| {
+            let mut source = config.source;
+            if source.ip().is_unspecified() {
+                source = SocketAddrV4::new(*splitter.ip(), source.port());
+            }
+            let header = fetch_header(source, &config.channel, usize::from(config.header_size))?;
+            Ok((source, header))
+        });
+    let (source, header) = match fetched {
+        Ok(f) => f,
+        Err(e) => {
+            drop(tcp);
+            for _ in 0..5 {
+                let _ = socket.send_to(crate::proto::wire::GOODBYE, splitter);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            return Err(e);
+        }
+    };
+    Ok(Joined {
+        config,
+        socket,
+        local,
+        header,
+        header_source: source,
+        tcp,
+    })
+}
+
+/// Reads the splitter's join message from `tcp` (after the role byte was sent), waiting at most
+/// `timeout`.
+pub fn read_config(
+    tcp: &mut TcpStream,
+    splitter: SocketAddrV4,
+    timeout: Duration,
+) -> anyhow::Result<JoinConfig> {
+    let deadline = Instant::now() + timeout;
     let mut buf = Vec::new();
-    let config = loop {
+    loop {
         if let Some((config, _)) = JoinConfig::decode(&buf)
             .map_err(|e| anyhow::anyhow!("the splitter sent a malformed configuration: {e}"))?
         {
-            break config;
+            return Ok(config);
         }
         if Instant::now() >= deadline {
-            bail!("the splitter at {splitter} sent no configuration within {JOIN_TIMEOUT:?}");
+            bail!("the splitter at {splitter} sent no configuration within {timeout:?}");
         }
         let mut chunk = [0u8; 4096];
         match tcp.read(&mut chunk) {
@@ -92,28 +134,13 @@ pub fn join(splitter: SocketAddrV4, monitor: bool) -> anyhow::Result<Joined> {
             Err(e)
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
                 ) => {}
             Err(e) => return Err(e).context("reading the splitter's configuration"),
         }
-    };
-    config
-        .check_usable()
-        .map_err(|e| anyhow::anyhow!("cannot use the splitter at {splitter}: {e}"))?;
-    // The hellos go out from the caller's core before the ready byte; the header comes first.
-    let mut source = config.source;
-    if source.ip().is_unspecified() {
-        source = SocketAddrV4::new(*splitter.ip(), source.port());
     }
-    let header = fetch_header(source, &config.channel, usize::from(config.header_size))?;
-    Ok(Joined {
-        config,
-        socket,
-        local,
-        header,
-        header_source: source,
-        tcp,
-    })
 }
 
 /// Which stream a header starts, as our splitter says in its header response.

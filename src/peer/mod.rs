@@ -239,10 +239,12 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         .port
         .store(u64::from(me.port()), Ordering::Relaxed);
 
+    // The playout ring must be a power of two so that `chunk number % size` stays continuous at
+    // the 65535 → 0 wrap; a reference splitter may announce any size, so round it up.
     let mut rules = PeerRules::new(
         opts.splitter,
         usize::from(config.chunk_size),
-        config.buffer_size,
+        config.buffer_size.next_power_of_two(),
     );
     rules.monitor = opts.monitor;
     rules.max_debt = opts.max_debt;

@@ -611,10 +611,11 @@ fn write_out(c: &mut Conn) -> Result<bool, ()> {
 /// ignore it. Its length does not change while the stream runs, so `header_size` in a join message
 /// stays right for the reference peer, which reads exactly that many bytes.
 pub fn header_response(h: &StreamHeader, chunks: u64) -> Vec<u8> {
-    let ct = h
-        .content_type
-        .as_deref()
-        .unwrap_or("application/octet-stream");
+    // The source's content type, capped so the response always fits the join message's u16.
+    let ct = match h.content_type.as_deref() {
+        Some(ct) if ct.len() <= 200 => ct,
+        _ => "application/octet-stream",
+    };
     let stream = format!(
         "{} {} {:010}",
         h.generation,
