@@ -331,6 +331,10 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         let mut done = false;
         while let Some(e) = core.poll_event() {
             match e {
+                // Once asked to stop, the peer only relays until it has said goodbye: what it
+                // would still play is not wanted, and no longer recovered (the splitter may
+                // already have let it go).
+                PeerEvent::Play { .. } if stop.load(Ordering::Relaxed) => {}
                 PeerEvent::Play { number, payload } => {
                     let overrun = tx.try_send(player::Played { number, payload }).is_err();
                     opts.counters

@@ -163,10 +163,10 @@ pub struct PeerStats {
     pub late: u64,
     /// Chunks received twice.
     pub duplicates: u64,
-    /// Chunks from neighbours numbered more than a buffer away from the playout position
-    /// (dropped, no debt credited).
+    /// Chunks from neighbours numbered a buffer or more ahead of the playout position (dropped,
+    /// no debt credited). Chunks more than a buffer behind it count as `late`.
     pub out_of_window: u64,
-    /// Chunks from strangers numbered more than a buffer away (dropped; the sender is not made a
+    /// Chunks from strangers numbered a buffer or more ahead (dropped; the sender is not made a
     /// neighbour).
     pub strangers_out_of_window: u64,
     /// Hellos and chunks from strangers not taken as neighbours because the list was full.
@@ -514,14 +514,20 @@ impl Peer {
             }
         } else {
             let near = self.in_window(number);
+            let behind = self.playout.next.is_some_and(|next| seq::lt(number, next));
             match self.position(from) {
                 Some(i) if near => {
                     let n = &mut self.neighbours[i];
                     n.debt -= 1;
                     n.proven = true;
                 }
+                // Far off: no use, no debt credited, nobody adopted, and it clocks no relay. Far
+                // behind the playout position it still counts as late.
+                _ if !near && behind => {
+                    self.stats.late += 1;
+                    return;
+                }
                 Some(_) => {
-                    // Far off: no use, no debt credited, and it clocks no relay.
                     self.stats.out_of_window += 1;
                     return;
                 }
@@ -1089,12 +1095,15 @@ mod tests {
         p.handle_datagram(now, ep(SPLITTER), chunk(1000));
         sends(&mut p);
         let before: Vec<_> = p.neighbours().collect();
-        for n in [0u16, 500, 983, 1016, 1100, 40000] {
+        // Behind the playout position by more than a buffer (late), then ahead by a buffer or
+        // more (out of the window); 40000 is behind by serial arithmetic.
+        for n in [0u16, 500, 983, 40000, 1016, 1100, 30000] {
             p.handle_datagram(now, ep(99), chunk(n));
             p.handle_datagram(now, ep(1), chunk(n));
         }
-        assert_eq!(p.stats().strangers_out_of_window, 6);
-        assert_eq!(p.stats().out_of_window, 6);
+        assert_eq!(p.stats().late, 8);
+        assert_eq!(p.stats().strangers_out_of_window, 3);
+        assert_eq!(p.stats().out_of_window, 3);
         assert_eq!(
             p.neighbours().collect::<Vec<_>>(),
             before,
