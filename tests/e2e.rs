@@ -140,7 +140,7 @@ impl Run {
         let output = self.dir.join(format!("{name}.out"));
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
         let mut cmd = Command::new(BIN);
-        cmd.env("RUST_LOG", "p2psp=info");
+        cmd.env("RUST_LOG", "p2psp=info,p2psp::peer=debug");
         cmd.args(["peer", "--splitter", &format!("127.0.0.1:{}", self.port)])
             .args(extra)
             .arg("--output")
@@ -254,7 +254,9 @@ fn streaming_across_the_chunk_number_wrap() {
 
 #[test]
 fn churn_goodbyes_kills_and_joins_cost_the_stayers_nothing() {
-    let mut run = Run::start("churn", &["--lrs"]);
+    // LRS on (a killed peer's chunks can only be recovered by resending them), with a one-second
+    // half buffer so that resends have slack on a busy 2-core CI machine.
+    let mut run = Run::start("churn", &["--lrs", "--buffer-size", "512"]);
     let mut stayers = vec![run.peer(true)];
     let mut leavers = Vec::new();
     for i in 0..10 {
