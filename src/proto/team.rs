@@ -54,7 +54,7 @@ impl Default for TeamRules {
             max_losses: 32,
             loss_halving: Duration::from_secs(1),
             lrs: false,
-            max_resends: 128,
+            max_resends: 512,
             acs: false,
         }
     }
