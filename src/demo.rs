@@ -32,27 +32,13 @@ pub struct DemoArgs {
 /// Runs the demo.
 pub fn run(args: &DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let splitter_args = SplitterArgs {
-        source: "test".into(),
         bitrate: args.bitrate,
         port: 0,
         bind: Ipv4Addr::LOCALHOST,
-        chunk_size: 1024,
-        buffer_size: 256,
         header_size: 1024,
         team_size: args.team_size,
-        monitors: 1,
-        shards: None,
-        channel: None,
-        io: "auto".into(),
-        max_losses: 32,
-        first_chunk_number: 0,
         lrs: true,
-        acs: false,
-        max_peers: 100_000,
-        max_pending_joins: 1024,
-        max_pending_per_ip: 64,
-        join_timeout: 5.0,
-        service: Default::default(),
+        ..SplitterArgs::default()
     };
     let settings = splitter::Settings::from_args(&splitter_args).map_err(anyhow::Error::msg)?;
     let splitter_stop = Arc::new(AtomicBool::new(false));

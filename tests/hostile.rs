@@ -61,27 +61,13 @@ impl HonestPeer {
 /// machine (the floods and the team share two cores here).
 fn args() -> SplitterArgs {
     SplitterArgs {
-        source: "test".into(),
         bitrate: 500_000,
         port: 0,
         bind: LOCALHOST,
-        chunk_size: 1024,
-        buffer_size: 256,
         header_size: 1024,
-        team_size: 16,
-        monitors: 1,
         shards: Some(2),
-        channel: None,
-        io: "auto".into(),
-        max_losses: 32,
-        first_chunk_number: 0,
         lrs: true,
-        acs: false,
-        max_peers: 100_000,
-        max_pending_joins: 1024,
-        max_pending_per_ip: 64,
-        join_timeout: 5.0,
-        service: Default::default(),
+        ..SplitterArgs::default()
     }
 }
 

@@ -84,6 +84,19 @@ pub struct SplitterArgs {
     pub service: crate::config::ServiceArgs,
 }
 
+impl Default for SplitterArgs {
+    /// The flags' own defaults, as `p2psp splitter` with no flags gets them (one source of truth
+    /// for code that starts a splitter in-process: the demo, tests).
+    fn default() -> Self {
+        use clap::FromArgMatches;
+        let cmd = SplitterArgs::augment_args(clap::Command::new("splitter").no_binary_name(true));
+        let matches = cmd
+            .try_get_matches_from(std::iter::empty::<String>())
+            .expect("every splitter flag has a default");
+        SplitterArgs::from_arg_matches(&matches).expect("defaults parse")
+    }
+}
+
 /// Parses `2000000`, `2M`, `500k`, `1.5M`, `2Mbit`, `2Mbps` into bits per second.
 pub fn parse_bitrate(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -272,6 +285,25 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_args_are_the_flags_defaults() {
+        let a = SplitterArgs::default();
+        assert_eq!(
+            (a.source.as_str(), a.bitrate, a.port),
+            ("test", 1_000_000, 8001)
+        );
+        assert_eq!(
+            (a.chunk_size, a.buffer_size, a.header_size),
+            (1024, 256, 8192)
+        );
+        assert_eq!((a.team_size, a.monitors, a.max_losses), (16, 1, 32));
+        assert_eq!(
+            (a.io.as_str(), a.lrs, a.max_peers),
+            ("auto", false, 100_000)
+        );
+        Settings::from_args(&a).unwrap();
+    }
 
     #[test]
     fn bitrates() {
