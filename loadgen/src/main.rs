@@ -10,6 +10,7 @@
 
 mod baseline;
 mod child;
+mod noise;
 mod peers;
 mod procfs;
 mod report;
@@ -29,7 +30,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
-use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mimalloc::MiMalloc;
 use p2psp::driver::{self, RecvPath, SendPath};
@@ -39,7 +39,7 @@ use crate::child::{ChildSettings, SplitterChild};
 use crate::peers::{JoinOptions, JoinResult, NewPeer, Shared, WorkerOptions};
 use crate::procfs::CpuTimes;
 use crate::report::{Cpu, Fanout, Interval, Joins, Latency, Own};
-use crate::tally::{Tally, latency_histogram};
+use crate::tally::{Latencies, Tally, latency_histogram};
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
@@ -237,7 +237,7 @@ impl Phase {
 struct Agg {
     reports: usize,
     tally: Tally,
-    hist: Histogram<u64>,
+    hist: Latencies,
     peers: usize,
     cpu: Duration,
 }
@@ -247,7 +247,7 @@ impl Default for Agg {
         Agg {
             reports: 0,
             tally: Tally::default(),
-            hist: latency_histogram(),
+            hist: Latencies::default(),
             peers: 0,
             cpu: Duration::ZERO,
         }
@@ -414,6 +414,8 @@ fn run(a: &Args) -> anyhow::Result<()> {
 
     // Workers: pinned to the last cores (the splitter pins its shards from core 0 on).
     let shared = Arc::new(Shared::new());
+    let noise = noise::NoiseProbe::start(shared.interval_start(0))
+        .context("cannot start the noise probe thread")?;
     let (report_tx, report_rx) = crossbeam_channel::unbounded::<peers::Report>();
     let mut worker_txs = Vec::new();
     let mut workers = Vec::new();
@@ -553,7 +555,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
     let mut aggs: BTreeMap<u64, Agg> = BTreeMap::new();
     let mut intervals: Vec<Interval> = Vec::new();
     let mut next_print: u64 = shared.interval(Instant::now());
-    let mut total_hist = latency_histogram();
+    let mut total_hist = Latencies::default();
     let mut total = Tally::default();
     let mut worker_cpu = Duration::ZERO;
     let mut measured = 0u64;
@@ -613,7 +615,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
             let agg = aggs.entry(r.index).or_default();
             agg.reports += 1;
             agg.tally.add(&r.tally);
-            let _ = agg.hist.add(&r.hist);
+            agg.hist.add(&r.hist);
             agg.peers += r.peers;
             agg.cpu += r.cpu;
         }
@@ -633,10 +635,17 @@ fn run(a: &Args) -> anyhow::Result<()> {
                 _ => Phase::Join,
             };
             let tx = interval_tx(&sender, &window_marks, k, &shared);
-            let iv = Interval::new(k, iv_phase.name(), agg.peers, &agg.tally, &agg.hist, tx);
+            let iv = Interval::new(
+                k,
+                iv_phase.name(),
+                agg.peers,
+                &agg.tally,
+                &agg.hist.scheduled,
+                tx,
+            );
             if in_window {
                 total.add(&agg.tally);
-                let _ = total_hist.add(&agg.hist);
+                total_hist.add(&agg.hist);
                 worker_cpu += agg.cpu;
                 measured += 1;
             }
@@ -759,7 +768,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
             && !r.last
         {
             total.add(&r.tally);
-            let _ = total_hist.add(&r.hist);
+            total_hist.add(&r.hist);
             worker_cpu += r.cpu;
         }
     }
@@ -842,7 +851,8 @@ fn run(a: &Args) -> anyhow::Result<()> {
         measured_seconds: measured as f64,
         chunks: total,
         loss_ratio: total.loss_ratio(),
-        latency_ms: Latency::of(&total_hist),
+        latency_ms: Latency::of(&total_hist.scheduled),
+        latency_from_write_ms: Latency::of(&total_hist.written),
         fanout: Fanout {
             rx_datagrams_per_s: total.datagrams as f64 / measured_s,
             rx_gbit_per_s: total.bytes as f64 * 8.0 / 1e9 / measured_s,
@@ -873,6 +883,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
         source_lag_ms: source
             .as_ref()
             .and_then(|s| s.stats.lag.lock().unwrap().as_ref().map(Latency::of)),
+        machine_noise_ms: noise.finish(from, until).as_ref().map(Latency::of),
         intervals,
     };
     if let Some(s) = source {
@@ -883,7 +894,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
         report::write_file(p, &serde_json::to_string_pretty(&report)?)?;
     }
     if let Some(p) = &a.hgrm {
-        report::write_file(p, &report::hgrm(&total_hist))?;
+        report::write_file(p, &report::hgrm(&total_hist.scheduled))?;
     }
     if let Some(p) = &a.plot {
         let title = format!(
@@ -893,7 +904,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
             a.bitrate as f64 / 1e6,
             mode
         );
-        report::plot(p, &total_hist, &report.intervals, &title)?;
+        report::plot(p, &total_hist.scheduled, &report.intervals, &title)?;
     }
     Ok(())
 }

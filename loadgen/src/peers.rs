@@ -21,13 +21,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::{Bytes, BytesMut};
 use crossbeam_channel::{Receiver, Sender};
-use hdrhistogram::Histogram;
 use p2psp::driver::{self, BatchSender, MultiRecv, RecvPath, SendPath, SendStats};
 use p2psp::proto::peer::{Peer, PeerEvent, PeerRules};
 use p2psp::proto::wire::{CHUNK_HEADER, READY, ROLE_MONITOR, ROLE_PEER};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::tally::{self, Seen, SeqTracker, Tally, latency_histogram};
+use crate::tally::{self, Latencies, Seen, SeqTracker, Tally};
 
 /// How long a join may take, step by step.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -140,7 +139,7 @@ pub struct Report {
     /// Counters.
     pub tally: Tally,
     /// Latencies (ns).
-    pub hist: Histogram<u64>,
+    pub hist: Latencies,
     /// Peers the worker has.
     pub peers: usize,
     /// The worker thread's CPU time during the interval.
@@ -206,7 +205,7 @@ pub fn run_worker(
     let mut sent_before = SendStats::default();
     let mut slots: Vec<Slot> = Vec::new();
     let mut tally = Tally::default();
-    let mut hist = latency_histogram();
+    let mut hist = Latencies::default();
     let mut index = shared.interval(Instant::now());
     let mut cpu_mark = driver::thread_cpu_time();
     let mut sends: Vec<(RawFd, SocketAddrV4, Bytes)> = Vec::with_capacity(1024);
@@ -351,7 +350,7 @@ pub fn run_worker(
                 let _ = reports.send(Report {
                     index: k,
                     tally: Tally::default(),
-                    hist: latency_histogram(),
+                    hist: Latencies::default(),
                     peers: slots.len(),
                     cpu: Duration::ZERO,
                     last: false,

@@ -293,8 +293,10 @@ pub struct Report {
     pub chunks: Tally,
     /// lost / (played + lost) over the measured seconds.
     pub loss_ratio: f64,
-    /// Source-to-peer latency over the measured seconds.
+    /// Source-to-peer latency over the measured seconds, from the source's schedule.
     pub latency_ms: Latency,
+    /// The same from the source's actual write (the source's own lag left out).
+    pub latency_from_write_ms: Latency,
     /// Fan-out.
     pub fanout: Fanout,
     /// Splitter process CPU (child only), or the baseline loop's thread.
@@ -303,6 +305,9 @@ pub struct Report {
     pub loadgen: Own,
     /// How late the source wrote its records against its schedule.
     pub source_lag_ms: Option<Latency>,
+    /// How late a thread sleeping 1 ms at a time woke during the measured seconds (the machine's
+    /// own scheduling noise; `noise.rs`).
+    pub machine_noise_ms: Option<Latency>,
     /// Every second of the run.
     pub intervals: Vec<Interval>,
 }
@@ -446,6 +451,19 @@ impl Report {
                 s,
                 "  Source lag p99 {:.3} ms  max {:.3} ms (writes behind the schedule latency is measured from)",
                 lag.p99, lag.max
+            );
+            let w = &self.latency_from_write_ms;
+            let _ = writeln!(
+                s,
+                "  From write p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms (receive minus the source's actual write: the source's lag left out)",
+                w.p50, w.p99, w.p99_9, w.max
+            );
+        }
+        if let Some(n) = &self.machine_noise_ms {
+            let _ = writeln!(
+                s,
+                "  Machine    1 ms sleeps woke late p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms (scheduling noise, not loadgen's or the splitter's)",
+                n.p50, n.p99, n.p99_9, n.max
             );
         }
         s
@@ -700,10 +718,12 @@ mod tests {
             chunks: t,
             loss_ratio: t.loss_ratio(),
             latency_ms: Latency::of(&h),
+            latency_from_write_ms: Latency::of(&h),
             fanout: Fanout::default(),
             sender_cpu: Some(Cpu::default()),
             loadgen: Own::default(),
-            source_lag_ms: None,
+            source_lag_ms: Some(Latency::of(&h)),
+            machine_noise_ms: Some(Latency::of(&h)),
             intervals: vec![iv],
         };
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
@@ -721,6 +741,9 @@ mod tests {
             "/latency_ms/p50",
             "/latency_ms/p99_99",
             "/latency_ms/max",
+            "/latency_from_write_ms/p99_9",
+            "/source_lag_ms/max",
+            "/machine_noise_ms/p99",
             "/fanout/rx_datagrams_per_s",
             "/fanout/tx_datagrams_per_s",
             "/sender_cpu/user_share",
@@ -732,7 +755,10 @@ mod tests {
             assert!(v.pointer(path).is_some(), "missing {path}");
         }
         assert_eq!(v.pointer("/chunks/lost").unwrap(), 1);
-        assert!(r.summary().contains("99.990%"));
+        let text = r.summary();
+        assert!(text.contains("99.990%"));
+        assert!(text.contains("From write p50"));
+        assert!(text.contains("Machine    1 ms sleeps woke late"));
     }
 
     #[test]

@@ -16,6 +16,42 @@ pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, LATENCY_MAX_NS, 3).expect("valid bounds")
 }
 
+/// The two latency histograms of an interval, in ns. `scheduled` is the headline: receive time
+/// minus the record's scheduled time (as wrk2 measures, so a source held back shows up).
+/// `written` is receive time minus the source's actual write: what the splitter and the kernel
+/// add, without the load generator's own source lag.
+#[derive(Debug, Clone)]
+pub struct Latencies {
+    /// From the source's schedule.
+    pub scheduled: Histogram<u64>,
+    /// From the source's write.
+    pub written: Histogram<u64>,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Latencies {
+            scheduled: latency_histogram(),
+            written: latency_histogram(),
+        }
+    }
+}
+
+impl Latencies {
+    /// Adds `o`'s samples to these.
+    pub fn add(&mut self, o: &Latencies) {
+        // Same bounds on both sides: adding cannot fail.
+        let _ = self.scheduled.add(&o.scheduled);
+        let _ = self.written.add(&o.written);
+    }
+
+    /// Empties both.
+    pub fn reset(&mut self) {
+        self.scheduled.reset();
+        self.written.reset();
+    }
+}
+
 /// Counters of one interval (or of a whole run), summed over peers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Tally {
@@ -110,7 +146,7 @@ pub fn account_chunk(
     before: Seen,
     after: Seen,
     t: &mut Tally,
-    hist: &mut Histogram<u64>,
+    hist: &mut Latencies,
 ) -> Option<u64> {
     t.chunks += 1;
     t.late += after.late - before.late;
@@ -122,12 +158,13 @@ pub fn account_chunk(
     record_latency(payload, recv_ns, t, hist)
 }
 
-/// Records `recv_ns` minus the payload's scheduled stamp; counts an unstamped payload.
+/// Records `recv_ns` minus the payload's scheduled stamp, and minus its written stamp; counts an
+/// unstamped payload. Returns the latency from the schedule.
 pub fn record_latency(
     payload: &[u8],
     recv_ns: u64,
     t: &mut Tally,
-    hist: &mut Histogram<u64>,
+    hist: &mut Latencies,
 ) -> Option<u64> {
     let Some(stamp) = Stamp::read(payload) else {
         t.unstamped += 1;
@@ -135,7 +172,9 @@ pub fn record_latency(
     };
     // Same clock, same boot: only a clock bug could make this negative; count it as 1 ns.
     let lat = recv_ns.saturating_sub(stamp.scheduled_ns).max(1);
-    hist.saturating_record(lat);
+    hist.scheduled.saturating_record(lat);
+    hist.written
+        .saturating_record(recv_ns.saturating_sub(stamp.written_ns).max(1));
     Some(lat)
 }
 
@@ -215,11 +254,15 @@ mod tests {
     }
 
     fn chunk(n: u16, scheduled_ns: u64) -> Bytes {
+        chunk_written(n, scheduled_ns, scheduled_ns)
+    }
+
+    fn chunk_written(n: u16, scheduled_ns: u64, written_ns: u64) -> Bytes {
         let mut payload = vec![0u8; C];
         Stamp {
             seq: u64::from(n),
             scheduled_ns,
-            written_ns: scheduled_ns,
+            written_ns,
         }
         .write_record(&mut payload);
         let mut v = Vec::new();
@@ -234,7 +277,7 @@ mod tests {
         data: Bytes,
         recv_ns: u64,
         t: &mut Tally,
-        h: &mut Histogram<u64>,
+        h: &mut Latencies,
     ) {
         let before = Seen::of(p.stats());
         p.handle_datagram(Instant::now(), ep(from), data.clone());
@@ -248,14 +291,18 @@ mod tests {
     #[test]
     fn latency_is_receive_time_minus_the_scheduled_stamp() {
         let mut t = Tally::default();
-        let mut h = latency_histogram();
-        let c = chunk(1, 5_000_000);
+        let mut h = Latencies::default();
+        // Due at 5 ms, written 100 µs late, received at 5.25 ms.
+        let c = chunk_written(1, 5_000_000, 5_100_000);
         assert_eq!(
             record_latency(&c[2..], 5_250_000, &mut t, &mut h),
             Some(250_000)
         );
-        assert_eq!(h.len(), 1);
-        assert!((h.value_at_quantile(0.5) as i64 - 250_000).abs() < 250);
+        assert_eq!(h.scheduled.len(), 1);
+        assert!((h.scheduled.value_at_quantile(0.5) as i64 - 250_000).abs() < 250);
+        // From the write: the source's 100 µs of lag left out.
+        assert_eq!(h.written.len(), 1);
+        assert!((h.written.value_at_quantile(0.5) as i64 - 150_000).abs() < 150);
         // A clock that went backwards records 1 ns rather than wrapping.
         assert_eq!(record_latency(&c[2..], 4_000_000, &mut t, &mut h), Some(1));
         assert_eq!(record_latency(&[0u8; 64], 1, &mut t, &mut h), None);
@@ -267,7 +314,7 @@ mod tests {
         // Buffer of 8: playout runs 4 behind the newest chunk. Endpoint 7 is a teammate (a
         // stranger's chunks far from the playout position would be dropped, not counted late).
         let mut p = Peer::new(PeerRules::new(ep(9), C, 8), &[ep(7)], 0);
-        let (mut t, mut h) = (Tally::default(), latency_histogram());
+        let (mut t, mut h) = (Tally::default(), Latencies::default());
         for n in (0..20u16).filter(|&n| n != 10) {
             feed(&mut p, 9, chunk(n, 1000), 2000, &mut t, &mut h);
         }
@@ -278,11 +325,11 @@ mod tests {
         // latency is recorded.
         feed(&mut p, 7, chunk(10, 1000), 9000, &mut t, &mut h);
         assert_eq!(t.late, 1);
-        assert_eq!(h.len(), 20);
+        assert_eq!(h.scheduled.len(), 20);
         // 18 again: a duplicate, no latency recorded.
         feed(&mut p, 7, chunk(18, 1000), 3000, &mut t, &mut h);
         assert_eq!(t.duplicates, 1);
-        assert_eq!(h.len(), 20);
+        assert_eq!(h.scheduled.len(), 20);
         assert_eq!(t.chunks, 21);
         assert_eq!(t.lost, p.stats().lost);
         assert_eq!(t.played, p.stats().played);
@@ -291,7 +338,7 @@ mod tests {
     #[test]
     fn a_splitter_jump_counts_the_skipped_chunks_as_lost() {
         let mut p = Peer::new(PeerRules::new(ep(9), C, 8), &[], 0);
-        let (mut t, mut h) = (Tally::default(), latency_histogram());
+        let (mut t, mut h) = (Tally::default(), Latencies::default());
         feed(&mut p, 9, chunk(0, 1), 2, &mut t, &mut h);
         feed(&mut p, 9, chunk(100, 1), 2, &mut t, &mut h);
         assert_eq!(t.lost, p.stats().lost);
