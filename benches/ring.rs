@@ -46,7 +46,7 @@ fn same_thread(c: &mut Criterion) {
         b.iter(|| {
             let (n, d) = &pool[i % POOL];
             i += 1;
-            let seq = ring.publish(*n, d.clone());
+            let seq = ring.publish(*n, d.clone(), std::time::Instant::now());
             match ring.read(black_box(seq)) {
                 Read::Chunk(c) => black_box(c.datagram.len()),
                 other => panic!("read back {other:?}"),
@@ -131,7 +131,7 @@ fn two_readers(c: &mut Criterion) {
                     }
                 }
                 let (n, d) = &pool[seq as usize % POOL];
-                ring.publish(*n, d.clone());
+                ring.publish(*n, d.clone(), std::time::Instant::now());
             }
             for r in readers {
                 r.join().unwrap();

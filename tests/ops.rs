@@ -218,6 +218,18 @@ fn metrics_status_and_prometheus_text() {
             .any(|k| k.starts_with("p2psp_splitter_bytes_sent_total{shard=\"0\",path=\"")),
         "no send path label"
     );
+    // The shard serving the team measured its send lag over the last second: above zero (a
+    // chunk is never sent before it is read) and far below the chunk period it has to keep up with.
+    let lags: Vec<f64> = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("p2psp_splitter_send_lag_max_microseconds{shard="))
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(lags.len(), 2, "one send lag per shard");
+    assert!(
+        lags.iter().any(|&v| v > 0.0 && v < 1_000_000.0),
+        "send lags {lags:?}"
+    );
 
     let s = splitter.status().unwrap();
     assert_eq!(s["role"], "splitter");

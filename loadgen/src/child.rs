@@ -27,6 +27,11 @@ pub struct Status {
     pub mbit_per_s: f64,
     /// Datagrams it gave up sending (and ring overruns), total.
     pub send_drops: u64,
+    /// Its send lag over the last second (feed to last send of a chunk, worst shard), ms:
+    /// 99th percentile and largest.
+    pub send_lag_p99_ms: f64,
+    /// See `send_lag_p99_ms`.
+    pub send_lag_max_ms: f64,
 }
 
 /// Parses `splitter: 1000 peers in 63 teams | in 122 chunks/s | out 7812 datagrams/s 64.06
@@ -52,6 +57,8 @@ pub fn parse_status(line: &str) -> Option<Status> {
         datagrams_per_s: num_before("datagrams/s").unwrap_or(0.0),
         mbit_per_s: num_before("Mbit/s").unwrap_or(0.0),
         send_drops: after("send", "drops").unwrap_or(0.0) as u64,
+        send_lag_p99_ms: after("lag", "p99").unwrap_or(0.0),
+        send_lag_max_ms: after("ms", "max").unwrap_or(0.0),
     })
 }
 
@@ -253,13 +260,15 @@ mod tests {
     #[test]
     fn parses_the_status_line() {
         let l = "splitter: 1000 peers in 63 teams | in 122 chunks/s | out 7812 datagrams/s 64.06 \
-                 Mbit/s | losses 0/s (0 total) expelled 0 | send drops 3 | ignored 0";
+                 Mbit/s | send lag p99 1.25 ms max 7.50 ms | losses 0/s (0 total) expelled 0 | \
+                 send drops 3 | ignored 0";
         let s = parse_status(l).unwrap();
         assert_eq!(s.peers, 1000);
         assert_eq!(s.teams, 63);
         assert_eq!(s.datagrams_per_s, 7812.0);
         assert_eq!(s.mbit_per_s, 64.06);
         assert_eq!(s.send_drops, 3);
+        assert_eq!((s.send_lag_p99_ms, s.send_lag_max_ms), (1.25, 7.5));
         assert_eq!(
             parse_status("p2psp splitter listening on 127.0.0.1:8001"),
             None

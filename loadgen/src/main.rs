@@ -883,6 +883,19 @@ fn run(a: &Args) -> anyhow::Result<()> {
         source_lag_ms: source
             .as_ref()
             .and_then(|s| s.stats.lag.lock().unwrap().as_ref().map(Latency::of)),
+        splitter_send_lag_ms: match &sender {
+            Sender::Child(c) => {
+                let (t0, t1) = (shared.interval_start(from), shared.interval_start(until));
+                let lags: Vec<(f64, f64)> = c
+                    .samples()
+                    .iter()
+                    .filter(|(t, _)| *t > t0 && *t <= t1)
+                    .map(|(_, s)| (s.send_lag_p99_ms, s.send_lag_max_ms))
+                    .collect();
+                report::SendLag::of(&lags)
+            }
+            _ => None,
+        },
         machine_noise_ms: noise.finish(from, until).as_ref().map(Latency::of),
         intervals,
     };

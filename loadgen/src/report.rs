@@ -278,6 +278,43 @@ pub struct Own {
     pub rss_peak_mib: f64,
 }
 
+/// The splitter's send lag (from its feed's reading a chunk to its last send of it, worst shard)
+/// over the measured seconds, from the per-second figures of its status lines.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct SendLag {
+    /// Median of the per-second 99th percentiles, ms.
+    pub p99_median: f64,
+    /// Largest per-second 99th percentile, ms.
+    pub p99_worst: f64,
+    /// Largest lag seen, ms.
+    pub max: f64,
+    /// Status lines used.
+    pub seconds: usize,
+}
+
+impl SendLag {
+    /// From (p99, max) pairs of status lines; `None` when there are none.
+    pub fn of(per_second: &[(f64, f64)]) -> Option<SendLag> {
+        if per_second.is_empty() {
+            return None;
+        }
+        let mut p99: Vec<f64> = per_second.iter().map(|p| p.0).collect();
+        p99.sort_by(f64::total_cmp);
+        let n = p99.len();
+        let median = if n % 2 == 1 {
+            p99[n / 2]
+        } else {
+            (p99[n / 2 - 1] + p99[n / 2]) / 2.0
+        };
+        Some(SendLag {
+            p99_median: median,
+            p99_worst: p99[n - 1],
+            max: per_second.iter().map(|p| p.1).fold(0.0, f64::max),
+            seconds: n,
+        })
+    }
+}
+
 /// The whole report (`--json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -305,6 +342,8 @@ pub struct Report {
     pub loadgen: Own,
     /// How late the source wrote its records against its schedule.
     pub source_lag_ms: Option<Latency>,
+    /// The splitter child's own send lag over the measured seconds, from its status lines.
+    pub splitter_send_lag_ms: Option<SendLag>,
     /// How late a thread sleeping 1 ms at a time woke during the measured seconds (the machine's
     /// own scheduling noise; `noise.rs`).
     pub machine_noise_ms: Option<Latency>,
@@ -457,6 +496,13 @@ impl Report {
                 s,
                 "  From write p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms (receive minus the source's actual write: the source's lag left out)",
                 w.p50, w.p99, w.p99_9, w.max
+            );
+        }
+        if let Some(l) = &self.splitter_send_lag_ms {
+            let _ = writeln!(
+                s,
+                "  Send lag   p99 {:.3} ms (median second), {:.3} ms (worst second)  max {:.3} ms (the splitter's own: its feed's reading a chunk to its last send)",
+                l.p99_median, l.p99_worst, l.max
             );
         }
         if let Some(n) = &self.machine_noise_ms {
@@ -723,6 +769,7 @@ mod tests {
             sender_cpu: Some(Cpu::default()),
             loadgen: Own::default(),
             source_lag_ms: Some(Latency::of(&h)),
+            splitter_send_lag_ms: SendLag::of(&[(1.0, 2.0), (3.0, 9.0), (2.0, 4.0)]),
             machine_noise_ms: Some(Latency::of(&h)),
             intervals: vec![iv],
         };
@@ -744,6 +791,7 @@ mod tests {
             "/latency_from_write_ms/p99_9",
             "/source_lag_ms/max",
             "/machine_noise_ms/p99",
+            "/splitter_send_lag_ms/p99_worst",
             "/fanout/rx_datagrams_per_s",
             "/fanout/tx_datagrams_per_s",
             "/sender_cpu/user_share",
@@ -758,6 +806,10 @@ mod tests {
         let text = r.summary();
         assert!(text.contains("99.990%"));
         assert!(text.contains("From write p50"));
+        assert!(text.contains(
+            "Send lag   p99 2.000 ms (median second), 3.000 ms (worst second)  max 9.000 ms"
+        ));
+        assert_eq!(SendLag::of(&[]), None);
         assert!(text.contains("Machine    1 ms sleeps woke late"));
     }
 

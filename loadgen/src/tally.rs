@@ -271,14 +271,7 @@ mod tests {
     }
 
     /// Feeds `data` from `from` to a real DBS peer core at `recv_ns`, accounting as a worker does.
-    fn feed(
-        p: &mut Peer,
-        from: u16,
-        data: Bytes,
-        recv_ns: u64,
-        t: &mut Tally,
-        h: &mut Latencies,
-    ) {
+    fn feed(p: &mut Peer, from: u16, data: Bytes, recv_ns: u64, t: &mut Tally, h: &mut Latencies) {
         let before = Seen::of(p.stats());
         p.handle_datagram(Instant::now(), ep(from), data.clone());
         account_chunk(&data[2..], recv_ns, before, Seen::of(p.stats()), t, h);

@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use std::time::Instant;
 
 /// A chunk as published: its position in the ring's sequence, its chunk number and the datagram
 /// (`u16 chunk number ‖ payload`) every destination gets.
@@ -24,6 +25,9 @@ pub struct Chunk {
     pub number: u16,
     /// The whole datagram.
     pub datagram: Bytes,
+    /// When the writer published it (given by the writer: the ring reads no clock). Shards
+    /// measure their send lag from it.
+    pub published: Instant,
 }
 
 /// What a reader finds at a sequence number.
@@ -74,8 +78,8 @@ impl ChunkRing {
         &self.slots[(seq % self.slots.len() as u64) as usize]
     }
 
-    /// Publishes a chunk (only one thread may publish). Returns its sequence number.
-    pub fn publish(&self, number: u16, datagram: Bytes) -> u64 {
+    /// Publishes a chunk at `now` (only one thread may publish). Returns its sequence number.
+    pub fn publish(&self, number: u16, datagram: Bytes, now: Instant) -> u64 {
         let seq = self.head.load(Ordering::Relaxed);
         let old = {
             let mut slot = self.slot(seq).lock().unwrap_or_else(|e| e.into_inner());
@@ -83,6 +87,7 @@ impl ChunkRing {
                 seq,
                 number,
                 datagram,
+                published: now,
             })
         };
         self.head.store(seq + 1, Ordering::Release);
@@ -137,7 +142,7 @@ mod tests {
         let ring = ChunkRing::new(8);
         assert_eq!(ring.read(0), Read::NotYet);
         for n in 0..5u16 {
-            assert_eq!(ring.publish(n, datagram(n)), u64::from(n));
+            assert_eq!(ring.publish(n, datagram(n), Instant::now()), u64::from(n));
         }
         for s in 0..5u64 {
             let Read::Chunk(c) = ring.read(s) else {
@@ -153,7 +158,7 @@ mod tests {
     fn a_reader_that_falls_behind_skips_and_knows_how_much() {
         let ring = ChunkRing::new(4);
         for n in 0..10u16 {
-            ring.publish(n, datagram(n));
+            ring.publish(n, datagram(n), Instant::now());
         }
         assert_eq!(
             ring.read(2),
@@ -168,12 +173,12 @@ mod tests {
     #[test]
     fn a_reader_keeps_its_chunk_after_the_writer_moves_on() {
         let ring = ChunkRing::new(2);
-        ring.publish(1, datagram(1));
+        ring.publish(1, datagram(1), Instant::now());
         let Read::Chunk(c) = ring.read(0) else {
             panic!()
         };
         for n in 2..10 {
-            ring.publish(n, datagram(n));
+            ring.publish(n, datagram(n), Instant::now());
         }
         assert_eq!(c.datagram, datagram(1));
     }
@@ -208,7 +213,11 @@ mod tests {
             })
             .collect();
         for s in 0..total {
-            ring.publish((s % 65536) as u16, datagram((s % 65536) as u16));
+            ring.publish(
+                (s % 65536) as u16,
+                datagram((s % 65536) as u16),
+                Instant::now(),
+            );
         }
         for r in readers {
             r.join().unwrap();

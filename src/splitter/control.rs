@@ -688,13 +688,20 @@ impl Status {
                 + s.foreign_dropped.load(Ordering::Relaxed)
         }) + c.stats.foreign_datagrams.load(Ordering::Relaxed)
             + c.stats.forward_dropped.load(Ordering::Relaxed);
+        let worst = |f: &dyn Fn(&ShardStats) -> u64| {
+            c.shards.iter().map(|l| f(&l.stats)).max().unwrap_or(0) as f64 / 1e3
+        };
+        let lag_p99 = worst(&|s| s.send_lag_p99_us.load(Ordering::Relaxed));
+        let lag_max = worst(&|s| s.send_lag_max_us.load(Ordering::Relaxed));
         let line = format!(
-            "splitter: {} peers in {} teams | in {:.0} chunks/s | out {:.0} datagrams/s {:.2} Mbit/s | losses {:.0}/s ({} total) expelled {} | send drops {} | ignored {}",
+            "splitter: {} peers in {} teams | in {:.0} chunks/s | out {:.0} datagrams/s {:.2} Mbit/s | send lag p99 {:.2} ms max {:.2} ms | losses {:.0}/s ({} total) expelled {} | send drops {} | ignored {}",
             c.directory.peer_count(),
             c.directory.team_count(),
             (chunks - self.chunks) as f64 / dt,
             (datagrams - self.datagrams) as f64 / dt,
             (bytes - self.bytes) as f64 * 8.0 / dt / 1e6,
+            lag_p99,
+            lag_max,
             (loss_reports - self.loss_reports) as f64 / dt,
             loss_reports,
             expelled,

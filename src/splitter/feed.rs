@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -202,7 +202,7 @@ pub fn run(
                             &mut chunk,
                             Vec::with_capacity(CHUNK_HEADER + chunk_size),
                         );
-                        ring.publish(number, Bytes::from(full));
+                        ring.publish(number, Bytes::from(full), Instant::now());
                         header.chunks.fetch_add(1, Ordering::Relaxed);
                         number = number.wrapping_add(1);
                         stats.chunks.fetch_add(1, Ordering::Relaxed);

@@ -12,12 +12,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
+use hdrhistogram::Histogram;
 
 use super::Settings;
 use crate::driver::{BatchSender, MultiRecv, RecvPath, SendPath, SendStats, Waker};
 use crate::proto::Endpoint;
 use crate::proto::team::{TeamCounters, TeamEvent, TeamId, TeamRules, Teams};
 use crate::ring::{ChunkRing, Read};
+
+/// Send lags from 1 µs to 1 min, 2 significant digits (a few KiB).
+fn send_lag_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid bounds")
+}
 
 /// What the control plane tells a shard.
 #[derive(Debug)]
@@ -110,6 +116,11 @@ pub struct ShardStats {
     pub send_buffer: AtomicU64,
     /// The UDP socket's receive buffer as the kernel granted it, in bytes.
     pub recv_buffer: AtomicU64,
+    /// Send lag over the last whole second, in microseconds: from the feed's publishing a chunk
+    /// to this shard's handing its last datagram to the kernel. 99th percentile...
+    pub send_lag_p99_us: AtomicU64,
+    /// ...and the largest.
+    pub send_lag_max_us: AtomicU64,
 }
 
 impl ShardStats {
@@ -141,6 +152,8 @@ pub struct Shard {
     send_stats: SendStats,
     /// When the team snapshot is published next.
     detail_due: Instant,
+    /// Send lag of each chunk sent since the last publish, in microseconds.
+    send_lag: Histogram<u64>,
 }
 
 /// The queues a shard reads and writes.
@@ -196,6 +209,7 @@ impl Shard {
             stats,
             send_stats: SendStats::default(),
             detail_due: Instant::now(),
+            send_lag: send_lag_histogram(),
         })
     }
 
@@ -246,6 +260,8 @@ impl Shard {
                         if !dests.is_empty() {
                             self.sender
                                 .send_to_all(&chunk.datagram, &dests, &mut self.send_stats);
+                            let lag = chunk.published.elapsed().as_micros() as u64;
+                            self.send_lag.saturating_record(lag.max(1));
                         }
                         self.flush_control();
                         // Keep the counters current while catching up on a long run of chunks.
@@ -333,13 +349,22 @@ impl Shard {
         }
     }
 
-    /// Publishes the team snapshot for status pages, at most once a second.
+    /// Publishes the team snapshot for status pages and the last second's send lag, at most once
+    /// a second.
     fn publish_detail(&mut self) {
         let now = Instant::now();
         if now < self.detail_due {
             return;
         }
         self.detail_due = now + Duration::from_secs(1);
+        let (p99, max) = if self.send_lag.is_empty() {
+            (0, 0)
+        } else {
+            (self.send_lag.value_at_quantile(0.99), self.send_lag.max())
+        };
+        self.stats.send_lag_p99_us.store(p99, Ordering::Relaxed);
+        self.stats.send_lag_max_us.store(max, Ordering::Relaxed);
+        self.send_lag.reset();
         let teams = self
             .teams
             .team_ids()

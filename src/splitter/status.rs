@@ -352,6 +352,16 @@ impl Exporter for SplitterExporter {
                 "UDP receive buffer the kernel granted a shard's socket.",
                 |s| &s.recv_buffer,
             ),
+            (
+                "p2psp_splitter_send_lag_p99_microseconds",
+                "99th percentile over the last second of the time from a chunk's arrival to a shard's last send of it.",
+                |s| &s.send_lag_p99_us,
+            ),
+            (
+                "p2psp_splitter_send_lag_max_microseconds",
+                "Largest time over the last second from a chunk's arrival to a shard's last send of it.",
+                |s| &s.send_lag_max_us,
+            ),
         ] {
             p.family(name, "gauge", help);
             for (i, s) in self.shards.iter().enumerate() {
@@ -392,6 +402,8 @@ impl Exporter for SplitterExporter {
                     "ignored": load(&st.ignored),
                     "socket_send_buffer": load(&st.send_buffer),
                     "socket_receive_buffer": load(&st.recv_buffer),
+                    "send_lag_p99_us": load(&st.send_lag_p99_us),
+                    "send_lag_max_us": load(&st.send_lag_max_us),
                 })
             })
             .collect();
