@@ -56,7 +56,7 @@ command -v setsid >/dev/null || die "setsid (util-linux) is missing"
 
 # --- build -----------------------------------------------------------------------------------
 echo "== building (cargo profile 'profiling': release + full debug info)"
-cargo build --profile profiling --bin p2psp
+cargo build --profile profiling --workspace --bins
 BIN_DIR="$(cargo metadata --format-version 1 --no-deps \
     | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/profiling"
 P2PSP="$BIN_DIR/p2psp"

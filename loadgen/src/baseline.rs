@@ -2,7 +2,9 @@
 //! with no protocol at all. One UDP socket, one chunk buffer (a chunk datagram of the same size,
 //! stamped like the source's records), `sendmmsg(2)` batches of 64 destinations whose iovecs all
 //! point at that buffer, to the same peer sockets the splitter run uses; paced at the same chunk
-//! rate (at saturation it simply never waits).
+//! rate (at saturation it simply never waits). Like the splitter, it sets the don't-fragment bit
+//! when the datagrams are small enough (`driver::set_dont_fragment`), so that both pay the same
+//! kernel path per datagram.
 
 use std::net::SocketAddrV4;
 use std::os::fd::AsRawFd;
@@ -63,6 +65,10 @@ pub fn run(
         None,
         Some(8 << 20),
     )?;
+    // As the splitter's shards do for datagrams this small (no IP ID to pick per datagram).
+    if CHUNK_HEADER + chunk_size <= driver::DONT_FRAGMENT_MAX {
+        let _ = driver::set_dont_fragment(&socket);
+    }
     let mut sender = BatchSender::new(socket.as_raw_fd(), SendPath::Sendmmsg, BATCH)?;
     let mut chunk = vec![0u8; CHUNK_HEADER + chunk_size];
     let cpu0 = procfs::thread_cpu().unwrap_or_default();

@@ -565,6 +565,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
     let mut measure: Option<(u64, u64)> = None; // [from, until) intervals
     let mut window_marks: BTreeMap<u64, (Option<CpuTimes>, Option<CpuTimes>, u64)> =
         BTreeMap::new();
+    let mut core_marks: BTreeMap<u64, Vec<(String, procfs::CoreTicks)>> = BTreeMap::new();
     // Kernel drops at the peers' sockets at the start and the end of the measured seconds.
     let mut drop_marks: BTreeMap<u64, u64> = BTreeMap::new();
     let mut seen_interval = u64::MAX;
@@ -590,6 +591,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
                 _ => 0,
             };
             window_marks.insert(current, (sender_cpu, procfs::self_cpu(), tx));
+            core_marks.insert(current, procfs::cores());
             if let Some((from, until)) = measure
                 && (current == from || current == until)
             {
@@ -895,6 +897,16 @@ fn run(a: &Args) -> anyhow::Result<()> {
                 report::SendLag::of(&lags)
             }
             _ => None,
+        },
+        cores: match (core_marks.get(&from), core_marks.get(&until)) {
+            (Some(a), Some(b)) => b
+                .iter()
+                .filter_map(|(name, t1)| {
+                    let (_, t0) = a.iter().find(|(n, _)| n == name)?;
+                    Some(report::CoreUse::of(name, &t1.since(t0)))
+                })
+                .collect(),
+            _ => Vec::new(),
         },
         machine_noise_ms: noise.finish(from, until).as_ref().map(Latency::of),
         intervals,

@@ -109,6 +109,69 @@ pub fn parse_udp_drops(
     sum
 }
 
+/// One core's time from its `cpuN` line of `/proc/stat`, in ticks, folded into what the report
+/// shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CoreTicks {
+    /// user + nice.
+    pub user: u64,
+    /// system (kernel time charged to tasks).
+    pub system: u64,
+    /// irq + softirq: interrupt work, including the loopback delivery of datagrams, which the
+    /// kernel does not charge to the sending or receiving task when it accounts IRQ time apart.
+    pub irq: u64,
+    /// idle + iowait.
+    pub idle: u64,
+    /// Time the hypervisor ran something else (0 where it is not reported).
+    pub steal: u64,
+}
+
+impl CoreTicks {
+    /// `self - earlier`, saturating.
+    pub fn since(&self, e: &CoreTicks) -> CoreTicks {
+        CoreTicks {
+            user: self.user.saturating_sub(e.user),
+            system: self.system.saturating_sub(e.system),
+            irq: self.irq.saturating_sub(e.irq),
+            idle: self.idle.saturating_sub(e.idle),
+            steal: self.steal.saturating_sub(e.steal),
+        }
+    }
+
+    /// All of it.
+    pub fn total(&self) -> u64 {
+        self.user + self.system + self.irq + self.idle + self.steal
+    }
+}
+
+/// The `cpuN` lines of a `/proc/stat` text (not the `cpu` sum), in order.
+pub fn parse_cores(text: &str) -> Vec<(String, CoreTicks)> {
+    text.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .filter_map(|l| {
+            let mut f = l.split_ascii_whitespace();
+            let name = f.next()?.to_owned();
+            let v: Vec<u64> = f.map(|x| x.parse().unwrap_or(0)).collect();
+            let at = |i: usize| v.get(i).copied().unwrap_or(0);
+            Some((
+                name,
+                CoreTicks {
+                    user: at(0) + at(1),
+                    system: at(2),
+                    idle: at(3) + at(4),
+                    irq: at(5) + at(6),
+                    steal: at(7),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Every core's ticks now.
+pub fn cores() -> Vec<(String, CoreTicks)> {
+    parse_cores(&std::fs::read_to_string("/proc/stat").unwrap_or_default())
+}
+
 /// The local port range for ephemeral ports (`net.ipv4.ip_local_port_range`).
 pub fn local_port_range() -> (u16, u16) {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -160,6 +223,30 @@ mod tests {
         let text = std::fs::read_to_string("/proc/net/udp").unwrap();
         assert!(text.contains(&format!(":{:04X}", a.port())));
         assert_eq!(udp_drops(&[a].into()), 0);
+    }
+
+    #[test]
+    fn core_lines_of_proc_stat() {
+        let text = "cpu  10 1 20 300 4 5 6 7 0 0\n\
+                    cpu0 5 1 10 150 2 3 4 7 0 0\n\
+                    cpu1 5 0 10 150 2 2 2 0 0 0\n\
+                    intr 123\n";
+        let c = parse_cores(text);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].0, "cpu0");
+        assert_eq!(
+            c[0].1,
+            CoreTicks {
+                user: 6,
+                system: 10,
+                irq: 7,
+                idle: 152,
+                steal: 7
+            }
+        );
+        assert_eq!(c[1].1.total(), 5 + 10 + 152 + 4);
+        assert_eq!(c[0].1.since(&c[1].1).steal, 7);
+        assert!(!cores().is_empty());
     }
 
     #[test]

@@ -315,6 +315,38 @@ impl SendLag {
     }
 }
 
+/// What one core did over the measured seconds, in percent of its time.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct CoreUse {
+    /// `cpu0`, `cpu1`...
+    pub core: String,
+    /// User space (user + nice).
+    pub user_pct: f64,
+    /// Kernel time charged to tasks.
+    pub system_pct: f64,
+    /// Interrupt and softirq work (loopback delivery among it).
+    pub irq_pct: f64,
+    /// Idle (and iowait).
+    pub idle_pct: f64,
+    /// Stolen by the hypervisor, where the VM reports it.
+    pub steal_pct: f64,
+}
+
+impl CoreUse {
+    /// From a core's tick difference.
+    pub fn of(core: &str, t: &crate::procfs::CoreTicks) -> CoreUse {
+        let pct = |v: u64| v as f64 * 100.0 / t.total().max(1) as f64;
+        CoreUse {
+            core: core.to_owned(),
+            user_pct: pct(t.user),
+            system_pct: pct(t.system),
+            irq_pct: pct(t.irq),
+            idle_pct: pct(t.idle),
+            steal_pct: pct(t.steal),
+        }
+    }
+}
+
 /// The whole report (`--json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -344,6 +376,8 @@ pub struct Report {
     pub source_lag_ms: Option<Latency>,
     /// The splitter child's own send lag over the measured seconds, from its status lines.
     pub splitter_send_lag_ms: Option<SendLag>,
+    /// Every core's use over the measured seconds (`/proc/stat`).
+    pub cores: Vec<CoreUse>,
     /// How late a thread sleeping 1 ms at a time woke during the measured seconds (the machine's
     /// own scheduling noise; `noise.rs`).
     pub machine_noise_ms: Option<Latency>,
@@ -504,6 +538,24 @@ impl Report {
                 "  Send lag   p99 {:.3} ms (median second), {:.3} ms (worst second)  max {:.3} ms (the splitter's own: its feed's reading a chunk to its last send)",
                 l.p99_median, l.p99_worst, l.max
             );
+        }
+        if !self.cores.is_empty() {
+            let parts: Vec<String> = self
+                .cores
+                .iter()
+                .map(|c| {
+                    let steal = if c.steal_pct > 0.0 {
+                        format!(" steal {:.0} %", c.steal_pct)
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "{} user {:.0} % system {:.0} % irq {:.0} % idle {:.0} %{steal}",
+                        c.core, c.user_pct, c.system_pct, c.irq_pct, c.idle_pct
+                    )
+                })
+                .collect();
+            let _ = writeln!(s, "  Cores      {}", parts.join("; "));
         }
         if let Some(n) = &self.machine_noise_ms {
             let _ = writeln!(
@@ -770,6 +822,16 @@ mod tests {
             loadgen: Own::default(),
             source_lag_ms: Some(Latency::of(&h)),
             splitter_send_lag_ms: SendLag::of(&[(1.0, 2.0), (3.0, 9.0), (2.0, 4.0)]),
+            cores: vec![CoreUse::of(
+                "cpu0",
+                &crate::procfs::CoreTicks {
+                    user: 1,
+                    system: 5,
+                    irq: 3,
+                    idle: 1,
+                    steal: 0,
+                },
+            )],
             machine_noise_ms: Some(Latency::of(&h)),
             intervals: vec![iv],
         };
@@ -792,6 +854,7 @@ mod tests {
             "/source_lag_ms/max",
             "/machine_noise_ms/p99",
             "/splitter_send_lag_ms/p99_worst",
+            "/cores/0/irq_pct",
             "/fanout/rx_datagrams_per_s",
             "/fanout/tx_datagrams_per_s",
             "/sender_cpu/user_share",
@@ -810,6 +873,7 @@ mod tests {
             "Send lag   p99 2.000 ms (median second), 3.000 ms (worst second)  max 9.000 ms"
         ));
         assert_eq!(SendLag::of(&[]), None);
+        assert!(text.contains("Cores      cpu0 user 10 % system 50 % irq 30 % idle 10 %\n"));
         assert!(text.contains("Machine    1 ms sleeps woke late"));
     }
 

@@ -44,6 +44,7 @@ mod sys;
 pub use recv::{Datagram, MultiRecv, PollOutcome, RecvPath, RecvStats};
 pub use send::{BatchSender, EAGAIN_WAIT_BUDGET, MAX_BATCH, SendPath, SendStats};
 pub use sys::{
-    POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, PollFd, Waker, monotonic_ns, poll,
-    raise_nofile_limit, tcp_listener, thread_cpu_time, udp_socket, udp_socket_reuse_addr,
+    DONT_FRAGMENT_MAX, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, PollFd, Waker, monotonic_ns,
+    poll, raise_nofile_limit, set_dont_fragment, tcp_listener, thread_cpu_time, udp_socket,
+    udp_socket_reuse_addr,
 };

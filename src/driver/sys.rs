@@ -89,6 +89,29 @@ fn setsockopt_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()
     cvt(ret).map(drop)
 }
 
+/// Largest UDP payload [`set_dont_fragment`] is meant for: with the 8-byte UDP and 20-byte IPv4
+/// headers it fits the 1280-byte MTU every IPv6 path guarantees, so in practice it crosses any
+/// path in one piece, fragmentation allowed or not.
+pub const DONT_FRAGMENT_MAX: usize = 1280 - 20 - 8;
+
+/// Sends every datagram of `socket` with the don't-fragment bit and ignores the path MTU the
+/// kernel learns from ICMP (`IP_MTU_DISCOVER` = `IP_PMTUDISC_PROBE`).
+///
+/// Why: a datagram that may be fragmented needs a unique IP identification, which an unconnected
+/// socket gets from a hash and an atomic counter in a table every core shares
+/// (`__ip_select_ident`, 9 % of a splitter's CPU in the flame graph); a datagram with DF set
+/// gets ID 0 and skips it. Ignoring learned MTUs keeps a forged "fragmentation needed" from
+/// making sends fail. Only for sockets whose datagrams are at most [`DONT_FRAGMENT_MAX`] bytes:
+/// larger ones could then be dropped on a path with a smaller MTU instead of fragmented.
+pub fn set_dont_fragment(socket: &UdpSocket) -> io::Result<()> {
+    setsockopt_int(
+        socket.as_raw_fd(),
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_PROBE,
+    )
+}
+
 /// Sets a socket buffer size: first the `*FORCE` variant (bypasses `rmem_max`/`wmem_max`, needs
 /// CAP_NET_ADMIN), then the plain one (clamped by the kernel). Failures are ignored: a buffer size
 /// is a tuning knob, never a reason to fail.
@@ -349,6 +372,36 @@ impl Waker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dont_fragment_is_set_and_the_largest_datagram_still_goes_out() {
+        let rx = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), false, None, None).unwrap();
+        let tx = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), false, None, None).unwrap();
+        set_dont_fragment(&tx).unwrap();
+        let mut value: i32 = -1;
+        let mut len = mem::size_of::<i32>() as libc::socklen_t;
+        // SAFETY: `value` and `len` are live, writable and sized for an int option.
+        let ret = unsafe {
+            libc::getsockopt(
+                tx.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                ptr::from_mut(&mut value).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(ret, 0);
+        assert_eq!(value, libc::IP_PMTUDISC_PROBE);
+        tx.set_nonblocking(false).unwrap();
+        rx.set_nonblocking(false).unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let big = vec![7u8; DONT_FRAGMENT_MAX];
+        tx.send_to(&big, rx.local_addr().unwrap()).unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, _) = rx.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &big[..]);
+    }
 
     #[test]
     fn sockaddr_round_trip() {
