@@ -317,18 +317,22 @@ fn run(a: &Args) -> anyhow::Result<()> {
         RecvPath::Poll => SendPath::Sendmmsg,
     };
 
-    // The source (not for the baseline, which stamps its own buffer).
+    // The source (not for the baseline, which stamps its own buffer). Its writer runs with the
+    // workers on the last core, off the cores of the splitter child's shards (0..shards).
+    let source_core = (!a.no_pin && ncores > shards).then(|| cores[ncores - 1]);
     let source = match (&a.baseline, &a.splitter, a.source_listen) {
         (Some(_), _, _) => None,
         (None, None, _) => Some(source::SourceServer::start(
             SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
             a.chunk_size,
             chunks_per_second,
+            source_core,
         )?),
         (None, Some(_), Some(listen)) => Some(source::SourceServer::start(
             listen,
             a.chunk_size,
             chunks_per_second,
+            source_core,
         )?),
         (None, Some(_), None) => None,
     };

@@ -48,11 +48,13 @@ pub struct SourceServer {
 }
 
 impl SourceServer {
-    /// Listens on `listen` and streams records of `chunk_size` bytes at `chunks_per_second`.
+    /// Listens on `listen` and streams records of `chunk_size` bytes at `chunks_per_second`; the
+    /// writing thread runs on `core` if given.
     pub fn start(
         listen: SocketAddrV4,
         chunk_size: usize,
         chunks_per_second: f64,
+        core: Option<core_affinity::CoreId>,
     ) -> anyhow::Result<SourceServer> {
         let listener = TcpListener::bind(listen)
             .with_context(|| format!("cannot listen for the splitter's source on {listen}"))?;
@@ -74,7 +76,12 @@ impl SourceServer {
             let (stop, stats) = (stop.clone(), stats.clone());
             thread::Builder::new()
                 .name("source".into())
-                .spawn(move || write_loop(chunk_size, chunks_per_second, &clients, &stats, &stop))?
+                .spawn(move || {
+                    if let Some(c) = core {
+                        core_affinity::set_for_current(c);
+                    }
+                    write_loop(chunk_size, chunks_per_second, &clients, &stats, &stop)
+                })?
         };
         Ok(SourceServer {
             addr,
@@ -219,8 +226,13 @@ mod tests {
     /// the asked rate.
     #[test]
     fn streams_stamped_records_at_the_rate() {
-        let src =
-            SourceServer::start(SocketAddrV4::new([127, 0, 0, 1].into(), 0), 128, 500.0).unwrap();
+        let src = SourceServer::start(
+            SocketAddrV4::new([127, 0, 0, 1].into(), 0),
+            128,
+            500.0,
+            None,
+        )
+        .unwrap();
         thread::sleep(Duration::from_millis(50));
         let mut s = TcpStream::connect(src.addr).unwrap();
         s.write_all(b"GET /loadgen HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -58,6 +58,10 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
     let header = Arc::new(feed::HeaderCell::new(settings.header_size));
     let feed_stats = Arc::new(feed::FeedStats::default());
     let cores = core_affinity::get_core_ids().unwrap_or_default();
+    // Shards are pinned to cores 0..shards. With a core to spare, the feed and the control plane
+    // run on the first one no shard uses: woken thousands of times a second, they would otherwise
+    // land on a shard's core and delay its sends.
+    let spare_core = cores.get(settings.shards).copied();
 
     let mut shard_handles = Vec::new();
     let mut shard_links = Vec::new();
@@ -159,6 +163,9 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         let chunk_size = settings.chunk_size;
         let first = settings.first_chunk_number;
         thread::Builder::new().name("feed".into()).spawn(move || {
+            if let Some(core) = spare_core {
+                core_affinity::set_for_current(core);
+            }
             let result = feed::run(
                 source, chunk_size, first, &ring, &header, &stats, &wakers, &stop,
             );
@@ -209,6 +216,9 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
     let control = thread::Builder::new()
         .name("control".into())
         .spawn(move || {
+            if let Some(core) = spare_core {
+                core_affinity::set_for_current(core);
+            }
             let result = control.run(&control_stop);
             control_stop.store(true, Ordering::SeqCst);
             result
