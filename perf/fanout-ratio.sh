@@ -27,35 +27,10 @@ SECS=${SECS:-5}
 BITRATE=${BITRATE:-10M}
 IDLE_WAIT=${IDLE_WAIT:-30}
 NICE=${NICE:--10}
-prefix=()
-if [[ $(id -u) == 0 && $NICE != 0 ]]; then prefix=(nice -n "$NICE"); fi
-here=$(cd "$(dirname "$0")/.." && pwd)
-if [[ -z "${LOADGEN:-}" ]]; then
-    (cd "$here" && cargo build --release --workspace --quiet)
-    target=${CARGO_TARGET_DIR:-$here/target}
-    LOADGEN=$target/release/loadgen
-fi
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+# shellcheck source=perf/common.sh
+source "$(dirname "$0")/common.sh"
 
-# Idle share of both cores over one second, in percent.
-idle_pct() {
-    local a b
-    read -r -a a < <(grep '^cpu ' /proc/stat)
-    sleep 1
-    read -r -a b < <(grep '^cpu ' /proc/stat)
-    local total=0 i
-    for i in 1 2 3 4 5 6 7 8; do total=$((total + b[i] - a[i])); done
-    echo $(((b[4] - a[4] + b[5] - a[5]) * 100 / (total > 0 ? total : 1)))
-}
 
-# Waits (at most IDLE_WAIT s) until the machine is at least 90 % idle; prints the idle share seen.
-wait_idle() {
-    local deadline=$((SECONDS + IDLE_WAIT)) idle
-    idle=$(idle_pct)
-    while ((idle < 90 && SECONDS < deadline)); do idle=$(idle_pct); done
-    echo "$idle"
-}
 
 # The first value of a field in the "fanout" object of a loadgen JSON report.
 fanout() {
@@ -86,7 +61,6 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", (b > 0 ? a / b : 0)}'; 
 marked() { [[ $1 == *'*' ]]
 }
 
-median() { sort -g | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 clean() { if [[ -f $1 ]]; then echo "$(median <"$1") over $(wc -l <"$1") clean"; else echo "- (no clean pair)"; fi; }
 
 printf '%-4s %5s | %-18s | %-18s | %-18s | %9s %9s %9s\n' pair idle "baseline rx drop%" \

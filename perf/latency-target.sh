@@ -28,33 +28,10 @@ CAL=${CAL:-3}
 LOAD_PCT=${LOAD_PCT:-70}
 IDLE_WAIT=${IDLE_WAIT:-30}
 NICE=${NICE:--10}
-prefix=()
-if [[ $(id -u) == 0 && $NICE != 0 ]]; then prefix=(nice -n "$NICE"); fi
-here=$(cd "$(dirname "$0")/.." && pwd)
-if [[ -z "${LOADGEN:-}" ]]; then
-    (cd "$here" && cargo build --release --workspace --quiet)
-    target=${CARGO_TARGET_DIR:-$here/target}
-    LOADGEN=$target/release/loadgen
-fi
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+# shellcheck source=perf/common.sh
+source "$(dirname "$0")/common.sh"
 
-idle_pct() {
-    local a b
-    read -r -a a < <(grep '^cpu ' /proc/stat)
-    sleep 1
-    read -r -a b < <(grep '^cpu ' /proc/stat)
-    local total=0 i
-    for i in 1 2 3 4 5 6 7 8; do total=$((total + b[i] - a[i])); done
-    echo $(((b[4] - a[4] + b[5] - a[5]) * 100 / (total > 0 ? total : 1)))
-}
 
-wait_idle() {
-    local deadline=$((SECONDS + IDLE_WAIT)) idle
-    idle=$(idle_pct)
-    while ((idle < 90 && SECONDS < deadline)); do idle=$(idle_pct); done
-    echo "$idle"
-}
 
 # A number in a top-level object of a loadgen JSON report (serde's pretty printing indents
 # top-level keys by two spaces, nested ones by more): field FILE OBJECT KEY.
@@ -78,7 +55,6 @@ loadgen() { # name, seconds, bitrate, extra flags...
     fi
 }
 
-median() { sort -g | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 
 # Saturation: 1.5 M datagrams/s offered, about three times what one core sends here.
 cal_bitrate=$(awk -v n="$PEERS" 'BEGIN {printf "%.0f", 1500000 / n * 1024 * 8}')
