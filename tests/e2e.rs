@@ -290,20 +290,25 @@ fn churn_goodbyes_kills_and_joins_cost_the_stayers_nothing() {
     }
 }
 
+/// Each argument list must make `p2psp` exit with code 2 after one line on stderr.
+fn refused_with_one_line(cases: &[&[&str]]) {
+    for args in cases {
+        let out = Command::new(BIN).args(*args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?} printed: {err}");
+    }
+}
+
 #[test]
 fn bad_flags_give_one_line_and_exit_code_2() {
-    for args in [
+    refused_with_one_line(&[
         &["splitter", "--chunk-size", "63"][..],
         &["splitter", "--buffer-size", "100"],
         &["splitter", "--team-size", "0"],
         &["splitter", "--source", "http://127.0.0.1:1/none"],
         &["splitter", "--source", "https://example.org/x"],
-    ] {
-        let out = Command::new(BIN).args(args).output().unwrap();
-        assert_eq!(out.status.code(), Some(2), "{args:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(err.trim().lines().count(), 1, "{args:?} printed: {err}");
-    }
+    ]);
 }
 
 /// Reads an HTTP response head and `want` bytes of body from a player connection.
@@ -520,16 +525,11 @@ fn churn_60_seconds_of_30_percent_with_lrs_costs_nobody_a_chunk() {
 
 #[test]
 fn fault_and_limit_flags_are_checked() {
-    for args in [
+    refused_with_one_line(&[
         &["peer", "--drop-rate", "1.5"][..],
         &["peer", "--drop-rate=-0.1"],
         &["splitter", "--join-timeout", "0"],
         &["splitter", "--max-pending-joins", "0"],
         &["splitter", "--max-pending-per-ip", "0"],
-    ] {
-        let out = Command::new(BIN).args(args).output().unwrap();
-        assert_eq!(out.status.code(), Some(2), "{args:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(err.trim().lines().count(), 1, "{args:?} printed: {err}");
-    }
+    ]);
 }
