@@ -65,10 +65,8 @@ pub fn run(
         None,
         Some(8 << 20),
     )?;
-    // As the splitter's shards do for datagrams this small (no IP ID to pick per datagram).
-    if CHUNK_HEADER + chunk_size <= driver::DONT_FRAGMENT_MAX {
-        let _ = driver::set_dont_fragment(&socket);
-    }
+    // As the splitter's shards do (no IP ID to pick per datagram).
+    let _ = driver::set_dont_fragment(&socket, CHUNK_HEADER + chunk_size);
     let mut sender = BatchSender::new(socket.as_raw_fd(), SendPath::Sendmmsg, BATCH)?;
     let mut chunk = vec![0u8; CHUNK_HEADER + chunk_size];
     let cpu0 = procfs::thread_cpu().unwrap_or_default();

@@ -95,21 +95,26 @@ fn setsockopt_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()
 pub const DONT_FRAGMENT_MAX: usize = 1280 - 20 - 8;
 
 /// Sends every datagram of `socket` with the don't-fragment bit and ignores the path MTU the
-/// kernel learns from ICMP (`IP_MTU_DISCOVER` = `IP_PMTUDISC_PROBE`).
+/// kernel learns from ICMP (`IP_MTU_DISCOVER` = `IP_PMTUDISC_PROBE`), if its datagrams, of at most
+/// `datagram_len` bytes, fit [`DONT_FRAGMENT_MAX`]; larger ones keep the default (fragmentable),
+/// since they could be dropped on a path with a smaller MTU instead. Returns whether it was set.
 ///
 /// Why: a datagram that may be fragmented needs a unique IP identification, which an unconnected
 /// socket gets from a hash and an atomic counter in a table every core shares
 /// (`__ip_select_ident`, 9 % of a splitter's CPU in the flame graph); a datagram with DF set
 /// gets ID 0 and skips it. Ignoring learned MTUs keeps a forged "fragmentation needed" from
-/// making sends fail. Only for sockets whose datagrams are at most [`DONT_FRAGMENT_MAX`] bytes:
-/// larger ones could then be dropped on a path with a smaller MTU instead of fragmented.
-pub fn set_dont_fragment(socket: &UdpSocket) -> io::Result<()> {
+/// making sends fail.
+pub fn set_dont_fragment(socket: &UdpSocket, datagram_len: usize) -> io::Result<bool> {
+    if datagram_len > DONT_FRAGMENT_MAX {
+        return Ok(false);
+    }
     setsockopt_int(
         socket.as_raw_fd(),
         libc::IPPROTO_IP,
         libc::IP_MTU_DISCOVER,
         libc::IP_PMTUDISC_PROBE,
-    )
+    )?;
+    Ok(true)
 }
 
 /// Sets a socket buffer size: first the `*FORCE` variant (bypasses `rmem_max`/`wmem_max`, needs
@@ -377,7 +382,8 @@ mod tests {
     fn dont_fragment_is_set_and_the_largest_datagram_still_goes_out() {
         let rx = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), false, None, None).unwrap();
         let tx = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), false, None, None).unwrap();
-        set_dont_fragment(&tx).unwrap();
+        assert!(!set_dont_fragment(&tx, DONT_FRAGMENT_MAX + 1).unwrap());
+        assert!(set_dont_fragment(&tx, DONT_FRAGMENT_MAX).unwrap());
         let mut value: i32 = -1;
         let mut len = mem::size_of::<i32>() as libc::socklen_t;
         // SAFETY: `value` and `len` are live, writable and sized for an int option.

@@ -86,12 +86,6 @@ pub fn join(splitter: SocketAddrV4, monitor: bool) -> anyhow::Result<Joined> {
             let header = fetch_header(source, &config.channel, usize::from(config.header_size))?;
             Ok((source, header))
         });
-    if crate::proto::wire::CHUNK_HEADER + usize::from(config.chunk_size)
-        <= driver::DONT_FRAGMENT_MAX
-    {
-        // Relays are this peer's bulk of sends; see `set_dont_fragment`. A tuning knob only.
-        let _ = driver::set_dont_fragment(&socket);
-    }
     let (source, header) = match fetched {
         Ok(f) => f,
         Err(e) => {
@@ -103,6 +97,9 @@ pub fn join(splitter: SocketAddrV4, monitor: bool) -> anyhow::Result<Joined> {
             return Err(e);
         }
     };
+    // Relays are this peer's bulk of sends; see `set_dont_fragment`. A tuning knob only.
+    let datagram = crate::proto::wire::CHUNK_HEADER + usize::from(config.chunk_size);
+    let _ = driver::set_dont_fragment(&socket, datagram);
     Ok(Joined {
         config,
         socket,

@@ -77,11 +77,10 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
             Some(settings.socket_buffer),
         )
         .with_context(|| format!("cannot bind UDP {udp_addr}"))?;
-        if crate::proto::wire::CHUNK_HEADER + settings.chunk_size <= driver::DONT_FRAGMENT_MAX {
-            // A tuning knob: chunks still go out without it.
-            if let Err(e) = driver::set_dont_fragment(&socket) {
-                tracing::debug!("cannot set IP_MTU_DISCOVER on shard {index}'s socket: {e}");
-            }
+        // A tuning knob: chunks still go out without it.
+        let datagram = crate::proto::wire::CHUNK_HEADER + settings.chunk_size;
+        if let Err(e) = driver::set_dont_fragment(&socket, datagram) {
+            tracing::debug!("cannot set IP_MTU_DISCOVER on shard {index}'s socket: {e}");
         }
         let waker = Waker::new().context("cannot create an eventfd")?;
         let (cmd_tx, cmd_rx) = crossbeam_channel::bounded(65536);
