@@ -569,9 +569,10 @@ fn run(a: &Args) -> anyhow::Result<()> {
     let mut measure: Option<(u64, u64)> = None; // [from, until) intervals
     let mut window_marks: BTreeMap<u64, (Option<CpuTimes>, Option<CpuTimes>, u64)> =
         BTreeMap::new();
-    let mut core_marks: BTreeMap<u64, Vec<(String, procfs::CoreTicks)>> = BTreeMap::new();
-    // Kernel drops at the peers' sockets at the start and the end of the measured seconds.
+    // Kernel drops at the peers' sockets and every core's ticks, at the start and the end of the
+    // measured seconds.
     let mut drop_marks: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut core_marks: BTreeMap<u64, Vec<(String, procfs::CoreTicks)>> = BTreeMap::new();
     let mut seen_interval = u64::MAX;
     let mut leave_deadline: Option<Instant> = None;
     let join_deadline = join_start
@@ -595,10 +596,10 @@ fn run(a: &Args) -> anyhow::Result<()> {
                 _ => 0,
             };
             window_marks.insert(current, (sender_cpu, procfs::self_cpu(), tx));
-            core_marks.insert(current, procfs::cores());
             if let Some((from, until)) = measure
                 && (current == from || current == until)
             {
+                core_marks.insert(current, procfs::cores());
                 let addrs = shared.addrs.lock().unwrap().clone();
                 drop_marks.insert(current, procfs::udp_drops(&addrs));
             }
