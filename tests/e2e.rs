@@ -44,6 +44,17 @@ impl Proc {
         }
     }
 
+    /// Stops the peer (it must leave cleanly), checks its output against the pattern
+    /// ([`check_output`]) and that it played more than `at_least` chunks; returns how many.
+    fn stop_and_check(self, at_least: usize) -> usize {
+        let name = self.name.clone();
+        let (out, clean) = self.stop();
+        assert!(clean, "{name} did not leave cleanly");
+        let played = check_output(&out, &name);
+        assert!(played > at_least, "{name} played only {played} chunks");
+        played
+    }
+
     fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -202,12 +213,8 @@ fn one_team_of_a_monitor_and_15_peers_loses_nothing() {
     }
     std::thread::sleep(Duration::from_secs(20));
     for p in peers {
-        let name = p.name.clone();
-        let (out, clean) = p.stop();
-        assert!(clean, "{name} did not leave cleanly");
-        let played = check_output(&out, &name);
         // 2 Mbit/s is 244 chunks/s; a peer joins within about a second and buffers 128 chunks.
-        assert!(played > 3000, "{name} played only {played} chunks");
+        p.stop_and_check(3000);
     }
     let (_, clean) = run.splitter.stop();
     assert!(clean, "the splitter did not stop cleanly");
@@ -223,10 +230,7 @@ fn several_teams_of_4_lose_nothing() {
     }
     std::thread::sleep(Duration::from_secs(20));
     for p in peers {
-        let name = p.name.clone();
-        let (out, clean) = p.stop();
-        assert!(clean, "{name} did not leave cleanly");
-        assert!(check_output(&out, &name) > 3000);
+        p.stop_and_check(3000);
     }
     let (_, clean) = run.splitter.stop();
     assert!(clean);
@@ -242,13 +246,8 @@ fn streaming_across_the_chunk_number_wrap() {
     }
     std::thread::sleep(Duration::from_secs(12));
     for p in peers {
-        let name = p.name.clone();
-        let (out, clean) = p.stop();
-        assert!(clean, "{name} did not leave cleanly");
-        assert!(
-            check_output(&out, &name) > 2000,
-            "{name} stalled at the wrap"
-        );
+        // Fewer would mean it stalled at the wrap.
+        p.stop_and_check(2000);
     }
 }
 
@@ -283,10 +282,7 @@ fn churn_goodbyes_kills_and_joins_cost_the_stayers_nothing() {
     }
     std::thread::sleep(Duration::from_secs(10));
     for p in stayers {
-        let name = p.name.clone();
-        let (out, clean) = p.stop();
-        assert!(clean, "{name} did not leave cleanly");
-        assert!(check_output(&out, &name) > 1500);
+        p.stop_and_check(1500);
     }
 }
 
@@ -418,13 +414,8 @@ fn with_lrs_and_2_percent_loss_at_every_peer_nobody_loses_a_chunk() {
     std::thread::sleep(Duration::from_secs(20));
     let mut total = 0;
     for p in peers {
-        let name = p.name.clone();
-        let (out, clean) = p.stop();
-        assert!(clean, "{name} did not leave cleanly");
         // Any lost chunk would break the pattern in the output.
-        let played = check_output(&out, &name);
-        assert!(played > 3000, "{name} played only {played} chunks");
-        total += played;
+        total += p.stop_and_check(3000);
     }
     let log = splitter_log(&run);
     assert!(
