@@ -457,8 +457,11 @@ impl Peer {
         self.send(dest, prev);
         self.stats.relayed += 1;
         if debt > limit {
-            // Dropped; the next neighbour moves into slot `i`, so `counter` stays.
+            // Dropped; the next neighbour moves into slot `i`, so `counter` stays. The list
+            // changed mid-chunk: mark it, so that the next burst finishes this chunk even when
+            // `counter` is still 0 (the drop was its first relay).
             self.stats.debt_drops += 1;
+            self.modified_list = true;
             self.neighbours.remove(i);
             self.events.push_back(PeerEvent::NeighbourRemoved {
                 peer: dest,
@@ -1027,6 +1030,31 @@ mod tests {
         p.handle_timeout(now + Duration::from_secs(2));
         assert!(p.has_left());
         assert!(events(&mut p).contains(&PeerEvent::Left { confirmed: false }));
+    }
+
+    #[test]
+    fn dropping_the_first_neighbour_for_debt_still_relays_the_chunk_to_the_rest() {
+        // Neighbour 1 (first in the relay order) never relays; 2 and 3 return every chunk. The
+        // relay that takes 1 over the debt limit is the first one of chunk 2, and the splitter's
+        // next datagram (an LRS resend of chunk 0) comes before any neighbour's: chunk 2 must
+        // still reach 2 and 3 in that burst. (The churn e2e test lost a chunk at every stayer
+        // when a monitor dropped a killed peer that way just before a resend.)
+        let now = Instant::now();
+        let mut r = rules(256);
+        r.max_debt = 2;
+        let mut p = Peer::new(r, &[ep(1), ep(2), ep(3)], 0);
+        sends(&mut p);
+        for n in 0..2u16 {
+            p.handle_datagram(now, ep(SPLITTER), chunk(n));
+            p.handle_datagram(now, ep(2), chunk(n));
+            p.handle_datagram(now, ep(3), chunk(n));
+        }
+        sends(&mut p);
+        p.handle_datagram(now, ep(SPLITTER), chunk(2));
+        assert_eq!(sends(&mut p), [(1, chunk(2))]);
+        assert_eq!(p.stats().debt_drops, 1);
+        p.handle_datagram(now, ep(SPLITTER), chunk(0));
+        assert_eq!(sends(&mut p), [(2, chunk(2)), (3, chunk(2)), (2, chunk(0))]);
     }
 
     #[test]
