@@ -205,7 +205,10 @@ pub fn udp_splitter(data: &[u8]) {
     let flags = input.byte();
     let mut teams = Teams::new(TeamRules {
         buffer_size: 1 << (1 + flags % 8),
-        max_losses: u32::from(input.byte() % 40),
+        expulsion: crate::proto::team::Expulsion {
+            min_lost: u32::from(input.byte() % 8),
+            fraction: f32::from(input.byte()) / 128.0,
+        },
         loss_halving: Duration::from_millis(100),
         lrs: flags & 0x10 != 0,
         max_resends: u32::from(input.byte()),

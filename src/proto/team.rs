@@ -27,8 +27,8 @@ pub struct TeamRules {
     /// Buffer size B in chunks (a power of two): how many chunk destinations are remembered for
     /// blaming losses.
     pub buffer_size: u16,
-    /// A peer whose loss counter goes over this is removed (reference default 32).
-    pub max_losses: u32,
+    /// When a peer is expelled for the losses of its chunks ([`Expulsion`]).
+    pub expulsion: Expulsion,
     /// How often every loss counter is halved (reference: 1 s).
     pub loss_halving: Duration,
     /// LRS (reference-notes §6.2): resend a reported chunk to the monitor that reported it, which
@@ -47,11 +47,116 @@ pub struct TeamRules {
 /// Largest ACS period: a peer blamed for many losses still gets one chunk every this many rounds.
 pub const ACS_MAX_PERIOD: u32 = 16;
 
+/// The expulsion rule: a peer is removed when too large a fraction of its own chunks is reported
+/// lost (`docs/recovery.md`, "Expulsion").
+///
+/// The reference's rule (reference-notes §5.4: a counter halved every second, expel over 32)
+/// depends on the peer's share of the stream: a peer that gets s chunks a second settles at 2·s
+/// blamed losses if it relays nothing, so a dead peer with a share of 16 chunks/s or less is never
+/// expelled, while an honest peer with 0.2 % loss at 8,000 chunks/s is. This rule judges the
+/// fraction instead, in two windows that must both agree:
+///
+/// - **By count**: of the peer's last [`EXPULSION_WINDOW`] chunks whose fate is known, at least
+///   `min_lost` were lost and at least `fraction` of them. This is what catches a peer with a
+///   small share (one chunk every two seconds) within a few of its chunks.
+/// - **By time**: of the peer's chunks whose fate became known over the last seconds (counts
+///   halved every `loss_halving`), at least `fraction` were lost. This keeps a burst of a few
+///   dozen consecutive losses at a high share (a socket buffer overflowing for a few
+///   milliseconds at 8,000 chunks/s) from looking like a dead peer.
+///
+/// A chunk's fate is known when a monitor reports it or a later chunk of the same peer lost:
+/// monitors report missing chunks in order, so every chunk given to the peer before a reported
+/// one has arrived. Reports from reference monitors, which report at playout, feed it as they
+/// are.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Expulsion {
+    /// Fewest lost chunks in the count window before a peer can be expelled.
+    pub min_lost: u32,
+    /// Fraction of its chunks lost (in both windows) at which a peer is expelled.
+    pub fraction: f32,
+}
+
+impl Eq for Expulsion {}
+
+/// How many of a peer's most recent judged chunks the count window holds.
+pub const EXPULSION_WINDOW: u32 = 16;
+
+impl Default for Expulsion {
+    fn default() -> Self {
+        Expulsion {
+            min_lost: 2,
+            fraction: 0.5,
+        }
+    }
+}
+
+/// What the splitter knows of the fate of one member's chunks.
+#[derive(Debug, Clone, Copy, Default)]
+struct Fate {
+    /// Chunks given to the member so far (wrapping ordinal; a chunk's destination records it).
+    given: u32,
+    /// Ordinal of the latest chunk whose fate is known.
+    judged: u32,
+    /// Outcomes of the last judged chunks, newest in bit 0 (1: lost).
+    window: u32,
+    /// How many bits of `window` are outcomes (at most [`EXPULSION_WINDOW`]).
+    window_len: u32,
+    /// Judged chunks, halved every `loss_halving`.
+    recent_judged: f32,
+    /// Lost chunks among them, halved with them.
+    recent_lost: f32,
+}
+
+impl Fate {
+    /// Chunk with ordinal `ordinal` was reported lost (for the first time).
+    fn lost(&mut self, ordinal: u32) {
+        let ahead = ordinal.wrapping_sub(self.judged);
+        if ahead > 0 && ahead < u32::MAX / 2 {
+            // Every chunk given between the last judged one and this one arrived.
+            let newly = ahead;
+            self.window = if newly >= 32 { 0 } else { self.window << newly } | 1;
+            self.window_len = (self.window_len + newly).min(EXPULSION_WINDOW);
+            self.recent_judged += newly as f32;
+            self.recent_lost += 1.0;
+            self.judged = ordinal;
+        } else {
+            // An older chunk reported late (a second monitor, a retry out of order): it was
+            // counted as arrived; count it as lost instead.
+            let back = self.judged.wrapping_sub(ordinal);
+            if back < self.window_len && self.window & (1 << back) == 0 {
+                self.window |= 1 << back;
+                self.recent_lost += 1.0;
+            }
+        }
+        self.window &= window_mask();
+    }
+
+    fn lost_in_window(&self) -> u32 {
+        (self.window & window_mask()).count_ones()
+    }
+
+    fn should_expel(&self, rule: &Expulsion) -> bool {
+        let lost = self.lost_in_window();
+        lost >= rule.min_lost.max(1)
+            && lost as f32 >= rule.fraction * self.window_len as f32
+            && self.recent_lost >= rule.fraction * self.recent_judged
+    }
+
+    fn halve(&mut self) {
+        self.recent_judged /= 2.0;
+        self.recent_lost /= 2.0;
+    }
+}
+
+fn window_mask() -> u32 {
+    (1u32 << EXPULSION_WINDOW) - 1
+}
+
 impl Default for TeamRules {
     fn default() -> Self {
         TeamRules {
             buffer_size: 256,
-            max_losses: 32,
+            expulsion: Expulsion::default(),
             loss_halving: Duration::from_secs(1),
             lrs: false,
             max_resends: 512,
@@ -70,14 +175,17 @@ pub enum TeamEvent {
         /// From which team.
         team: TeamId,
     },
-    /// The peer's loss counter went over the limit; it was removed without a message.
+    /// Too many of the peer's chunks were reported lost ([`Expulsion`]); it was removed without
+    /// a message.
     Expelled {
         /// Who.
         peer: Endpoint,
         /// From which team.
         team: TeamId,
-        /// Its loss counter at removal.
+        /// Its lost chunks among the last judged ones at removal.
         losses: u32,
+        /// How many of its chunks were judged (the count window).
+        judged: u32,
     },
 }
 
@@ -119,6 +227,8 @@ struct Member {
     monitor: bool,
     leaving: bool,
     losses: u32,
+    /// The fate of its chunks, for the expulsion rule.
+    fate: Fate,
     /// Resends to it in the current halving period.
     resends: u32,
     /// ACS: it gets one chunk every `period` passes of the round robin.
@@ -132,6 +242,8 @@ struct Member {
 struct Destination {
     number: u16,
     endpoint: Endpoint,
+    /// The destination's ordinal for this chunk ([`Fate::given`]).
+    ordinal: u32,
     blamed: bool,
 }
 
@@ -184,6 +296,7 @@ impl Team {
                 monitor,
                 leaving: false,
                 losses: 0,
+                fate: Fate::default(),
                 resends: 0,
                 period: 1,
                 skip: 0,
@@ -234,10 +347,13 @@ impl Team {
         if acs {
             m.skip = m.period - 1;
         }
+        m.fate.given = m.fate.given.wrapping_add(1);
+        let ordinal = m.fate.given;
         let slot = usize::from(n) % self.destinations.len();
         self.destinations[slot] = Some(Destination {
             number: n,
             endpoint: dest,
+            ordinal,
             blamed: false,
         });
         self.advance(goodbyes, events, counters);
@@ -451,7 +567,7 @@ impl Teams {
         // monitor or a forged copy cannot push a peer out faster.
         let blamed = if is_monitor && !dest.blamed {
             dest.blamed = true;
-            Some(dest.endpoint)
+            Some((dest.endpoint, dest.ordinal))
         } else {
             if is_monitor {
                 self.counters.repeated_loss_reports += 1;
@@ -468,20 +584,24 @@ impl Teams {
                 self.counters.resends_refused += 1;
             }
         }
-        let Some(blamed) = blamed else { return };
+        let Some((blamed, ordinal)) = blamed else {
+            return;
+        };
         let Some(i) = t.position(blamed) else {
             return;
         };
         let member = &mut t.members[i];
         member.losses += 1;
+        member.fate.lost(ordinal);
         if rules.acs && !member.monitor {
             member.period = (member.period + 1).min(ACS_MAX_PERIOD);
             member.skip = member.period - 1;
         }
         // Monitors are the operator's own peers and are never expelled (as in the classic
         // reference); their losses are still counted.
-        if member.losses > rules.max_losses && !member.monitor {
-            let losses = member.losses;
+        if !member.monitor && member.fate.should_expel(&rules.expulsion) {
+            let losses = member.fate.lost_in_window();
+            let judged = member.fate.window_len;
             t.remove_at(i);
             self.members.remove(&blamed);
             self.counters.expelled += 1;
@@ -489,6 +609,7 @@ impl Teams {
                 peer: blamed,
                 team: id,
                 losses,
+                judged,
             });
             self.drop_empty_teams();
         }
@@ -506,6 +627,7 @@ impl Teams {
             Some(at) if now >= at => {
                 for m in self.teams.iter_mut().flat_map(|t| t.members.iter_mut()) {
                     m.losses /= 2;
+                    m.fate.halve();
                     m.resends /= 2;
                     m.period = (m.period - 1).max(1);
                     m.skip = m.skip.min(m.period - 1);
@@ -688,10 +810,21 @@ mod tests {
         assert_eq!(t.poll_event(), None);
     }
 
+    /// Rules that never expel, to look at the counters alone.
+    fn never_expel() -> TeamRules {
+        TeamRules {
+            expulsion: Expulsion {
+                min_lost: u32::MAX,
+                fraction: 2.0,
+            },
+            ..TeamRules::default()
+        }
+    }
+
     #[test]
-    fn losses_are_halved_every_second_and_over_32_expel() {
+    fn losses_are_halved_every_second_and_blamed_once() {
         let start = Instant::now();
-        let mut t = Teams::new(TeamRules::default());
+        let mut t = Teams::new(never_expel());
         t.handle_timeout(start);
         t.insert(0, ep(1), true);
         t.insert(0, ep(2), false);
@@ -714,32 +847,130 @@ mod tests {
             t.handle_datagram(ep(1), &n.to_be_bytes()); // 12 more: 22
         }
         assert_eq!(t.members(0)[1].2, 22);
-        // Reporting the same chunks again blames nobody twice...
+        // Reporting the same chunks again blames nobody twice.
         for n in (41u16..64).step_by(2) {
             t.handle_datagram(ep(1), &n.to_be_bytes());
         }
         assert_eq!(t.members(0)[1].2, 22);
         assert_eq!(t.counters().repeated_loss_reports, 12);
-        // ...11 more lost chunks of its push it over 32.
-        for n in 64..100 {
-            chunk(&mut t, n);
-        }
-        for n in (65u16..100).step_by(2).take(11) {
-            t.handle_datagram(ep(1), &n.to_be_bytes());
-        }
-        assert_eq!(
-            t.poll_event(),
-            Some(TeamEvent::Expelled {
-                peer: ep(2),
-                team: 0,
-                losses: 33
-            })
-        );
-        assert!(!t.contains(ep(2)));
-        assert_eq!(t.poll_transmit(), None, "an expelled peer gets no message");
         // A report for a chunk whose destination is forgotten is counted, not blamed.
         t.handle_datagram(ep(1), &5000u16.to_be_bytes());
         assert_eq!(t.counters().unattributed_loss_reports, 1);
+        assert_eq!(t.poll_event(), None);
+    }
+
+    /// A team of a monitor and `peers` peers at `rate` chunks/s for `seconds`, where `lost(n, to)`
+    /// says whether chunk `n`, sent to port `to`, is reported lost by the monitor (a quarter of a
+    /// buffer later, as our monitors do). Returns the expulsions with the time they happened.
+    fn run_team(
+        peers: u16,
+        rate: u32,
+        seconds: u32,
+        mut lost: impl FnMut(u32, u16) -> bool,
+    ) -> Vec<(TeamEvent, Duration)> {
+        let start = Instant::now();
+        let mut t = Teams::new(TeamRules::default());
+        t.handle_timeout(start);
+        t.insert(0, ep(1), true);
+        for p in 0..peers {
+            t.insert(0, ep(2 + p), false);
+        }
+        let mut pending = VecDeque::new();
+        let mut out = Vec::new();
+        for i in 0..rate * seconds {
+            let now = start + Duration::from_secs(u64::from(i)) / rate;
+            t.handle_timeout(now);
+            let n = i as u16;
+            for d in chunk(&mut t, n) {
+                if d != ep(1) && lost(i, d.port()) {
+                    pending.push_back((i + 64, n));
+                }
+            }
+            while pending.front().is_some_and(|&(at, _)| at <= i) {
+                let (_, n) = pending.pop_front().unwrap();
+                t.handle_datagram(ep(1), &n.to_be_bytes());
+            }
+            while let Some(e) = t.poll_event() {
+                out.push((e, now - start));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_dead_peer_is_expelled_within_a_few_of_its_chunks_whatever_its_share() {
+        // A team of 16 on an audio stream (8 chunks/s): the dead peer gets one chunk every 2 s.
+        let low = run_team(15, 8, 30, |_, to| to == 9);
+        assert!(
+            matches!(low[..], [(TeamEvent::Expelled { peer, losses: 2, judged: 2, .. }, at)]
+                if peer == ep(9) && at < Duration::from_secs(14)),
+            "{low:?}"
+        );
+        // A team of 2 at 16,000 chunks/s: 8,000 chunks/s each.
+        let high = run_team(1, 16_000, 2, |_, _| true);
+        assert!(
+            matches!(high[..], [(TeamEvent::Expelled { losses: 2, judged: 2, .. }, at)]
+                if at < Duration::from_millis(10)),
+            "{high:?}"
+        );
+        // A free rider that relays one chunk in three is just as useless.
+        let rider = run_team(3, 100, 10, |i, to| to == 3 && i % 3 != 0);
+        assert!(
+            matches!(rider[..], [(TeamEvent::Expelled { peer, .. }, at)]
+                if peer == ep(3) && at < Duration::from_secs(2)),
+            "{rider:?}"
+        );
+    }
+
+    #[test]
+    fn honest_peers_with_transient_loss_stay() {
+        // 0.2 % random loss and a burst of 40 in a row at 8,000 chunks/s (a socket buffer that
+        // overflowed for 5 ms), for 10 s.
+        let mut x: u32 = 12345;
+        let mut random = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        let events = run_team(1, 16_000, 10, |i, _| {
+            (40_000..40_080).contains(&i) || random() % 1000 < 2
+        });
+        assert_eq!(events, []);
+        // A team of 16 at 8 chunks/s where every peer loses 2 % of its chunks, for 10 minutes;
+        // and one that loses two chunks in a row after a minute.
+        let mut random = {
+            let mut x: u32 = 777;
+            move || {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x
+            }
+        };
+        let events = run_team(15, 8, 600, |i, to| {
+            (to == 5 && (480..=510).contains(&i)) || random() % 100 < 2
+        });
+        assert_eq!(events, []);
+    }
+
+    #[test]
+    fn a_late_report_of_an_older_chunk_counts_it_lost() {
+        let mut f = Fate::default();
+        let rule = Expulsion::default();
+        f.given = 10;
+        f.lost(8);
+        assert_eq!((f.lost_in_window(), f.window_len), (1, 8));
+        assert!(!f.should_expel(&rule));
+        f.lost(3);
+        assert_eq!((f.lost_in_window(), f.window_len), (2, 8));
+        f.lost(3);
+        assert_eq!(f.lost_in_window(), 2, "counted once");
+        assert!(!f.should_expel(&rule), "2 of 8");
+        f.lost(10);
+        f.lost(9);
+        assert_eq!((f.lost_in_window(), f.window_len), (4, 10));
+        assert!(!f.should_expel(&rule), "4 of 10");
     }
 
     #[test]
@@ -783,8 +1014,7 @@ mod tests {
         let mut t = Teams::new(TeamRules {
             lrs: true,
             max_resends: 10,
-            max_losses: 1000,
-            ..TeamRules::default()
+            ..never_expel()
         });
         t.handle_timeout(start);
         t.insert(0, ep(1), true);
@@ -810,8 +1040,7 @@ mod tests {
         let start = Instant::now();
         let mut t = Teams::new(TeamRules {
             acs: true,
-            max_losses: 1000,
-            ..TeamRules::default()
+            ..never_expel()
         });
         t.handle_timeout(start);
         for p in 1..=4 {
@@ -841,7 +1070,10 @@ mod tests {
     #[test]
     fn destinations_are_remembered_across_the_wrap() {
         let mut t = Teams::new(TeamRules {
-            max_losses: 0,
+            expulsion: Expulsion {
+                min_lost: 1,
+                fraction: 0.5,
+            },
             ..TeamRules::default()
         });
         t.insert(0, ep(1), true);
@@ -855,7 +1087,8 @@ mod tests {
             Some(TeamEvent::Expelled {
                 peer: ep(2),
                 team: 0,
-                losses: 1
+                losses: 1,
+                judged: 2
             })
         );
     }

@@ -517,9 +517,9 @@ impl Control {
                 }
                 match e {
                     TeamEvent::Left { .. } => tracing::info!("{peer} left team {team}"),
-                    TeamEvent::Expelled { losses, .. } => {
-                        tracing::warn!("{peer} expelled from team {team} after {losses} losses")
-                    }
+                    TeamEvent::Expelled { losses, judged, .. } => tracing::warn!(
+                        "{peer} expelled from team {team}: {losses} of its last {judged} chunks lost"
+                    ),
                 }
             }
             Report::Foreign { from, data, .. } => match self.directory.lookup(from) {

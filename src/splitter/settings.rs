@@ -51,9 +51,14 @@ pub struct SplitterArgs {
     /// UDP send path: `auto` (io_uring where the kernel allows it), `io_uring` or `sendmmsg`.
     #[arg(long = "io", default_value = "auto", value_name = "PATH")]
     pub io: String,
-    /// A peer whose loss counter (halved every second) goes over this is removed.
-    #[arg(long, default_value_t = 32)]
-    pub max_losses: u32,
+    /// Expel a peer when this fraction of its own chunks is reported lost, both among its last
+    /// 16 judged chunks and over the last seconds (docs/recovery.md, "Expulsion"). Monitors are
+    /// never expelled.
+    #[arg(long, default_value_t = 0.5, value_name = "FRACTION")]
+    pub expel_fraction: f32,
+    /// ...and at least this many of its last 16 judged chunks are lost.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub expel_min_losses: u32,
     /// Lost-chunk recovery (LRS): resend each chunk a monitor reports lost to that monitor, which
     /// relays it to its team in time for the other peers (monitors play half a buffer earlier).
     #[arg(long)]
@@ -152,8 +157,8 @@ pub struct Settings {
     pub channel: String,
     /// Send path.
     pub send_path: SendPath,
-    /// Loss limit.
-    pub max_losses: u32,
+    /// When a peer is expelled for its losses.
+    pub expulsion: crate::proto::team::Expulsion,
     /// First chunk number.
     pub first_chunk_number: u16,
     /// LRS on.
@@ -187,6 +192,20 @@ impl Settings {
             .source
             .parse()
             .map_err(|e| format!("--source {}: {e}", a.source))?;
+        if !(a.expel_fraction > 0.0 && a.expel_fraction <= 1.0) {
+            return Err(format!(
+                "--expel-fraction {} must be over 0 and at most 1 (the fraction of a peer's chunks lost at which it is expelled)",
+                a.expel_fraction
+            ));
+        }
+        if a.expel_min_losses == 0 || a.expel_min_losses > crate::proto::team::EXPULSION_WINDOW {
+            return Err(format!(
+                "--expel-min-losses {} must be between 1 and {} (the losses counted among a peer's last {} judged chunks)",
+                a.expel_min_losses,
+                crate::proto::team::EXPULSION_WINDOW,
+                crate::proto::team::EXPULSION_WINDOW
+            ));
+        }
         if a.chunk_size < MIN_CHUNK_SIZE || a.chunk_size > MAX_CHUNK_SIZE {
             return Err(format!(
                 "--chunk-size {} must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} (under {MIN_CHUNK_SIZE} chunks could be taken for control messages)",
@@ -267,7 +286,10 @@ impl Settings {
             shards,
             channel,
             send_path,
-            max_losses: a.max_losses,
+            expulsion: crate::proto::team::Expulsion {
+                min_lost: a.expel_min_losses,
+                fraction: a.expel_fraction,
+            },
             first_chunk_number: a.first_chunk_number,
             lrs: a.lrs,
             acs: a.acs,
@@ -297,7 +319,15 @@ mod tests {
             (a.chunk_size, a.buffer_size, a.header_size),
             (1024, 256, 8192)
         );
-        assert_eq!((a.team_size, a.monitors, a.max_losses), (16, 1, 32));
+        assert_eq!(
+            (
+                a.team_size,
+                a.monitors,
+                a.expel_fraction,
+                a.expel_min_losses
+            ),
+            (16, 1, 0.5, 2)
+        );
         assert_eq!(
             (a.io.as_str(), a.lrs, a.max_peers),
             ("auto", false, 100_000)

@@ -190,7 +190,7 @@ impl Shard {
         recv.set_waker(&waker)?;
         let rules = TeamRules {
             buffer_size: settings.buffer_size,
-            max_losses: settings.max_losses,
+            expulsion: settings.expulsion,
             lrs: settings.lrs,
             acs: settings.acs,
             ..TeamRules::default()

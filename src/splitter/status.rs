@@ -442,7 +442,8 @@ impl Exporter for SplitterExporter {
                 "monitors": s.monitors,
                 "shards": s.shards,
                 "send_path": s.send_path.name(),
-                "max_losses": s.max_losses,
+                "expel_fraction": s.expulsion.fraction,
+                "expel_min_losses": s.expulsion.min_lost,
                 "lrs": s.lrs,
             },
             "stream": {
