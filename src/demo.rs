@@ -64,6 +64,7 @@ pub fn run(args: &DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             status: None,
             counters: counters.clone(),
             metrics: None,
+            liveness: peer::Liveness::default(),
         };
         let peer_stop = stop.clone();
         let h = std::thread::spawn(move || peer::run(opts, peer_stop));

@@ -98,6 +98,7 @@ fn spawn_peer(port: u16, monitor: bool) -> HonestPeer {
         status: None,
         counters: counters.clone(),
         metrics: None,
+        liveness: peer::Liveness::default(),
     };
     let s = stop.clone();
     let thread = std::thread::spawn(move || peer::run(opts, s));

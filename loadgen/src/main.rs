@@ -18,6 +18,7 @@ mod source;
 mod stamp;
 mod tally;
 
+use p2psp::config::parse_duration;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -142,29 +143,6 @@ struct Args {
 enum Baseline {
     /// One socket, one chunk buffer, sendmmsg batches of 64.
     Sendmmsg,
-}
-
-/// `10`, `10s`, `500ms`, `2m`.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (num, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => (&t[..i], &t[i..]),
-        None => (t, "s"),
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (try 10s, 500ms, 2m)"))?;
-    let secs = match unit {
-        "ms" => v / 1e3,
-        "s" => v,
-        "m" | "min" => v * 60.0,
-        _ => return Err(format!("unknown unit in `{s}` (use ms, s or m)")),
-    };
-    if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
-        return Err(format!("duration `{s}` must be between 1 ms and a day"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 fn main() -> ExitCode {

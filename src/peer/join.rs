@@ -40,12 +40,22 @@ impl Joined {
     }
 }
 
-/// Joins the team of `splitter`.
+/// Joins the team of `splitter`, giving it [`JOIN_TIMEOUT`] to answer.
 pub fn join(splitter: SocketAddrV4, monitor: bool) -> anyhow::Result<Joined> {
+    join_within(splitter, monitor, JOIN_TIMEOUT)
+}
+
+/// Joins the team of `splitter`, giving up when connecting or reading its configuration takes
+/// longer than `timeout`.
+pub fn join_within(
+    splitter: SocketAddrV4,
+    monitor: bool,
+    timeout: Duration,
+) -> anyhow::Result<Joined> {
     let mut attempts = 0;
     let (mut tcp, socket, local) = loop {
         attempts += 1;
-        let tcp = TcpStream::connect_timeout(&splitter.into(), JOIN_TIMEOUT)
+        let tcp = TcpStream::connect_timeout(&splitter.into(), timeout)
             .with_context(|| format!("cannot connect to the splitter at {splitter}"))?;
         tcp.set_read_timeout(Some(Duration::from_secs(1)))?;
         tcp.set_nodelay(true)?;
@@ -72,7 +82,7 @@ pub fn join(splitter: SocketAddrV4, monitor: bool) -> anyhow::Result<Joined> {
     socket.set_nonblocking(false)?;
     tcp.write_all(&[if monitor { ROLE_MONITOR } else { ROLE_PEER }])?;
 
-    let config = read_config(&mut tcp, splitter, JOIN_TIMEOUT)?;
+    let config = read_config(&mut tcp, splitter, timeout)?;
     // From here on a reference splitter already counts us as a member (it adds a peer as soon as
     // it has read the role byte): if we give up now, say goodbye so it stops sending to us.
     let fetched = config

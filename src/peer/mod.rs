@@ -21,6 +21,7 @@ use bytes::Bytes;
 use clap::Args;
 
 use crate::proto::peer::{Peer, PeerEvent, PeerRules, PeerStats, Removal};
+use crate::proto::rejoin::{self, Backoff, Stall, Watchdog};
 
 /// Flags of `p2psp peer`.
 #[derive(Debug, Clone, Args)]
@@ -58,6 +59,14 @@ pub struct PeerArgs {
     /// drop it.
     #[arg(long)]
     pub free_ride: bool,
+    /// Rejoin when no chunk arrived for this long (`500ms`, `3s`, ...) [default: a quarter of
+    /// the buffer's duration, between 3 s and 10 s]. The peer says why in one line and joins
+    /// again with exponential backoff; players stay connected.
+    #[arg(long, value_parser = crate::config::parse_duration, value_name = "TIME")]
+    pub stall_timeout: Option<Duration>,
+    /// Exit (code 1) when rejoining has not succeeded for this long [default: never give up].
+    #[arg(long, value_parser = crate::config::parse_duration, value_name = "TIME")]
+    pub give_up_after: Option<Duration>,
     /// No status line.
     #[arg(long, short)]
     pub quiet: bool,
@@ -88,6 +97,16 @@ pub struct Faults {
     pub free_ride: bool,
 }
 
+/// When a peer decides its team is gone, and how long it keeps trying to join again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Liveness {
+    /// Fixed stall timeout; `None`: derived from the stream's rate and the buffer size
+    /// ([`rejoin::stall_timeout`]).
+    pub stall_timeout: Option<Duration>,
+    /// Give up (exit 1) after rejoining failed for this long; `None`: never.
+    pub give_up_after: Option<Duration>,
+}
+
 /// Checked peer options.
 #[derive(Debug, Clone)]
 pub struct PeerOptions {
@@ -111,6 +130,8 @@ pub struct PeerOptions {
     pub counters: Arc<PeerCounters>,
     /// Where to serve metrics and the status page.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Stall detection and rejoining.
+    pub liveness: Liveness,
 }
 
 /// Counters a running peer publishes.
@@ -142,6 +163,10 @@ pub struct PeerCounters {
     pub stream_generation: AtomicU64,
     /// Neighbours and protocol counters, published once a second.
     pub detail: status::DetailCell,
+    /// 0 while in a team; k while trying to join again for the k-th time in a row.
+    pub rejoin_attempt: AtomicU64,
+    /// Times the peer joined a team again after its team session ended.
+    pub rejoins: AtomicU64,
 }
 
 impl PeerOptions {
@@ -180,6 +205,10 @@ impl PeerOptions {
             status: (!a.quiet).then(|| "peer".to_owned()),
             counters: Arc::default(),
             metrics: a.service.metrics,
+            liveness: Liveness {
+                stall_timeout: a.stall_timeout,
+                give_up_after: a.give_up_after,
+            },
         })
     }
 }
@@ -210,11 +239,12 @@ pub fn resolve_v4(s: &str) -> Result<SocketAddrV4, String> {
         .ok_or_else(|| "no IPv4 address (P2PSP is IPv4 only)".to_owned())
 }
 
-/// Joins the splitter and runs until `stop` (then leaves politely), until the splitter says
-/// goodbye, or until an error.
+/// Joins the splitter and runs until `stop` (then leaves politely) or an error. When the stream
+/// stalls (the splitter stopped, restarted, or removed this peer) it says why, joins again with
+/// backoff and keeps its players connected, until `--give-up-after`.
 ///
-/// Errors before the peer has joined (a player or metrics port in use, a splitter that cannot be
-/// reached or refuses) are [`SetupError`]s: the operator's to fix.
+/// Errors before the peer has first joined (a player or metrics port in use, a splitter that
+/// cannot be reached or refuses) are [`SetupError`]s: the operator's to fix.
 pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let player_listener = match opts.player {
         Some(addr) => Some(
@@ -233,6 +263,114 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         }
     }
     let mut joined = join::join(opts.splitter, opts.monitor).map_err(SetupError::wrap)?;
+    let refetch = player::Refetch {
+        source: joined.header_source,
+        channel: joined.config.channel.clone(),
+        size: usize::from(joined.config.header_size),
+    };
+    let (tx, player) = player::spawn(
+        player_listener,
+        opts.output.clone(),
+        std::mem::take(&mut joined.header),
+        Some(refetch),
+        opts.counters.clone(),
+        stop.clone(),
+    )?;
+    let mut rng = Xorshift::new(opts.faults.seed ^ u64::from(std::process::id()));
+    let mut totals = PeerStats::default();
+    let outcome = loop {
+        let end = session(&opts, joined, &tx, &stop, &mut totals);
+        let stall = match end {
+            Ok(SessionEnd::Left) => break Ok(()),
+            Ok(SessionEnd::Stalled(stall)) => stall,
+            Err(e) => break Err(e),
+        };
+        if let Some(name) = &opts.status {
+            eprintln!("{name}: {}; joining again", stall.describe());
+        } else {
+            tracing::warn!("{}; joining again", stall.describe());
+        }
+        match rejoin_with_backoff(&opts, &stop, &mut rng) {
+            Ok(Some(j)) => {
+                joined = j;
+                let header = std::mem::take(&mut joined.header);
+                let _ = tx.send(player::ToPlayer::Rejoined(header));
+                opts.counters.rejoins.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    drop(tx);
+    stop.store(true, Ordering::SeqCst);
+    let _ = player.join();
+    outcome
+}
+
+/// How a team session ended.
+enum SessionEnd {
+    /// The peer left politely (asked to stop).
+    Left,
+    /// The stream stopped arriving.
+    Stalled(Stall),
+}
+
+/// Joins again after a stall: attempt k waits [`Backoff::delay`] first. `Ok(None)`: asked to
+/// stop meanwhile. Fails after `--give-up-after`.
+fn rejoin_with_backoff(
+    opts: &PeerOptions,
+    stop: &AtomicBool,
+    rng: &mut Xorshift,
+) -> anyhow::Result<Option<join::Joined>> {
+    /// A rejoin attempt that takes longer is abandoned for the next one.
+    const REJOIN_TIMEOUT: Duration = Duration::from_secs(3);
+    let backoff = Backoff::default();
+    let since = Instant::now();
+    let mut attempt = 0u32;
+    let result = loop {
+        attempt += 1;
+        opts.counters
+            .rejoin_attempt
+            .store(u64::from(attempt), Ordering::Relaxed);
+        let wake = Instant::now() + backoff.delay(attempt, rng.next_f64());
+        while Instant::now() < wake {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(limit) = opts.liveness.give_up_after
+            && since.elapsed() >= limit
+        {
+            break Err(anyhow::anyhow!(
+                "gave up: no team for {:.0?} after {} attempts to join {} again (--give-up-after)",
+                since.elapsed(),
+                attempt - 1,
+                opts.splitter
+            ));
+        }
+        match join::join_within(opts.splitter, opts.monitor, REJOIN_TIMEOUT) {
+            Ok(j) => break Ok(Some(j)),
+            Err(e) => {
+                if let Some(name) = &opts.status {
+                    eprintln!("{name}: rejoining (attempt {attempt}): {e:#}");
+                }
+            }
+        }
+    };
+    opts.counters.rejoin_attempt.store(0, Ordering::Relaxed);
+    result
+}
+
+/// One team session: from a completed join until the peer leaves or the stream stalls. Counters
+/// of earlier sessions are in `totals` (this one's are added when it ends).
+fn session(
+    opts: &PeerOptions,
+    mut joined: join::Joined,
+    tx: &crossbeam_channel::Sender<player::ToPlayer>,
+    stop: &AtomicBool,
+    totals: &mut PeerStats,
+) -> anyhow::Result<SessionEnd> {
     let config = joined.config.clone();
     let me = joined.local;
     opts.counters
@@ -241,11 +379,8 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
 
     // The playout ring must be a power of two so that `chunk number % size` stays continuous at
     // the 65535 → 0 wrap; a reference splitter may announce any size, so round it up.
-    let mut rules = PeerRules::new(
-        opts.splitter,
-        usize::from(config.chunk_size),
-        config.buffer_size.next_power_of_two(),
-    );
+    let buffer = config.buffer_size.next_power_of_two();
+    let mut rules = PeerRules::new(opts.splitter, usize::from(config.chunk_size), buffer);
     rules.monitor = opts.monitor;
     rules.max_debt = opts.max_debt;
     rules.request_lost = opts.lrs;
@@ -261,19 +396,6 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     joined.ready();
     // Under systemd (`Type=notify`): joined.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    let refetch = player::Refetch {
-        source: joined.header_source,
-        channel: config.channel.clone(),
-        size: usize::from(config.header_size),
-    };
-    let (tx, player) = player::spawn(
-        player_listener,
-        opts.output.clone(),
-        std::mem::take(&mut joined.header),
-        Some(refetch),
-        opts.counters.clone(),
-        stop.clone(),
-    )?;
     if let Some(name) = &opts.status {
         eprintln!(
             "{name} {me}: joined {} as {} (team of {}, chunk {} B, buffer {} chunks)",
@@ -284,13 +406,19 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             config.buffer_size
         );
     }
+    let mut watchdog = Watchdog::new(
+        Instant::now(),
+        opts.liveness
+            .stall_timeout
+            .unwrap_or_else(|| rejoin::stall_timeout(0.0, buffer)),
+    );
 
     let mut buf = vec![0u8; 65536];
     let mut next_status = Instant::now() + Duration::from_secs(1);
     let mut last_tick = Instant::now();
-    let mut last = *core.stats();
-    let mut outcome = Ok(());
-    loop {
+    let mut last = *totals + *core.stats();
+    let mut peak_rate = 0.0;
+    let end = loop {
         let now = Instant::now();
         if stop.load(Ordering::Relaxed) {
             core.leave(now);
@@ -302,12 +430,17 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 opts.counters.injected_drops.fetch_add(1, Ordering::Relaxed);
             }
             Ok((n, SocketAddr::V4(from))) => {
+                let before = *core.stats();
                 core.handle_datagram(now, from, Bytes::copy_from_slice(&buf[..n]));
+                let after = *core.stats();
+                if after.chunks_received > before.chunks_received {
+                    watchdog.on_chunk(now, after.from_splitter > before.from_splitter);
+                }
                 *opts
                     .counters
                     .stats
                     .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = *core.stats();
+                    .unwrap_or_else(|e| e.into_inner()) = *totals + after;
             }
             Ok(_) => {}
             Err(e)
@@ -318,17 +451,14 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                         | std::io::ErrorKind::Interrupted
                 ) => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
-            Err(e) => {
-                outcome = Err(anyhow::anyhow!("UDP receive failed: {e}"));
-                break;
-            }
+            Err(e) => break Err(anyhow::anyhow!("UDP receive failed: {e}")),
         }
         core.handle_timeout(Instant::now());
         while let Some(t) = core.poll_transmit() {
             // A neighbour that vanished answers with ICMP; that is the debt rule's job.
             let _ = socket.send_to(&t.payload, t.dest);
         }
-        let mut done = false;
+        let mut left = false;
         while let Some(e) = core.poll_event() {
             match e {
                 // Once asked to stop, the peer only relays until it has said goodbye: what it
@@ -336,7 +466,9 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 // already have let it go).
                 PeerEvent::Play { .. } if stop.load(Ordering::Relaxed) => {}
                 PeerEvent::Play { number, payload } => {
-                    let overrun = tx.try_send(player::Played { number, payload }).is_err();
+                    let overrun = tx
+                        .try_send(player::ToPlayer::Chunk(player::Played { number, payload }))
+                        .is_err();
                     opts.counters
                         .player_overruns
                         .fetch_add(u64::from(overrun), Ordering::Relaxed);
@@ -350,16 +482,9 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                             "the splitter did not answer"
                         }
                     );
-                    done = true;
+                    left = true;
                 }
-                PeerEvent::SplitterGoodbye => {
-                    if let Some(name) = &opts.status {
-                        eprintln!(
-                            "{name} {me}: the splitter said goodbye (it stopped or removed us)"
-                        );
-                    }
-                    done = true;
-                }
+                PeerEvent::SplitterGoodbye => watchdog.on_splitter_goodbye(),
                 PeerEvent::NeighbourRemoved {
                     peer,
                     reason: Removal::Debt,
@@ -376,7 +501,7 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 _ => {}
             }
         }
-        let s = *core.stats();
+        let s = *totals + *core.stats();
         let c = &opts.counters;
         c.played.store(s.played, Ordering::Relaxed);
         c.lost.store(s.lost, Ordering::Relaxed);
@@ -388,6 +513,13 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             let dt = now.duration_since(last_tick).as_secs_f64().max(1e-3);
             last_tick = now;
             next_status = now + Duration::from_secs(1);
+            let rate = (s.chunks_received - last.chunks_received) as f64 / dt;
+            // The stream's rate is its highest over whole seconds: a stall lowers the rate of
+            // the second it begins in, and must not lengthen the timeout that detects it.
+            if opts.liveness.stall_timeout.is_none() && rate > peak_rate {
+                peak_rate = rate;
+                watchdog.set_timeout(rejoin::stall_timeout(rate, buffer));
+            }
             opts.counters.detail.publish(status::PeerDetail {
                 me: Some(me),
                 chunk_size: config.chunk_size,
@@ -397,7 +529,7 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 neighbours: core.neighbours().collect(),
                 rates: [
                     (s.played - last.played) as f64 / dt,
-                    (s.chunks_received - last.chunks_received) as f64 / dt,
+                    rate,
                     (s.relayed - last.relayed) as f64 / dt,
                     (s.lost - last.lost) as f64 / dt,
                 ],
@@ -423,16 +555,24 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             }
             last = s;
         }
-        if done {
-            break;
+        if left {
+            break Ok(SessionEnd::Left);
         }
+        if !stop.load(Ordering::Relaxed)
+            && let Some(stall) = watchdog.check(now)
+        {
+            break Ok(SessionEnd::Stalled(stall));
+        }
+    };
+    *totals = *totals + *core.stats();
+    if let Ok(SessionEnd::Stalled(_)) = end {
+        // If the splitter is still there (it removed us, or lost us), its old entry for us goes
+        // at its next round boundary instead of waiting for loss reports.
+        let _ = socket.send_to(crate::proto::wire::GOODBYE, opts.splitter);
     }
-    drop(tx);
-    stop.store(true, Ordering::SeqCst);
-    let _ = player.join();
     drop::<UdpSocket>(socket);
     drop(joined);
-    outcome
+    end
 }
 
 /// A small seeded generator for `--drop-rate` (xorshift64*): reproducible, no dependency.

@@ -51,6 +51,17 @@ pub struct Played {
     pub payload: Bytes,
 }
 
+/// What the peer's main thread tells the player thread.
+#[derive(Debug)]
+pub enum ToPlayer {
+    /// The next played chunk.
+    Chunk(Played),
+    /// The peer joined a team again after a stall (its splitter restarted, or removed it), with
+    /// this stream header: players stay connected and resume at a start point, after the new
+    /// header when it differs from the one they had.
+    Rejoined(FetchedHeader),
+}
+
 /// Where to fetch the stream header again when a player connects.
 #[derive(Debug, Clone)]
 pub struct Refetch {
@@ -136,7 +147,7 @@ pub fn spawn(
     refetch: Option<Refetch>,
     counters: Arc<PeerCounters>,
     stop: Arc<AtomicBool>,
-) -> anyhow::Result<(Sender<Played>, JoinHandle<()>)> {
+) -> anyhow::Result<(Sender<ToPlayer>, JoinHandle<()>)> {
     let header = Header::new(&header);
     let mut out: Option<Box<dyn Write + Send>> = match output {
         Some(Output::File(p)) => Some(Box::new(std::io::BufWriter::new(
@@ -163,7 +174,7 @@ pub fn spawn(
     } else {
         drop(greet_tx);
     }
-    let (tx, rx) = crossbeam_channel::bounded::<Played>(QUEUE);
+    let (tx, rx) = crossbeam_channel::bounded::<ToPlayer>(QUEUE);
     let handle = std::thread::Builder::new()
         .name("player".into())
         .spawn(move || {
@@ -226,7 +237,7 @@ fn greet(
 fn serve(
     mut out: Option<Box<dyn Write + Send>>,
     mut header: Header,
-    rx: Receiver<Played>,
+    rx: Receiver<ToPlayer>,
     mut greetings: Receiver<Greeted>,
     counters: &PeerCounters,
 ) {
@@ -241,7 +252,24 @@ fn serve(
     loop {
         crossbeam_channel::select! {
             recv(rx) -> msg => match msg {
-                Ok(p) => {
+                Ok(ToPlayer::Rejoined(h)) => {
+                    let new = Header::new(&h);
+                    let changed = new.bytes != header.bytes;
+                    header = new;
+                    if let Some(id) = header.stream {
+                        counters.stream_generation.store(id.generation, Ordering::Relaxed);
+                    }
+                    finder.gap();
+                    last = None;
+                    if changed
+                        && let Some(o) = out.as_mut()
+                        && o.write_all(&header.bytes).is_err()
+                    {
+                        out = None;
+                    }
+                    resume(&mut players, &header, changed);
+                }
+                Ok(ToPlayer::Chunk(p)) => {
                     if last.is_some_and(|l| p.number != l.wrapping_add(1)) {
                         finder.gap();
                     }
@@ -334,6 +362,24 @@ fn attach(g: Greeted, header: &Header, last: Option<u16>) -> Option<Player> {
         state,
         ok: true,
     })
+}
+
+/// After a rejoin: every player waits for a start point of the stream, after the new header if
+/// the stream changed (a player that already has the header would choke on it again: an Ogg
+/// stream's header pages repeated mid-stream, say).
+fn resume(players: &mut Vec<Player>, header: &Header, changed: bool) {
+    for pl in players.iter_mut() {
+        if changed || matches!(pl.state, State::FirstChunk(_)) {
+            pl.write(&header.bytes);
+        }
+        pl.state = State::StartPoint;
+    }
+    players.retain(|pl| pl.ok);
+    tracing::info!(
+        "rejoined: {} player(s) resume at the next start point{}",
+        players.len(),
+        if changed { " after the new header" } else { "" }
+    );
 }
 
 /// Hands one played chunk to every player, each as its state says.

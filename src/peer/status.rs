@@ -88,6 +88,16 @@ impl Exporter for PeerExporter {
             u8::from(d.playing),
         );
         p.gauge(
+            "p2psp_peer_rejoin_attempt",
+            "0 in a team; k while trying to join again for the k-th time in a row.",
+            c.rejoin_attempt.load(Ordering::Relaxed),
+        );
+        p.counter(
+            "p2psp_peer_rejoins_total",
+            "Times the peer joined a team again after its team session stalled.",
+            c.rejoins.load(Ordering::Relaxed),
+        );
+        p.gauge(
             "p2psp_peer_neighbours",
             "Neighbours in the team.",
             d.neighbours.len(),
@@ -198,10 +208,12 @@ impl Exporter for PeerExporter {
             .iter()
             .map(|(ep, debt)| json!({ "endpoint": ep.to_string(), "debt": debt }))
             .collect();
+        let attempt = c.rejoin_attempt.load(Ordering::Relaxed);
         let state = match (d.me, d.playing) {
-            (None, _) => "joining",
-            (Some(_), false) => "buffering",
-            (Some(_), true) => "playing",
+            _ if attempt > 0 => format!("rejoining (attempt {attempt})"),
+            (None, _) => "joining".to_owned(),
+            (Some(_), false) => "buffering".to_owned(),
+            (Some(_), true) => "playing".to_owned(),
         };
         json!({
             "role": if self.opts.monitor { "monitor" } else { "peer" },
@@ -233,6 +245,7 @@ impl Exporter for PeerExporter {
                 "loss_reports": s.loss_reports,
                 "player_overruns": c.player_overruns.load(Ordering::Relaxed),
                 "players": c.players.load(Ordering::Relaxed),
+                "rejoins": c.rejoins.load(Ordering::Relaxed),
                 "player_connects": c.player_connects.load(Ordering::Relaxed),
                 "stream_generation": c.stream_generation.load(Ordering::Relaxed),
             },

@@ -187,6 +187,33 @@ pub struct PeerStats {
     pub loss_reports: u64,
 }
 
+impl std::ops::Add for PeerStats {
+    type Output = PeerStats;
+
+    /// Field by field: the counts of two team sessions of one peer.
+    fn add(self, o: PeerStats) -> PeerStats {
+        PeerStats {
+            chunks_received: self.chunks_received + o.chunks_received,
+            from_splitter: self.from_splitter + o.from_splitter,
+            relayed: self.relayed + o.relayed,
+            played: self.played + o.played,
+            lost: self.lost + o.lost,
+            late: self.late + o.late,
+            duplicates: self.duplicates + o.duplicates,
+            out_of_window: self.out_of_window + o.out_of_window,
+            strangers_out_of_window: self.strangers_out_of_window + o.strangers_out_of_window,
+            neighbours_refused: self.neighbours_refused + o.neighbours_refused,
+            resent_received: self.resent_received + o.resent_received,
+            malformed: self.malformed + o.malformed,
+            hellos: self.hellos + o.hellos,
+            goodbyes: self.goodbyes + o.goodbyes,
+            stray_goodbyes: self.stray_goodbyes + o.stray_goodbyes,
+            debt_drops: self.debt_drops + o.debt_drops,
+            loss_reports: self.loss_reports + o.loss_reports,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Neighbour {
     endpoint: Endpoint,

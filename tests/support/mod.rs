@@ -155,9 +155,28 @@ impl Splitter {
     }
 
     pub fn start_env(dir: &Path, args: &[&str], stdin: Stdio, env: &[(&str, &str)]) -> Splitter {
+        Self::start_on(dir, 0, args, stdin, env)
+    }
+
+    /// [`Splitter::start_env`] on `port` (0: any), e.g. to restart a splitter on the port its
+    /// peers know; its log is `dir/splitter-<port>.log` then.
+    pub fn start_on(
+        dir: &Path,
+        port: u16,
+        args: &[&str],
+        stdin: Stdio,
+        env: &[(&str, &str)],
+    ) -> Splitter {
+        let requested = port;
         let mut cmd = Command::new(BIN);
         cmd.env("RUST_LOG", "p2psp=info")
-            .args(["splitter", "--port", "0", "--bind", "127.0.0.1"])
+            .args([
+                "splitter",
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
             .args(args)
             .envs(env.iter().copied())
             .stdin(stdin)
@@ -190,7 +209,11 @@ impl Splitter {
                 seen.join("\n")
             )
         };
-        let log = dir.join("splitter.log");
+        let log = if requested == 0 {
+            dir.join("splitter.log")
+        } else {
+            dir.join(format!("splitter-{requested}.log"))
+        };
         let log2 = log.clone();
         std::thread::spawn(move || {
             let mut f = std::fs::File::create(log2).unwrap();
