@@ -244,8 +244,29 @@ struct Playout {
     checks: Vec<(i32, u16)>,
     /// `n` at `n % B` for the chunks this peer reported, to recognise their resends.
     reported: Vec<Option<u16>>,
+    /// Monitors: the next chunk number to check at the early horizon ([`early_horizon`]).
+    early: Option<u16>,
+    /// Chunks per second, measured over the last whole second of arrivals.
+    rate: f64,
+    /// When the rate was last measured, and the newest chunk number then.
+    rate_mark: Option<(Instant, u16)>,
     highest: u16,
     started: bool,
+}
+
+/// How far behind the newest chunk a monitor first reports a missing chunk, when that is sooner
+/// than its first fixed horizon: the team's round (`team` chunks: a peer relays a chunk one
+/// datagram per chunk it receives, so the last teammate has it within a round) plus 4, and at
+/// least a quarter of a second of stream (`rate` chunks/s) for the jitter of a busy host.
+///
+/// With the usual buffer of 256 chunks the fixed horizon is 64 chunks: half a second at 1 Mbit/s
+/// but 8 s at 64 kbit/s, where a team of 16 gives each peer one chunk every 2 s. Reporting after
+/// a round instead lets the splitter judge a dead peer within a few seconds at any rate
+/// (`docs/recovery.md`, "Expulsion").
+fn early_horizon(team: usize, rate: f64) -> i32 {
+    let round = team as i32 + 4;
+    let quarter_second = (rate * 0.25).ceil().min(f64::from(i32::MAX)) as i32;
+    round.max(quarter_second).max(1)
 }
 
 /// How far behind the newest chunk a missing chunk is reported, first and then again, by a
@@ -327,6 +348,9 @@ impl Peer {
                     .map(|h| (h, 0))
                     .collect(),
                 reported: vec![None; b],
+                early: rules.monitor.then_some(0),
+                rate: 0.0,
+                rate_mark: None,
                 highest: 0,
                 started: false,
             },
@@ -655,6 +679,14 @@ impl Peer {
             self.events.push_back(PeerEvent::Skipped { count });
             next = next.wrapping_add(count as u16);
         }
+        self.measure_rate();
+        if let Some(cursor) = self.playout.early {
+            let fixed = self.playout.checks.first().map_or(half, |c| c.0);
+            let h = early_horizon(self.neighbours.len() + 1, self.playout.rate);
+            if h < fixed {
+                self.playout.early = Some(self.report_missing(cursor, h, next));
+            }
+        }
         for i in 0..self.playout.checks.len() {
             let (horizon, cursor) = self.playout.checks[i];
             self.playout.checks[i].1 = self.report_missing(cursor, horizon, next);
@@ -682,6 +714,20 @@ impl Peer {
             next = next.wrapping_add(1);
         }
         self.playout.next = Some(next);
+    }
+
+    /// Measures the chunk rate once a second from the newest chunk number.
+    fn measure_rate(&mut self) {
+        let Some(now) = self.now else { return };
+        match self.playout.rate_mark {
+            None => self.playout.rate_mark = Some((now, self.playout.highest)),
+            Some((at, from)) if now.duration_since(at) >= Duration::from_secs(1) => {
+                let chunks = seq::diff(self.playout.highest, from).max(0);
+                self.playout.rate = f64::from(chunks) / now.duration_since(at).as_secs_f64();
+                self.playout.rate_mark = Some((now, self.playout.highest));
+            }
+            Some(_) => {}
+        }
     }
 
     /// Sends a loss report for every chunk from `cursor` on that is missing `horizon` chunks
@@ -951,6 +997,31 @@ mod tests {
         assert_eq!(p.stats().lost, 0);
         assert_eq!(p.stats().played, 4);
         assert_eq!(p.stats().loss_reports, 1);
+    }
+
+    #[test]
+    fn a_monitor_reports_after_a_round_on_a_slow_stream() {
+        // A team of 16 on a 64 kbit/s stream (8 chunks/s), buffer 256: the fixed first horizon
+        // (64 chunks) would be 8 s; a round plus 4 is 20 chunks, 2.5 s.
+        let start = Instant::now();
+        let mut r = rules(256);
+        r.monitor = true;
+        let team: Vec<Endpoint> = (1..16).map(ep).collect();
+        let mut p = Peer::new(r, &team, 0);
+        sends(&mut p);
+        let mut reported_at = None;
+        for n in (0..100u16).filter(|&n| n != 10) {
+            let now = start + Duration::from_millis(125 * u64::from(n));
+            p.handle_datagram(now, ep(SPLITTER), chunk(n));
+            let to_splitter = sends(&mut p).into_iter().filter(|s| s.0 == SPLITTER);
+            if to_splitter.count() > 0 && reported_at.is_none() {
+                reported_at = Some(n);
+            }
+        }
+        assert_eq!(reported_at, Some(30));
+        // At 1 Mbit/s (122 chunks/s) a quarter of a second (31 chunks) is the longer wait.
+        assert_eq!(early_horizon(16, 122.0), 31);
+        assert_eq!(early_horizon(16, 8.0), 20);
     }
 
     #[test]
