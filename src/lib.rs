@@ -16,6 +16,7 @@
 //! - [`pattern`]: the test source's deterministic byte stream, to check what players receive.
 //! - [`splitter`] and [`peer`]: the programs, wiring the core to sockets, sources and players.
 //! - [`metrics`] and [`config`]: what an operator sees (`--metrics`) and sets (`--config`).
+//! - [`io_util`]: small I/O helpers shared by the splitter and the peer.
 
 pub mod config;
 pub mod demo;
@@ -23,6 +24,7 @@ pub mod driver;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod io_util;
 pub mod media;
 pub mod metrics;
 pub mod pattern;

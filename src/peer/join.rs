@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::driver;
+use crate::io_util::is_transient;
 use crate::proto::wire::{JoinConfig, READY, ROLE_MONITOR, ROLE_PEER};
 
 /// How long the splitter may take to answer.
@@ -134,13 +135,7 @@ pub fn read_config(
                 "the splitter at {splitter} closed the connection before sending its configuration: it refused the join (it may be full, see its --max-peers, or too busy)"
             ),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if is_transient(&e) => {}
             Err(e) => return Err(e).context("reading the splitter's configuration"),
         }
     }

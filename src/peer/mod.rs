@@ -20,6 +20,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use clap::Args;
 
+use crate::io_util::is_transient;
 use crate::proto::peer::{Peer, PeerEvent, PeerRules, PeerStats, Removal};
 
 /// Flags of `p2psp peer`.
@@ -310,13 +311,7 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                     .unwrap_or_else(|e| e.into_inner()) = *core.stats();
             }
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if is_transient(&e) => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
             Err(e) => {
                 outcome = Err(anyhow::anyhow!("UDP receive failed: {e}"));
