@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 
 use crate::driver;
 use crate::io_util::is_transient;
-use crate::proto::wire::{JoinConfig, READY, ROLE_MONITOR, ROLE_PEER};
+use crate::proto::wire::{JoinConfig, READY, ROLE_MONITOR, ROLE_PEER, STREAM_HEADER};
 
 /// How long the splitter may take to answer.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -167,9 +167,9 @@ const MAX_HEADER_RESPONSE: usize = 1 << 20;
 /// Reads the first `size` bytes of `GET /<channel>` from `source`, exactly as the reference peer
 /// does (they include the HTTP response head, which the player needs).
 ///
-/// Our splitter marks its answer with [`STREAM_HEADER`](crate::splitter::control::STREAM_HEADER)
-/// and closes after the header; its answer is read to the end instead, since after a source
-/// restart the header may differ in length from the `size` the join message gave.
+/// Our splitter marks its answer with [`STREAM_HEADER`] and closes after the header; its answer is
+/// read to the end instead, since after a source restart the header may differ in length from the
+/// `size` the join message gave.
 pub fn fetch_header(
     source: SocketAddrV4,
     channel: &str,
@@ -219,10 +219,7 @@ pub fn fetch_header_within(
         if ours.is_none()
             && let Ok(Some((head, _))) = crate::http::ResponseHead::parse(&raw)
         {
-            ours = Some(
-                head.header(crate::splitter::control::STREAM_HEADER)
-                    .and_then(parse_stream_id),
-            );
+            ours = Some(head.header(STREAM_HEADER).and_then(parse_stream_id));
         }
     }
     match ours {

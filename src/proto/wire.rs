@@ -35,6 +35,11 @@ pub const MAX_CHUNK_SIZE: usize = 65507 - CHUNK_HEADER;
 /// Size of a loss report datagram.
 pub const LOSS_REPORT_LEN: usize = 2;
 
+/// HTTP response header with which our splitter marks its answer to `GET /<channel>` (the stream
+/// header), naming the stream that header starts: `<generation> <first chunk number> <chunks of it
+/// sent so far>`. The splitter writes it, the peer reads it; the reference splitter never sends it.
+pub const STREAM_HEADER: &str = "X-P2PSP-Stream";
+
 /// Why bytes could not be decoded or encoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
