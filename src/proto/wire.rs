@@ -203,7 +203,7 @@ impl ToSplitter {
     pub fn parse(d: &[u8]) -> ToSplitter {
         match d {
             [a, b] => ToSplitter::LossReport(u16::from_be_bytes([*a, *b])),
-            b"G" => ToSplitter::Goodbye,
+            GOODBYE => ToSplitter::Goodbye,
             _ => ToSplitter::Malformed,
         }
     }
@@ -237,8 +237,8 @@ impl<'a> ToPeer<'a> {
             };
         }
         match d {
-            b"H" => ToPeer::Hello,
-            b"G" => ToPeer::Goodbye,
+            HELLO => ToPeer::Hello,
+            GOODBYE => ToPeer::Goodbye,
             _ => ToPeer::Malformed,
         }
     }
