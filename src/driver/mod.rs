@@ -39,6 +39,7 @@ mod recv;
 mod recv_epoll;
 mod recv_uring;
 mod send;
+mod slots;
 mod sys;
 
 pub use recv::{Datagram, MultiRecv, PollOutcome, RecvPath, RecvStats};

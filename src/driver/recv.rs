@@ -270,20 +270,6 @@ pub(crate) fn invalid(msg: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
 }
 
-pub(crate) fn token_in_use() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::AlreadyExists,
-        "MultiRecv::add_socket: token already in use",
-    )
-}
-
-pub(crate) fn unknown_token() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotFound,
-        "MultiRecv::remove_socket: unknown token",
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
