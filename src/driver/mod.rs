@@ -35,6 +35,7 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod path;
 mod recv;
 mod recv_epoll;
 mod recv_uring;
