@@ -18,8 +18,11 @@
 //! - [`metrics`] and [`config`]: what an operator sees (`--metrics`) and sets (`--config`).
 //! - [`io_util`]: small I/O helpers shared by the splitter and the peer.
 
+#![deny(unsafe_code)]
+
 pub mod config;
 pub mod demo;
+#[allow(unsafe_code)]
 pub mod driver;
 #[doc(hidden)]
 pub mod fuzzing;
