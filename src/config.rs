@@ -18,8 +18,23 @@ pub struct ServiceArgs {
     pub config: Option<PathBuf>,
     /// Serve Prometheus metrics at /metrics, JSON at /status and a live status page at / on this
     /// address (HOST:PORT, or a port for 127.0.0.1).
-    #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_addr)]
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     pub metrics: Option<SocketAddr>,
+}
+
+/// Parses `--metrics`: `HOST:PORT`, or a bare port for 127.0.0.1.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("`{s}` is not HOST:PORT (or a port for 127.0.0.1)"))
 }
 
 use std::ffi::{OsStr, OsString};
@@ -330,5 +345,15 @@ mod tests {
             err.starts_with("--config /nonexistent/p2psp.toml: "),
             "{err}"
         );
+    }
+
+    #[test]
+    fn metrics_addresses() {
+        assert_eq!(parse_addr("9100").unwrap().to_string(), "127.0.0.1:9100");
+        assert_eq!(
+            parse_addr("0.0.0.0:9100").unwrap().to_string(),
+            "0.0.0.0:9100"
+        );
+        assert!(parse_addr("nope").is_err());
     }
 }

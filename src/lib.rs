@@ -16,13 +16,18 @@
 //! - [`pattern`]: the test source's deterministic byte stream, to check what players receive.
 //! - [`splitter`] and [`peer`]: the programs, wiring the core to sockets, sources and players.
 //! - [`metrics`] and [`config`]: what an operator sees (`--metrics`) and sets (`--config`).
+//! - [`io_util`]: small I/O helpers shared by the splitter and the peer.
+
+#![deny(unsafe_code)]
 
 pub mod config;
 pub mod demo;
+#[allow(unsafe_code)]
 pub mod driver;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod io_util;
 pub mod media;
 pub mod metrics;
 pub mod pattern;

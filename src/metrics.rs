@@ -222,21 +222,6 @@ fn answer(mut stream: TcpStream, exporter: &dyn Exporter) {
     let _ = stream.read(&mut chunk);
 }
 
-/// Parses `--metrics`: `HOST:PORT`, or a bare port for 127.0.0.1.
-pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    if let Ok(port) = s.parse::<u16>() {
-        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
-    }
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
-    }
-    use std::net::ToSocketAddrs;
-    s.to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| format!("`{s}` is not HOST:PORT (or a port for 127.0.0.1)"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,15 +286,5 @@ mod tests {
         let taken = l.local_addr().unwrap();
         let err = Endpoint::bind(taken).err().unwrap().to_string();
         assert!(err.contains(&taken.to_string()), "{err}");
-    }
-
-    #[test]
-    fn addresses() {
-        assert_eq!(parse_addr("9100").unwrap().to_string(), "127.0.0.1:9100");
-        assert_eq!(
-            parse_addr("0.0.0.0:9100").unwrap().to_string(),
-            "0.0.0.0:9100"
-        );
-        assert!(parse_addr("nope").is_err());
     }
 }

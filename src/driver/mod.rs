@@ -35,10 +35,12 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod path;
 mod recv;
 mod recv_epoll;
 mod recv_uring;
 mod send;
+mod slots;
 mod sys;
 
 pub use recv::{Datagram, MultiRecv, PollOutcome, RecvPath, RecvStats};

@@ -6,12 +6,11 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddrV4;
 use std::os::fd::RawFd;
-use std::str::FromStr;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use io_uring::{IoUring, cqueue, opcode, squeue};
 
+use super::path::kernel_path;
 use super::recv_epoll::EpollRecv;
 use super::recv_uring::UringRecv;
 use super::sys::Waker;
@@ -40,28 +39,12 @@ pub enum RecvPath {
     Poll,
 }
 
-impl RecvPath {
+kernel_path! {
+    RecvPath, Poll, "receive", uring_recv_supported,
+    names: "poll" | "epoll";
     /// io_uring if this kernel/container allows it (a `SINGLE_ISSUER | DEFER_TASKRUN` ring builds,
     /// which means Linux >= 6.1, and its probe lists `IORING_OP_RECVMSG`), else poll. Probed once
     /// per process.
-    pub fn detect() -> RecvPath {
-        static DETECTED: OnceLock<RecvPath> = OnceLock::new();
-        *DETECTED.get_or_init(|| {
-            if uring_recv_supported() {
-                RecvPath::Uring
-            } else {
-                RecvPath::Poll
-            }
-        })
-    }
-
-    /// `"io_uring"` or `"poll"` (accepted back by [`FromStr`]).
-    pub fn name(self) -> &'static str {
-        match self {
-            RecvPath::Uring => "io_uring",
-            RecvPath::Poll => "poll",
-        }
-    }
 }
 
 fn uring_recv_supported() -> bool {
@@ -76,27 +59,6 @@ fn uring_recv_supported() -> bool {
     ring.submitter().register_probe(&mut probe).is_ok()
         && probe.is_supported(opcode::RecvMsg::CODE)
         && probe.is_supported(opcode::PollAdd::CODE)
-}
-
-impl fmt::Display for RecvPath {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for RecvPath {
-    type Err = String;
-
-    /// `"io_uring"` or `"uring"`, `"poll"` or `"epoll"` (ASCII case ignored).
-    fn from_str(s: &str) -> Result<RecvPath, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "io_uring" | "uring" => Ok(RecvPath::Uring),
-            "poll" | "epoll" => Ok(RecvPath::Poll),
-            _ => Err(format!(
-                "unknown receive path {s:?}: expected \"io_uring\" (or \"uring\") or \"poll\""
-            )),
-        }
-    }
 }
 
 /// Receive counters, kept by the [`MultiRecv`].
@@ -268,20 +230,6 @@ impl MultiRecv {
 
 pub(crate) fn invalid(msg: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
-}
-
-pub(crate) fn token_in_use() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::AlreadyExists,
-        "MultiRecv::add_socket: token already in use",
-    )
-}
-
-pub(crate) fn unknown_token() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotFound,
-        "MultiRecv::remove_socket: unknown token",
-    )
 }
 
 #[cfg(test)]

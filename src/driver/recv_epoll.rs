@@ -2,14 +2,14 @@
 //! each ready one. Buffers, addresses, iovecs and headers are owned here and only lent to the
 //! kernel for the duration of one `recvmmsg` call.
 
-use std::collections::HashMap;
 use std::io;
 use std::mem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
 use std::time::{Duration, Instant};
 
-use super::recv::{Datagram, PollOutcome, RecvStats, token_in_use, unknown_token};
+use super::recv::{Datagram, PollOutcome, RecvStats};
+use super::slots::SlotTable;
 use super::sys::{SOCKADDR_IN_LEN, Waker, errno, from_sockaddr_in, sockaddr_in};
 
 /// epoll key of the waker's eventfd (socket keys are slot indices).
@@ -31,9 +31,7 @@ struct Slot {
 /// The epoll receiver.
 pub(crate) struct EpollRecv {
     epfd: OwnedFd,
-    slots: Vec<Option<Slot>>,
-    free: Vec<u32>,
-    by_token: HashMap<u64, u32>,
+    slots: SlotTable<Option<Slot>>,
     events: Box<[libc::epoll_event]>,
     batch: usize,
     buf_size: usize,
@@ -86,9 +84,7 @@ impl EpollRecv {
         let empty_msg: libc::mmsghdr = unsafe { mem::zeroed() };
         Ok(EpollRecv {
             epfd,
-            slots: Vec::new(),
-            free: Vec::new(),
-            by_token: HashMap::new(),
+            slots: SlotTable::new(),
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS].into_boxed_slice(),
             batch,
             buf_size,
@@ -102,7 +98,7 @@ impl EpollRecv {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.by_token.len()
+        self.slots.len()
     }
 
     pub(crate) fn stats(&self) -> RecvStats {
@@ -110,35 +106,25 @@ impl EpollRecv {
     }
 
     pub(crate) fn add_socket(&mut self, fd: RawFd, token: u64) -> io::Result<()> {
-        if self.by_token.contains_key(&token) {
-            return Err(token_in_use());
-        }
-        let idx = match self.free.pop() {
-            Some(idx) => idx,
-            None => {
-                self.slots.push(None);
-                u32::try_from(self.slots.len() - 1)
-                    .map_err(|_| io::Error::other("MultiRecv: too many sockets"))?
-            }
-        };
+        let idx = self.slots.vacant(token, || None)?;
         if let Err(e) = epoll_ctl(
             self.epfd.as_raw_fd(),
             libc::EPOLL_CTL_ADD,
             fd,
             u64::from(idx),
         ) {
-            self.free.push(idx);
+            self.slots.release(idx);
             return Err(e);
         }
-        self.slots[idx as usize] = Some(Slot { fd, token });
-        self.by_token.insert(token, idx);
+        self.slots[idx] = Some(Slot { fd, token });
+        self.slots.insert(token, idx);
         Ok(())
     }
 
     pub(crate) fn remove_socket(&mut self, token: u64) -> io::Result<()> {
-        let idx = self.by_token.remove(&token).ok_or_else(unknown_token)?;
-        let slot = self.slots[idx as usize].take();
-        self.free.push(idx);
+        let idx = self.slots.remove_token(token)?;
+        let slot = self.slots[idx].take();
+        self.slots.release(idx);
         match slot {
             Some(s) => epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, s.fd, 0),
             None => Ok(()),

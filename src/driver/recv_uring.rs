@@ -12,7 +12,6 @@
 //! completion alone cannot end a wait for `want` completions, but an expiring timeout request ends
 //! every wait (the kernel's `cq_timeouts` check), so the wake ends the poll ~100 µs later.
 
-use std::collections::HashMap;
 use std::io;
 use std::mem;
 use std::os::fd::RawFd;
@@ -24,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
-use super::recv::{Datagram, PollOutcome, RecvStats, token_in_use, unknown_token};
+use super::recv::{Datagram, PollOutcome, RecvStats};
+use super::slots::SlotTable;
 use super::sys::{SOCKADDR_IN_LEN, Waker, sockaddr_from_bytes};
 
 /// Buffer group id of our one provided-buffer ring.
@@ -230,9 +230,7 @@ pub(crate) struct UringRecv {
     msghdr: Option<Box<libc::msghdr>>,
     /// Delay of the waker's linked timeout (the kernel copies it at submission).
     wake_ts: Box<types::Timespec>,
-    slots: Vec<Slot>,
-    free: Vec<u32>,
-    by_token: HashMap<u64, u32>,
+    slots: SlotTable<Slot>,
     /// Slots to arm (entries may be stale; `arm_pending` checks the state).
     idle: Vec<u32>,
     waker: Option<Waker>,
@@ -292,9 +290,7 @@ impl UringRecv {
                     .sec(WAKE_TIMER.as_secs())
                     .nsec(WAKE_TIMER.subsec_nanos()),
             ),
-            slots: Vec::new(),
-            free: Vec::new(),
-            by_token: HashMap::new(),
+            slots: SlotTable::new(),
             idle: Vec::new(),
             waker: None,
             wake_generation: 0,
@@ -307,7 +303,7 @@ impl UringRecv {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.by_token.len()
+        self.slots.len()
     }
 
     pub(crate) fn stats(&self) -> RecvStats {
@@ -352,25 +348,14 @@ impl UringRecv {
     }
 
     pub(crate) fn add_socket(&mut self, fd: RawFd, token: u64) -> io::Result<()> {
-        if self.by_token.contains_key(&token) {
-            return Err(token_in_use());
-        }
-        let idx = match self.free.pop() {
-            Some(idx) => idx,
-            None => {
-                let idx = u32::try_from(self.slots.len())
-                    .map_err(|_| io::Error::other("MultiRecv: too many sockets"))?;
-                self.slots.push(Slot {
-                    fd: -1,
-                    token: 0,
-                    generation: 0,
-                    state: SlotState::Free,
-                    fails: 0,
-                });
-                idx
-            }
-        };
-        let slot = &mut self.slots[idx as usize];
+        let idx = self.slots.vacant(token, || Slot {
+            fd: -1,
+            token: 0,
+            generation: 0,
+            state: SlotState::Free,
+            fails: 0,
+        })?;
+        let slot = &mut self.slots[idx];
         *slot = Slot {
             fd,
             token,
@@ -379,13 +364,13 @@ impl UringRecv {
             fails: 0,
         };
         self.idle.push(idx);
-        self.by_token.insert(token, idx);
+        self.slots.insert(token, idx);
         Ok(())
     }
 
     pub(crate) fn remove_socket(&mut self, token: u64) -> io::Result<()> {
-        let idx = *self.by_token.get(&token).ok_or_else(unknown_token)?;
-        let slot = self.slots[idx as usize];
+        let idx = self.slots.index_of(token)?;
+        let slot = self.slots[idx];
         if slot.state == SlotState::Armed {
             self.claim()?;
             let target = user_data(KIND_RECV, slot.generation, idx);
@@ -394,16 +379,16 @@ impl UringRecv {
                 .user_data(user_data(KIND_CANCEL, 0, 0));
             // SAFETY: a cancel request references no memory; the ring is claimed above.
             unsafe { self.push(&[cancel]) }?;
-            self.slots[idx as usize].state = SlotState::Cancelling;
-            self.by_token.remove(&token);
+            self.slots[idx].state = SlotState::Cancelling;
+            self.slots.remove_token(token)?;
             // Submit now: from here on the socket's data stays in the socket. (If this fails,
             // the cancel goes with the next submission.)
             self.ring.submit()?;
         } else {
             // Idle (never submitted; its stale `idle` entry is skipped) or Dead.
-            self.slots[idx as usize].state = SlotState::Free;
-            self.free.push(idx);
-            self.by_token.remove(&token);
+            self.slots[idx].state = SlotState::Free;
+            self.slots.release(idx);
+            self.slots.remove_token(token)?;
         }
         Ok(())
     }
@@ -433,7 +418,7 @@ impl UringRecv {
             None => return Ok(false),
         };
         while let Some(idx) = self.idle.pop() {
-            let slot = self.slots[idx as usize];
+            let slot = self.slots[idx];
             if slot.state != SlotState::Idle {
                 continue;
             }
@@ -447,7 +432,7 @@ impl UringRecv {
                 self.idle.push(idx);
                 return Err(e);
             }
-            self.slots[idx as usize].state = SlotState::Armed;
+            self.slots[idx].state = SlotState::Armed;
             pushed = true;
         }
         if self.wake_rearm {
@@ -479,7 +464,6 @@ impl UringRecv {
             bufs,
             msghdr,
             slots,
-            free,
             idle,
             waker,
             wake_generation,
@@ -525,7 +509,7 @@ impl UringRecv {
                         match slot.state {
                             SlotState::Cancelling => {
                                 slot.state = SlotState::Free;
-                                free.push(idx as u32);
+                                slots.release(idx as u32);
                             }
                             SlotState::Armed => {
                                 if res == -libc::ENOBUFS {

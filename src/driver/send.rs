@@ -8,13 +8,12 @@ use std::mem;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::RawFd;
 use std::ptr;
-use std::str::FromStr;
-use std::sync::OnceLock;
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
+use super::path::kernel_path;
 use super::sys::{self, POLLOUT, PollFd, SOCKADDR_IN_LEN, errno, sockaddr_in};
 
 /// Largest batch: `sendmmsg` silently caps a call at `UIO_MAXIOV` (1024) messages.
@@ -47,27 +46,11 @@ pub enum SendPath {
     Sendmmsg,
 }
 
-impl SendPath {
+kernel_path! {
+    SendPath, Sendmmsg, "send", uring_send_supported,
+    names: "sendmmsg";
     /// io_uring if this kernel/container allows it (a small ring builds and its probe lists
     /// `IORING_OP_SEND`), else sendmmsg. Probed once per process.
-    pub fn detect() -> SendPath {
-        static DETECTED: OnceLock<SendPath> = OnceLock::new();
-        *DETECTED.get_or_init(|| {
-            if uring_send_supported() {
-                SendPath::Uring
-            } else {
-                SendPath::Sendmmsg
-            }
-        })
-    }
-
-    /// `"io_uring"` or `"sendmmsg"` (accepted back by [`FromStr`]).
-    pub fn name(self) -> &'static str {
-        match self {
-            SendPath::Uring => "io_uring",
-            SendPath::Sendmmsg => "sendmmsg",
-        }
-    }
 }
 
 fn uring_send_supported() -> bool {
@@ -80,27 +63,6 @@ fn uring_send_supported() -> bool {
     };
     let mut probe = io_uring::Probe::new();
     ring.submitter().register_probe(&mut probe).is_ok() && probe.is_supported(opcode::Send::CODE)
-}
-
-impl fmt::Display for SendPath {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for SendPath {
-    type Err = String;
-
-    /// `"io_uring"` or `"uring"`, `"sendmmsg"` (ASCII case ignored).
-    fn from_str(s: &str) -> Result<SendPath, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "io_uring" | "uring" => Ok(SendPath::Uring),
-            "sendmmsg" => Ok(SendPath::Sendmmsg),
-            _ => Err(format!(
-                "unknown send path {s:?}: expected \"io_uring\" (or \"uring\") or \"sendmmsg\""
-            )),
-        }
-    }
 }
 
 /// Counters a sender updates. Plain `u64`s owned by one thread; [`add`](SendStats::add) merges.

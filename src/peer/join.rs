@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::driver;
-use crate::proto::wire::{JoinConfig, READY, ROLE_MONITOR, ROLE_PEER};
+use crate::io_util::is_transient;
+use crate::proto::wire::{JoinConfig, READY, ROLE_MONITOR, ROLE_PEER, STREAM_HEADER};
 
 /// How long the splitter may take to answer.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -144,13 +145,7 @@ pub fn read_config(
                 "the splitter at {splitter} closed the connection before sending its configuration: it refused the join (it may be full, see its --max-peers, or too busy)"
             ),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if is_transient(&e) => {}
             Err(e) => return Err(e).context("reading the splitter's configuration"),
         }
     }
@@ -182,9 +177,9 @@ const MAX_HEADER_RESPONSE: usize = 1 << 20;
 /// Reads the first `size` bytes of `GET /<channel>` from `source`, exactly as the reference peer
 /// does (they include the HTTP response head, which the player needs).
 ///
-/// Our splitter marks its answer with [`STREAM_HEADER`](crate::splitter::control::STREAM_HEADER)
-/// and closes after the header; its answer is read to the end instead, since after a source
-/// restart the header may differ in length from the `size` the join message gave.
+/// Our splitter marks its answer with [`STREAM_HEADER`] and closes after the header; its answer is
+/// read to the end instead, since after a source restart the header may differ in length from the
+/// `size` the join message gave.
 pub fn fetch_header(
     source: SocketAddrV4,
     channel: &str,
@@ -234,10 +229,7 @@ pub fn fetch_header_within(
         if ours.is_none()
             && let Ok(Some((head, _))) = crate::http::ResponseHead::parse(&raw)
         {
-            ours = Some(
-                head.header(crate::splitter::control::STREAM_HEADER)
-                    .and_then(parse_stream_id),
-            );
+            ours = Some(head.header(STREAM_HEADER).and_then(parse_stream_id));
         }
     }
     match ours {

@@ -20,6 +20,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use clap::Args;
 
+use crate::io_util::is_transient;
 use crate::proto::peer::{Peer, PeerEvent, PeerRules, PeerStats, Removal};
 use crate::proto::rejoin::{self, Backoff, Stall, Watchdog};
 
@@ -443,13 +444,7 @@ fn session(
                     .unwrap_or_else(|e| e.into_inner()) = *totals + after;
             }
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if is_transient(&e) => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
             Err(e) => break Err(anyhow::anyhow!("UDP receive failed: {e}")),
         }

@@ -868,7 +868,10 @@ mod tests {
         let mut p = Peer::new(rules(16), &[ep(1), ep(2)], 0);
         assert_eq!(
             sends(&mut p),
-            [(1, Bytes::from_static(b"H")), (2, Bytes::from_static(b"H"))]
+            [
+                (1, Bytes::from_static(HELLO)),
+                (2, Bytes::from_static(HELLO))
+            ]
         );
     }
 
@@ -913,7 +916,7 @@ mod tests {
             reason: Removal::Debt
         }));
         // A hello (or a chunk) brings it back with a clean slate.
-        p.handle_datagram(now, ep(1), Bytes::from_static(b"H"));
+        p.handle_datagram(now, ep(1), Bytes::from_static(HELLO));
         assert_eq!(p.neighbours().collect::<Vec<_>>(), [(ep(1), 0)]);
     }
 
@@ -1095,22 +1098,22 @@ mod tests {
         p.handle_datagram(now, ep(SPLITTER), chunk(1));
         sends(&mut p);
         p.leave(now);
-        assert_eq!(sends(&mut p), [(SPLITTER, Bytes::from_static(b"G"))]);
+        assert_eq!(sends(&mut p), [(SPLITTER, Bytes::from_static(GOODBYE))]);
         // Still relaying, and saying goodbye to the splitter with every chunk.
         p.handle_datagram(now, ep(2), chunk(0));
         assert_eq!(
             sends(&mut p),
-            [(SPLITTER, Bytes::from_static(b"G")), (2, chunk(1))]
+            [(SPLITTER, Bytes::from_static(GOODBYE)), (2, chunk(1))]
         );
         // The splitter confirms: the rest of chunk 1 goes out, then goodbyes to the team.
-        p.handle_datagram(now, ep(SPLITTER), Bytes::from_static(b"G"));
+        p.handle_datagram(now, ep(SPLITTER), Bytes::from_static(GOODBYE));
         assert_eq!(
             sends(&mut p),
             [
                 (3, chunk(1)),
-                (1, Bytes::from_static(b"G")),
-                (2, Bytes::from_static(b"G")),
-                (3, Bytes::from_static(b"G"))
+                (1, Bytes::from_static(GOODBYE)),
+                (2, Bytes::from_static(GOODBYE)),
+                (3, Bytes::from_static(GOODBYE))
             ]
         );
         assert!(events(&mut p).contains(&PeerEvent::Left { confirmed: true }));
@@ -1161,13 +1164,13 @@ mod tests {
         let mut p = Peer::new(rules(16), &[ep(1), ep(2), ep(3)], 0);
         sends(&mut p);
         p.handle_datagram(now, ep(SPLITTER), chunk(1)); // -> 1
-        p.handle_datagram(now, ep(1), Bytes::from_static(b"G"));
+        p.handle_datagram(now, ep(1), Bytes::from_static(GOODBYE));
         p.handle_datagram(now, ep(SPLITTER), chunk(2)); // burst 2, 3; then 2 gets chunk 2
         assert_eq!(
             sends(&mut p),
             [(1, chunk(1)), (2, chunk(1)), (3, chunk(1)), (2, chunk(2))]
         );
-        p.handle_datagram(now, ep(7), Bytes::from_static(b"G"));
+        p.handle_datagram(now, ep(7), Bytes::from_static(GOODBYE));
         assert_eq!(p.stats().stray_goodbyes, 1);
         p.handle_datagram(now, ep(7), Bytes::from_static(b"XYZ"));
         assert_eq!(p.stats().malformed, 1);
@@ -1177,7 +1180,7 @@ mod tests {
     fn a_forged_hello_buys_at_most_the_probation_debt() {
         let now = Instant::now();
         let mut p = Peer::new(rules(256), &[ep(1)], 0);
-        p.handle_datagram(now, ep(66), Bytes::from_static(b"H"));
+        p.handle_datagram(now, ep(66), Bytes::from_static(HELLO));
         sends(&mut p);
         let mut to_victim = 0;
         for n in 0..300u16 {
@@ -1201,7 +1204,7 @@ mod tests {
     fn a_newcomer_that_relays_leaves_probation() {
         let now = Instant::now();
         let mut p = Peer::new(rules(256), &[], 0);
-        p.handle_datagram(now, ep(7), Bytes::from_static(b"H"));
+        p.handle_datagram(now, ep(7), Bytes::from_static(HELLO));
         for n in 0..400u16 {
             p.handle_datagram(now, ep(SPLITTER), chunk(2 * n));
             if n >= 5 && n % 10 != 0 {
@@ -1249,7 +1252,7 @@ mod tests {
         r.max_neighbours = 4;
         let mut p = Peer::new(r, &[ep(1), ep(2)], 0);
         for port in 100..200 {
-            p.handle_datagram(now, ep(port), Bytes::from_static(b"H"));
+            p.handle_datagram(now, ep(port), Bytes::from_static(HELLO));
         }
         assert_eq!(p.neighbours().count(), 4);
         assert_eq!(p.stats().neighbours_refused, 98);

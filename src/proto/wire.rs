@@ -35,6 +35,11 @@ pub const MAX_CHUNK_SIZE: usize = 65507 - CHUNK_HEADER;
 /// Size of a loss report datagram.
 pub const LOSS_REPORT_LEN: usize = 2;
 
+/// HTTP response header with which our splitter marks its answer to `GET /<channel>` (the stream
+/// header), naming the stream that header starts: `<generation> <first chunk number> <chunks of it
+/// sent so far>`. The splitter writes it, the peer reads it; the reference splitter never sends it.
+pub const STREAM_HEADER: &str = "X-P2PSP-Stream";
+
 /// Why bytes could not be decoded or encoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -198,7 +203,7 @@ impl ToSplitter {
     pub fn parse(d: &[u8]) -> ToSplitter {
         match d {
             [a, b] => ToSplitter::LossReport(u16::from_be_bytes([*a, *b])),
-            b"G" => ToSplitter::Goodbye,
+            GOODBYE => ToSplitter::Goodbye,
             _ => ToSplitter::Malformed,
         }
     }
@@ -232,8 +237,8 @@ impl<'a> ToPeer<'a> {
             };
         }
         match d {
-            b"H" => ToPeer::Hello,
-            b"G" => ToPeer::Goodbye,
+            HELLO => ToPeer::Hello,
+            GOODBYE => ToPeer::Goodbye,
             _ => ToPeer::Malformed,
         }
     }

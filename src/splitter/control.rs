@@ -610,6 +610,8 @@ fn write_out(c: &mut Conn) -> Result<bool, ()> {
 /// players that connect after a source restart the new header, from the right chunk on; players
 /// ignore it. Its length does not change while the stream runs, so `header_size` in a join message
 /// stays right for the reference peer, which reads exactly that many bytes.
+///
+/// [`STREAM_HEADER`]: crate::proto::wire::STREAM_HEADER
 pub fn header_response(h: &StreamHeader, chunks: u64) -> Vec<u8> {
     // The source's content type, capped so the response always fits the join message's u16.
     let ct = match h.content_type.as_deref() {
@@ -628,16 +630,12 @@ pub fn header_response(h: &StreamHeader, chunks: u64) -> Vec<u8> {
         &[
             ("Content-Type", ct),
             ("Cache-Control", "no-cache"),
-            (STREAM_HEADER, &stream),
+            (crate::proto::wire::STREAM_HEADER, &stream),
         ],
     );
     out.extend_from_slice(&h.bytes);
     out
 }
-
-/// Response header naming the stream a header belongs to: `<generation> <first chunk number>
-/// <chunks of it sent so far>`.
-pub const STREAM_HEADER: &str = "X-P2PSP-Stream";
 
 /// The once-a-second status line.
 struct Status {

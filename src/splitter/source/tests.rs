@@ -9,8 +9,11 @@ use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use super::http::{HttpConfig, IcyStrip};
+use super::test::{Pace, Pacer};
 use super::*;
 use crate::http::RequestHead;
+use crate::pattern;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
