@@ -1,4 +1,5 @@
 //! The `p2psp` command: `splitter`, `peer` and `demo`.
+#![deny(unsafe_code)]
 
 use std::process::ExitCode;
 use std::sync::Arc;
