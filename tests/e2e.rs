@@ -2,140 +2,49 @@
 //! `p2psp peer` processes. Every peer's output must be the test pattern: the stream header, then
 //! contiguous chunks from its first played chunk (a lost chunk would break the pattern).
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
+use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
 use p2psp::pattern;
+use support::{
+    Proc, Splitter, one_at_a_time, one_line_exit_2, peer_log, start_peer_env,
+    start_peer_with_player, test_dir, wait_joined,
+};
 
-const BIN: &str = env!("CARGO_BIN_EXE_p2psp");
 const CHUNK: usize = 1024;
 const HEADER: usize = 4096;
 
-struct Proc {
-    child: Child,
-    output: PathBuf,
-    name: String,
-}
+/// Peers log their protocol decisions too.
+const PEER_LOG: [(&str, &str); 1] = [("RUST_LOG", "p2psp=info,p2psp::peer=debug")];
 
-impl Proc {
-    fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status();
-    }
-
-    /// Asks politely (SIGTERM) and waits up to 10 s for a clean exit.
-    fn stop(mut self) -> (PathBuf, bool) {
-        self.signal("TERM");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return (std::mem::take(&mut self.output), status.success());
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                return (std::mem::take(&mut self.output), false);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Stops the peer (it must leave cleanly), checks its output against the pattern
-    /// ([`check_output`]) and that it played more than `at_least` chunks; returns how many.
-    fn stop_and_check(self, at_least: usize) -> usize {
-        let name = self.name.clone();
-        let (out, clean) = self.stop();
-        assert!(clean, "{name} did not leave cleanly");
-        let played = check_output(&out, &name);
-        assert!(played > at_least, "{name} played only {played} chunks");
-        played
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The streaming tests run one at a time: each starts up to 17 processes that must keep real-time
-/// deadlines (half a buffer is half a second at 2 Mbit/s), and a 2-core CI machine running four
-/// teams at once would measure its scheduler, not the protocol.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
+/// A splitter with the test source at 2 Mbit/s, and the peers started against it. Its streaming
+/// tests run one at a time ([`one_at_a_time`]): each starts up to 17 processes that must keep
+/// real-time deadlines (half a buffer is half a second at 2 Mbit/s), and a 2-core CI machine
+/// running four teams at once would measure its scheduler, not the protocol.
 struct Run {
     dir: PathBuf,
-    splitter: Proc,
-    port: u16,
+    splitter: Splitter,
     next_peer: usize,
     // Last: released after the splitter is gone.
-    _turn: std::sync::MutexGuard<'static, ()>,
+    _turn: MutexGuard<'static, ()>,
 }
 
 impl Run {
     fn start(name: &str, extra: &[&str]) -> Run {
-        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        let dir = std::env::temp_dir().join(format!("p2psp-e2e-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut child = Command::new(BIN)
-            .env("RUST_LOG", "p2psp=info")
-            .args([
-                "splitter",
-                "--source",
-                "test",
-                "--bitrate",
-                "2M",
-                "--port",
-                "0",
-                "--bind",
-                "127.0.0.1",
-            ])
-            .args(["--header-size", &HEADER.to_string(), "--shards", "2"])
-            .args(extra)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("run p2psp splitter");
-        // The splitter announces its port on stderr; the rest of stderr goes to a log file.
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut port = None;
-        while port.is_none() && Instant::now() < deadline {
-            let Some(Ok(line)) = lines.next() else { break };
-            if let Some(addr) = line.strip_prefix("p2psp splitter listening on ") {
-                port = addr.rsplit(':').next().and_then(|p| p.parse().ok());
-            }
-        }
-        let port = port.expect("the splitter announced its port");
-        let log = dir.join("splitter.log");
-        std::thread::spawn(move || {
-            let mut f = std::fs::File::create(log).unwrap();
-            for line in lines.map_while(Result::ok) {
-                use std::io::Write;
-                let _ = writeln!(f, "{line}");
-            }
-        });
-        let splitter = Proc {
-            child,
-            output: PathBuf::new(),
-            name: "splitter".into(),
-        };
+        let turn = one_at_a_time();
+        let dir = test_dir(&format!("e2e-{name}"));
+        let header = HEADER.to_string();
+        let mut args = vec!["--source", "test", "--bitrate", "2M"];
+        args.extend_from_slice(&["--header-size", &header, "--shards", "2"]);
+        args.extend_from_slice(extra);
+        let splitter = Splitter::start(&dir, &args, Stdio::null());
         Run {
             dir,
             splitter,
-            port,
             next_peer: 0,
             _turn: turn,
         }
@@ -145,30 +54,75 @@ impl Run {
         self.peer_with(monitor, &["--player-port", "0"])
     }
 
+    /// A peer with `extra` flags that writes what it plays to `<name>.out` ([`Run::output`]).
     fn peer_with(&mut self, monitor: bool, extra: &[&str]) -> Proc {
-        self.next_peer += 1;
-        let name = format!("peer{}", self.next_peer);
-        let output = self.dir.join(format!("{name}.out"));
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.env("RUST_LOG", "p2psp=info,p2psp::peer=debug");
-        cmd.args(["peer", "--splitter", &format!("127.0.0.1:{}", self.port)])
-            .args(extra)
-            .arg("--output")
-            .arg(&output)
-            .stdout(Stdio::null())
-            .stderr(log);
-        if monitor {
-            cmd.arg("--monitor");
-        }
-        let child = cmd.spawn().expect("run p2psp peer");
+        let (name, args) = self.next(monitor, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let peer = start_peer_env(&self.dir, &name, self.splitter.port, &args, &PEER_LOG);
         // People arrive one after another.
         std::thread::sleep(Duration::from_millis(50));
-        Proc {
-            child,
-            output,
-            name,
+        peer
+    }
+
+    /// [`Run::peer_with`] with a player port; the peer, once joined, and the port.
+    fn player_peer(&mut self, monitor: bool, extra: &[&str]) -> (Proc, u16) {
+        let (name, args) = self.next(monitor, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        start_peer_with_player(&self.dir, &name, self.splitter.port, &args, &PEER_LOG)
+    }
+
+    /// The next peer's name and its flags: `extra`, its output file, maybe `--monitor`.
+    fn next(&mut self, monitor: bool, extra: &[&str]) -> (String, Vec<String>) {
+        self.next_peer += 1;
+        let name = format!("peer{}", self.next_peer);
+        let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        args.push("--output".into());
+        args.push(self.output(&name).display().to_string());
+        if monitor {
+            args.push("--monitor".into());
         }
+        (name, args)
+    }
+
+    /// Where the peer `name` writes the stream it plays.
+    fn output(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.out"))
+    }
+
+    /// Stops `peer` (it must leave cleanly within 10 s) and checks its output against the
+    /// pattern ([`check_output`]); returns the number of chunks it played.
+    fn stop_and_check_output(&self, mut peer: Proc) -> usize {
+        assert!(
+            peer.stop(Duration::from_secs(10)),
+            "{} did not leave cleanly",
+            peer.name
+        );
+        check_output(&self.output(&peer.name), &peer.name)
+    }
+
+    /// [`Run::stop_and_check_output`], and the peer played more than `at_least` chunks.
+    fn stop_and_check(&self, peer: Proc, at_least: usize) -> usize {
+        let name = peer.name.clone();
+        let played = self.stop_and_check_output(peer);
+        assert!(played > at_least, "{name} played only {played} chunks");
+        played
+    }
+
+    /// Stops a peer that must leave cleanly, without looking at its output.
+    fn leave(&self, mut peer: Proc) {
+        assert!(
+            peer.stop(Duration::from_secs(10)),
+            "{} did not leave cleanly",
+            peer.name
+        );
+    }
+
+    /// Stops the splitter, which must exit cleanly.
+    fn stop_splitter(&mut self) {
+        assert!(
+            self.splitter.proc.stop(Duration::from_secs(10)),
+            "the splitter did not stop cleanly"
+        );
     }
 }
 
@@ -204,51 +158,35 @@ fn check_output(path: &Path, name: &str) -> usize {
     chunks.len() / CHUNK
 }
 
+/// `n` peers (monitors where `monitor(i)`) stream for `time`: each must have played more than
+/// `at_least` chunks without a gap, and the splitter must stop cleanly.
+fn team_streams(mut run: Run, n: usize, monitor: fn(usize) -> bool, time: u64, at_least: usize) {
+    let peers: Vec<Proc> = (0..n).map(|i| run.peer(monitor(i))).collect();
+    std::thread::sleep(Duration::from_secs(time));
+    for p in peers {
+        run.stop_and_check(p, at_least);
+    }
+    run.stop_splitter();
+}
+
 #[test]
 fn one_team_of_a_monitor_and_15_peers_loses_nothing() {
-    let mut run = Run::start("team16", &[]);
-    let mut peers = vec![run.peer(true)];
-    for _ in 0..15 {
-        peers.push(run.peer(false));
-    }
-    std::thread::sleep(Duration::from_secs(20));
-    for p in peers {
-        // 2 Mbit/s is 244 chunks/s; a peer joins within about a second and buffers 128 chunks.
-        p.stop_and_check(3000);
-    }
-    let (_, clean) = run.splitter.stop();
-    assert!(clean, "the splitter did not stop cleanly");
+    // 2 Mbit/s is 244 chunks/s; a peer joins within about a second and buffers 128 chunks.
+    team_streams(Run::start("team16", &[]), 16, |i| i == 0, 20, 3000);
 }
 
 #[test]
 fn several_teams_of_4_lose_nothing() {
     // This one also covers the sendmmsg send path (the others take io_uring).
-    let mut run = Run::start("teams4", &["--team-size", "4", "--io", "sendmmsg"]);
-    let mut peers = Vec::new();
-    for i in 0..16 {
-        peers.push(run.peer(i % 4 == 0));
-    }
-    std::thread::sleep(Duration::from_secs(20));
-    for p in peers {
-        p.stop_and_check(3000);
-    }
-    let (_, clean) = run.splitter.stop();
-    assert!(clean);
+    let run = Run::start("teams4", &["--team-size", "4", "--io", "sendmmsg"]);
+    team_streams(run, 16, |i| i % 4 == 0, 20, 3000);
 }
 
 #[test]
 fn streaming_across_the_chunk_number_wrap() {
-    // 244 chunks/s: 65535 is passed after about 4 s.
-    let mut run = Run::start("wrap", &["--first-chunk-number", "64600"]);
-    let mut peers = vec![run.peer(true)];
-    for _ in 0..5 {
-        peers.push(run.peer(false));
-    }
-    std::thread::sleep(Duration::from_secs(12));
-    for p in peers {
-        // Fewer would mean it stalled at the wrap.
-        p.stop_and_check(2000);
-    }
+    // 244 chunks/s: 65535 is passed after about 4 s; fewer chunks would mean a stall at the wrap.
+    let run = Run::start("wrap", &["--first-chunk-number", "64600"]);
+    team_streams(run, 6, |i| i == 0, 12, 2000);
 }
 
 #[test]
@@ -268,13 +206,11 @@ fn churn_goodbyes_kills_and_joins_cost_the_stayers_nothing() {
     std::thread::sleep(Duration::from_secs(6));
     // Three leave politely, two are killed.
     let killed: Vec<Proc> = leavers.drain(3..).collect();
-    for p in killed {
+    for mut p in killed {
         p.kill();
     }
     for p in leavers {
-        let name = p.name.clone();
-        let (_, clean) = p.stop();
-        assert!(clean, "{name} did not leave cleanly");
+        run.leave(p);
     }
     // Five join mid-stream.
     for _ in 0..5 {
@@ -282,17 +218,14 @@ fn churn_goodbyes_kills_and_joins_cost_the_stayers_nothing() {
     }
     std::thread::sleep(Duration::from_secs(10));
     for p in stayers {
-        p.stop_and_check(1500);
+        run.stop_and_check(p, 1500);
     }
 }
 
 /// Each argument list must make `p2psp` exit with code 2 after one line on stderr.
 fn refused_with_one_line(cases: &[&[&str]]) {
     for args in cases {
-        let out = Command::new(BIN).args(*args).output().unwrap();
-        assert_eq!(out.status.code(), Some(2), "{args:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(err.trim().lines().count(), 1, "{args:?} printed: {err}");
+        one_line_exit_2(args);
     }
 }
 
@@ -310,18 +243,8 @@ fn bad_flags_give_one_line_and_exit_code_2() {
 /// Reads an HTTP response head and `want` bytes of body from a player connection.
 fn play(port: u16, want: usize) -> (String, Vec<u8>) {
     use std::io::Read;
-    // The peer process may still be starting.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut s = loop {
-        match std::net::TcpStream::connect(("127.0.0.1", port)) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("cannot connect to the player port {port}: {e}"),
-        }
-    };
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("cannot connect to the player port {port}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     use std::io::Write;
     s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -350,11 +273,7 @@ fn play(port: u16, want: usize) -> (String, Vec<u8>) {
 #[test]
 fn a_player_gets_http_then_the_header_then_chunks_and_may_come_back() {
     let mut run = Run::start("player", &[]);
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let peer = run.peer_with(true, &["--player-port", &port.to_string()]);
+    let (peer, port) = run.player_peer(true, &[]);
     for round in 0..2 {
         let (head, body) = play(port, HEADER + 64 * CHUNK);
         assert!(head.starts_with("HTTP/1.0 200"), "round {round}: {head}");
@@ -371,27 +290,7 @@ fn a_player_gets_http_then_the_header_then_chunks_and_may_come_back() {
         let offset = pattern::locate(chunks).expect("chunks follow the header");
         assert_eq!(offset as usize % CHUNK, 0);
     }
-    let (_, clean) = peer.stop();
-    assert!(clean);
-}
-
-/// The UDP endpoint a peer announced in its log (`peer 127.0.0.1:PORT: joined ...`).
-fn announced_endpoint(run: &Run, name: &str) -> String {
-    let log = run.dir.join(format!("{name}.log"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains(": joined ")) {
-            let ep = line.split_whitespace().nth(1).unwrap();
-            return ep.trim_end_matches(':').to_owned();
-        }
-        assert!(Instant::now() < deadline, "{name} never joined");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn splitter_log(run: &Run) -> String {
-    std::fs::read_to_string(run.dir.join("splitter.log")).unwrap_or_default()
+    run.leave(peer);
 }
 
 #[test]
@@ -415,15 +314,14 @@ fn with_lrs_and_2_percent_loss_at_every_peer_nobody_loses_a_chunk() {
     let mut total = 0;
     for p in peers {
         // Any lost chunk would break the pattern in the output.
-        total += p.stop_and_check(3000);
+        total += run.stop_and_check(p, 3000);
     }
-    let log = splitter_log(&run);
+    let log = run.splitter.log_text();
     assert!(
         !log.contains(" expelled from team"),
         "nobody is expelled for injected loss:\n{log}"
     );
-    let (_, clean) = run.splitter.stop();
-    assert!(clean);
+    run.stop_splitter();
     assert!(total > 30_000);
 }
 
@@ -434,30 +332,27 @@ fn a_free_rider_is_dropped_by_its_teammates_and_expelled_by_the_splitter() {
     for _ in 0..3 {
         honest.push(run.peer_with(false, &["--player-port", "0", "--lrs"]));
     }
-    let rider = run.peer_with(false, &["--player-port", "0", "--free-ride"]);
-    let rider_ep = announced_endpoint(&run, &rider.name);
+    let mut rider = run.peer_with(false, &["--player-port", "0", "--free-ride"]);
+    let rider_ep = wait_joined(&run.dir, &mut rider);
     for _ in 0..2 {
         honest.push(run.peer_with(false, &["--player-port", "0", "--lrs"]));
     }
     std::thread::sleep(Duration::from_secs(12));
-    let log = splitter_log(&run);
+    let log = run.splitter.log_text();
     assert!(
         log.contains(&format!("{rider_ep} expelled")),
         "the splitter expelled {rider_ep}:\n{log}"
     );
-    rider.kill();
+    drop(rider); // killed
     for p in honest {
         let name = p.name.clone();
-        let peer_log = run.dir.join(format!("{name}.log"));
-        let (out, clean) = p.stop();
-        assert!(clean, "{name} did not leave cleanly");
-        let text = std::fs::read_to_string(peer_log).unwrap();
+        // With LRS the team loses nothing to the free rider.
+        run.stop_and_check(p, 1500);
+        let text = std::fs::read_to_string(peer_log(&run.dir, &name)).unwrap();
         assert!(
             text.contains(&format!("dropped neighbour {rider_ep}: it does not relay")),
             "{name} dropped the free rider {rider_ep} for debt:\n{text}"
         );
-        // With LRS the team loses nothing to the free rider.
-        assert!(check_output(&out, &name) > 1500);
     }
 }
 
@@ -478,22 +373,17 @@ fn churn_with_lrs(name: &str, peers: usize, total: Duration) {
         // Never the monitor (index 0); the oldest plain peers first.
         let leaver = present.remove(1);
         if i % 2 == 0 {
-            let name = leaver.name.clone();
-            let (_, clean) = leaver.stop();
-            assert!(clean, "{name} did not leave cleanly");
+            run.leave(leaver);
         } else {
-            leaver.kill();
+            drop(leaver); // killed: no goodbye
         }
         present.push(run.peer_with(false, &args));
     }
     std::thread::sleep(step);
     for p in present {
-        let name = p.name.clone();
-        let (out, clean) = p.stop();
-        assert!(clean, "{name} did not leave cleanly");
-        check_output(&out, &name);
+        run.stop_and_check_output(p);
     }
-    let log = splitter_log(&run);
+    let log = run.splitter.log_text();
     let expelled = log.matches(" expelled from team").count();
     assert_eq!(
         expelled,

@@ -7,19 +7,21 @@
 //! - icecast2 restarted mid-stream: the splitter reconnects, keeps its peers, takes the new
 //!   stream's header (generation 2), and players that connect afterwards decode cleanly.
 //!
-//! The tests skip with a loud message only when icecast2 or ffmpeg is missing (`.ci/run` installs
-//! both). They run one at a time: each encodes video in real time.
+//! When icecast2 or ffmpeg is missing the tests fail under CI (`CI` set; `.ci/run` installs both)
+//! and elsewhere skip with a loud message. They run one at a time: each encodes video in real
+//! time.
 
 mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::MutexGuard;
 use std::time::Duration;
 
-use support::{Proc, Splitter, free_port, have, http_get, skip, start_peer, test_dir, wait_until};
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+use support::{
+    Proc, Splitter, http_get, on_a_free_port, one_at_a_time, start_peer, start_peer_with_player,
+    test_dir, tools_present, wait_joined, wait_until,
+};
 
 const MOUNT: &str = "/live.ogg";
 const PASSWORD: &str = "p2psp-test";
@@ -28,19 +30,13 @@ const PASSWORD: &str = "p2psp-test";
 /// only adds a few media pages.
 const OGG_HEADER_SIZE: &str = "16384";
 
-fn tools(test: &str) -> bool {
-    let mut missing = Vec::new();
-    if !have("icecast2", "-v") {
-        missing.push("icecast2");
-    }
-    if !have("ffmpeg", "-version") {
-        missing.push("ffmpeg");
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    skip(test, &format!("{} not installed", missing.join(" and ")));
-    false
+/// The start of every test: its turn (one at a time), icecast2 and ffmpeg (without them the test
+/// fails under CI and is skipped elsewhere, see [`tools_present`]: `None`), a fresh directory
+/// `p2psp-media-<short>-PID`.
+fn begin(test: &str, short: &str) -> Option<(MutexGuard<'static, ()>, PathBuf)> {
+    let turn = one_at_a_time();
+    tools_present(test, &[("icecast2", "-v"), ("ffmpeg", "-version")])
+        .then(|| (turn, test_dir(&format!("media-{short}"))))
 }
 
 fn is_root() -> bool {
@@ -63,10 +59,10 @@ struct Icecast {
 }
 
 impl Icecast {
+    /// icecast2 on a loopback port; another port if it finds its port taken.
     fn start(dir: &Path) -> Icecast {
         let dir = dir.join("icecast");
         std::fs::create_dir_all(&dir).unwrap();
-        let port = free_port();
         // Debian's icecast2 refuses to run as root; as root it must drop to another user itself
         // (`changeowner`), which then has to write the logs.
         let security = if is_root() {
@@ -86,8 +82,9 @@ impl Icecast {
             String::new()
         };
         let d = dir.display();
-        let config = format!(
-            r#"<icecast>
+        on_a_free_port("icecast2", |port| {
+            let config = format!(
+                r#"<icecast>
   <location>p2psp test</location><admin>test@localhost</admin>
   <limits>
     <clients>50</clients><sources>2</sources><queue-size>1048576</queue-size>
@@ -112,22 +109,34 @@ impl Icecast {
   <security><chroot>0</chroot>{security}</security>
 </icecast>
 "#
-        );
-        let path = dir.join("icecast.xml");
-        std::fs::write(&path, config).unwrap();
-        let mut ice = Icecast {
-            proc: None,
-            dir,
-            config: path,
-            port,
-        };
-        ice.run();
-        ice
+            );
+            let path = dir.join("icecast.xml");
+            std::fs::write(&path, config).unwrap();
+            let mut ice = Icecast {
+                proc: None,
+                dir: dir.clone(),
+                config: path,
+                port,
+            };
+            ice.try_run().then_some(ice)
+        })
     }
 
+    /// Starts icecast2 again on its port, the one the splitter reconnects to (the old server
+    /// released it when it exited).
     fn run(&mut self) {
+        assert!(
+            self.try_run(),
+            "icecast2 found its port {} taken on restart",
+            self.port
+        );
+    }
+
+    /// Starts icecast2 and waits until it serves; false if it could not listen on its port (it
+    /// exits at once, saying so).
+    fn try_run(&mut self) -> bool {
         let out = std::fs::File::create(self.dir.join("stdout.log")).unwrap();
-        let proc = Proc::spawn(
+        let mut proc = Proc::spawn(
             "icecast2",
             Command::new("icecast2")
                 .arg("-c")
@@ -136,24 +145,26 @@ impl Icecast {
                 .stdout(out.try_clone().unwrap())
                 .stderr(out),
         );
-        self.proc = Some(proc);
         let port = self.port;
-        let up = wait_until(Duration::from_secs(10), || {
-            http_get(port, "/status-json.xsl", 1 << 16).is_some_and(|(h, _)| h.contains(" 200"))
-        });
-        if !up {
-            let said = std::fs::read_to_string(self.dir.join("stdout.log")).unwrap_or_default();
-            let log = std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default();
-            panic!("icecast2 did not come up on port {port}:\n{said}\n{log}");
+        let serves =
+            || http_get(port, "/status-json.xsl", 1 << 16).is_some_and(|(h, _)| h.contains(" 200"));
+        wait_until(Duration::from_secs(10), || serves() || !proc.running());
+        let running = proc.running();
+        if running && serves() {
+            self.proc = Some(proc);
+            return true;
         }
+        let said = std::fs::read_to_string(self.dir.join("stdout.log")).unwrap_or_default();
+        if !running && said.contains("Could not create listener socket") {
+            return false;
+        }
+        let log = std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default();
+        panic!("icecast2 did not come up on port {port}:\n{said}\n{log}");
     }
 
     fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {
-            p.signal("TERM");
-            if p.wait_exit(Duration::from_secs(5)).is_none() {
-                p.kill();
-            }
+            p.stop(Duration::from_secs(5));
         }
     }
 
@@ -217,8 +228,20 @@ fn decode(dir: &Path, player_port: u16, seconds: u32, name: &str) -> Proc {
     Proc::spawn(name, &mut cmd)
 }
 
-/// Waits for the decoders and checks each exited 0 with nothing on its error output.
-fn check_decodes(dir: &Path, decoders: Vec<Proc>, splitter: &Splitter) {
+/// Decodes `seconds` of media from each peer's player port at once (ffmpeg `<prefix><i>`), and
+/// checks that each decoder exited 0 with nothing on its error output.
+fn check_decodes(
+    dir: &Path,
+    splitter: &Splitter,
+    peers: &[(Proc, u16)],
+    seconds: u32,
+    prefix: &str,
+) {
+    let decoders: Vec<Proc> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, (_, port))| decode(dir, *port, seconds, &format!("{prefix}{i}")))
+        .collect();
     let mut failures = Vec::new();
     for mut d in decoders {
         let status: Option<ExitStatus> = d.wait_exit(Duration::from_secs(90));
@@ -241,28 +264,23 @@ fn check_decodes(dir: &Path, decoders: Vec<Proc>, splitter: &Splitter) {
     }
 }
 
-/// A monitor and `n` peers with player ports.
+/// A monitor and then `n` peers with player ports, all joined and counted by the splitter.
 fn team(dir: &Path, splitter: &Splitter, n: usize) -> (Proc, Vec<(Proc, u16)>) {
-    let monitor = start_peer(
+    let mut monitor = start_peer(
         dir,
         "monitor",
         splitter.port,
         &["--monitor", "--player-port", "0"],
     );
-    std::thread::sleep(Duration::from_millis(200));
+    wait_joined(dir, &mut monitor);
     let peers = (0..n)
-        .map(|i| {
-            let port = free_port();
-            let p = start_peer(
-                dir,
-                &format!("peer{i}"),
-                splitter.port,
-                &["--player-port", &port.to_string()],
-            );
-            std::thread::sleep(Duration::from_millis(100));
-            (p, port)
-        })
+        .map(|i| start_peer_with_player(dir, &format!("peer{i}"), splitter.port, &[], &[]))
         .collect();
+    assert!(
+        wait_until(Duration::from_secs(15), || splitter.peers() == Some(n + 1)),
+        "the team did not form: {:?}",
+        splitter.last_status()
+    );
     (monitor, peers)
 }
 
@@ -293,11 +311,9 @@ const SPLITTER_OGG: &[&str] = &[
 
 #[test]
 fn ogg_from_icecast_decodes_at_three_peers() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    if !tools("ogg_from_icecast_decodes_at_three_peers") {
+    let Some((_turn, dir)) = begin("ogg_from_icecast_decodes_at_three_peers", "ogg") else {
         return;
-    }
-    let dir = test_dir("media-ogg");
+    };
     let ice = Icecast::start(&dir);
     let _pusher = push_ogg(&dir, &ice, "pusher");
     assert!(
@@ -309,17 +325,7 @@ fn ogg_from_icecast_decodes_at_three_peers() {
     args.extend_from_slice(SPLITTER_OGG);
     let splitter = Splitter::start(&dir, &args, Stdio::null());
     let (_monitor, mut peers) = team(&dir, &splitter, 3);
-    assert!(
-        wait_until(Duration::from_secs(15), || splitter.peers() == Some(4)),
-        "the team did not form: {:?}",
-        splitter.last_status()
-    );
-    let decoders = peers
-        .iter()
-        .enumerate()
-        .map(|(i, (_, port))| decode(&dir, *port, 10, &format!("decode{i}")))
-        .collect();
-    check_decodes(&dir, decoders, &splitter);
+    check_decodes(&dir, &splitter, &peers, 10, "decode");
     for (p, _) in &mut peers {
         assert!(p.running(), "{} stopped", p.name);
     }
@@ -327,11 +333,9 @@ fn ogg_from_icecast_decodes_at_three_peers() {
 
 #[test]
 fn mpeg_ts_from_stdin_decodes_at_a_peer() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    if !tools("mpeg_ts_from_stdin_decodes_at_a_peer") {
+    let Some((_turn, dir)) = begin("mpeg_ts_from_stdin_decodes_at_a_peer", "ts") else {
         return;
-    }
-    let dir = test_dir("media-ts");
+    };
     let log = std::fs::File::create(dir.join("encoder.log")).unwrap();
     // A live encoder repeats SPS/PPS at every keyframe (`repeat-headers`): a player joining
     // mid-stream has nothing else to start from.
@@ -378,23 +382,18 @@ fn mpeg_ts_from_stdin_decodes_at_a_peer() {
         Stdio::from(ts),
     );
     let (_monitor, mut peers) = team(&dir, &splitter, 1);
-    assert!(
-        wait_until(Duration::from_secs(15), || splitter.peers() == Some(2)),
-        "the team did not form: {:?}",
-        splitter.last_status()
-    );
-    let decoders = vec![decode(&dir, peers[0].1, 10, "decode")];
-    check_decodes(&dir, decoders, &splitter);
+    check_decodes(&dir, &splitter, &peers, 10, "decode");
     assert!(peers[0].0.running());
 }
 
 #[test]
 fn icecast_restart_keeps_the_peers_and_new_players_get_the_new_header() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    if !tools("icecast_restart_keeps_the_peers_and_new_players_get_the_new_header") {
+    let Some((_turn, dir)) = begin(
+        "icecast_restart_keeps_the_peers_and_new_players_get_the_new_header",
+        "restart",
+    ) else {
         return;
-    }
-    let dir = test_dir("media-restart");
+    };
     let mut ice = Icecast::start(&dir);
     let mut pusher = push_ogg(&dir, &ice, "pusher1");
     assert!(wait_until(Duration::from_secs(20), || ice.mount_up()));
@@ -403,15 +402,19 @@ fn icecast_restart_keeps_the_peers_and_new_players_get_the_new_header() {
     args.extend_from_slice(SPLITTER_OGG);
     let splitter = Splitter::start(&dir, &args, Stdio::null());
     let (mut monitor, mut peers) = team(&dir, &splitter, 3);
-    assert!(wait_until(Duration::from_secs(15), || splitter.peers() == Some(4)));
     assert_eq!(header_generation(&splitter), Some(1));
     // Players work before the restart.
-    check_decodes(&dir, vec![decode(&dir, peers[0].1, 3, "before")], &splitter);
+    check_decodes(&dir, &splitter, &peers[..1], 3, "before");
 
     // The Icecast server goes away (and its source client with it), and comes back.
     ice.stop();
     pusher.kill();
-    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        wait_until(Duration::from_secs(15), || splitter
+            .log_text()
+            .contains("source dropped, reconnecting")),
+        "the splitter did not notice that the source went away"
+    );
     ice.run();
     let _pusher = push_ogg(&dir, &ice, "pusher2");
     assert!(wait_until(Duration::from_secs(20), || ice.mount_up()));
@@ -437,10 +440,5 @@ fn icecast_restart_keeps_the_peers_and_new_players_get_the_new_header() {
         "the splitter lost peers: {:?}",
         splitter.last_status()
     );
-    let decoders = peers
-        .iter()
-        .enumerate()
-        .map(|(i, (_, port))| decode(&dir, *port, 10, &format!("after{i}")))
-        .collect();
-    check_decodes(&dir, decoders, &splitter);
+    check_decodes(&dir, &splitter, &peers, 10, "after");
 }

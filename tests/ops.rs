@@ -10,11 +10,12 @@ use std::net::{TcpListener, UdpSocket};
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use support::{
-    BIN, Proc, Splitter, free_port, have, http_get, skip, start_peer, start_peer_env, test_dir,
-    wait_until,
+    BIN, Proc, Splitter, http_get, one_line_exit_2, peer_metrics_port, start_peer, start_peer_env,
+    test_dir, tools_present, wait_until,
 };
 
 /// A splitter with the test source and `--metrics` on a free port, plus a monitor and `peers`
@@ -61,7 +62,9 @@ fn peer_count(s: &Splitter) -> Option<u64> {
 
 /// Runs headless Chromium on `url` and returns the DOM after the page's scripts ran.
 fn chromium_dom(dir: &Path, url: &str, screenshot: Option<&Path>) -> String {
-    let profile = dir.join(format!("chromium-{}", free_port()));
+    // A fresh profile for each run.
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let profile = dir.join(format!("chromium-{}", RUNS.fetch_add(1, Ordering::Relaxed)));
     let out_path = dir.join("dom.html");
     let out = std::fs::File::create(&out_path).unwrap();
     let mut cmd = Command::new("chromium");
@@ -111,11 +114,10 @@ fn element_text(dom: &str, id: &str) -> Option<String> {
 
 #[test]
 fn status_page_shows_the_live_peer_count_in_headless_chromium() {
-    if !have("chromium", "--version") {
-        skip(
-            "status_page_shows_the_live_peer_count_in_headless_chromium",
-            "chromium not installed",
-        );
+    if !tools_present(
+        "status_page_shows_the_live_peer_count_in_headless_chromium",
+        &[("chromium", "--version")],
+    ) {
         return;
     }
     let dir = test_dir("ops-page");
@@ -181,17 +183,47 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
     samples
 }
 
+/// The send lag of each shard over its last second, in microseconds.
+fn send_lags(m: &HashMap<String, f64>) -> Vec<f64> {
+    m.iter()
+        .filter(|(k, _)| k.starts_with("p2psp_splitter_send_lag_max_microseconds{shard="))
+        .map(|(_, v)| *v)
+        .collect()
+}
+
 #[test]
 fn metrics_status_and_prometheus_text() {
     let dir = test_dir("ops-metrics");
     let (splitter, _peers) = team(&dir, 2, &["--lrs"]);
     let port = splitter.metrics.unwrap();
-    // Let the status tick publish rates and the shards their snapshots.
-    std::thread::sleep(Duration::from_millis(2500));
-    let (head, body) = http_get(port, "/metrics", 1 << 20).unwrap();
+    // The shards publish their snapshots, and the status tick the rates, once a second: wait
+    // until the shard serving the team measured its send lag over a second (above zero: a chunk
+    // is never sent before it is read; far below the chunk period it has to keep up with) and the
+    // input rate is in.
+    let mut scraped = None;
+    let mut status = None;
+    let published = wait_until(Duration::from_secs(10), || {
+        scraped = http_get(port, "/metrics", 1 << 20);
+        status = splitter.status();
+        scraped.as_ref().is_some_and(|(_, body)| {
+            send_lags(&parse_prometheus(&String::from_utf8_lossy(body)))
+                .iter()
+                .any(|&v| v > 0.0 && v < 1_000_000.0)
+        }) && status.as_ref().is_some_and(|s| {
+            s["rates"]["bits_in_per_second"]
+                .as_f64()
+                .is_some_and(|b| b > 100_000.0)
+        })
+    });
+    let (head, body) = scraped.expect("the metrics endpoint answers");
+    let m = parse_prometheus(&String::from_utf8(body).unwrap());
+    assert!(
+        published,
+        "no send lag in (0, 1 s) or input rate above 100 kbit/s within 10 s: send lags {:?}, status {status:?}",
+        send_lags(&m)
+    );
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    let m = parse_prometheus(&String::from_utf8(body).unwrap());
     assert_eq!(m["p2psp_splitter_peers"], 3.0);
     assert_eq!(m["p2psp_splitter_teams"], 1.0);
     assert!(m["p2psp_splitter_chunks_in_total"] > 0.0);
@@ -218,23 +250,11 @@ fn metrics_status_and_prometheus_text() {
             .any(|k| k.starts_with("p2psp_splitter_bytes_sent_total{shard=\"0\",path=\"")),
         "no send path label"
     );
-    // The shard serving the team measured its send lag over the last second: above zero (a
-    // chunk is never sent before it is read) and far below the chunk period it has to keep up with.
-    let lags: Vec<f64> = m
-        .iter()
-        .filter(|(k, _)| k.starts_with("p2psp_splitter_send_lag_max_microseconds{shard="))
-        .map(|(_, v)| *v)
-        .collect();
-    assert_eq!(lags.len(), 2, "one send lag per shard");
-    assert!(
-        lags.iter().any(|&v| v > 0.0 && v < 1_000_000.0),
-        "send lags {lags:?}"
-    );
+    assert_eq!(send_lags(&m).len(), 2, "one send lag per shard");
 
-    let s = splitter.status().unwrap();
+    let s = status.unwrap();
     assert_eq!(s["role"], "splitter");
     assert_eq!(s["stream"]["generation"], 1);
-    assert!(s["rates"]["bits_in_per_second"].as_f64().unwrap() > 100_000.0);
     let teams = s["teams"].as_array().unwrap();
     assert_eq!(teams.len(), 1);
     let members = teams[0]["peers"].as_array().unwrap();
@@ -243,13 +263,13 @@ fn metrics_status_and_prometheus_text() {
     assert!(members.iter().all(|p| p["losses"].is_u64()));
 
     // A peer's own endpoint.
-    let peer_metrics = free_port();
-    let _p = start_peer(
+    let mut watched = start_peer(
         &dir,
         "watched",
         splitter.port,
-        &["--player-port", "0", "--metrics", &peer_metrics.to_string()],
+        &["--player-port", "0", "--metrics", "127.0.0.1:0"],
     );
+    let peer_metrics = peer_metrics_port(&dir, &mut watched);
     assert!(
         wait_until(Duration::from_secs(15), || {
             http_get(peer_metrics, "/metrics", 1 << 20).is_some_and(|(_, b)| {
@@ -333,38 +353,6 @@ fn sigterm_peer_leaves_politely() {
     for p in &mut peers {
         assert!(p.running(), "{} stopped", p.name);
     }
-}
-
-/// Runs the binary with `args` (and maybe an environment), expects exit code 2 and exactly one
-/// line on standard error, within 15 s; returns that line.
-fn one_line_exit_2(args: &[&str]) -> String {
-    let dir = std::env::temp_dir();
-    let err_path = dir.join(format!(
-        "p2psp-ops-err-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    let mut p = Proc::spawn(
-        "p2psp",
-        Command::new(BIN)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&err_path).unwrap()),
-    );
-    let status = p
-        .wait_exit(Duration::from_secs(15))
-        .unwrap_or_else(|| panic!("{args:?} still running after 15 s"));
-    let err = std::fs::read_to_string(&err_path).unwrap();
-    let _ = std::fs::remove_file(&err_path);
-    assert_eq!(status.code(), Some(2), "{args:?}: {status}, said {err}");
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "{args:?} printed:\n{err}"
-    );
-    assert!(err.starts_with("p2psp: "), "{err}");
-    err.trim_end().to_owned()
 }
 
 #[test]
@@ -524,14 +512,13 @@ fn shipped_example_configs_work() {
     assert_eq!(s["config"]["lrs"], true);
     assert_eq!(s["config"]["header_size"], 16384);
     let peer_toml = dist.join("peer.toml");
-    let metrics = free_port().to_string();
     let splitter_addr = format!("127.0.0.1:{}", splitter.port);
     let mut peer = Proc::spawn(
         "peer",
         Command::new(BIN)
             .args(["peer", "--config", peer_toml.to_str().unwrap()])
             .args(["--splitter", &splitter_addr, "--player-port", "0"])
-            .args(["--metrics", &metrics])
+            .args(["--metrics", "127.0.0.1:0"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null()),

@@ -278,9 +278,41 @@ mod tests {
         got
     }
 
+    /// Whether this kernel (or container) lets a process build the ring the io_uring receive
+    /// path needs (`SINGLE_ISSUER | DEFER_TASKRUN`) and lists the opcodes it submits; probed here
+    /// with the io-uring crate, apart from `detect`.
+    fn io_uring_receives_here() -> bool {
+        use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
+        let Ok(ring) = IoUring::<squeue::Entry, cqueue::Entry>::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(8)
+        else {
+            return false;
+        };
+        let mut probe = Probe::new();
+        ring.submitter().register_probe(&mut probe).is_ok()
+            && probe.is_supported(opcode::RecvMsg::CODE)
+            && probe.is_supported(opcode::PollAdd::CODE)
+    }
+
+    /// Holds on any kernel: io_uring where a ring can be built here, else the epoll fallback, and
+    /// whichever was picked receives a datagram.
     #[test]
-    fn detect_prefers_io_uring_here() {
-        assert_eq!(RecvPath::detect(), RecvPath::Uring);
+    fn detect_picks_io_uring_exactly_when_it_works_here_and_the_pick_receives() {
+        let path = RecvPath::detect();
+        let expected = if io_uring_receives_here() {
+            RecvPath::Uring
+        } else {
+            RecvPath::Poll
+        };
+        assert_eq!(path, expected);
+        let [rx_sock, tx]: [UdpSocket; 2] = sockets(2).try_into().unwrap();
+        let mut rx = MultiRecv::new(path, 64, 2048).unwrap();
+        rx.add_socket(rx_sock.as_raw_fd(), 42).unwrap();
+        tx.send_to(b"detected", v4(&rx_sock)).unwrap();
+        let got = collect(&mut rx, 8, |g| !g.is_empty());
+        assert_eq!(got, [(42, v4(&tx), b"detected".to_vec())], "{path}");
     }
 
     #[test]

@@ -704,10 +704,41 @@ mod tests {
         }
     }
 
+    /// Whether this kernel (or container) lets a process build the ring the io_uring send path
+    /// needs (`SINGLE_ISSUER | COOP_TASKRUN`) and lists `IORING_OP_SEND`; probed here with the
+    /// io-uring crate, apart from `detect`.
+    fn io_uring_sends_here() -> bool {
+        use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
+        let Ok(ring) = IoUring::<squeue::Entry, cqueue::Entry>::builder()
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .build(8)
+        else {
+            return false;
+        };
+        let mut probe = Probe::new();
+        ring.submitter().register_probe(&mut probe).is_ok()
+            && probe.is_supported(opcode::Send::CODE)
+    }
+
+    /// Holds on any kernel: io_uring where a ring can be built here (as on the project machine,
+    /// see udp-limits.md section 3), else the sendmmsg fallback, and whichever was picked sends.
     #[test]
-    fn detect_prefers_io_uring_here() {
-        // io_uring is enabled on the project machine (see udp-limits.md section 3).
-        assert_eq!(SendPath::detect(), SendPath::Uring);
+    fn detect_picks_io_uring_exactly_when_it_works_here_and_the_pick_sends() {
+        let path = SendPath::detect();
+        let expected = if io_uring_sends_here() {
+            SendPath::Uring
+        } else {
+            SendPath::Sendmmsg
+        };
+        assert_eq!(path, expected);
+        let rx = receivers(1);
+        let tx = udp_socket(localhost(), false, None, None).unwrap();
+        let mut sender = BatchSender::new(tx.as_raw_fd(), path, 8).unwrap();
+        let mut stats = SendStats::default();
+        sender.send_to_all(b"detected", &[addr_of(&rx[0])], &mut stats);
+        assert_eq!(stats.datagrams, 1, "{path}: {stats:?}");
+        assert_eq!(recv_one(&rx[0]), b"detected", "{path}");
     }
 
     #[test]

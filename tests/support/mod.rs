@@ -1,6 +1,7 @@
 //! Helpers for tests that run the real `p2psp` binary and other programs (icecast2, ffmpeg,
-//! chromium): processes that are killed when the test ends however it ends, free loopback ports,
-//! bounded waits, a tiny HTTP client.
+//! chromium): processes that are killed when the test ends however it ends, ports the programs
+//! report (or, where a program cannot pick its own, retried until one is free), bounded waits, a
+//! tiny HTTP client.
 
 #![allow(dead_code)]
 
@@ -8,6 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_p2psp");
@@ -64,6 +66,19 @@ impl Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Asks it to stop (SIGTERM) and waits up to `timeout`; whether it exited with success. One
+    /// that does not exit in time is killed.
+    pub fn stop(&mut self, timeout: Duration) -> bool {
+        self.signal("TERM");
+        match self.wait_exit(timeout) {
+            Some(status) => status.success(),
+            None => {
+                self.kill();
+                false
+            }
+        }
+    }
 }
 
 impl Drop for Proc {
@@ -72,12 +87,29 @@ impl Drop for Proc {
     }
 }
 
-/// A loopback TCP port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+/// Starts something that needs a loopback TCP port given in advance (icecast2's configuration,
+/// a peer's `--player-port`, where 0 means "none"): `start` gets a port that was free a moment
+/// ago and returns `None` when it found the port taken after all (another process may bind it
+/// in between), and then gets another, up to 10 times.
+pub fn on_a_free_port<T>(what: &str, mut start: impl FnMut(u16) -> Option<T>) -> T {
+    for _ in 0..10 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if let Some(started) = start(port) {
+            return started;
+        }
+        eprintln!("{what}: port {port} was taken meanwhile; another one");
+    }
+    panic!("{what}: 10 ports in a row were taken");
+}
+
+/// The streaming tests of one test binary run one at a time: each starts processes that must
+/// keep real-time deadlines on a 2-core machine. Hold the guard for the whole test.
+pub fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A fresh directory for one test.
@@ -88,8 +120,8 @@ pub fn test_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// Whether `program` runs at all.
-pub fn have(program: &str, arg: &str) -> bool {
+/// Whether `program` runs at all (`arg` makes it print its version and exit).
+fn have(program: &str, arg: &str) -> bool {
     Command::new(program)
         .arg(arg)
         .stdin(Stdio::null())
@@ -99,9 +131,31 @@ pub fn have(program: &str, arg: &str) -> bool {
         .is_ok()
 }
 
-/// Says loudly that a test did not run.
-pub fn skip(test: &str, why: &str) {
+/// Whether this is a CI run (`CI` set, as CI services and `.ci/run`'s callers set it): there a
+/// missing tool is a failure, never a skip.
+fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
+}
+
+/// Whether every `(program, version argument)` in `tools` runs. When one is missing the test
+/// `test` fails if `CI` is set (`.ci/run` installs them, so a CI run that skipped would pass
+/// without testing anything), and otherwise says loudly that it is skipped: the caller returns.
+pub fn tools_present(test: &str, tools: &[(&str, &str)]) -> bool {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(program, arg)| !have(program, arg))
+        .map(|(program, _)| *program)
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let why = format!("{} not installed", missing.join(" and "));
+    assert!(
+        !in_ci(),
+        "{test}: {why}, and CI is set: CI must run it, not skip it (.ci/run installs what is missing)"
+    );
     eprintln!("\n*** SKIPPED {test}: {why} ***\n*** (.ci/run installs what is missing) ***\n");
+    false
 }
 
 /// Polls `f` every 50 ms until it is true or `timeout` passed.
@@ -192,14 +246,10 @@ impl Splitter {
         while port.is_none() && Instant::now() < deadline {
             let Some(Ok(line)) = lines.next() else { break };
             if let Some(addr) = line.strip_prefix("p2psp splitter listening on ") {
-                port = addr.rsplit(':').next().and_then(|p| p.trim().parse().ok());
+                port = port_of(addr);
             }
-            if let Some(url) = line.strip_prefix("p2psp splitter metrics on http://") {
-                metrics = url
-                    .trim_end_matches('/')
-                    .rsplit(':')
-                    .next()
-                    .and_then(|p| p.trim().parse().ok());
+            if let Some(url) = line.strip_prefix("p2psp splitter metrics on ") {
+                metrics = port_of(url);
             }
             seen.push(line);
         }
@@ -261,6 +311,130 @@ impl Splitter {
     }
 }
 
+/// The port at the end of `HOST:PORT` or `http://HOST:PORT/`.
+fn port_of(addr: &str) -> Option<u16> {
+    addr.trim()
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Waits up to `timeout` for a line that `wanted` accepts in the log file `log` that `proc`
+/// writes; the line, or what the log holds if `proc` exited or time ran out first.
+pub fn wait_for_line(
+    proc: &mut Proc,
+    log: &Path,
+    timeout: Duration,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<String, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        // Read before asking whether it runs: a line written just before the exit still counts.
+        let running = proc.running();
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| wanted(l)) {
+            return Ok(line.to_owned());
+        }
+        if !running || Instant::now() >= deadline {
+            return Err(text);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The log of the peer `name` started by [`start_peer`] in `dir`.
+pub fn peer_log(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.log"))
+}
+
+/// Waits until the peer `name` (started by [`start_peer`] in `dir`, without `--quiet`) joined;
+/// its UDP endpoint, from its line `peer 127.0.0.1:PORT: joined ...`.
+pub fn wait_joined(dir: &Path, peer: &mut Proc) -> String {
+    let log = peer_log(dir, &peer.name);
+    match wait_for_line(peer, &log, Duration::from_secs(15), |l| {
+        l.contains(": joined ")
+    }) {
+        Ok(line) => line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .trim_end_matches(':')
+            .to_owned(),
+        Err(text) => panic!("{} did not join; its log:\n{text}", peer.name),
+    }
+}
+
+/// The port of the metrics endpoint a peer started with `--metrics 127.0.0.1:0` reports.
+pub fn peer_metrics_port(dir: &Path, peer: &mut Proc) -> u16 {
+    let log = peer_log(dir, &peer.name);
+    let line = wait_for_line(peer, &log, Duration::from_secs(15), |l| {
+        l.starts_with("p2psp peer metrics on ")
+    })
+    .unwrap_or_else(|text| panic!("{} reported no metrics port; its log:\n{text}", peer.name));
+    port_of(&line["p2psp peer metrics on ".len()..]).expect("a port in the metrics line")
+}
+
+/// [`start_peer`] with a player port (`--player-port` has no "any port": 0 turns the player
+/// endpoint off), retried on another port if the peer finds its port taken; the peer and its
+/// player port, once it has joined.
+pub fn start_peer_with_player(
+    dir: &Path,
+    name: &str,
+    splitter_port: u16,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Proc, u16) {
+    on_a_free_port(name, |port| {
+        let mut args = vec!["--player-port".to_owned(), port.to_string()];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut peer = start_peer_env(dir, name, splitter_port, &args, env);
+        // The player port is bound before the join; a taken one ends the peer at once.
+        let log = peer_log(dir, name);
+        match wait_for_line(&mut peer, &log, Duration::from_secs(15), |l| {
+            l.contains(": joined ") || l.contains("cannot listen for players")
+        }) {
+            Ok(line) if line.contains(": joined ") => Some((peer, port)),
+            Ok(_) => None,
+            Err(text) => panic!("{name} did not join; its log:\n{text}"),
+        }
+    })
+}
+
+/// Runs the binary with `args`, expects exit code 2 and exactly one line (`p2psp: ...`) on
+/// standard error, within 15 s; returns that line.
+pub fn one_line_exit_2(args: &[&str]) -> String {
+    let mut p = Proc::spawn(
+        "p2psp",
+        Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    // One line fits in the pipe: waiting for the exit first cannot block the program.
+    let status = p
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("{args:?} still running after 15 s"));
+    let mut err = String::new();
+    p.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(2), "{args:?}: {status}, said {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?} printed:\n{err}"
+    );
+    assert!(err.starts_with("p2psp: "), "{args:?}: {err}");
+    err.trim_end().to_owned()
+}
+
 /// Starts `p2psp peer` against `splitter_port` with `extra` flags, its standard error in
 /// `dir/<name>.log`.
 pub fn start_peer(dir: &Path, name: &str, splitter_port: u16, extra: &[&str]) -> Proc {
@@ -275,7 +449,7 @@ pub fn start_peer_env(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> Proc {
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let log = std::fs::File::create(peer_log(dir, name)).unwrap();
     let mut cmd = Command::new(BIN);
     cmd.env("RUST_LOG", "p2psp=info")
         .envs(env.iter().copied())
