@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use support::{Proc, Splitter, free_port, start_peer, test_dir, wait_until};
+use support::{
+    Proc, Splitter, one_at_a_time, start_peer, start_peer_with_player, test_dir, wait_until,
+};
 
 /// A player on a peer's player port that reads until stopped; counts bytes and EOFs.
 struct Player {
@@ -90,25 +92,26 @@ fn count_in_log(dir: &std::path::Path, name: &str, needle: &str) -> usize {
 }
 
 fn restart_with(peers: usize) {
+    let _one = one_at_a_time();
     let dir = test_dir(&format!("restart-{peers}"));
     let args = ["--bitrate", "256k", "--team-size", "16"];
     let first = Splitter::start(&dir, &args, Stdio::null());
     let port = first.port;
     let mut first = Some(first);
-    let player_port = free_port();
+    let mut player_port = 0;
     let mut procs: Vec<(String, Proc)> = Vec::new();
     for i in 0..peers {
         let name = format!("peer{i}");
-        let pp = if i == 1 {
-            player_port.to_string()
-        } else {
-            "0".to_owned()
+        let proc = match i {
+            0 => start_peer(&dir, &name, port, &["--player-port", "0", "--monitor"]),
+            1 => {
+                let (p, pp) = start_peer_with_player(&dir, &name, port, &[], &[]);
+                player_port = pp;
+                p
+            }
+            _ => start_peer(&dir, &name, port, &["--player-port", "0"]),
         };
-        let mut extra = vec!["--player-port", pp.as_str()];
-        if i == 0 {
-            extra.push("--monitor");
-        }
-        procs.push((name.clone(), start_peer(&dir, &name, port, &extra)));
+        procs.push((name, proc));
     }
     let all_in = |s: &Splitter| s.peers() == Some(peers);
     assert!(
@@ -185,6 +188,7 @@ fn fifty_peers_are_back_within_5_s_of_a_splitter_restart() {
 
 #[test]
 fn a_peer_gives_up_when_asked_to() {
+    let _one = one_at_a_time();
     let dir = test_dir("give-up");
     let splitter = Splitter::start(&dir, &["--bitrate", "256k"], Stdio::null());
     let mut peer = start_peer(
