@@ -282,7 +282,7 @@ impl Shard {
             .teams
             .team_ids()
             .into_iter()
-            .flat_map(|t| self.teams.members(t).into_iter().map(|m| m.0))
+            .flat_map(|t| self.teams.members(t).into_iter().map(|m| m.endpoint))
             .collect();
         self.sender
             .send_to_all(crate::proto::wire::GOODBYE, &all, &mut self.send_stats);

@@ -16,8 +16,7 @@ use super::Settings;
 use super::feed::{FeedStats, HeaderCell};
 use super::shard::ShardStats;
 use crate::metrics::{Exporter, Prom};
-use crate::proto::Endpoint;
-use crate::proto::team::TeamId;
+use crate::proto::team::{TeamId, TeamMember};
 
 /// Reads back the socket buffers the kernel granted a shard's socket, publishes them, and warns
 /// (once, for shard 0) when they are smaller than asked: bursts to many peers then overflow the
@@ -42,12 +41,12 @@ pub fn check_socket_buffers(
 }
 
 /// One team as its shard sees it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct TeamSnapshot {
     /// Team id.
     pub id: TeamId,
-    /// Members in round-robin order: endpoint, monitor, loss counter.
-    pub members: Vec<(Endpoint, bool, u32)>,
+    /// Members in round-robin order.
+    pub members: Vec<TeamMember>,
 }
 
 /// Rates over the last second, as on the status line.
@@ -413,15 +412,19 @@ impl Exporter for SplitterExporter {
                 let peers: Vec<serde_json::Value> = t
                     .members
                     .iter()
-                    .map(|(ep, monitor, losses)| {
-                        json!({ "endpoint": ep.to_string(), "monitor": monitor, "losses": losses })
+                    .map(|m| {
+                        json!({
+                            "endpoint": m.endpoint.to_string(),
+                            "monitor": m.monitor,
+                            "losses": m.losses,
+                        })
                     })
                     .collect();
                 teams.push(json!({
                     "id": t.id,
                     "shard": i,
                     "size": t.members.len(),
-                    "monitors": t.members.iter().filter(|m| m.1).count(),
+                    "monitors": t.members.iter().filter(|m| m.monitor).count(),
                     "peers": peers,
                 }));
             }
