@@ -15,7 +15,7 @@ use crate::http::{ChunkedDecoder, RequestHead, ResponseHead};
 use crate::proto::Endpoint;
 use crate::proto::peer::{Peer, PeerEvent, PeerRules};
 use crate::proto::seq;
-use crate::proto::team::{TeamRules, Teams};
+use crate::proto::team::{TeamMember, TeamRules, Teams};
 use crate::proto::wire::{CHUNK_HEADER, JoinConfig, ToPeer, ToSplitter, encode_chunk};
 use crate::splitter::control::{Request, classify_request};
 
@@ -289,7 +289,7 @@ pub fn udp_splitter(data: &[u8]) {
 }
 
 /// Every team's members with their monitor flags and loss counters.
-type Snapshot = Vec<(u32, Vec<(Endpoint, bool, u32)>)>;
+type Snapshot = Vec<(u32, Vec<TeamMember>)>;
 
 fn snapshot(teams: &Teams) -> Snapshot {
     teams

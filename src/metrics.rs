@@ -34,6 +34,25 @@ pub trait Exporter: Send + Sync + 'static {
     fn status(&self) -> serde_json::Value;
 }
 
+/// What a metric family is in Prometheus terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up (from 0 when the program starts).
+    Counter,
+    /// Goes up and down.
+    Gauge,
+}
+
+impl Kind {
+    /// The `# TYPE` word.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        }
+    }
+}
+
 /// Builds Prometheus text exposition format.
 #[derive(Debug, Default)]
 pub struct Prom {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use serde_json::json;
 
 use super::{PeerCounters, PeerOptions};
-use crate::metrics::{Exporter, Prom};
+use crate::metrics::{Exporter, Kind, Prom};
 use crate::proto::Endpoint;
 use crate::proto::peer::PeerStats;
 
@@ -45,6 +45,208 @@ impl DetailCell {
     pub fn get(&self) -> PeerDetail {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+}
+
+/// One peer metric, declared once: `/metrics` and the `/status` totals both read it here.
+struct PeerMetric {
+    /// Key in the `/status` totals.
+    key: &'static str,
+    /// Prometheus family name.
+    name: &'static str,
+    /// Help text.
+    help: &'static str,
+    /// Counter or gauge.
+    kind: Kind,
+    /// Its value.
+    read: fn(&PeerStats, &PeerCounters) -> u64,
+}
+
+impl PeerMetric {
+    const fn counter(
+        key: &'static str,
+        name: &'static str,
+        help: &'static str,
+        read: fn(&PeerStats, &PeerCounters) -> u64,
+    ) -> PeerMetric {
+        PeerMetric {
+            key,
+            name,
+            help,
+            kind: Kind::Counter,
+            read,
+        }
+    }
+
+    const fn gauge(
+        key: &'static str,
+        name: &'static str,
+        help: &'static str,
+        read: fn(&PeerStats, &PeerCounters) -> u64,
+    ) -> PeerMetric {
+        PeerMetric {
+            kind: Kind::Gauge,
+            ..PeerMetric::counter(key, name, help, read)
+        }
+    }
+}
+
+/// The peer's counters: the protocol core's [`PeerStats`] and the player's.
+const PEER_METRICS: &[PeerMetric] = &[
+    PeerMetric::counter(
+        "chunks_received",
+        "p2psp_peer_chunks_received_total",
+        "Chunk datagrams received (from anybody).",
+        |s, _| s.chunks_received,
+    ),
+    PeerMetric::counter(
+        "from_splitter",
+        "p2psp_peer_chunks_from_splitter_total",
+        "Chunk datagrams received from the splitter.",
+        |s, _| s.from_splitter,
+    ),
+    PeerMetric::counter(
+        "relayed",
+        "p2psp_peer_chunks_relayed_total",
+        "Chunk datagrams relayed to neighbours.",
+        |s, _| s.relayed,
+    ),
+    PeerMetric::counter(
+        "played",
+        "p2psp_peer_chunks_played_total",
+        "Chunks played in order.",
+        |s, _| s.played,
+    ),
+    PeerMetric::counter(
+        "lost",
+        "p2psp_peer_chunks_lost_total",
+        "Chunks missing at playout time (skipped).",
+        |s, _| s.lost,
+    ),
+    PeerMetric::counter(
+        "late",
+        "p2psp_peer_chunks_late_total",
+        "Chunks that arrived after their playout time.",
+        |s, _| s.late,
+    ),
+    PeerMetric::counter(
+        "duplicates",
+        "p2psp_peer_chunks_duplicate_total",
+        "Chunks received twice.",
+        |s, _| s.duplicates,
+    ),
+    PeerMetric::counter(
+        "out_of_window",
+        "p2psp_peer_chunks_out_of_window_total",
+        "Chunks from neighbours a buffer or more ahead of playout (dropped).",
+        |s, _| s.out_of_window,
+    ),
+    PeerMetric::counter(
+        "strangers_out_of_window",
+        "p2psp_peer_stranger_chunks_out_of_window_total",
+        "Chunks from strangers a buffer or more ahead of playout (dropped, sender not taken as a neighbour).",
+        |s, _| s.strangers_out_of_window,
+    ),
+    PeerMetric::counter(
+        "neighbours_refused",
+        "p2psp_peer_neighbours_refused_total",
+        "Hellos and chunks from strangers not taken as neighbours because the list was full.",
+        |s, _| s.neighbours_refused,
+    ),
+    PeerMetric::counter(
+        "resent_received",
+        "p2psp_peer_chunks_resent_received_total",
+        "Chunks the splitter resent (LRS).",
+        |s, _| s.resent_received,
+    ),
+    PeerMetric::counter(
+        "malformed",
+        "p2psp_peer_malformed_datagrams_total",
+        "Datagrams that are neither a chunk, a hello nor a goodbye.",
+        |s, _| s.malformed,
+    ),
+    PeerMetric::counter(
+        "hellos",
+        "p2psp_peer_hellos_total",
+        "Hellos received from newcomers.",
+        |s, _| s.hellos,
+    ),
+    PeerMetric::counter(
+        "goodbyes",
+        "p2psp_peer_goodbyes_total",
+        "Goodbyes received from neighbours.",
+        |s, _| s.goodbyes,
+    ),
+    PeerMetric::counter(
+        "stray_goodbyes",
+        "p2psp_peer_stray_goodbyes_total",
+        "Goodbyes from endpoints that are neither neighbours nor the splitter.",
+        |s, _| s.stray_goodbyes,
+    ),
+    PeerMetric::counter(
+        "debt_drops",
+        "p2psp_peer_debt_drops_total",
+        "Neighbours dropped because they did not relay (chunk debt).",
+        |s, _| s.debt_drops,
+    ),
+    PeerMetric::counter(
+        "loss_reports",
+        "p2psp_peer_loss_reports_total",
+        "Loss reports sent to the splitter (monitors).",
+        |s, _| s.loss_reports,
+    ),
+    PeerMetric::counter(
+        "player_overruns",
+        "p2psp_peer_player_overruns_total",
+        "Played chunks the player thread could not take in time.",
+        |_, c| c.player_overruns.load(Ordering::Relaxed),
+    ),
+    PeerMetric::counter(
+        "player_connects",
+        "p2psp_peer_player_connects_total",
+        "Players that connected.",
+        |_, c| c.player_connects.load(Ordering::Relaxed),
+    ),
+    PeerMetric::gauge(
+        "players",
+        "p2psp_peer_players",
+        "Players connected now.",
+        |_, c| c.players.load(Ordering::Relaxed),
+    ),
+    PeerMetric::counter(
+        "rejoins",
+        "p2psp_peer_rejoins_total",
+        "Times the peer joined a team again after its team session stalled.",
+        |_, c| c.rejoins.load(Ordering::Relaxed),
+    ),
+    PeerMetric::gauge(
+        "rejoin_attempt",
+        "p2psp_peer_rejoin_attempt",
+        "0 in a team; k while trying to join again for the k-th time in a row.",
+        |_, c| c.rejoin_attempt.load(Ordering::Relaxed),
+    ),
+    PeerMetric::gauge(
+        "stream_generation",
+        "p2psp_peer_stream_generation",
+        "Generation of the newest stream header known (0: the splitter does not say).",
+        |_, c| c.stream_generation.load(Ordering::Relaxed),
+    ),
+];
+
+/// Every metric of [`PEER_METRICS`] as Prometheus text.
+fn counters(p: &mut Prom, s: &PeerStats, c: &PeerCounters) {
+    for m in PEER_METRICS {
+        p.family(m.name, m.kind.name(), m.help);
+        p.sample(m.name, &[], (m.read)(s, c));
+    }
+}
+
+/// The `/status` totals: every metric of [`PEER_METRICS`] by its key.
+fn totals(s: &PeerStats, c: &PeerCounters) -> serde_json::Value {
+    PEER_METRICS
+        .iter()
+        .map(|m| (m.key.to_string(), (m.read)(s, c).into()))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 /// The peer's `--metrics` exporter.
@@ -88,105 +290,11 @@ impl Exporter for PeerExporter {
             u8::from(d.playing),
         );
         p.gauge(
-            "p2psp_peer_rejoin_attempt",
-            "0 in a team; k while trying to join again for the k-th time in a row.",
-            c.rejoin_attempt.load(Ordering::Relaxed),
-        );
-        p.counter(
-            "p2psp_peer_rejoins_total",
-            "Times the peer joined a team again after its team session stalled.",
-            c.rejoins.load(Ordering::Relaxed),
-        );
-        p.gauge(
             "p2psp_peer_neighbours",
             "Neighbours in the team.",
             d.neighbours.len(),
         );
-        let counters: [(&str, &str, u64); 14] = [
-            (
-                "p2psp_peer_chunks_received_total",
-                "Chunk datagrams received (from anybody).",
-                s.chunks_received,
-            ),
-            (
-                "p2psp_peer_chunks_from_splitter_total",
-                "Chunk datagrams received from the splitter.",
-                s.from_splitter,
-            ),
-            (
-                "p2psp_peer_chunks_relayed_total",
-                "Chunk datagrams relayed to neighbours.",
-                s.relayed,
-            ),
-            (
-                "p2psp_peer_chunks_played_total",
-                "Chunks played in order.",
-                s.played,
-            ),
-            (
-                "p2psp_peer_chunks_lost_total",
-                "Chunks missing at playout time (skipped).",
-                s.lost,
-            ),
-            (
-                "p2psp_peer_chunks_late_total",
-                "Chunks that arrived after their playout time.",
-                s.late,
-            ),
-            (
-                "p2psp_peer_chunks_duplicate_total",
-                "Chunks received twice.",
-                s.duplicates,
-            ),
-            (
-                "p2psp_peer_malformed_datagrams_total",
-                "Datagrams that are neither a chunk, a hello nor a goodbye.",
-                s.malformed,
-            ),
-            (
-                "p2psp_peer_hellos_total",
-                "Hellos received from newcomers.",
-                s.hellos,
-            ),
-            (
-                "p2psp_peer_goodbyes_total",
-                "Goodbyes received from neighbours.",
-                s.goodbyes,
-            ),
-            (
-                "p2psp_peer_debt_drops_total",
-                "Neighbours dropped because they did not relay (chunk debt).",
-                s.debt_drops,
-            ),
-            (
-                "p2psp_peer_loss_reports_total",
-                "Loss reports sent to the splitter (monitors).",
-                s.loss_reports,
-            ),
-            (
-                "p2psp_peer_player_overruns_total",
-                "Played chunks the player thread could not take in time.",
-                c.player_overruns.load(Ordering::Relaxed),
-            ),
-            (
-                "p2psp_peer_player_connects_total",
-                "Players that connected.",
-                c.player_connects.load(Ordering::Relaxed),
-            ),
-        ];
-        for (name, help, v) in counters {
-            p.counter(name, help, v);
-        }
-        p.gauge(
-            "p2psp_peer_players",
-            "Players connected now.",
-            c.players.load(Ordering::Relaxed),
-        );
-        p.gauge(
-            "p2psp_peer_stream_generation",
-            "Generation of the newest stream header known (0: the splitter does not say).",
-            c.stream_generation.load(Ordering::Relaxed),
-        );
+        counters(p, s, c);
         p.gauge(
             "p2psp_peer_buffer_chunks",
             "Playout buffer size in chunks (from the join).",
@@ -229,26 +337,7 @@ impl Exporter for PeerExporter {
                 "chunk_size": d.chunk_size,
                 "buffer_size": d.buffer_size,
             },
-            "totals": {
-                "chunks_received": s.chunks_received,
-                "from_splitter": s.from_splitter,
-                "relayed": s.relayed,
-                "played": s.played,
-                "lost": s.lost,
-                "late": s.late,
-                "duplicates": s.duplicates,
-                "out_of_window": s.out_of_window,
-                "malformed": s.malformed,
-                "hellos": s.hellos,
-                "goodbyes": s.goodbyes,
-                "debt_drops": s.debt_drops,
-                "loss_reports": s.loss_reports,
-                "player_overruns": c.player_overruns.load(Ordering::Relaxed),
-                "players": c.players.load(Ordering::Relaxed),
-                "rejoins": c.rejoins.load(Ordering::Relaxed),
-                "player_connects": c.player_connects.load(Ordering::Relaxed),
-                "stream_generation": c.stream_generation.load(Ordering::Relaxed),
-            },
+            "totals": totals(s, c),
             "rates": {
                 "played_per_second": d.rates[0],
                 "bits_played_per_second": d.rates[0] * f64::from(d.chunk_size) * 8.0,
@@ -258,5 +347,49 @@ impl Exporter for PeerExporter {
             },
             "neighbours": neighbours,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_peer_counter_is_in_metrics_and_status() {
+        // Naming every field: a new one fails to compile here until it has a metric.
+        let s = PeerStats {
+            chunks_received: 101,
+            from_splitter: 102,
+            relayed: 103,
+            played: 104,
+            lost: 105,
+            late: 106,
+            duplicates: 107,
+            out_of_window: 108,
+            strangers_out_of_window: 109,
+            neighbours_refused: 110,
+            resent_received: 111,
+            malformed: 112,
+            hellos: 113,
+            goodbyes: 114,
+            stray_goodbyes: 115,
+            debt_drops: 116,
+            loss_reports: 117,
+        };
+        let c = PeerCounters::default();
+        let mut p = Prom::new();
+        counters(&mut p, &s, &c);
+        let text = p.finish();
+        let totals = totals(&s, &c);
+        for v in 101..=117u64 {
+            assert!(text.contains(&format!(" {v}\n")), "{v} not in\n{text}");
+            assert!(totals.as_object().unwrap().values().any(|t| *t == v), "{v}");
+        }
+        let mut names = std::collections::HashSet::new();
+        for m in PEER_METRICS {
+            assert!(names.insert(m.name), "{} twice", m.name);
+            assert!(totals.get(m.key).is_some(), "{}", m.key);
+        }
+        assert_eq!(totals.as_object().unwrap().len(), PEER_METRICS.len());
     }
 }

@@ -221,6 +221,18 @@ pub struct TeamCounters {
     pub expelled: u64,
 }
 
+/// A team member as status pages and tests see it ([`Teams::members`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TeamMember {
+    /// Its UDP endpoint.
+    pub endpoint: Endpoint,
+    /// Whether it is a monitor.
+    pub monitor: bool,
+    /// Its loss counter: chunks sent to it that monitors reported lost, halved every
+    /// [`TeamRules::loss_halving`]. A plain peer over [`TeamRules::max_losses`] is expelled.
+    pub losses: u32,
+}
+
 #[derive(Debug, Clone)]
 struct Member {
     endpoint: Endpoint,
@@ -681,14 +693,18 @@ impl Teams {
     }
 
     /// A team's members in round-robin order with their loss counters, for status pages.
-    pub fn members(&self, team: TeamId) -> Vec<(Endpoint, bool, u32)> {
+    pub fn members(&self, team: TeamId) -> Vec<TeamMember> {
         self.teams
             .iter()
             .find(|t| t.id == team)
             .map(|t| {
                 t.members
                     .iter()
-                    .map(|m| (m.endpoint, m.monitor, m.losses))
+                    .map(|m| TeamMember {
+                        endpoint: m.endpoint,
+                        monitor: m.monitor,
+                        losses: m.losses,
+                    })
                     .collect()
             })
             .unwrap_or_default()
@@ -706,6 +722,14 @@ mod tests {
 
     fn ep(port: u16) -> Endpoint {
         Endpoint::new([127, 0, 0, 1].into(), port)
+    }
+
+    fn member(port: u16, monitor: bool, losses: u32) -> TeamMember {
+        TeamMember {
+            endpoint: ep(port),
+            monitor,
+            losses,
+        }
     }
 
     fn chunk(teams: &mut Teams, n: u16) -> Vec<Endpoint> {
@@ -744,7 +768,7 @@ mod tests {
         assert_eq!(chunk(&mut t, 0), vec![ep(2)]);
         t.insert(0, ep(1), true);
         assert_eq!(
-            t.members(0).iter().map(|m| m.0).collect::<Vec<_>>(),
+            t.members(0).iter().map(|m| m.endpoint).collect::<Vec<_>>(),
             [ep(1), ep(2), ep(3)]
         );
         // The round robin still continues with ep(3), then starts over at the monitor.
@@ -806,7 +830,7 @@ mod tests {
         assert_eq!(t.counters().stray_goodbyes, 1);
         assert_eq!(t.counters().stray_loss_reports, 200);
         assert_eq!(t.counters().malformed, 1);
-        assert_eq!(t.members(0), vec![(ep(1), true, 0), (ep(2), false, 0)]);
+        assert_eq!(t.members(0), vec![member(1, true, 0), member(2, false, 0)]);
         assert_eq!(t.poll_event(), None);
     }
 
@@ -835,23 +859,23 @@ mod tests {
         for n in (1u16..40).step_by(2) {
             t.handle_datagram(ep(1), &n.to_be_bytes()); // 20 reports
         }
-        assert_eq!(t.members(0)[1].2, 20);
+        assert_eq!(t.members(0)[1].losses, 20);
         t.handle_timeout(start + Duration::from_millis(999));
-        assert_eq!(t.members(0)[1].2, 20);
+        assert_eq!(t.members(0)[1].losses, 20);
         t.handle_timeout(start + Duration::from_secs(1));
-        assert_eq!(t.members(0)[1].2, 10);
+        assert_eq!(t.members(0)[1].losses, 10);
         // A report on a chunk whose destination was the monitor itself: counted, never expelled.
         t.handle_datagram(ep(1), &0u16.to_be_bytes());
-        assert_eq!(t.members(0)[0].2, 1);
+        assert_eq!(t.members(0)[0].losses, 1);
         for n in (41u16..64).step_by(2) {
             t.handle_datagram(ep(1), &n.to_be_bytes()); // 12 more: 22
         }
-        assert_eq!(t.members(0)[1].2, 22);
+        assert_eq!(t.members(0)[1].losses, 22);
         // Reporting the same chunks again blames nobody twice.
         for n in (41u16..64).step_by(2) {
             t.handle_datagram(ep(1), &n.to_be_bytes());
         }
-        assert_eq!(t.members(0)[1].2, 22);
+        assert_eq!(t.members(0)[1].losses, 22);
         assert_eq!(t.counters().repeated_loss_reports, 12);
         // A report for a chunk whose destination is forgotten is counted, not blamed.
         t.handle_datagram(ep(1), &5000u16.to_be_bytes());
@@ -988,7 +1012,7 @@ mod tests {
         // A plain peer asks for itself: resent to it, nobody blamed.
         t.handle_datagram(ep(2), &0u16.to_be_bytes());
         assert_eq!(t.poll_resend(), Some((0, ep(2))));
-        assert_eq!(t.members(0), vec![(ep(1), true, 0), (ep(2), false, 1)]);
+        assert_eq!(t.members(0), vec![member(1, true, 0), member(2, false, 1)]);
         assert_eq!(t.counters().loss_requests, 1);
         // Strangers get nothing.
         t.handle_datagram(ep(9), &1u16.to_be_bytes());
@@ -1005,7 +1029,7 @@ mod tests {
         t.handle_datagram(ep(2), &0u16.to_be_bytes());
         assert_eq!(t.poll_resend(), None);
         assert_eq!(t.counters().stray_loss_reports, 1);
-        assert_eq!(t.members(0), vec![(ep(1), true, 0), (ep(2), false, 0)]);
+        assert_eq!(t.members(0), vec![member(1, true, 0), member(2, false, 0)]);
     }
 
     #[test]
@@ -1026,7 +1050,7 @@ mod tests {
         }
         assert_eq!(std::iter::from_fn(|| t.poll_resend()).count(), 10);
         assert_eq!(t.counters().resends_refused, 90);
-        assert_eq!(t.members(0)[1].2, 1, "blamed once");
+        assert_eq!(t.members(0)[1].losses, 1, "blamed once");
         // Halved every period: room for 5 more.
         t.handle_timeout(start + Duration::from_secs(1));
         for _ in 0..100 {

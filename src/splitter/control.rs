@@ -27,6 +27,7 @@ use crossbeam_channel::{Receiver, Sender};
 use super::Settings;
 use super::feed::{FeedStats, HeaderCell, StreamHeader};
 use super::shard::{Command, Report, ShardStats};
+use super::status::{Board, ControlCounters, PlaneView, Rates, StatusLine};
 use crate::driver::{self, PollFd, Waker};
 use crate::proto::Endpoint;
 use crate::proto::directory::{Directory, DirectoryRules, Placement};
@@ -126,7 +127,7 @@ pub struct Control {
     stats: Arc<ControlStats>,
     last_full_log: Option<Instant>,
     /// Where the status line's numbers are published for `--metrics`.
-    board: Arc<super::status::Board>,
+    board: Arc<Board>,
 }
 
 impl Control {
@@ -166,7 +167,7 @@ impl Control {
     }
 
     /// Publishes the control plane's counters and rates to `board` once a second.
-    pub fn with_board(mut self, board: Arc<super::status::Board>) -> Control {
+    pub fn with_board(mut self, board: Arc<Board>) -> Control {
         self.board = board;
         self
     }
@@ -174,7 +175,7 @@ impl Control {
     /// Runs until `stop`.
     pub fn run(mut self, stop: &AtomicBool) -> anyhow::Result<()> {
         self.listener.set_nonblocking(true)?;
-        let mut status = Status::new(Instant::now());
+        let mut status = StatusLine::new(Instant::now());
         let mut fds: Vec<PollFd> = Vec::new();
         let mut ids: Vec<u64> = Vec::new();
         while !stop.load(Ordering::Relaxed) {
@@ -200,9 +201,16 @@ impl Control {
                 self.progress(*id, ready, now);
             }
             self.drain_reports();
-            if let Some(line) = status.tick(now, &self) {
+            let plane = PlaneView {
+                peers: self.directory.peer_count(),
+                teams: self.directory.team_count(),
+                ignored: self.stats.foreign_datagrams.load(Ordering::Relaxed)
+                    + self.stats.forward_dropped.load(Ordering::Relaxed),
+            };
+            let shards = self.shards.iter().map(|l| &*l.stats);
+            if let Some(line) = status.tick(now, &self.feed, shards, plane) {
                 eprintln!("{line}");
-                self.publish(status.rates);
+                self.publish(status.rates());
             }
             if self.feed.ended.load(Ordering::Relaxed) {
                 break;
@@ -637,99 +645,13 @@ pub fn header_response(h: &StreamHeader, chunks: u64) -> Vec<u8> {
     out
 }
 
-/// The once-a-second status line.
-struct Status {
-    next: Instant,
-    last: Instant,
-    chunks: u64,
-    datagrams: u64,
-    bytes: u64,
-    loss_reports: u64,
-    source_bytes: u64,
-    rates: super::status::Rates,
-}
-
-impl Status {
-    fn new(now: Instant) -> Status {
-        Status {
-            next: now + Duration::from_secs(1),
-            last: now,
-            chunks: 0,
-            datagrams: 0,
-            bytes: 0,
-            loss_reports: 0,
-            source_bytes: 0,
-            rates: super::status::Rates::default(),
-        }
-    }
-
-    fn tick(&mut self, now: Instant, c: &Control) -> Option<String> {
-        if now < self.next {
-            return None;
-        }
-        let dt = now.duration_since(self.last).as_secs_f64().max(1e-3);
-        self.last = now;
-        self.next = now + Duration::from_secs(1);
-        let sum =
-            |f: &dyn Fn(&ShardStats) -> u64| c.shards.iter().map(|l| f(&l.stats)).sum::<u64>();
-        let chunks = c.feed.chunks.load(Ordering::Relaxed);
-        let datagrams = sum(&|s| s.datagrams.load(Ordering::Relaxed));
-        let bytes = sum(&|s| s.bytes.load(Ordering::Relaxed));
-        let loss_reports = sum(&|s| s.loss_reports.load(Ordering::Relaxed));
-        let expelled = sum(&|s| s.expelled.load(Ordering::Relaxed));
-        let dropped = sum(&|s| {
-            s.send_dropped.load(Ordering::Relaxed) + s.ring_missed.load(Ordering::Relaxed)
-        });
-        let ignored = sum(&|s| {
-            s.ignored.load(Ordering::Relaxed)
-                + s.truncated.load(Ordering::Relaxed)
-                + s.foreign_dropped.load(Ordering::Relaxed)
-        }) + c.stats.foreign_datagrams.load(Ordering::Relaxed)
-            + c.stats.forward_dropped.load(Ordering::Relaxed);
-        let worst = |f: &dyn Fn(&ShardStats) -> u64| {
-            c.shards.iter().map(|l| f(&l.stats)).max().unwrap_or(0) as f64 / 1e3
-        };
-        let lag_p99 = worst(&|s| s.send_lag_p99_us.load(Ordering::Relaxed));
-        let lag_max = worst(&|s| s.send_lag_max_us.load(Ordering::Relaxed));
-        let line = format!(
-            "splitter: {} peers in {} teams | in {:.0} chunks/s | out {:.0} datagrams/s {:.2} Mbit/s | send lag p99 {:.2} ms max {:.2} ms | losses {:.0}/s ({} total) expelled {} | send drops {} | ignored {}",
-            c.directory.peer_count(),
-            c.directory.team_count(),
-            (chunks - self.chunks) as f64 / dt,
-            (datagrams - self.datagrams) as f64 / dt,
-            (bytes - self.bytes) as f64 * 8.0 / dt / 1e6,
-            lag_p99,
-            lag_max,
-            (loss_reports - self.loss_reports) as f64 / dt,
-            loss_reports,
-            expelled,
-            dropped,
-            ignored,
-        );
-        let source_bytes = c.feed.bytes.load(Ordering::Relaxed);
-        self.rates = super::status::Rates {
-            chunks_in_per_second: (chunks - self.chunks) as f64 / dt,
-            bits_in_per_second: (source_bytes - self.source_bytes) as f64 * 8.0 / dt,
-            datagrams_out_per_second: (datagrams - self.datagrams) as f64 / dt,
-            bits_out_per_second: (bytes - self.bytes) as f64 * 8.0 / dt,
-            loss_reports_per_second: (loss_reports - self.loss_reports) as f64 / dt,
-        };
-        self.chunks = chunks;
-        self.datagrams = datagrams;
-        self.bytes = bytes;
-        self.loss_reports = loss_reports;
-        self.source_bytes = source_bytes;
-        Some(line)
-    }
-}
-
 impl Control {
     /// Publishes the counters and the last second's rates for `--metrics`, and tells systemd.
-    fn publish(&self, rates: super::status::Rates) {
+    fn publish(&self, rates: Rates) {
         let c = &self.stats;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         self.board.publish(
-            super::status::ControlCounters {
+            ControlCounters {
                 joins: get(&c.joins),
                 refused: get(&c.refused_pending) + get(&c.refused_full),
                 timeouts: get(&c.timeouts),

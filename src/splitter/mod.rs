@@ -7,7 +7,7 @@
 //!   an io_uring (or `sendmmsg`) UDP socket bound to the splitter port with `SO_REUSEPORT`; each
 //!   chunk goes out in batched submissions that all point at the one datagram in the ring;
 //! - the **control plane** ([`control`]) accepts TCP joins (no thread per peer), places peers in
-//!   teams, serves the stream header over HTTP and prints the status line;
+//!   teams, serves the stream header over HTTP and prints the status line ([`status`]);
 //! - with `--metrics`, a small thread serves what [`status`] exports.
 
 pub mod control;
@@ -86,7 +86,7 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         let (cmd_tx, cmd_rx) = crossbeam_channel::bounded(65536);
         let (dgram_tx, dgram_rx) = crossbeam_channel::bounded(shard::DATAGRAM_QUEUE);
         let stats = Arc::new(shard::ShardStats::default());
-        status::check_socket_buffers(&socket, settings.socket_buffer, index, &stats);
+        shard::check_socket_buffers(&socket, settings.socket_buffer, index, &stats);
         let core = cores.get(index % cores.len().max(1)).copied();
         let shard_stop = stop.clone();
         let queues = shard::ShardQueues {
@@ -282,29 +282,15 @@ impl Splitter {
     /// What the splitter counted so far, summed over its shards.
     pub fn stats(&self) -> SplitterStats {
         let mut out = SplitterStats::default();
-        for s in &self.shard_stats {
-            let c = *s.team.lock().unwrap_or_else(|e| e.into_inner());
-            let t = &mut out.team;
-            t.goodbyes += c.goodbyes;
-            t.stray_goodbyes += c.stray_goodbyes;
-            t.repeated_goodbyes += c.repeated_goodbyes;
-            t.loss_reports += c.loss_reports;
-            t.stray_loss_reports += c.stray_loss_reports;
-            t.unattributed_loss_reports += c.unattributed_loss_reports;
-            t.repeated_loss_reports += c.repeated_loss_reports;
-            t.loss_requests += c.loss_requests;
-            t.resends += c.resends;
-            t.resends_refused += c.resends_refused;
-            t.malformed += c.malformed;
-            t.left += c.left;
-            t.expelled += c.expelled;
-            out.received += s.received.load(Ordering::Relaxed);
-            out.truncated += s.truncated.load(Ordering::Relaxed);
-            out.foreign_dropped += s.foreign_dropped.load(Ordering::Relaxed);
-            out.datagrams_sent += s.datagrams.load(Ordering::Relaxed);
-            out.resent += s.resent.load(Ordering::Relaxed);
-            out.peers += s.peers.load(Ordering::Relaxed);
-        }
+        use shard::ShardMetric as M;
+        let sum = |m| status::sum(self.shard_stats.iter().map(|s| &**s), m);
+        out.team = shard::team_counters(sum);
+        out.received = sum(M::Received);
+        out.truncated = sum(M::Truncated);
+        out.foreign_dropped = sum(M::ForeignDropped);
+        out.datagrams_sent = sum(M::Datagrams);
+        out.resent = sum(M::Resent);
+        out.peers = sum(M::Peers);
         let c = &self.control_stats;
         let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         out.joins = get(&c.joins);

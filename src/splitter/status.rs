@@ -1,54 +1,23 @@
-//! What the splitter shows an operator: the `--metrics` exporter (Prometheus text and the
-//! `/status` JSON) over the counters the feed, the shards and the control plane publish.
+//! What the splitter shows an operator: the once-a-second status line ([`StatusLine`], printed
+//! by the control plane) and the `--metrics` exporter (Prometheus text and the `/status` JSON)
+//! over the counters the feed, the shards and the control plane publish.
 //!
 //! Nothing here is on the data path. Shards publish relaxed atomics as they go and a snapshot of
 //! their teams once a second; the control plane publishes its counters and the rates it computes
-//! for the status line once a second ([`Board`]).
+//! for the status line once a second ([`Board`]). The shards' metrics are declared once, in
+//! [`SHARD_METRICS`]: the status line, `/metrics` and `/status` all go through that table.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::json;
 
 use super::Settings;
 use super::feed::{FeedStats, HeaderCell};
-use super::shard::ShardStats;
+use super::shard::{SHARD_METRICS, ShardMetric, ShardStats};
 use crate::metrics::{Exporter, Prom};
-use crate::proto::Endpoint;
-use crate::proto::team::TeamId;
-
-/// Reads back the socket buffers the kernel granted a shard's socket, publishes them, and warns
-/// (once, for shard 0) when they are smaller than asked: bursts to many peers then overflow the
-/// send buffer (EAGAIN) or loss reports and goodbyes are dropped.
-pub fn check_socket_buffers(
-    socket: &std::net::UdpSocket,
-    wanted: usize,
-    shard: usize,
-    stats: &ShardStats,
-) {
-    let s = socket2::SockRef::from(socket);
-    // Linux reports twice the size asked for (the doubling covers its bookkeeping).
-    let send = s.send_buffer_size().unwrap_or(0) / 2;
-    let recv = s.recv_buffer_size().unwrap_or(0) / 2;
-    stats.send_buffer.store(send as u64, Ordering::Relaxed);
-    stats.recv_buffer.store(recv as u64, Ordering::Relaxed);
-    if shard == 0 && (send < wanted || recv < wanted) {
-        tracing::warn!(
-            "UDP socket buffers are {send} bytes (send) and {recv} bytes (receive), not the {wanted} asked: raise net.core.wmem_max and net.core.rmem_max (see docs/operations.md) or run with CAP_NET_ADMIN"
-        );
-    }
-}
-
-/// One team as its shard sees it.
-#[derive(Debug, Clone, Serialize)]
-pub struct TeamSnapshot {
-    /// Team id.
-    pub id: TeamId,
-    /// Members in round-robin order: endpoint, monitor, loss counter.
-    pub members: Vec<(Endpoint, bool, u32)>,
-}
 
 /// Rates over the last second, as on the status line.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -63,6 +32,108 @@ pub struct Rates {
     pub bits_out_per_second: f64,
     /// Loss reports received per second.
     pub loss_reports_per_second: f64,
+}
+
+/// The control plane's part of the status line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlaneView {
+    /// Peers placed in teams.
+    pub peers: usize,
+    /// Teams.
+    pub teams: usize,
+    /// Datagrams the control plane dropped: from endpoints that are no member anywhere, or for a
+    /// shard whose queue was full.
+    pub ignored: u64,
+}
+
+/// The once-a-second status line, and the rates it computes for `/status`.
+#[derive(Debug)]
+pub struct StatusLine {
+    next: Instant,
+    last: Instant,
+    chunks: u64,
+    datagrams: u64,
+    bytes: u64,
+    loss_reports: u64,
+    source_bytes: u64,
+    rates: Rates,
+}
+
+impl StatusLine {
+    /// The first line is due a second after `now`.
+    pub fn new(now: Instant) -> StatusLine {
+        StatusLine {
+            next: now + Duration::from_secs(1),
+            last: now,
+            chunks: 0,
+            datagrams: 0,
+            bytes: 0,
+            loss_reports: 0,
+            source_bytes: 0,
+            rates: Rates::default(),
+        }
+    }
+
+    /// The rates over the second before the last line.
+    pub fn rates(&self) -> Rates {
+        self.rates
+    }
+
+    /// The line, once a second (`None` until it is due).
+    pub fn tick<'a>(
+        &mut self,
+        now: Instant,
+        feed: &FeedStats,
+        shards: impl Iterator<Item = &'a ShardStats> + Clone,
+        plane: PlaneView,
+    ) -> Option<String> {
+        use ShardMetric as M;
+        if now < self.next {
+            return None;
+        }
+        let dt = now.duration_since(self.last).as_secs_f64().max(1e-3);
+        self.last = now;
+        self.next = now + Duration::from_secs(1);
+        let sum = |ms: &[ShardMetric]| ms.iter().map(|&m| sum(shards.clone(), m)).sum::<u64>();
+        let chunks = feed.chunks.load(Ordering::Relaxed);
+        let datagrams = sum(&[M::Datagrams]);
+        let bytes = sum(&[M::Bytes]);
+        let loss_reports = sum(&[M::LossReports]);
+        let expelled = sum(&[M::Expelled]);
+        let dropped = sum(&[M::SendDropped, M::RingMissed]);
+        let ignored = sum(&[M::Ignored, M::Truncated, M::ForeignDropped]) + plane.ignored;
+        let lag_p99 = max(shards.clone(), M::SendLagP99) as f64 / 1e3;
+        let lag_max = max(shards.clone(), M::SendLagMax) as f64 / 1e3;
+        let line = format!(
+            "splitter: {} peers in {} teams | in {:.0} chunks/s | out {:.0} datagrams/s {:.2} Mbit/s | send lag p99 {:.2} ms max {:.2} ms | losses {:.0}/s ({} total) expelled {} | send drops {} | ignored {}",
+            plane.peers,
+            plane.teams,
+            (chunks - self.chunks) as f64 / dt,
+            (datagrams - self.datagrams) as f64 / dt,
+            (bytes - self.bytes) as f64 * 8.0 / dt / 1e6,
+            lag_p99,
+            lag_max,
+            (loss_reports - self.loss_reports) as f64 / dt,
+            loss_reports,
+            expelled,
+            dropped,
+            ignored,
+        );
+        let source_bytes = feed.bytes.load(Ordering::Relaxed);
+        self.rates = Rates {
+            chunks_in_per_second: (chunks - self.chunks) as f64 / dt,
+            bits_in_per_second: (source_bytes - self.source_bytes) as f64 * 8.0 / dt,
+            datagrams_out_per_second: (datagrams - self.datagrams) as f64 / dt,
+            bits_out_per_second: (bytes - self.bytes) as f64 * 8.0 / dt,
+            loss_reports_per_second: (loss_reports - self.loss_reports) as f64 / dt,
+        };
+        self.chunks = chunks;
+        self.datagrams = datagrams;
+        self.bytes = bytes;
+        self.loss_reports = loss_reports;
+        self.source_bytes = source_bytes;
+        Some(line)
+    }
 }
 
 /// The control plane's counters.
@@ -131,97 +202,20 @@ impl SplitterExporter {
         }
     }
 
-    fn sum(&self, f: impl Fn(&ShardStats) -> &std::sync::atomic::AtomicU64) -> u64 {
-        self.shards
-            .iter()
-            .map(|s| f(s).load(Ordering::Relaxed))
-            .sum()
+    fn sum(&self, m: ShardMetric) -> u64 {
+        sum(self.shards.iter().map(|s| &**s), m)
     }
 }
 
-/// Per-shard counters: metric name, help, field.
-type ShardField = (
-    &'static str,
-    &'static str,
-    fn(&ShardStats) -> &std::sync::atomic::AtomicU64,
-);
+/// `m` summed over `shards`.
+pub fn sum<'a>(shards: impl IntoIterator<Item = &'a ShardStats>, m: ShardMetric) -> u64 {
+    shards.into_iter().map(|s| s.get(m)).sum()
+}
 
-const SHARD_COUNTERS: &[ShardField] = &[
-    (
-        "p2psp_splitter_chunks_out_total",
-        "Chunks a shard took from the ring and scheduled to its teams.",
-        |s| &s.chunks,
-    ),
-    (
-        "p2psp_splitter_ring_missed_chunks_total",
-        "Chunks a shard skipped because it fell a whole ring behind.",
-        |s| &s.ring_missed,
-    ),
-    (
-        "p2psp_splitter_send_eagain_total",
-        "Sends that found the socket buffer full (EAGAIN) and were retried.",
-        |s| &s.eagain,
-    ),
-    (
-        "p2psp_splitter_send_enobufs_total",
-        "Sends that failed with ENOBUFS.",
-        |s| &s.enobufs,
-    ),
-    (
-        "p2psp_splitter_send_dropped_total",
-        "Datagrams given up after send errors.",
-        |s| &s.send_dropped,
-    ),
-    (
-        "p2psp_splitter_datagrams_received_total",
-        "Datagrams received from peers.",
-        |s| &s.received,
-    ),
-    (
-        "p2psp_splitter_loss_reports_total",
-        "Loss reports received from monitors.",
-        |s| &s.loss_reports,
-    ),
-    (
-        "p2psp_splitter_goodbyes_total",
-        "Goodbyes received from members.",
-        |s| &s.goodbyes,
-    ),
-    (
-        "p2psp_splitter_expelled_total",
-        "Peers expelled for losses.",
-        |s| &s.expelled,
-    ),
-    (
-        "p2psp_splitter_lrs_resent_total",
-        "Chunks resent to monitors that reported them lost (LRS).",
-        |s| &s.resent,
-    ),
-    (
-        "p2psp_splitter_ignored_datagrams_total",
-        "Datagrams ignored: from strangers or non-monitors, or malformed.",
-        |s| &s.ignored,
-    ),
-];
-
-/// Per-shard counters labelled with the send path.
-const SEND_COUNTERS: &[ShardField] = &[
-    (
-        "p2psp_splitter_datagrams_sent_total",
-        "Datagrams handed to the kernel, by shard and send path.",
-        |s| &s.datagrams,
-    ),
-    (
-        "p2psp_splitter_bytes_sent_total",
-        "UDP payload bytes handed to the kernel, by shard and send path.",
-        |s| &s.bytes,
-    ),
-    (
-        "p2psp_splitter_send_submissions_total",
-        "Send system calls (io_uring_enter or sendmmsg), by shard and send path.",
-        |s| &s.submissions,
-    ),
-];
+/// The largest value of `m` over `shards`.
+pub fn max<'a>(shards: impl IntoIterator<Item = &'a ShardStats>, m: ShardMetric) -> u64 {
+    shards.into_iter().map(|s| s.get(m)).max().unwrap_or(0)
+}
 
 impl Exporter for SplitterExporter {
     fn metrics(&self, p: &mut Prom) {
@@ -242,9 +236,13 @@ impl Exporter for SplitterExporter {
         p.gauge(
             "p2psp_splitter_peers",
             "Peers in teams (monitors included).",
-            self.sum(|s| &s.peers),
+            self.sum(ShardMetric::Peers),
         );
-        p.gauge("p2psp_splitter_teams", "Teams.", self.sum(|s| &s.teams));
+        p.gauge(
+            "p2psp_splitter_teams",
+            "Teams.",
+            self.sum(ShardMetric::Teams),
+        );
         p.counter(
             "p2psp_splitter_chunks_in_total",
             "Chunks cut from the source stream.",
@@ -315,58 +313,16 @@ impl Exporter for SplitterExporter {
             control.foreign_datagrams,
         );
         let path = self.settings.send_path.name();
-        for (name, help, field) in SEND_COUNTERS {
-            p.family(name, "counter", help);
+        for (&m, info) in ShardMetric::ALL.iter().zip(SHARD_METRICS) {
+            p.family(info.name, info.kind.name(), info.help());
             for (i, s) in self.shards.iter().enumerate() {
                 let shard = i.to_string();
-                p.sample(
-                    name,
-                    &[("shard", &shard), ("path", path)],
-                    field(s).load(Ordering::Relaxed),
-                );
-            }
-        }
-        for (name, help, field) in SHARD_COUNTERS {
-            p.family(name, "counter", help);
-            for (i, s) in self.shards.iter().enumerate() {
-                let shard = i.to_string();
-                p.sample(name, &[("shard", &shard)], field(s).load(Ordering::Relaxed));
-            }
-        }
-        for (name, help, field) in [
-            (
-                "p2psp_splitter_shard_peers",
-                "Peers a shard serves.",
-                (|s| &s.peers) as fn(&ShardStats) -> &std::sync::atomic::AtomicU64,
-            ),
-            ("p2psp_splitter_shard_teams", "Teams a shard owns.", |s| {
-                &s.teams
-            }),
-            (
-                "p2psp_splitter_socket_send_buffer_bytes",
-                "UDP send buffer the kernel granted a shard's socket.",
-                |s| &s.send_buffer,
-            ),
-            (
-                "p2psp_splitter_socket_receive_buffer_bytes",
-                "UDP receive buffer the kernel granted a shard's socket.",
-                |s| &s.recv_buffer,
-            ),
-            (
-                "p2psp_splitter_send_lag_p99_microseconds",
-                "99th percentile over the last second of the time from a chunk's arrival to a shard's last send of it.",
-                |s| &s.send_lag_p99_us,
-            ),
-            (
-                "p2psp_splitter_send_lag_max_microseconds",
-                "Largest time over the last second from a chunk's arrival to a shard's last send of it.",
-                |s| &s.send_lag_max_us,
-            ),
-        ] {
-            p.family(name, "gauge", help);
-            for (i, s) in self.shards.iter().enumerate() {
-                let shard = i.to_string();
-                p.sample(name, &[("shard", &shard)], field(s).load(Ordering::Relaxed));
+                let labels: &[(&str, &str)] = if info.by_path {
+                    &[("shard", &shard), ("path", path)]
+                } else {
+                    &[("shard", &shard)]
+                };
+                p.sample(info.name, labels, s.get(m));
             }
         }
     }
@@ -382,29 +338,12 @@ impl Exporter for SplitterExporter {
             .iter()
             .enumerate()
             .map(|(i, st)| {
-                json!({
-                    "index": i,
-                    "peers": load(&st.peers),
-                    "teams": load(&st.teams),
-                    "chunks": load(&st.chunks),
-                    "ring_missed": load(&st.ring_missed),
-                    "datagrams_sent": load(&st.datagrams),
-                    "bytes_sent": load(&st.bytes),
-                    "submissions": load(&st.submissions),
-                    "eagain": load(&st.eagain),
-                    "enobufs": load(&st.enobufs),
-                    "send_dropped": load(&st.send_dropped),
-                    "datagrams_received": load(&st.received),
-                    "loss_reports": load(&st.loss_reports),
-                    "goodbyes": load(&st.goodbyes),
-                    "expelled": load(&st.expelled),
-                    "lrs_resent": load(&st.resent),
-                    "ignored": load(&st.ignored),
-                    "socket_send_buffer": load(&st.send_buffer),
-                    "socket_receive_buffer": load(&st.recv_buffer),
-                    "send_lag_p99_us": load(&st.send_lag_p99_us),
-                    "send_lag_max_us": load(&st.send_lag_max_us),
-                })
+                let mut shard = serde_json::Map::new();
+                shard.insert("index".into(), i.into());
+                for (&m, info) in ShardMetric::ALL.iter().zip(SHARD_METRICS) {
+                    shard.insert(info.key.into(), st.get(m).into());
+                }
+                shard.into()
             })
             .collect();
         let mut teams: Vec<serde_json::Value> = Vec::new();
@@ -413,20 +352,43 @@ impl Exporter for SplitterExporter {
                 let peers: Vec<serde_json::Value> = t
                     .members
                     .iter()
-                    .map(|(ep, monitor, losses)| {
-                        json!({ "endpoint": ep.to_string(), "monitor": monitor, "losses": losses })
+                    .map(|m| {
+                        json!({
+                            "endpoint": m.endpoint.to_string(),
+                            "monitor": m.monitor,
+                            "losses": m.losses,
+                        })
                     })
                     .collect();
                 teams.push(json!({
                     "id": t.id,
                     "shard": i,
                     "size": t.members.len(),
-                    "monitors": t.members.iter().filter(|m| m.1).count(),
+                    "monitors": t.members.iter().filter(|m| m.monitor).count(),
                     "peers": peers,
                 }));
             }
         }
         teams.sort_by_key(|t| t["id"].as_u64());
+        let mut totals = json!({
+            "chunks_in": load(&f.chunks),
+            "bytes_in": load(&f.bytes),
+            // The names the totals always had for datagrams_sent and bytes_sent.
+            "datagrams_out": self.sum(ShardMetric::Datagrams),
+            "bytes_out": self.sum(ShardMetric::Bytes),
+            // With the datagrams the control plane ignored.
+            "ignored": self.sum(ShardMetric::Ignored) + control.foreign_datagrams,
+            "joins": control.joins,
+            "joins_refused": control.refused,
+            "join_timeouts": control.timeouts,
+            "bad_requests": control.bad_requests,
+            "header_requests": control.header_requests,
+        });
+        for (&m, info) in ShardMetric::ALL.iter().zip(SHARD_METRICS) {
+            if info.summed && totals.get(info.key).is_none() {
+                totals[info.key] = self.sum(m).into();
+            }
+        }
         json!({
             "role": "splitter",
             "version": env!("CARGO_PKG_VERSION"),
@@ -457,30 +419,109 @@ impl Exporter for SplitterExporter {
                 "source_streams": load(&f.streams),
                 "ended": f.ended.load(Ordering::Relaxed),
             },
-            "totals": {
-                "peers": self.sum(|s| &s.peers),
-                "teams": self.sum(|s| &s.teams),
-                "chunks_in": load(&f.chunks),
-                "bytes_in": load(&f.bytes),
-                "datagrams_out": self.sum(|s| &s.datagrams),
-                "bytes_out": self.sum(|s| &s.bytes),
-                "loss_reports": self.sum(|s| &s.loss_reports),
-                "expelled": self.sum(|s| &s.expelled),
-                "goodbyes": self.sum(|s| &s.goodbyes),
-                "eagain": self.sum(|s| &s.eagain),
-                "enobufs": self.sum(|s| &s.enobufs),
-                "send_dropped": self.sum(|s| &s.send_dropped),
-                "lrs_resent": self.sum(|s| &s.resent),
-                "ignored": self.sum(|s| &s.ignored) + control.foreign_datagrams,
-                "joins": control.joins,
-                "joins_refused": control.refused,
-                "join_timeouts": control.timeouts,
-                "bad_requests": control.bad_requests,
-                "header_requests": control.header_requests,
-            },
+            "totals": totals,
             "rates": rates,
             "shards": shards,
             "teams": teams,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::splitter::SplitterArgs;
+
+    fn shards(n: usize) -> Vec<Arc<ShardStats>> {
+        (0..n).map(|_| Arc::default()).collect()
+    }
+
+    #[test]
+    fn every_shard_metric_is_in_metrics_and_status() {
+        let settings = Settings::from_args(&SplitterArgs::default()).unwrap();
+        let shards = shards(2);
+        for (k, &m) in ShardMetric::ALL.iter().enumerate() {
+            shards[1].set(m, 100 + k as u64);
+        }
+        let exporter = SplitterExporter::new(
+            &settings,
+            8001,
+            Arc::default(),
+            Arc::new(HeaderCell::new(16)),
+            shards,
+            Arc::default(),
+        );
+        let mut p = Prom::new();
+        exporter.metrics(&mut p);
+        let text = p.finish();
+        let status = exporter.status();
+        let path = settings.send_path.name();
+        let mut names = std::collections::HashSet::new();
+        let mut keys = std::collections::HashSet::new();
+        for (k, (&m, info)) in ShardMetric::ALL.iter().zip(SHARD_METRICS).enumerate() {
+            assert_eq!(m.info().name, info.name);
+            assert!(names.insert(info.name), "{} twice", info.name);
+            assert!(keys.insert(info.key), "{} twice", info.key);
+            assert!(!info.help().is_empty() && !info.help().starts_with(' '));
+            let value = 100 + k as u64;
+            let head = format!(
+                "# HELP {} {}\n# TYPE {} {}\n",
+                info.name,
+                info.help(),
+                info.name,
+                info.kind.name()
+            );
+            assert!(text.contains(&head), "no family {}:\n{text}", info.name);
+            let labels = if info.by_path {
+                format!("shard=\"1\",path=\"{path}\"")
+            } else {
+                "shard=\"1\"".to_string()
+            };
+            let sample = format!("\n{}{{{labels}}} {value}\n", info.name);
+            assert!(text.contains(&sample), "no {sample:?} in\n{text}");
+            assert_eq!(status["shards"][1][info.key], value, "{}", info.key);
+            assert_eq!(status["shards"][0][info.key], 0, "{}", info.key);
+            if info.summed {
+                assert!(status["totals"][info.key].is_u64(), "{}", info.key);
+            }
+        }
+        assert_eq!(status["totals"]["peers"], 100 + ShardMetric::Peers as u64);
+    }
+
+    #[test]
+    fn status_line_once_a_second_from_the_shards_counters() {
+        let start = Instant::now();
+        let mut line = StatusLine::new(start);
+        let shards = shards(2);
+        let feed = FeedStats::default();
+        let plane = PlaneView {
+            peers: 3,
+            teams: 1,
+            ignored: 1,
+        };
+        assert!(
+            line.tick(start, &feed, shards.iter().map(|s| &**s), plane)
+                .is_none()
+        );
+        for s in &shards {
+            s.set(ShardMetric::Datagrams, 500);
+            s.set(ShardMetric::Expelled, 1);
+            s.set(ShardMetric::Truncated, 2);
+        }
+        shards[1].set(ShardMetric::SendLagMax, 2500);
+        let now = start + Duration::from_secs(1);
+        let text = line
+            .tick(now, &feed, shards.iter().map(|s| &**s), plane)
+            .unwrap();
+        assert!(text.starts_with("splitter: 3 peers in 1 teams |"), "{text}");
+        assert!(text.contains("out 1000 datagrams/s"), "{text}");
+        assert!(text.contains("max 2.50 ms"), "{text}");
+        assert!(text.contains("expelled 2 |"), "{text}");
+        assert!(text.ends_with("ignored 5"), "{text}");
+        assert_eq!(line.rates().datagrams_out_per_second, 1000.0);
+        assert!(
+            line.tick(now, &feed, shards.iter().map(|s| &**s), plane)
+                .is_none()
+        );
     }
 }
