@@ -252,3 +252,60 @@ pub fn run(
     stats.ended.store(true, Ordering::SeqCst);
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ogg_page(flags: u8, granule: u64, packet: &[u8]) -> Vec<u8> {
+        let mut p = b"OggS\0".to_vec();
+        p.push(flags);
+        p.extend_from_slice(&granule.to_le_bytes());
+        p.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        p.push(1);
+        p.push(packet.len() as u8);
+        p.extend_from_slice(packet);
+        p
+    }
+
+    #[test]
+    fn auto_header_is_derived_per_stream() {
+        let cell = HeaderCell::new(HeaderSize::Auto);
+        cell.start(Some("audio/ogg".into()), 0);
+        let mut ogg = ogg_page(2, 0, b"OpusHead\x01\x02");
+        ogg.extend(ogg_page(0, 0, b"OpusTags"));
+        let header = ogg.clone();
+        ogg.extend(ogg_page(0, 960, &[0xf8; 200]));
+        cell.offer(&ogg[..30]);
+        assert!(cell.get().is_none());
+        assert!(cell.wait(Duration::from_millis(1)).is_none());
+        cell.offer(&ogg[30..]);
+        let h = cell.get().expect("complete");
+        assert_eq!((h.generation, h.bytes), (1, header));
+        // The source restarts with MPEG-TS: a new header, empty, once the packets are seen.
+        cell.start(Some("video/mp2t".into()), 40);
+        assert!(cell.get().is_none());
+        let mut ts = vec![0u8; 3 * 188];
+        for p in ts.chunks_mut(188) {
+            p[0] = 0x47;
+        }
+        cell.offer(&ts[..300]);
+        assert!(cell.get().is_none());
+        cell.offer(&ts[300..]);
+        let h = cell.wait(Duration::from_secs(1)).expect("complete");
+        assert_eq!((h.generation, h.first_chunk, h.bytes.len()), (2, 40, 0));
+    }
+
+    #[test]
+    fn explicit_header_size_is_exactly_that() {
+        let cell = HeaderCell::new(HeaderSize::Bytes(1000));
+        cell.start(None, 0);
+        cell.offer(&[7; 600]);
+        assert!(cell.get().is_none());
+        cell.offer(&[7; 600]);
+        assert_eq!(cell.get().unwrap().bytes, vec![7; 1000]);
+        let none = HeaderCell::new(HeaderSize::Bytes(0));
+        none.start(None, 0);
+        assert_eq!(none.get().unwrap().bytes.len(), 0);
+    }
+}

@@ -214,9 +214,7 @@ impl Settings {
         if let HeaderSize::Bytes(n) = a.header_size
             && n > MAX_HEADER_SIZE
         {
-            return Err(format!(
-                "--header-size {n} is over {MAX_HEADER_SIZE} bytes"
-            ));
+            return Err(format!("--header-size {n} is over {MAX_HEADER_SIZE} bytes"));
         }
         if a.monitors > a.team_size {
             return Err(format!(
