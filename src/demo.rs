@@ -35,7 +35,7 @@ pub fn run(args: &DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         bitrate: args.bitrate,
         port: 0,
         bind: Ipv4Addr::LOCALHOST,
-        header_size: 1024,
+        header_size: crate::media::HeaderSize::Bytes(1024),
         team_size: args.team_size,
         lrs: true,
         ..SplitterArgs::default()

@@ -64,7 +64,7 @@ fn args() -> SplitterArgs {
         bitrate: 500_000,
         port: 0,
         bind: LOCALHOST,
-        header_size: 1024,
+        header_size: p2psp::media::HeaderSize::Bytes(1024),
         shards: Some(2),
         lrs: true,
         ..SplitterArgs::default()

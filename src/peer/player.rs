@@ -1,9 +1,10 @@
 //! Serving the played stream: HTTP to players (VLC, mpv, ffplay) and `--output`.
 //!
 //! A player gets the splitter's HTTP head (`200 OK` with the stream's content type), the stream
-//! header, then the played stream from a point where it can start decoding: the next Ogg page, or
-//! for MPEG-TS the next video random access point after the latest program tables
-//! ([`StartFinder`]); other streams from the next chunk. A player that disconnects and comes back
+//! header, then the played stream from a point where it can start decoding ([`StartFinder`]): the
+//! next Ogg page, the next Matroska/WebM Cluster that starts with a keyframe, the next MP3 or
+//! ADTS frame, for MPEG-TS the next video random access point after the latest program tables
+//! (each other stream from its next payload unit start); other streams from the next chunk. A player that disconnects and comes back
 //! is served again. A slow player never holds the peer back: chunks it cannot take are counted
 //! and it is dropped after a write timeout.
 //!
@@ -243,6 +244,7 @@ fn serve(
 ) {
     let mut players: Vec<Player> = Vec::new();
     let mut finder = StartFinder::new();
+    finder.learn_header(&header.bytes);
     let mut last: Option<u16> = None;
     if let Some(id) = header.stream {
         counters
@@ -292,6 +294,7 @@ fn serve(
                         && h.stream.map(|s| s.generation) >= header.stream.map(|s| s.generation)
                     {
                         header = Header::new(h);
+                        finder.learn_header(&header.bytes);
                         if let Some(id) = header.stream {
                             counters.stream_generation.store(id.generation, Ordering::Relaxed);
                         }

@@ -6,8 +6,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::settings::MAX_HEADER_SIZE;
 use super::source::{Source, SourceItem};
 use crate::driver::Waker;
+use crate::media::{HeaderEnd, HeaderSize, stream_header_len};
 use crate::proto::wire::CHUNK_HEADER;
 use crate::ring::ChunkRing;
 
@@ -23,14 +25,15 @@ pub struct StreamHeader {
     pub content_type: Option<String>,
     /// The header bytes captured so far.
     pub bytes: Vec<u8>,
-    /// Whether all `--header-size` bytes are there.
+    /// Whether the header is all there: `--header-size N` bytes, or with `--header-size auto`
+    /// the header the container needs (derived from the stream's first bytes).
     pub complete: bool,
 }
 
 /// The header, shared between the feed (writer) and the control plane (readers).
 #[derive(Debug)]
 pub struct HeaderCell {
-    size: usize,
+    size: HeaderSize,
     state: Mutex<StreamHeader>,
     ready: Condvar,
     /// Chunks of the current stream published so far.
@@ -38,8 +41,8 @@ pub struct HeaderCell {
 }
 
 impl HeaderCell {
-    /// An empty cell for a header of `size` bytes.
-    pub fn new(size: usize) -> HeaderCell {
+    /// An empty cell for a header of `size`.
+    pub fn new(size: HeaderSize) -> HeaderCell {
         HeaderCell {
             size,
             state: Mutex::new(StreamHeader::default()),
@@ -71,7 +74,7 @@ impl HeaderCell {
         self.chunks.store(0, Ordering::Relaxed);
         h.content_type = content_type;
         h.bytes.clear();
-        h.complete = self.size == 0;
+        h.complete = self.size == HeaderSize::Bytes(0);
         if h.complete {
             self.ready.notify_all();
         }
@@ -83,13 +86,43 @@ impl HeaderCell {
         if h.complete {
             return;
         }
-        let take = (self.size - h.bytes.len()).min(data.len());
-        h.bytes.extend_from_slice(&data[..take]);
-        if h.bytes.len() == self.size {
-            trim_ogg(&mut h);
-            h.complete = true;
-            self.ready.notify_all();
+        match self.size {
+            HeaderSize::Bytes(size) => {
+                let take = (size - h.bytes.len()).min(data.len());
+                h.bytes.extend_from_slice(&data[..take]);
+                if h.bytes.len() < size {
+                    return;
+                }
+                trim_ogg(&mut h);
+            }
+            HeaderSize::Auto => {
+                // The derivation never needs more than the limit and a little.
+                let room = (MAX_HEADER_SIZE + 8192).saturating_sub(h.bytes.len());
+                h.bytes.extend_from_slice(&data[..room.min(data.len())]);
+                match stream_header_len(&h.bytes, MAX_HEADER_SIZE) {
+                    HeaderEnd::More => return,
+                    HeaderEnd::Found { container, len } => {
+                        tracing::info!(
+                            "stream {}: {} ({}), header of {len} bytes",
+                            h.generation,
+                            container.name(),
+                            h.content_type.as_deref().unwrap_or("no content type")
+                        );
+                        h.bytes.truncate(len);
+                    }
+                    HeaderEnd::TooLong { container, len } => {
+                        tracing::warn!(
+                            "stream {}: {} header longer than {MAX_HEADER_SIZE} bytes; peers get its first {len} bytes and players may not start",
+                            h.generation,
+                            container.name()
+                        );
+                        h.bytes.truncate(len);
+                    }
+                }
+            }
         }
+        h.complete = true;
+        self.ready.notify_all();
     }
 
     /// How many chunks of the current stream have been published.
@@ -218,4 +251,61 @@ pub fn run(
     };
     stats.ended.store(true, Ordering::SeqCst);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ogg_page(flags: u8, granule: u64, packet: &[u8]) -> Vec<u8> {
+        let mut p = b"OggS\0".to_vec();
+        p.push(flags);
+        p.extend_from_slice(&granule.to_le_bytes());
+        p.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        p.push(1);
+        p.push(packet.len() as u8);
+        p.extend_from_slice(packet);
+        p
+    }
+
+    #[test]
+    fn auto_header_is_derived_per_stream() {
+        let cell = HeaderCell::new(HeaderSize::Auto);
+        cell.start(Some("audio/ogg".into()), 0);
+        let mut ogg = ogg_page(2, 0, b"OpusHead\x01\x02");
+        ogg.extend(ogg_page(0, 0, b"OpusTags"));
+        let header = ogg.clone();
+        ogg.extend(ogg_page(0, 960, &[0xf8; 200]));
+        cell.offer(&ogg[..30]);
+        assert!(cell.get().is_none());
+        assert!(cell.wait(Duration::from_millis(1)).is_none());
+        cell.offer(&ogg[30..]);
+        let h = cell.get().expect("complete");
+        assert_eq!((h.generation, h.bytes), (1, header));
+        // The source restarts with MPEG-TS: a new header, empty, once the packets are seen.
+        cell.start(Some("video/mp2t".into()), 40);
+        assert!(cell.get().is_none());
+        let mut ts = vec![0u8; 3 * 188];
+        for p in ts.chunks_mut(188) {
+            p[0] = 0x47;
+        }
+        cell.offer(&ts[..300]);
+        assert!(cell.get().is_none());
+        cell.offer(&ts[300..]);
+        let h = cell.wait(Duration::from_secs(1)).expect("complete");
+        assert_eq!((h.generation, h.first_chunk, h.bytes.len()), (2, 40, 0));
+    }
+
+    #[test]
+    fn explicit_header_size_is_exactly_that() {
+        let cell = HeaderCell::new(HeaderSize::Bytes(1000));
+        cell.start(None, 0);
+        cell.offer(&[7; 600]);
+        assert!(cell.get().is_none());
+        cell.offer(&[7; 600]);
+        assert_eq!(cell.get().unwrap().bytes, vec![7; 1000]);
+        let none = HeaderCell::new(HeaderSize::Bytes(0));
+        none.start(None, 0);
+        assert_eq!(none.get().unwrap().bytes.len(), 0);
+    }
 }

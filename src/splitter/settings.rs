@@ -6,6 +6,7 @@ use clap::Args;
 
 use super::source::SourceSpec;
 use crate::driver::SendPath;
+pub use crate::media::HeaderSize;
 use crate::proto::wire::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 
 /// Flags of `p2psp splitter`.
@@ -30,10 +31,12 @@ pub struct SplitterArgs {
     /// Peers' playout buffer in chunks: a power of two (it must divide 65536).
     #[arg(long, default_value_t = 256)]
     pub buffer_size: u32,
-    /// Bytes of the stream start handed to every joining peer before its first chunk (for Ogg or
-    /// WebM, the pages or elements a player needs to start mid-stream).
-    #[arg(long, default_value_t = 8192)]
-    pub header_size: usize,
+    /// The stream header every joining peer gets for its players: `auto` derives it from the
+    /// container (Ogg: the codec header pages; WebM/Matroska: everything before the first Cluster;
+    /// MPEG-TS, MP3, AAC: none); a number takes exactly that many bytes of the stream start, as
+    /// the reference splitter (0: none).
+    #[arg(long, default_value = "auto", value_name = "auto|BYTES")]
+    pub header_size: HeaderSize,
     /// Most peers per team. A new peer joins the team with the most free room, or a new team.
     #[arg(long, default_value_t = 16)]
     pub team_size: usize,
@@ -145,8 +148,8 @@ pub struct Settings {
     pub chunk_size: usize,
     /// Buffer size in chunks.
     pub buffer_size: u16,
-    /// Header bytes.
-    pub header_size: usize,
+    /// How the stream header is chosen (`--header-size`).
+    pub header_size: HeaderSize,
     /// Most peers per team.
     pub team_size: usize,
     /// Monitors per team.
@@ -227,11 +230,10 @@ impl Settings {
                 a.team_size, a.buffer_size
             ));
         }
-        if a.header_size > MAX_HEADER_SIZE {
-            return Err(format!(
-                "--header-size {} is over {MAX_HEADER_SIZE} bytes",
-                a.header_size
-            ));
+        if let HeaderSize::Bytes(n) = a.header_size
+            && n > MAX_HEADER_SIZE
+        {
+            return Err(format!("--header-size {n} is over {MAX_HEADER_SIZE} bytes"));
         }
         if a.monitors > a.team_size {
             return Err(format!(
@@ -317,7 +319,7 @@ mod tests {
         );
         assert_eq!(
             (a.chunk_size, a.buffer_size, a.header_size),
-            (1024, 256, 8192)
+            (1024, 256, HeaderSize::Auto)
         );
         assert_eq!(
             (
