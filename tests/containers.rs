@@ -22,7 +22,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Proc, Splitter, free_port, have, http_get, skip, start_peer, test_dir, wait_until};
+use support::{
+    Proc, Splitter, http_get, start_peer_with_player, test_dir, tools_present, wait_until,
+};
 
 /// Seconds of media each decoder reads.
 const DECODE_SECONDS: u32 = 10;
@@ -157,14 +159,7 @@ struct Figures {
 
 /// Whether ffmpeg is here; without it the test skips, or fails under CI.
 fn tools(test: &str) -> bool {
-    if have("ffmpeg", "-version") {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: ffmpeg is not installed, and CI is set: these tests must run");
-    }
-    skip(test, "ffmpeg not installed");
-    false
+    tools_present(test, &[("ffmpeg", "-version")])
 }
 
 /// The stream header the splitter hands out for channel `stdin` (the body of its answer).
@@ -241,13 +236,8 @@ fn run(case: &Case) -> Result<Figures, String> {
         Stdio::from(stream),
     );
     std::thread::sleep(case.join_after.saturating_sub(began.elapsed()));
-    let player = free_port();
-    let mut peer = start_peer(
-        &dir,
-        "peer",
-        splitter.port,
-        &["--monitor", "--player-port", &player.to_string()],
-    );
+    let (mut peer, player) =
+        start_peer_with_player(&dir, "peer", splitter.port, &["--monitor"], &[]);
     if !wait_until(Duration::from_secs(10), || {
         TcpStream::connect(("127.0.0.1", player)).is_ok()
     }) {

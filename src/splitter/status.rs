@@ -447,7 +447,7 @@ mod tests {
             &settings,
             8001,
             Arc::default(),
-            Arc::new(HeaderCell::new(16)),
+            Arc::new(HeaderCell::new(crate::media::HeaderSize::Bytes(16))),
             shards,
             Arc::default(),
         );
