@@ -54,17 +54,10 @@ pub fn run(args: &DemoArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         let counters = Arc::new(PeerCounters::default());
         let checker = Arc::new(Checker::default());
         let opts = PeerOptions {
-            splitter: addr,
-            player: None,
             output: Some(Output::Check(checker.clone())),
             monitor: i == 0,
-            max_debt: 128,
-            lrs: false,
-            faults: peer::Faults::default(),
-            status: None,
             counters: counters.clone(),
-            metrics: None,
-            liveness: peer::Liveness::default(),
+            ..PeerOptions::new(addr)
         };
         let peer_stop = stop.clone();
         let h = std::thread::spawn(move || peer::run(opts, peer_stop));

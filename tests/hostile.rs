@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use p2psp::peer::{self, Faults, PeerCounters, PeerOptions};
+use p2psp::peer::{self, PeerCounters, PeerOptions};
 use p2psp::proto::peer::PeerStats;
 use p2psp::splitter::{self, Splitter, SplitterArgs, SplitterStats};
 
@@ -88,17 +88,10 @@ fn spawn_peer(port: u16, monitor: bool) -> HonestPeer {
     let counters = Arc::new(PeerCounters::default());
     let stop = Arc::new(AtomicBool::new(false));
     let opts = PeerOptions {
-        splitter: SocketAddrV4::new(LOCALHOST, port),
-        player: None,
-        output: None,
         monitor,
-        max_debt: 128,
         lrs: true,
-        faults: Faults::default(),
-        status: None,
         counters: counters.clone(),
-        metrics: None,
-        liveness: peer::Liveness::default(),
+        ..PeerOptions::new(SocketAddrV4::new(LOCALHOST, port))
     };
     let s = stop.clone();
     let thread = std::thread::spawn(move || peer::run(opts, s));

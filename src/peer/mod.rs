@@ -171,6 +171,24 @@ pub struct PeerCounters {
 }
 
 impl PeerOptions {
+    /// A plain peer of `splitter` with the flags' defaults, no player, no output, no status
+    /// line: for programs that run peers in-process (the demo, tests).
+    pub fn new(splitter: SocketAddrV4) -> PeerOptions {
+        PeerOptions {
+            splitter,
+            player: None,
+            output: None,
+            monitor: false,
+            max_debt: 128,
+            lrs: false,
+            faults: Faults::default(),
+            status: None,
+            counters: Arc::default(),
+            metrics: None,
+            liveness: Liveness::default(),
+        }
+    }
+
     /// Checks the flags.
     pub fn from_args(a: &PeerArgs) -> Result<PeerOptions, String> {
         let splitter =

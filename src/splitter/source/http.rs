@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::{HttpUrl, STOP_POLL, Source, SourceError, SourceItem, drain, stopped};
+use super::{HttpUrl, STOP_POLL, Source, SourceError, SourceItem, ready, stopped};
 use crate::http::{ChunkedDecoder, ResponseHead};
 use crate::io_util::is_transient;
 
@@ -243,15 +243,8 @@ impl Source for HttpSource {
             if let Some(content_type) = self.announce.take() {
                 return Ok(SourceItem::StreamStart { content_type });
             }
-            if buf.is_empty() {
-                return Ok(SourceItem::Data(0));
-            }
-            if !self.pending.is_empty() {
-                return Ok(SourceItem::Data(drain(
-                    &mut self.pending,
-                    &mut self.pos,
-                    buf,
-                )));
+            if let Some(item) = ready(&mut self.pending, &mut self.pos, buf) {
+                return Ok(item);
             }
             if self.conn.is_none() {
                 if !self.reconnect() {

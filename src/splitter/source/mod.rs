@@ -166,6 +166,15 @@ fn stopped(stop: &AtomicBool) -> bool {
     stop.load(Ordering::Relaxed)
 }
 
+/// What a source hands out before it reads more: `Data(0)` when `buf` is empty, or the bytes
+/// read earlier and not handed out yet (`pending[*pos..]`).
+fn ready(pending: &mut Vec<u8>, pos: &mut usize, buf: &mut [u8]) -> Option<SourceItem> {
+    if buf.is_empty() {
+        return Some(SourceItem::Data(0));
+    }
+    (!pending.is_empty()).then(|| SourceItem::Data(drain(pending, pos, buf)))
+}
+
 /// Copies as much of `pending[*pos..]` as fits into `buf`; clears `pending` once drained.
 fn drain(pending: &mut Vec<u8>, pos: &mut usize, buf: &mut [u8]) -> usize {
     let n = (pending.len() - *pos).min(buf.len());

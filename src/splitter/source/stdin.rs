@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::thread;
 
-use super::{STOP_POLL, Source, SourceError, SourceItem, drain, stopped};
+use super::{STOP_POLL, Source, SourceError, SourceItem, drain, ready, stopped};
 
 /// Standard input (or any byte stream), read as it comes. A helper thread does the blocking reads
 /// so that [`Source::next`] can still see the stop flag; it ends at end of input, or at its next
@@ -77,15 +77,8 @@ impl Source for StdinSource {
             self.started = true;
             return Ok(SourceItem::StreamStart { content_type: None });
         }
-        if buf.is_empty() {
-            return Ok(SourceItem::Data(0));
-        }
-        if !self.pending.is_empty() {
-            return Ok(SourceItem::Data(drain(
-                &mut self.pending,
-                &mut self.pos,
-                buf,
-            )));
+        if let Some(item) = ready(&mut self.pending, &mut self.pos, buf) {
+            return Ok(item);
         }
         while !self.ended {
             match self.rx.recv_timeout(STOP_POLL) {
