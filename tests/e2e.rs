@@ -344,13 +344,16 @@ fn a_free_rider_is_dropped_by_its_teammates_and_expelled_by_the_splitter() {
         "the splitter expelled {rider_ep}:\n{log}"
     );
     drop(rider); // killed
-    for p in honest {
+    for (i, p) in honest.into_iter().enumerate() {
         let name = p.name.clone();
         // With LRS the team loses nothing to the free rider.
         run.stop_and_check(p, 1500);
         let text = std::fs::read_to_string(peer_log(&run.dir, &name)).unwrap();
+        // The four that were there when it joined drop it for debt. The two after it may never
+        // meet it: the splitter expels it at its second reported loss (it then joins again
+        // from another port, and is dropped and expelled again).
         assert!(
-            text.contains(&format!("dropped neighbour {rider_ep}: it does not relay")),
+            i >= 4 || text.contains(&format!("dropped neighbour {rider_ep}: it does not relay")),
             "{name} dropped the free rider {rider_ep} for debt:\n{text}"
         );
     }
