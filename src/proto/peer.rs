@@ -246,6 +246,9 @@ struct Playout {
     reported: Vec<Option<u16>>,
     /// Monitors: the next chunk number to check at the early horizon ([`early_horizon`]).
     early: Option<u16>,
+    /// When each chunk number was first known to exist (it, or a later one, arrived), at
+    /// `n % B`: a monitor reports a chunk only once it is [`Peer::report_floor`] old.
+    seen_at: Vec<Option<(u16, Instant)>>,
     /// Chunks per second, measured over the last whole second of arrivals.
     rate: f64,
     /// When the rate was last measured, and the newest chunk number then.
@@ -256,18 +259,19 @@ struct Playout {
 
 /// How far behind the newest chunk a monitor first reports a missing chunk, when that is sooner
 /// than its first fixed horizon: the team's round (`team` chunks: a peer relays a chunk one
-/// datagram per chunk it receives, so the last teammate has it within a round) plus 4, and at
-/// least a quarter of a second of stream (`rate` chunks/s) for the jitter of a busy host.
+/// datagram per chunk it receives, so the last teammate has it within a round) plus 4. Every
+/// report also waits until the chunk is [`Peer::report_floor`] old.
 ///
 /// With the usual buffer of 256 chunks the fixed horizon is 64 chunks: half a second at 1 Mbit/s
 /// but 8 s at 64 kbit/s, where a team of 16 gives each peer one chunk every 2 s. Reporting after
 /// a round instead lets the splitter judge a dead peer within a few seconds at any rate
 /// (`docs/recovery.md`, "Expulsion").
-fn early_horizon(team: usize, rate: f64) -> i32 {
-    let round = team as i32 + 4;
-    let quarter_second = (rate * 0.25).ceil().min(f64::from(i32::MAX)) as i32;
-    round.max(quarter_second).max(1)
+fn early_horizon(team: usize) -> i32 {
+    team as i32 + 4
 }
+
+/// Bounds of [`Peer::report_floor`].
+const REPORT_FLOOR: (Duration, Duration) = (Duration::from_millis(20), Duration::from_millis(300));
 
 /// How far behind the newest chunk a missing chunk is reported, first and then again, by a
 /// monitor (`monitor`) or by a plain peer that asks for its losses. Empty if it reports nothing.
@@ -349,6 +353,7 @@ impl Peer {
                     .collect(),
                 reported: vec![None; b],
                 early: rules.monitor.then_some(0),
+                seen_at: vec![None; b],
                 rate: 0.0,
                 rate_mark: None,
                 highest: 0,
@@ -616,12 +621,21 @@ impl Peer {
                 for c in &mut self.playout.checks {
                     c.1 = number;
                 }
-                self.playout.highest = number;
-                for (n, _) in self.playout.slots.iter().flatten() {
-                    let d = seq::diff(*n, number);
-                    if d > 0 && (d as usize) < b && seq::gt(*n, self.playout.highest) {
-                        self.playout.highest = *n;
-                    }
+                self.playout.highest = number.wrapping_sub(1);
+                self.raise_highest(number);
+                let ahead: Vec<u16> = self
+                    .playout
+                    .slots
+                    .iter()
+                    .flatten()
+                    .map(|(n, _)| *n)
+                    .filter(|&n| {
+                        let d = seq::diff(n, number);
+                        d > 0 && (d as usize) < b
+                    })
+                    .collect();
+                for n in ahead {
+                    self.raise_highest(n);
                 }
                 self.put(slot, number, data);
                 self.advance();
@@ -657,9 +671,39 @@ impl Peer {
             return;
         }
         self.playout.slots[slot] = Some((number, data));
-        if seq::gt(number, self.playout.highest) {
-            self.playout.highest = number;
+        self.raise_highest(number);
+    }
+
+    /// `number` arrived: if it is the newest, every number up to it is now known to exist.
+    fn raise_highest(&mut self, number: u16) {
+        if !seq::gt(number, self.playout.highest) {
+            return;
         }
+        if let Some(now) = self.now {
+            let b = self.playout.seen_at.len();
+            let from = seq::diff(number, self.playout.highest).min(b as i32);
+            for k in (0..from).rev() {
+                let n = number.wrapping_sub(k as u16);
+                self.playout.seen_at[usize::from(n) % b] = Some((n, now));
+            }
+        }
+        self.playout.highest = number;
+    }
+
+    /// How old a missing chunk must be before a monitor reports it: four rounds of the team, or
+    /// a quarter of the buffer if that is sooner (LRS needs the report before playout), at the
+    /// measured rate, between 20 and 300 ms; 20 ms until the rate is known. A count of chunks
+    /// behind the newest is no clock: when the source bursts (Icecast sends its burst of several
+    /// seconds on connect), dozens of chunks arrive within milliseconds, and a report then would
+    /// blame peers that had no time to relay.
+    fn report_floor(&self) -> Duration {
+        let (least, most) = REPORT_FLOOR;
+        if self.playout.rate <= 0.0 {
+            return least;
+        }
+        let rounds = (4 * (self.neighbours.len() + 1)).min(self.playout.slots.len() / 4);
+        let secs = rounds as f64 / self.playout.rate;
+        Duration::from_secs_f64(secs.min(most.as_secs_f64())).max(least)
     }
 
     /// Plays every chunk that is at least B/2 behind the newest one. A monitor reports a chunk
@@ -682,7 +726,7 @@ impl Peer {
         self.measure_rate();
         if let Some(cursor) = self.playout.early {
             let fixed = self.playout.checks.first().map_or(half, |c| c.0);
-            let h = early_horizon(self.neighbours.len() + 1, self.playout.rate);
+            let h = early_horizon(self.neighbours.len() + 1);
             if h < fixed {
                 self.playout.early = Some(self.report_missing(cursor, h, next));
             }
@@ -709,6 +753,16 @@ impl Peer {
                     self.playout.slots[slot] = other;
                     self.stats.lost += 1;
                     self.events.push_back(PeerEvent::Lost { number: next });
+                    // A monitor reports every chunk missing at playout (the reference's moment),
+                    // also one too young for its earlier checks.
+                    if self.rules.monitor && self.playout.reported[slot] != Some(next) {
+                        self.stats.loss_reports += 1;
+                        self.playout.reported[slot] = Some(next);
+                        self.send(
+                            self.rules.splitter,
+                            Bytes::copy_from_slice(&loss_report(next)),
+                        );
+                    }
                 }
             }
             next = next.wrapping_add(1);
@@ -737,9 +791,17 @@ impl Peer {
         if seq::lt(cursor, next) {
             cursor = next;
         }
+        let floor = self.rules.monitor.then(|| self.report_floor());
         while seq::diff(self.playout.highest, cursor) >= horizon {
             let n = cursor;
             let slot = usize::from(n) % b;
+            if let (Some(floor), Some(now), Some((seen, at))) =
+                (floor, self.now, self.playout.seen_at[slot])
+                && seen == n
+                && now.saturating_duration_since(at) < floor
+            {
+                break;
+            }
             if self.playout.slots[slot].as_ref().is_none_or(|s| s.0 != n) {
                 self.stats.loss_reports += 1;
                 self.playout.reported[slot] = Some(n);
@@ -965,8 +1027,10 @@ mod tests {
         let mut r = rules(8);
         r.monitor = true;
         let mut p = Peer::new(r, &[], 0);
+        // Chunks 300 ms apart: each is old enough to report by the time the next arrives.
+        let at = |n: u16| now + Duration::from_millis(300 * u64::from(n));
         for n in (0..12u16).filter(|&n| n != 3) {
-            p.handle_datagram(now, ep(SPLITTER), chunk(n));
+            p.handle_datagram(at(n), ep(SPLITTER), chunk(n));
         }
         let ev = events(&mut p);
         assert!(ev.contains(&PeerEvent::Lost { number: 3 }));
@@ -987,19 +1051,52 @@ mod tests {
         let mut r = rules(16);
         r.monitor = true;
         let mut p = Peer::new(r, &[], 0);
+        let at = |n: u16| now + Duration::from_millis(300 * u64::from(n));
         for n in (0..6u16).filter(|&n| n != 1) {
-            p.handle_datagram(now, ep(SPLITTER), chunk(n));
+            p.handle_datagram(at(n), ep(SPLITTER), chunk(n));
         }
         // 4 chunks (B/4) behind the newest, chunk 1 is reported...
         assert_eq!(sends(&mut p), [(SPLITTER, Bytes::from_static(&[0, 1]))]);
         // ...and its resend, relayed like any splitter chunk, is played in time.
-        p.handle_datagram(now, ep(SPLITTER), chunk(1));
+        p.handle_datagram(at(5), ep(SPLITTER), chunk(1));
         for n in 6..12u16 {
-            p.handle_datagram(now, ep(SPLITTER), chunk(n));
+            p.handle_datagram(at(n), ep(SPLITTER), chunk(n));
         }
         assert_eq!(p.stats().lost, 0);
         assert_eq!(p.stats().played, 4);
         assert_eq!(p.stats().loss_reports, 1);
+    }
+
+    #[test]
+    fn a_monitor_waits_before_it_reports_a_burst() {
+        // A stream of 8 chunks/s for 3 s, then the source bursts: 40 chunks within a millisecond,
+        // the first of them missing. Counted in chunks it is far behind at once, but no teammate
+        // had time to relay it: no report until it is 300 ms old, then one.
+        let start = Instant::now();
+        let mut r = rules(256);
+        r.monitor = true;
+        let mut p = Peer::new(r, &[ep(1), ep(2)], 0);
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        for n in 0..24u16 {
+            p.handle_datagram(at(125 * u64::from(n)), ep(SPLITTER), chunk(n));
+        }
+        sends(&mut p);
+        for n in 25..64u16 {
+            p.handle_datagram(at(3000), ep(SPLITTER), chunk(n));
+        }
+        let reports = |p: &mut Peer| sends(p).into_iter().filter(|s| s.0 == SPLITTER).count();
+        assert_eq!(reports(&mut p), 0);
+        p.handle_datagram(at(3299), ep(SPLITTER), chunk(64));
+        assert_eq!(reports(&mut p), 0);
+        p.handle_datagram(at(3300), ep(SPLITTER), chunk(65));
+        assert_eq!(reports(&mut p), 1);
+        // Missing at playout is reported then in any case, however young.
+        let mut p = Peer::new(r, &[ep(1), ep(2)], 0);
+        for n in (0..140u16).filter(|&n| n != 5) {
+            p.handle_datagram(start, ep(SPLITTER), chunk(n));
+        }
+        assert_eq!(p.stats().lost, 1);
+        assert_eq!(reports(&mut p), 1);
     }
 
     #[test]
@@ -1023,8 +1120,7 @@ mod tests {
         }
         assert_eq!(reported_at, Some(30));
         // At 1 Mbit/s (122 chunks/s) a quarter of a second (31 chunks) is the longer wait.
-        assert_eq!(early_horizon(16, 122.0), 31);
-        assert_eq!(early_horizon(16, 8.0), 20);
+        assert_eq!(early_horizon(16), 20);
     }
 
     #[test]
