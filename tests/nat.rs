@@ -225,3 +225,153 @@ fn a_lab_leaves_nothing_behind() {
         .unwrap_or_default();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// Starts `p2psp <args>` in `host`, its standard error in `dir/<name>.log`.
+fn spawn_in(host: &Host, dir: &std::path::Path, name: &str, args: &[&str]) -> support::Proc {
+    let log = std::fs::File::create(support::peer_log(dir, name)).unwrap();
+    let mut cmd = host.command(support::BIN);
+    cmd.env("RUST_LOG", "p2psp=info")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    support::Proc::spawn(name, &mut cmd)
+}
+
+/// A peer's `/status`, from inside its namespace.
+fn peer_status(host: &Host) -> serde_json::Value {
+    natlab::http_get_in(host, METRICS_PORT, "/status")
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Every process in the lab serves `--metrics` here, on its own namespace's loopback.
+const METRICS_PORT: u16 = 9100;
+
+/// Today's DBS (compat profile, no NAT traversal) through the lab, the baseline for NTS: a
+/// splitter and a monitor on the public segment, then one peer behind each kind of NAT, joining
+/// in the order full cone → random symmetric. Prints what each peer received and whom it keeps
+/// as neighbours.
+#[test]
+fn dbs_through_each_nat_kind_baseline() {
+    if !lab_possible("dbs_through_each_nat_kind_baseline") {
+        return;
+    }
+    let _one = support::one_at_a_time();
+    let dir = support::test_dir("nat-dbs");
+    let mut lab = Lab::new();
+    let public = lab.public_host("splitter", 1);
+    let monitor_host = lab.public_host("monitor", 1);
+    let homes: Vec<Home> = NatKind::ALL.iter().map(|&k| lab.home(k, 0)).collect();
+    let splitter_at = format!("{}:8001", public.ip());
+    let metrics = format!("127.0.0.1:{METRICS_PORT}");
+    let mut procs = Vec::new();
+    let mut splitter = spawn_in(
+        &public,
+        &dir,
+        "splitter",
+        &[
+            "splitter",
+            "--bind",
+            &public.ip().to_string(),
+            "--port",
+            "8001",
+            "--bitrate",
+            "500k",
+            "--buffer-size",
+            "64",
+            "--shards",
+            "1",
+        ],
+    );
+    support::wait_for_line(
+        &mut splitter,
+        &support::peer_log(&dir, "splitter"),
+        Duration::from_secs(10),
+        |l| l.starts_with("p2psp splitter listening on"),
+    )
+    .unwrap_or_else(|log| panic!("the splitter did not start:\n{log}"));
+    procs.push(splitter);
+    let peer_args = |monitor: bool| {
+        let mut a = vec![
+            "peer",
+            "--splitter",
+            splitter_at.as_str(),
+            "--player-port",
+            "0",
+            "--metrics",
+            metrics.as_str(),
+        ];
+        if monitor {
+            a.push("--monitor");
+        }
+        a
+    };
+    let mut monitor = spawn_in(&monitor_host, &dir, "monitor", &peer_args(true));
+    support::wait_joined(&dir, &mut monitor);
+    procs.push(monitor);
+    for home in &homes {
+        let mut p = spawn_in(&home.host, &dir, home.nat.kind.name(), &peer_args(false));
+        support::wait_joined(&dir, &mut p);
+        procs.push(p);
+    }
+    std::thread::sleep(Duration::from_secs(8));
+
+    let kind_of = |endpoint: &str| -> String {
+        let ip: Ipv4Addr = endpoint
+            .split(':')
+            .next()
+            .and_then(|i| i.parse().ok())
+            .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        if ip == monitor_host.ip() {
+            return "monitor".into();
+        }
+        homes
+            .iter()
+            .find(|h| h.nat.wan == ip)
+            .map_or(endpoint.to_owned(), |h| h.nat.kind.short().to_owned())
+    };
+    eprintln!(
+        "\nDBS through NATs (compat, no traversal), 8 s after the last join, 500 kbit/s:\n\
+         {:<21} {:>8} {:>9} {:>7} {:>6} {:>7}  neighbours kept",
+        "peer behind", "splitter", "received", "played", "lost", "rejoins"
+    );
+    let mut from_splitter = Vec::new();
+    for (name, host) in std::iter::once(("monitor (public)".to_owned(), &monitor_host)).chain(
+        homes
+            .iter()
+            .map(|h| (h.nat.kind.name().to_owned(), &h.host)),
+    ) {
+        let s = peer_status(host);
+        let t = &s["totals"];
+        let neighbours: Vec<String> = s["neighbours"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|n| kind_of(n["endpoint"].as_str().unwrap_or("?")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        eprintln!(
+            "{name:<21} {:>8} {:>9} {:>7} {:>6} {:>7}  {}",
+            t["from_splitter"].as_u64().unwrap_or(0),
+            t["chunks_received"].as_u64().unwrap_or(0),
+            t["played"].as_u64().unwrap_or(0),
+            t["lost"].as_u64().unwrap_or(0),
+            t["rejoins"].as_u64().unwrap_or(0),
+            neighbours.join(" ")
+        );
+        from_splitter.push(t["from_splitter"].as_u64().unwrap_or(0));
+    }
+    drop(procs);
+    // What the baseline must show: the public monitor and the full-cone peer get the splitter's
+    // chunks; a symmetric NAT lets none through (the splitter sends to the port the peer used
+    // for TCP, which a symmetric NAT never maps to the peer's UDP socket).
+    assert!(from_splitter[0] > 0, "the monitor got no chunks");
+    assert!(from_splitter[1] > 0, "the full-cone peer got no chunks");
+    assert_eq!(
+        from_splitter[4], 0,
+        "sequential symmetric got splitter chunks"
+    );
+    assert_eq!(from_splitter[5], 0, "random symmetric got splitter chunks");
+}

@@ -489,3 +489,27 @@ pub fn recv(sock: &UdpSocket, timeout: Duration) -> Option<(Vec<u8>, SocketAddrV
         _ => None,
     }
 }
+
+/// `GET path` from `127.0.0.1:port` inside `host`'s namespace (a peer's `--metrics`); the body
+/// of a 200 answer.
+pub fn http_get_in(host: &Host, port: u16, path: &str) -> Option<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut s = in_netns(&host.netns, || {
+        std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(2),
+        )
+    })
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut data = Vec::new();
+    s.take(1 << 22).read_to_end(&mut data).ok()?;
+    let end = data.windows(4).position(|w| w == b"\r\n\r\n")?;
+    data.starts_with(b"HTTP/1.1 200")
+        .then(|| data[end + 4..].to_vec())
+        .or_else(|| {
+            data.starts_with(b"HTTP/1.0 200")
+                .then(|| data[end + 4..].to_vec())
+        })
+}
