@@ -881,6 +881,17 @@ mod tests {
         assert!(p.is_empty());
     }
 
+    #[test]
+    fn the_fuzz_seeds_pass_the_fuzz_harness() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds/nts");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            crate::fuzzing::nts(&std::fs::read(entry.unwrap().path()).unwrap());
+            n += 1;
+        }
+        assert!(n >= 5);
+    }
+
     mod properties {
         use super::super::*;
         use proptest::prelude::*;
@@ -898,6 +909,11 @@ mod tests {
                 let _ = ToPeer::parse(&d, from_splitter, &me, monitor);
                 let _ = decode_id(&d);
                 let _ = decode_list2(&d);
+            }
+
+            #[test]
+            fn the_fuzz_harness_holds(d in proptest::collection::vec(any::<u8>(), 0..40)) {
+                crate::fuzzing::nts(&d);
             }
 
             #[test]
