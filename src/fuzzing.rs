@@ -432,3 +432,44 @@ fn check_to_peer(d: &[u8], chunk_size: usize) {
         }
     }
 }
+
+/// NTS (reference-notes §6.4): the first byte picks who receives the rest (splitter from a
+/// monitor or a peer, peer or monitor from the splitter or a teammate); every decoder never
+/// panics, and what decodes re-encodes to exactly its bytes. The rest also goes through the TCP
+/// decoders (ID, list 2) with the same round trip.
+pub fn nts(data: &[u8]) {
+    use crate::proto::nts::{self, PeerId, ToPeer as NtsToPeer, ToSplitter as NtsToSplitter};
+    let Some((&selector, d)) = data.split_first() else {
+        return;
+    };
+    let me = PeerId::from_random(u64::from(selector));
+    let mut out = Vec::new();
+    let m = NtsToSplitter::parse(d, selector & 1 == 1);
+    if m != NtsToSplitter::Malformed {
+        m.encode(&mut out);
+        assert_eq!(out, d, "{m:?} re-encodes to its bytes");
+    }
+    match NtsToPeer::parse(d, selector & 2 == 2, &me, selector & 4 == 4) {
+        NtsToPeer::NewPeer(n) => {
+            n.encode(&mut out);
+            assert_eq!(out, d);
+        }
+        NtsToPeer::NewPeerAtMonitor { id, endpoint } => {
+            nts::encode_new_peer_at_monitor(&id, endpoint, &mut out);
+            assert_eq!(out, d);
+        }
+        NtsToPeer::Ack(b) | NtsToPeer::Dbs(b) => assert_eq!(b, d),
+        NtsToPeer::Hello { id, retry } => {
+            assert_eq!(&d[..nts::ID_LEN], id.as_bytes());
+            assert_eq!(d.len(), nts::ID_LEN + usize::from(retry));
+        }
+    }
+    if let Ok(Some(id)) = nts::decode_id(d) {
+        assert_eq!(&d[..nts::ID_LEN], id.as_bytes());
+    }
+    if let Ok(Some((entries, used))) = nts::decode_list2(d) {
+        out.clear();
+        nts::encode_list2(&entries, &mut out).expect("a decoded list encodes");
+        assert_eq!(out, &d[..used]);
+    }
+}

@@ -1,0 +1,377 @@
+//! The NAT lab (`tests/natlab`, `docs/nat.md`): first proof that each of its five NAT kinds
+//! behaves as its name says (mapping and filtering, with UDP probes), then the real splitter and
+//! peers through it. Needs root, `ip` and `nft`: skipped loudly without them, a failure when `CI`
+//! is set.
+
+mod natlab;
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::time::{Duration, Instant};
+
+use natlab::{Home, Host, Lab, NatKind, lab_possible, recv};
+
+/// What a probe saw of a NAT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Behaviour {
+    /// The home endpoint's private port.
+    private_port: u16,
+    /// The public endpoints its datagrams to three destinations came from, in order: (A, p1),
+    /// (A, p2), (B, p1'), then (A, p1) again.
+    mapped: [SocketAddrV4; 4],
+    /// Who got through to a fresh mapping made by sending to (A, p1): among "A:p1", "A:p2",
+    /// "B:p".
+    let_in: BTreeSet<&'static str>,
+}
+
+/// A datagram from `from` to `to`, retried (at most 3 times) until `to` sees it; the public
+/// endpoint it came from.
+fn seen_from(from: &UdpSocket, to: &UdpSocket) -> SocketAddrV4 {
+    let dest = to.local_addr().unwrap();
+    for _ in 0..3 {
+        from.send_to(b"probe", dest).unwrap();
+        if let Some((_, seen)) = recv(to, Duration::from_millis(500)) {
+            return seen;
+        }
+    }
+    panic!(
+        "no probe from {:?} reached {dest}",
+        from.local_addr().unwrap()
+    );
+}
+
+fn probe(public: &Host, home: &Home) -> Behaviour {
+    let (a, b) = (public.ips[0], public.ips[1]);
+    let a1 = public.udp(a, 0);
+    let a2 = public.udp(a, 0);
+    let b1 = public.udp(b, 0);
+    let h = home.host.udp(home.host.ip(), 0);
+    let private_port = h.local_addr().unwrap().port();
+    let mapped = [
+        seen_from(&h, &a1),
+        seen_from(&h, &a2),
+        seen_from(&h, &b1),
+        seen_from(&h, &a1),
+    ];
+
+    // Filtering: a fresh endpoint sends to A:p1 only; then all three try to reach its mapping.
+    let h2 = home.host.udp(home.host.ip(), 0);
+    let m = seen_from(&h2, &a1);
+    for (sock, tag) in [(&a2, "A:p2"), (&b1, "B:p"), (&a1, "A:p1")] {
+        sock.send_to(tag.as_bytes(), m).unwrap();
+    }
+    let mut let_in = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_millis(600);
+    while let_in.len() < 3 && Instant::now() < deadline {
+        if let Some((bytes, _)) = recv(&h2, Duration::from_millis(100)) {
+            for tag in ["A:p1", "A:p2", "B:p"] {
+                if bytes == tag.as_bytes() {
+                    let_in.insert(tag);
+                }
+            }
+        }
+    }
+    Behaviour {
+        private_port,
+        mapped,
+        let_in,
+    }
+}
+
+/// Checks `seen` against what `kind` must do; the problems found.
+fn check(kind: NatKind, wan: Ipv4Addr, seen: &Behaviour) -> Vec<String> {
+    let mut problems = Vec::new();
+    let m = seen.mapped;
+    if m.iter().any(|e| *e.ip() != wan) {
+        problems.push(format!("not all mapped to the NAT's address {wan}"));
+    }
+    if m[3] != m[0] {
+        problems.push("a second datagram to the same destination got another mapping".into());
+    }
+    let ports = [m[0].port(), m[1].port(), m[2].port()];
+    let same = ports.iter().all(|&p| p == ports[0]);
+    let expected_in: &[&str] = match kind {
+        NatKind::FullCone => &["A:p1", "A:p2", "B:p"],
+        NatKind::AddressRestricted => &["A:p1", "A:p2"],
+        _ => &["A:p1"],
+    };
+    match kind {
+        NatKind::FullCone | NatKind::AddressRestricted | NatKind::PortRestricted => {
+            if !same || ports[0] != seen.private_port {
+                problems.push(format!(
+                    "mapping should be one port-preserved port for every destination: private {}, public {ports:?}",
+                    seen.private_port
+                ));
+            }
+        }
+        NatKind::SymmetricSequential => {
+            if ports[1] != ports[0].wrapping_add(1) || ports[2] != ports[1].wrapping_add(1) {
+                problems.push(format!(
+                    "mapping should take consecutive ports per destination: {ports:?}"
+                ));
+            }
+        }
+        NatKind::SymmetricRandom => {
+            let distinct: BTreeSet<u16> = ports.into_iter().collect();
+            let consecutive =
+                ports[1] == ports[0].wrapping_add(1) && ports[2] == ports[1].wrapping_add(1);
+            if distinct.len() != 3 || consecutive {
+                problems.push(format!(
+                    "mapping should take a random port per destination: {ports:?}"
+                ));
+            }
+        }
+    }
+    let let_in: Vec<&str> = seen.let_in.iter().copied().collect();
+    let mut expected: Vec<&str> = expected_in.to_vec();
+    expected.sort();
+    if let_in != expected {
+        problems.push(format!(
+            "filtering let in {let_in:?}, expected {expected:?}"
+        ));
+    }
+    problems
+}
+
+/// Each NAT kind's mapping and filtering, probed: the lab is what it claims before anything runs
+/// on it.
+#[test]
+fn each_nat_kind_maps_and_filters_as_named() {
+    if !lab_possible("each_nat_kind_maps_and_filters_as_named") {
+        return;
+    }
+    let started = Instant::now();
+    let mut lab = Lab::new();
+    let public = lab.public_host("pub", 2);
+    let homes: Vec<Home> = NatKind::ALL.iter().map(|&k| lab.home(k, 0)).collect();
+    let mut failures = Vec::new();
+    for home in &homes {
+        let seen = probe(&public, home);
+        let problems = check(home.nat.kind, home.nat.wan, &seen);
+        eprintln!(
+            "{:<21} private port {:5} → public {:?}; let in {:?}{}",
+            home.nat.kind,
+            seen.private_port,
+            seen.mapped.map(|e| e.port()),
+            seen.let_in,
+            if problems.is_empty() { "" } else { "  WRONG" }
+        );
+        if !problems.is_empty() {
+            failures.push(format!(
+                "{}: {}\nits rules:\n{}",
+                home.nat.kind,
+                problems.join("; "),
+                lab.ruleset(&home.nat)
+            ));
+        }
+    }
+    eprintln!("probed 5 NAT kinds in {:?}", started.elapsed());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `numgen random` loss: a NAT set to drop 20 % of UDP drops about that many.
+#[test]
+fn nat_loss_drops_about_the_share_asked() {
+    if !lab_possible("nat_loss_drops_about_the_share_asked") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let public = lab.public_host("pub", 1);
+    let home = lab.home(NatKind::PortRestricted, 200);
+    let sink = public.udp(public.ip(), 0);
+    let dest = sink.local_addr().unwrap();
+    let h = home.host.udp(home.host.ip(), 0);
+    const SENT: usize = 1000;
+    // In bursts of 50, drained between bursts, so that the receive buffer never overflows.
+    let mut got = 0;
+    for burst in 0..SENT / 50 {
+        for i in 0..50 {
+            h.send_to(&((burst * 50 + i) as u32).to_be_bytes(), dest)
+                .unwrap();
+        }
+        while recv(&sink, Duration::from_millis(50)).is_some() {
+            got += 1;
+        }
+    }
+    let loss = 1.0 - got as f64 / SENT as f64;
+    eprintln!(
+        "asked 20 % loss, measured {:.1} % ({got}/{SENT} arrived)",
+        loss * 100.0
+    );
+    // Binomial, n = 1000, p = 0.2: sd ≈ 1.3 %; ±6 % is over 4 sd.
+    assert!((0.14..=0.26).contains(&loss), "loss {loss}");
+}
+
+/// Two labs one after the other leave nothing behind.
+#[test]
+fn a_lab_leaves_nothing_behind() {
+    if !lab_possible("a_lab_leaves_nothing_behind") {
+        return;
+    }
+    let prefix = {
+        let mut lab = Lab::new();
+        lab.public_host("pub", 1);
+        lab.home(NatKind::FullCone, 0);
+        lab.prefix().to_owned()
+    };
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("{prefix}-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Starts `p2psp <args>` in `host`, its standard error in `dir/<name>.log`.
+fn spawn_in(host: &Host, dir: &std::path::Path, name: &str, args: &[&str]) -> support::Proc {
+    let log = std::fs::File::create(support::peer_log(dir, name)).unwrap();
+    let mut cmd = host.command(support::BIN);
+    cmd.env("RUST_LOG", "p2psp=info")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    support::Proc::spawn(name, &mut cmd)
+}
+
+/// A peer's `/status`, from inside its namespace.
+fn peer_status(host: &Host) -> serde_json::Value {
+    natlab::http_get_in(host, METRICS_PORT, "/status")
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Every process in the lab serves `--metrics` here, on its own namespace's loopback.
+const METRICS_PORT: u16 = 9100;
+
+/// Today's DBS (compat profile, no NAT traversal) through the lab, the baseline for NTS: a
+/// splitter and a monitor on the public segment, then one peer behind each kind of NAT, joining
+/// in the order full cone → random symmetric. Prints what each peer received and whom it keeps
+/// as neighbours.
+#[test]
+fn dbs_through_each_nat_kind_baseline() {
+    if !lab_possible("dbs_through_each_nat_kind_baseline") {
+        return;
+    }
+    let _one = support::one_at_a_time();
+    let dir = support::test_dir("nat-dbs");
+    let mut lab = Lab::new();
+    let public = lab.public_host("splitter", 1);
+    let monitor_host = lab.public_host("monitor", 1);
+    let homes: Vec<Home> = NatKind::ALL.iter().map(|&k| lab.home(k, 0)).collect();
+    let splitter_at = format!("{}:8001", public.ip());
+    let metrics = format!("127.0.0.1:{METRICS_PORT}");
+    let mut procs = Vec::new();
+    let mut splitter = spawn_in(
+        &public,
+        &dir,
+        "splitter",
+        &[
+            "splitter",
+            "--bind",
+            &public.ip().to_string(),
+            "--port",
+            "8001",
+            "--bitrate",
+            "500k",
+            "--buffer-size",
+            "64",
+            "--shards",
+            "1",
+        ],
+    );
+    support::wait_for_line(
+        &mut splitter,
+        &support::peer_log(&dir, "splitter"),
+        Duration::from_secs(10),
+        |l| l.starts_with("p2psp splitter listening on"),
+    )
+    .unwrap_or_else(|log| panic!("the splitter did not start:\n{log}"));
+    procs.push(splitter);
+    let peer_args = |monitor: bool| {
+        let mut a = vec![
+            "peer",
+            "--splitter",
+            splitter_at.as_str(),
+            "--player-port",
+            "0",
+            "--metrics",
+            metrics.as_str(),
+        ];
+        if monitor {
+            a.push("--monitor");
+        }
+        a
+    };
+    let mut monitor = spawn_in(&monitor_host, &dir, "monitor", &peer_args(true));
+    support::wait_joined(&dir, &mut monitor);
+    procs.push(monitor);
+    for home in &homes {
+        let mut p = spawn_in(&home.host, &dir, home.nat.kind.name(), &peer_args(false));
+        support::wait_joined(&dir, &mut p);
+        procs.push(p);
+    }
+    std::thread::sleep(Duration::from_secs(8));
+
+    let kind_of = |endpoint: &str| -> String {
+        let ip: Ipv4Addr = endpoint
+            .split(':')
+            .next()
+            .and_then(|i| i.parse().ok())
+            .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        if ip == monitor_host.ip() {
+            return "monitor".into();
+        }
+        homes
+            .iter()
+            .find(|h| h.nat.wan == ip)
+            .map_or(endpoint.to_owned(), |h| h.nat.kind.short().to_owned())
+    };
+    eprintln!(
+        "\nDBS through NATs (compat, no traversal), 8 s after the last join, 500 kbit/s:\n\
+         {:<21} {:>8} {:>9} {:>7} {:>6} {:>7}  neighbours kept",
+        "peer behind", "splitter", "received", "played", "lost", "rejoins"
+    );
+    let mut from_splitter = Vec::new();
+    for (name, host) in std::iter::once(("monitor (public)".to_owned(), &monitor_host)).chain(
+        homes
+            .iter()
+            .map(|h| (h.nat.kind.name().to_owned(), &h.host)),
+    ) {
+        let s = peer_status(host);
+        let t = &s["totals"];
+        let neighbours: Vec<String> = s["neighbours"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|n| kind_of(n["endpoint"].as_str().unwrap_or("?")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        eprintln!(
+            "{name:<21} {:>8} {:>9} {:>7} {:>6} {:>7}  {}",
+            t["from_splitter"].as_u64().unwrap_or(0),
+            t["chunks_received"].as_u64().unwrap_or(0),
+            t["played"].as_u64().unwrap_or(0),
+            t["lost"].as_u64().unwrap_or(0),
+            t["rejoins"].as_u64().unwrap_or(0),
+            neighbours.join(" ")
+        );
+        from_splitter.push(t["from_splitter"].as_u64().unwrap_or(0));
+    }
+    drop(procs);
+    // What the baseline must show: the public monitor and the full-cone peer get the splitter's
+    // chunks; a symmetric NAT lets none through (the splitter sends to the port the peer used
+    // for TCP, which a symmetric NAT never maps to the peer's UDP socket).
+    assert!(from_splitter[0] > 0, "the monitor got no chunks");
+    assert!(from_splitter[1] > 0, "the full-cone peer got no chunks");
+    assert_eq!(
+        from_splitter[4], 0,
+        "sequential symmetric got splitter chunks"
+    );
+    assert_eq!(from_splitter[5], 0, "random symmetric got splitter chunks");
+}
