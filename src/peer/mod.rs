@@ -368,11 +368,14 @@ fn rejoin_with_backoff(
                 opts.splitter
             ));
         }
+        if let Some(name) = &opts.status {
+            eprintln!("{name}: rejoining (attempt {attempt})");
+        }
         match join::join_within(opts.splitter, opts.monitor, REJOIN_TIMEOUT) {
             Ok(j) => break Ok(Some(j)),
             Err(e) => {
                 if let Some(name) = &opts.status {
-                    eprintln!("{name}: rejoining (attempt {attempt}): {e:#}");
+                    eprintln!("{name}: rejoining (attempt {attempt}) failed: {e:#}");
                 }
             }
         }
