@@ -266,20 +266,20 @@ struct Playout {
     started: bool,
 }
 
-/// How far behind the newest chunk a monitor first reports a missing chunk, when that is sooner
-/// than its first fixed horizon: the team's round (`team` chunks: a peer relays a chunk one
-/// datagram per chunk it receives, so the last teammate has it within a round) plus 4, and at
-/// least a quarter of a second of stream (`rate` chunks/s) for the jitter of a busy host. A
-/// monitor uses it only once it has measured the rate (after its first second of chunks).
+/// How far behind the newest chunk ([`Peer::estimated_newest`]) a monitor first reports a
+/// missing chunk, when that is sooner than its first fixed horizon: the team's round (`team`
+/// chunks: a peer relays a chunk one datagram per chunk it receives and bursts the rest at its
+/// next chunk from the splitter, so the last teammate has it within a round) plus a quarter of a
+/// second of stream (`rate` chunks/s, at least 2 chunks) for the jitter of a busy host. A monitor
+/// uses it only once it has measured the rate (after its first second of chunks).
 ///
 /// With the usual buffer of 256 chunks the fixed horizon is 64 chunks: half a second at 1 Mbit/s
 /// but 8 s at 64 kbit/s, where a team of 16 gives each peer one chunk every 2 s. Reporting after
 /// a round instead lets the splitter judge a dead peer within a few seconds at any rate
 /// (`docs/recovery.md`, "Expulsion").
 fn early_horizon(team: usize, rate: f64) -> i32 {
-    let round = team as i32 + 4;
     let quarter_second = (rate * 0.25).ceil().min(f64::from(i32::MAX)) as i32;
-    round.max(quarter_second).max(1)
+    (team as i32).saturating_add(quarter_second.max(2))
 }
 
 /// How far behind the newest chunk a missing chunk is reported, first and then again, by a
@@ -323,6 +323,8 @@ pub struct Peer {
     prev_resent: bool,
     /// Number of the newest chunk the splitter sent us.
     newest_from_splitter: Option<u16>,
+    /// Chunks from neighbours since then: the stream went on by about as many chunks.
+    since_from_splitter: u32,
     /// Index of the next neighbour `prev` goes to.
     counter: usize,
     modified_list: bool,
@@ -351,6 +353,7 @@ impl Peer {
             prev: None,
             prev_resent: false,
             newest_from_splitter: None,
+            since_from_splitter: 0,
             counter: 0,
             modified_list: false,
             playout: Playout {
@@ -602,6 +605,7 @@ impl Peer {
             self.prev_resent = resent;
             if !resent {
                 self.newest_from_splitter = Some(number);
+                self.since_from_splitter = 0;
             }
         } else {
             let near = self.in_window(number);
@@ -612,6 +616,7 @@ impl Peer {
                     n.debt -= 1;
                     n.proven = true;
                     n.relays = true;
+                    self.since_from_splitter += 1;
                 }
                 // Far off: no use, no debt credited, nobody adopted, and it clocks no relay. Far
                 // behind the playout position it still counts as late.
@@ -719,21 +724,24 @@ impl Peer {
         }
         self.measure_rate();
         // The early horizon needs the rate: until the first second of arrivals is measured, a
-        // quarter second of stream is unknown, and a round plus 4 chunks is a fraction of a
+        // quarter second of stream is unknown, and a round plus 2 chunks is a fraction of a
         // millisecond at 16,000 chunks/s, far less than a teammate's relay takes on a busy host.
         let measured = self.playout.rate > 0.0;
         if let Some(cursor) = self.playout.early
             && measured
         {
             let fixed = self.playout.checks.first().map_or(half, |c| c.0);
-            let h = early_horizon(self.neighbours.len() + 1, self.playout.rate);
+            let team = self.neighbours.len() + 1;
+            let h = early_horizon(team, self.playout.rate);
             if h < fixed {
-                self.playout.early = Some(self.report_missing(cursor, h, next));
+                let newest = self.estimated_newest(team);
+                self.playout.early = Some(self.report_missing(cursor, h, next, newest));
             }
         }
         for i in 0..self.playout.checks.len() {
             let (horizon, cursor) = self.playout.checks[i];
-            self.playout.checks[i].1 = self.report_missing(cursor, horizon, next);
+            let newest = self.playout.highest;
+            self.playout.checks[i].1 = self.report_missing(cursor, horizon, next, newest);
         }
         if !measured && self.playout.early.is_some() {
             // Start the early checks where the fixed ones are, not to report a chunk twice.
@@ -778,14 +786,33 @@ impl Peer {
         }
     }
 
+    /// Where the stream is, as far as this peer can tell without a clock: the newest chunk it
+    /// holds, or the newest chunk the splitter sent it plus the chunks its neighbours relayed
+    /// since (at most a round: its next chunk from the splitter comes within one), whichever is
+    /// further. In a team every relay reaches the monitor last, a round after the chunk left the
+    /// splitter, so the newest chunk it holds lags by up to a round between its own chunks; a
+    /// stalled source stops both.
+    fn estimated_newest(&self, team: usize) -> u16 {
+        let Some(own) = self.newest_from_splitter else {
+            return self.playout.highest;
+        };
+        let ahead = self.since_from_splitter.min(team as u32) as u16;
+        let est = own.wrapping_add(ahead);
+        if seq::gt(est, self.playout.highest) {
+            est
+        } else {
+            self.playout.highest
+        }
+    }
+
     /// Sends a loss report for every chunk from `cursor` on that is missing `horizon` chunks
-    /// behind the newest; returns the new cursor.
-    fn report_missing(&mut self, mut cursor: u16, horizon: i32, next: u16) -> u16 {
+    /// behind `newest`; returns the new cursor.
+    fn report_missing(&mut self, mut cursor: u16, horizon: i32, next: u16, newest: u16) -> u16 {
         let b = self.playout.slots.len();
         if seq::lt(cursor, next) {
             cursor = next;
         }
-        while seq::diff(self.playout.highest, cursor) >= horizon {
+        while seq::diff(newest, cursor) >= horizon {
             let n = cursor;
             let slot = usize::from(n) % b;
             if self.playout.slots[slot].as_ref().is_none_or(|s| s.0 != n) {
@@ -1080,7 +1107,7 @@ mod tests {
     #[test]
     fn a_monitor_reports_after_a_round_on_a_slow_stream() {
         // A team of 16 on a 64 kbit/s stream (8 chunks/s), buffer 256: the fixed first horizon
-        // (64 chunks) would be 8 s; a round plus 4 is 20 chunks, 2.5 s.
+        // (64 chunks) would be 8 s; a round plus 2 is 18 chunks, 2.25 s.
         let start = Instant::now();
         let mut r = rules(256);
         r.monitor = true;
@@ -1096,15 +1123,15 @@ mod tests {
                 reported_at = Some(n);
             }
         }
-        assert_eq!(reported_at, Some(30));
-        // At 1 Mbit/s (122 chunks/s) a quarter of a second (31 chunks) is the longer wait.
-        assert_eq!(early_horizon(16, 122.0), 31);
-        assert_eq!(early_horizon(16, 8.0), 20);
+        assert_eq!(reported_at, Some(28));
+        // At 1 Mbit/s (122 chunks/s): a round and a quarter of a second (31 chunks).
+        assert_eq!(early_horizon(16, 122.0), 47);
+        assert_eq!(early_horizon(16, 8.0), 18);
     }
 
     #[test]
     fn a_monitor_waits_for_the_rate_before_reporting_early() {
-        // A team of 2 at 16,000 chunks/s, the monitor's first second: a round plus 4 chunks is
+        // A team of 2 at 16,000 chunks/s, the monitor's first second: a round plus 2 chunks is
         // 0.4 ms of stream, less than a teammate's relay may take while it starts. Until the rate
         // is measured only the fixed horizon (B/4) counts.
         let start = Instant::now();
