@@ -23,7 +23,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{
-    Proc, Splitter, http_get, start_peer_with_player, test_dir, tools_present, wait_until,
+    Proc, Splitter, http_get, one_at_a_time, start_peer_with_player, test_dir, tools_present,
+    wait_until,
 };
 
 /// Seconds of media each decoder reads.
@@ -297,6 +298,7 @@ fn run(case: &Case) -> Result<Figures, String> {
 
 #[test]
 fn every_container_decodes_at_a_peer_without_errors() {
+    let _one = one_at_a_time();
     if !tools("every_container_decodes_at_a_peer_without_errors") {
         return;
     }
@@ -332,4 +334,153 @@ fn every_container_decodes_at_a_peer_without_errors() {
     }
     eprintln!("all cases: {:.1} s\n", started.elapsed().as_secs_f64());
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// ffmpeg encoding the live test pattern with `encode` to its standard output, its errors in
+/// `dir/<name>.log`.
+fn encoder(dir: &Path, name: &str, video: bool, encode: &[&str]) -> Proc {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args(["-nostdin", "-hide_banner", "-loglevel", "error", "-re"]);
+    if video {
+        cmd.args(VIDEO);
+    }
+    cmd.args(AUDIO)
+        .args(encode)
+        .arg("-")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
+    Proc::spawn(name, &mut cmd)
+}
+
+/// The last `key=` value of an ffmpeg `-progress` file (`frame`, `out_time_us`).
+fn progress_value(path: &Path, key: &str) -> u64 {
+    let prefix = format!("{key}=");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .next_back()
+        .unwrap_or(0)
+}
+
+/// A splitter fed by ffmpeg on stdin is killed (`kill -9`; its encoder dies with it) and a new
+/// one, fed by a new encoder, starts on the same port. The peer joins it again and its player, an
+/// ffmpeg decoder that stays connected across the gap, must keep decoding after it and print not
+/// one error line. `frames`: the progress key that counts what was decoded.
+fn across_a_splitter_restart(name: &str, video: bool, encode: &[&str], chunk_size: &str) {
+    let _one = one_at_a_time();
+    if !tools(name) {
+        return;
+    }
+    let dir = test_dir(&format!("containers-restart-{name}"));
+    let args = [
+        "--source",
+        "-",
+        "--shards",
+        "1",
+        "--chunk-size",
+        chunk_size,
+        "--buffer-size",
+        "64",
+    ];
+    let mut enc1 = encoder(&dir, "encoder1", video, encode);
+    let first = Splitter::start(&dir, &args, Stdio::from(enc1.child.stdout.take().unwrap()));
+    let port = first.port;
+    let (mut peer, player) = start_peer_with_player(
+        &dir,
+        "peer",
+        port,
+        &["--monitor", "--stall-timeout", "1s"],
+        &[],
+    );
+    let errors = dir.join("decode.log");
+    let progress_file = dir.join("decode.progress");
+    let mut decoder = Proc::spawn(
+        "decode",
+        Command::new("ffmpeg")
+            .args(["-nostdin", "-hide_banner", "-v", "error", "-i"])
+            .arg(format!("http://127.0.0.1:{player}/"))
+            .args(["-progress"])
+            .arg(&progress_file)
+            .args(["-f", "null", "-"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&errors).unwrap()),
+    );
+    let decoded = || Duration::from_micros(progress_value(&progress_file, "out_time_us"));
+    assert!(
+        wait_until(Duration::from_secs(30), || decoded()
+            >= Duration::from_secs(4)),
+        "decoded {:?} before the restart; it said:\n{}",
+        decoded(),
+        std::fs::read_to_string(&errors).unwrap_or_default()
+    );
+
+    // kill -9: the splitter and, with its pipe, the encoder. A new encoder and splitter on the
+    // same port a second later.
+    first.proc.signal("KILL");
+    let _ = enc1.wait_exit(Duration::from_secs(5));
+    let before = decoded();
+    let frames_before = progress_value(&progress_file, "frame");
+    std::thread::sleep(Duration::from_secs(1));
+    let mut enc2 = encoder(&dir, "encoder2", video, encode);
+    let second = Splitter::start_on(
+        &dir,
+        port,
+        &args,
+        Stdio::from(enc2.child.stdout.take().unwrap()),
+        &[],
+    );
+    let listening = Instant::now();
+    let resumed = wait_until(Duration::from_secs(30), || {
+        decoded() >= before + Duration::from_secs(6)
+    });
+    let said = std::fs::read_to_string(&errors).unwrap_or_default();
+    let frames_after = progress_value(&progress_file, "frame");
+    eprintln!(
+        "{name}: decoded {:.1} s before the kill, {:.1} s in all ({} frames then {}), \
+         {:.1} s after the new splitter listened; {} error lines",
+        before.as_secs_f64(),
+        decoded().as_secs_f64(),
+        frames_before,
+        frames_after,
+        listening.elapsed().as_secs_f64(),
+        said.lines().count()
+    );
+    assert!(decoder.running(), "the decoder exited; it said:\n{said}");
+    assert!(
+        resumed,
+        "the decoder did not go on after the restart ({:?} decoded); the new splitter said:\n{}",
+        decoded(),
+        second.log_text()
+    );
+    if video {
+        assert!(
+            frames_after > frames_before + 100,
+            "{frames_before} -> {frames_after} frames"
+        );
+    }
+    assert!(said.trim().is_empty(), "the decoder said:\n{said}");
+    assert!(peer.running(), "the peer exited");
+    let log = std::fs::read_to_string(dir.join("peer.log")).unwrap_or_default();
+    assert!(log.contains("joining again"), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn mpeg_ts_players_decode_across_a_splitter_restart_without_errors() {
+    across_a_splitter_restart("mpegts-restart", true, TS, "1024");
+}
+
+/// Fails today (hence ignored): the decoder prints `CRC mismatch!` (the page cut by the kill)
+/// and `failed to create or replace stream` (the new stream's header pages, with new serials,
+/// mid-stream), then stops. The peer's resume needs to end the old stream at a whole page and
+/// the player needs a chained Ogg stream it can follow (see the report on issue 10).
+#[test]
+#[ignore]
+fn ogg_players_decode_across_a_splitter_restart_without_errors() {
+    across_a_splitter_restart("ogg-restart", true, OGG_THEORA, "1024");
 }

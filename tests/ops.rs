@@ -513,7 +513,7 @@ fn shipped_example_configs_work() {
     );
     let s = splitter.status().unwrap();
     assert_eq!(s["config"]["lrs"], true);
-    assert_eq!(s["config"]["header_size"], 16384);
+    assert_eq!(s["config"]["header_size"], "auto");
     let peer_toml = dist.join("peer.toml");
     let splitter_addr = format!("127.0.0.1:{}", splitter.port);
     let mut peer = Proc::spawn(

@@ -101,6 +101,8 @@ struct Fate {
     window: u32,
     /// How many bits of `window` are outcomes (at most [`EXPULSION_WINDOW`]).
     window_len: u32,
+    /// Chunks given, halved every `loss_halving`: about two periods' worth of its share.
+    recent_given: f32,
     /// Judged chunks, halved every `loss_halving`.
     recent_judged: f32,
     /// Lost chunks among them, halved with them.
@@ -116,7 +118,10 @@ impl Fate {
             let newly = ahead;
             self.window = if newly >= 32 { 0 } else { self.window << newly } | 1;
             self.window_len = (self.window_len + newly).min(EXPULSION_WINDOW);
-            self.recent_judged += newly as f32;
+            // The chunks judged now arrived over the time since the last report, which may be
+            // minutes: the time window credits at most its recent share, or a peer that dies
+            // after a long clean run would need as long again to be judged dead.
+            self.recent_judged += (newly as f32).min(self.recent_given.max(1.0));
             self.recent_lost += 1.0;
             self.judged = ordinal;
         } else {
@@ -143,6 +148,7 @@ impl Fate {
     }
 
     fn halve(&mut self) {
+        self.recent_given /= 2.0;
         self.recent_judged /= 2.0;
         self.recent_lost /= 2.0;
     }
@@ -360,6 +366,7 @@ impl Team {
             m.skip = m.period - 1;
         }
         m.fate.given = m.fate.given.wrapping_add(1);
+        m.fate.recent_given += 1.0;
         let ordinal = m.fate.given;
         let slot = usize::from(n) % self.destinations.len();
         self.destinations[slot] = Some(Destination {
