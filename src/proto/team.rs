@@ -275,6 +275,8 @@ struct Team {
     /// Destination of chunk `n` at `n % B`, with `n` to tell stale entries apart.
     destinations: Vec<Option<Destination>>,
     leaving: usize,
+    /// Peers inserted since the last chunk was scheduled (they are served next, in order).
+    fresh: usize,
 }
 
 impl Team {
@@ -285,6 +287,7 @@ impl Team {
             next: 0,
             destinations: vec![None; usize::from(buffer_size).max(1)],
             leaving: 0,
+            fresh: 0,
         }
     }
 
@@ -297,15 +300,21 @@ impl Team {
     }
 
     fn insert(&mut self, endpoint: Endpoint, monitor: bool) {
-        // Monitors stay in front, as in the reference where they are the first to join; everyone
-        // else is appended and so gets a first chunk within one round.
+        // Monitors stay in front, as in the reference where they are the first to join. Everyone
+        // else goes where the round robin is now and so gets the very next chunk: its playout
+        // starts with its first chunk from the splitter, and the splitter learns a round sooner
+        // whether it relays (a dead newcomer on a slow stream is judged a round earlier).
+        // Newcomers since the last chunk queue up in the order they came.
         let at = if monitor {
             self.monitors()
         } else {
-            self.members.len()
+            (self.next.max(self.monitors()) + self.fresh).min(self.members.len())
         };
-        if at < self.members.len() && at <= self.next {
+        if monitor && at < self.members.len() && at <= self.next {
             self.next += 1;
+        }
+        if !monitor {
+            self.fresh += 1;
         }
         self.members.insert(
             at,
@@ -357,6 +366,7 @@ impl Team {
                 guard -= 1;
             }
         }
+        self.fresh = 0;
         if self.members.is_empty() {
             return None;
         }
@@ -781,6 +791,20 @@ mod tests {
         // The round robin still continues with ep(3), then starts over at the monitor.
         assert_eq!(chunk(&mut t, 1), vec![ep(3)]);
         assert_eq!(chunk(&mut t, 2), vec![ep(1)]);
+    }
+
+    #[test]
+    fn newcomers_mid_round_get_the_next_chunks_in_the_order_they_came() {
+        let mut t = Teams::new(TeamRules::default());
+        for p in 1..=4 {
+            t.insert(0, ep(p), p == 1);
+        }
+        assert_eq!(chunk(&mut t, 0), vec![ep(1)]);
+        assert_eq!(chunk(&mut t, 1), vec![ep(2)]);
+        t.insert(0, ep(5), false);
+        t.insert(0, ep(6), false);
+        let next: Vec<u16> = (2..8).map(|n| chunk(&mut t, n)[0].port()).collect();
+        assert_eq!(next, [5, 6, 3, 4, 1, 2]);
     }
 
     #[test]
