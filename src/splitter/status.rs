@@ -366,18 +366,34 @@ fn all_teams(snapshots: &[(usize, Arc<Vec<TeamSnapshot>>)]) -> Vec<(usize, &Team
 }
 
 /// Sorts `v` by `key` and keeps `offset..offset + limit`, sorting only what it keeps.
-fn page_of<T, K: Ord>(mut v: Vec<T>, offset: usize, limit: usize, key: impl Fn(&T) -> K) -> Vec<T> {
+fn page_of<T, K: Ord>(v: Vec<T>, offset: usize, limit: usize, key: impl Fn(&T) -> K) -> Vec<T> {
     let end = offset.saturating_add(limit).min(v.len());
     if offset >= end {
         return Vec::new();
     }
-    if end < v.len() {
-        v.select_nth_unstable_by_key(end - 1, &key);
-        v.truncate(end);
-    }
-    v.sort_by_key(key);
-    v.drain(..offset);
-    v
+    // The first `end` by key: a bounded max-heap of (key, index) when that is a small part, a
+    // sort of the keys otherwise. The items themselves are not moved until picked.
+    let mut picked: Vec<(K, usize)> = if end <= v.len() / 8 {
+        let mut heap = std::collections::BinaryHeap::with_capacity(end + 1);
+        for (i, t) in v.iter().enumerate() {
+            let k = key(t);
+            if heap.len() < end {
+                heap.push((k, i));
+            } else if heap.peek().is_some_and(|top| (&k, i) < (&top.0, top.1)) {
+                heap.pop();
+                heap.push((k, i));
+            }
+        }
+        heap.into_vec()
+    } else {
+        v.iter().enumerate().map(|(i, t)| (key(t), i)).collect()
+    };
+    picked.sort_unstable();
+    let mut slots: Vec<Option<T>> = v.into_iter().map(Some).collect();
+    picked[offset..end]
+        .iter()
+        .filter_map(|(_, i)| slots[*i].take())
+        .collect()
 }
 
 /// `offset` and `limit` of a page query, and rejects keys other than `allowed`.
