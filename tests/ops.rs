@@ -134,6 +134,8 @@ fn artifacts() -> PathBuf {
 /// The charts in a dumped DOM: title → points of its line with the fewest.
 fn charts(dom: &str) -> Vec<(String, u64)> {
     let mut out = Vec::new();
+    // Not the page's script, which writes them.
+    let dom = &dom[..dom.find("<script").unwrap_or(dom.len())];
     for part in dom.split("<svg").skip(1) {
         let head = &part[..part.find('>').unwrap_or(part.len())];
         let attr = |name: &str| {
