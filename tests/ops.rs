@@ -95,7 +95,7 @@ fn chromium_dom(dir: &Path, url: &str, screenshot: Option<&Path>) -> String {
     .arg(format!("--user-data-dir={}", profile.display()));
     match screenshot {
         Some(p) => {
-            cmd.arg("--window-size=1100,700")
+            cmd.arg("--window-size=1100,1500")
                 .arg(format!("--screenshot={}", p.display()));
         }
         None => {

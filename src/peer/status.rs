@@ -348,7 +348,13 @@ impl PeerExporter {
     /// a rate; `NaN` while unknown).
     fn read(&self, d: &PeerDetail, metric: &str) -> Option<f64> {
         let c = &self.counters;
+        // The loop's live counters where there are some: the once-a-second detail, sampled on
+        // a grid of its own, would alias a steady rate into 0, 2x, x, ...
+        let live = |a: &AtomicU64| Some(a.load(Ordering::Relaxed) as f64);
         match metric {
+            "p2psp_peer_chunks_played_total" => live(&c.played),
+            "p2psp_peer_chunks_relayed_total" => live(&c.relayed),
+            "p2psp_peer_chunks_lost_total" => live(&c.lost),
             "p2psp_peer_neighbours" => Some(d.neighbours.len() as f64),
             "p2psp_peer_buffered_chunks" => {
                 Some(c.detail.buffered().map_or(f64::NAN, |n| n as f64))
@@ -561,8 +567,8 @@ mod tests {
         }
         let t0 = Instant::now();
         e.tick(t0);
+        opts.counters.played.store(250, Ordering::Relaxed);
         let mut d = PeerDetail::default();
-        d.stats.played = 250;
         d.neighbours = vec![("127.0.0.1:4000".parse().unwrap(), 0)];
         opts.counters.detail.publish(d);
         e.tick(t0 + Duration::from_secs(1));

@@ -165,9 +165,25 @@ pub struct ControlCounters {
 #[derive(Debug, Default)]
 pub struct Board {
     state: Mutex<(ControlCounters, Rates)>,
+    /// The control plane's live counters, for the history's joins (sampled on a grid of its
+    /// own: the once-a-second copy would alias into 0, 2, 1, ...).
+    live: std::sync::OnceLock<Arc<super::control::ControlStats>>,
 }
 
 impl Board {
+    /// Gives the board the control plane's live counters.
+    pub fn attach(&self, stats: Arc<super::control::ControlStats>) {
+        let _ = self.live.set(stats);
+    }
+
+    /// Joins completed so far: live once attached, else as last published.
+    fn joins(&self) -> u64 {
+        match self.live.get() {
+            Some(s) => s.joins.load(Ordering::Relaxed),
+            None => self.get().0.joins,
+        }
+    }
+
     /// Publishes the control plane's counters and the last second's rates.
     pub fn publish(&self, counters: ControlCounters, rates: Rates) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = (counters, rates);
@@ -291,7 +307,6 @@ impl SplitterExporter {
     fn read(&self, key: &str) -> Option<f64> {
         use ShardMetric as M;
         let shards = || self.shards.iter().map(|s| &**s);
-        let (control, _) = self.board.get();
         Some(match key {
             "peers" => self.sum(M::Peers) as f64,
             "teams" => self.sum(M::Teams) as f64,
@@ -300,7 +315,7 @@ impl SplitterExporter {
             "loss_reports" => self.sum(M::LossReports) as f64,
             "expelled" => self.sum(M::Expelled) as f64,
             "send_lag_p99_ms" => max(shards(), M::SendLagP99) as f64,
-            "joins" => control.joins as f64,
+            "joins" => self.board.joins() as f64,
             "leaves" => self.sum(M::Left) as f64,
             "send_dropped" => self.sum(M::SendDropped) as f64,
             _ => return None,
