@@ -568,9 +568,10 @@ mod tests {
         let t0 = Instant::now();
         e.tick(t0);
         opts.counters.played.store(250, Ordering::Relaxed);
-        let mut d = PeerDetail::default();
-        d.neighbours = vec![("127.0.0.1:4000".parse().unwrap(), 0)];
-        opts.counters.detail.publish(d);
+        opts.counters.detail.publish(PeerDetail {
+            neighbours: vec![("127.0.0.1:4000".parse().unwrap(), 0)],
+            ..PeerDetail::default()
+        });
         e.tick(t0 + Duration::from_secs(1));
         let h = e.history(None).unwrap();
         assert_eq!(h["values"]["played"][1], 250);
