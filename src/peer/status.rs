@@ -1,14 +1,15 @@
-//! What a peer shows an operator with `--metrics`: its counters as Prometheus text and, at
-//! `/status`, its neighbours with their chunk debts.
+//! What a peer shows an operator with `--metrics`: its counters as Prometheus text, at
+//! `/status` its neighbours with their chunk debts, and at `/history` the last 10 minutes of the
+//! figures its page charts ([`PEER_SERIES`]).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde_json::json;
 
 use super::{PeerCounters, PeerOptions};
-use crate::metrics::{Exporter, Kind, Prom};
+use crate::metrics::{Exporter, History, Kind, Prom, Series};
 use crate::proto::Endpoint;
 use crate::proto::peer::PeerStats;
 
@@ -32,18 +33,52 @@ pub struct PeerDetail {
 }
 
 /// Shared between the peer's loop and its exporter.
-#[derive(Debug, Default)]
-pub struct DetailCell(Mutex<PeerDetail>);
+#[derive(Debug)]
+pub struct DetailCell {
+    detail: Mutex<PeerDetail>,
+    /// Chunks in the playout buffer ([`UNKNOWN`] until the loop publishes it).
+    buffered: AtomicU64,
+}
+
+/// A level nobody published yet.
+const UNKNOWN: u64 = u64::MAX;
+
+impl Default for DetailCell {
+    fn default() -> Self {
+        DetailCell {
+            detail: Mutex::default(),
+            buffered: AtomicU64::new(UNKNOWN),
+        }
+    }
+}
 
 impl DetailCell {
     /// Replaces the published detail.
     pub fn publish(&self, d: PeerDetail) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = d;
+        *self.detail.lock().unwrap_or_else(|e| e.into_inner()) = d;
     }
 
     /// The last published detail.
     pub fn get(&self) -> PeerDetail {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.detail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Publishes how many chunks the playout buffer holds (received, not yet played): the
+    /// page's buffer fill and `p2psp_peer_buffered_chunks`.
+    pub fn set_buffered(&self, chunks: u64) {
+        self.buffered
+            .store(chunks.min(UNKNOWN - 1), Ordering::Relaxed);
+    }
+
+    /// Chunks in the playout buffer, once published.
+    pub fn buffered(&self) -> Option<u64> {
+        match self.buffered.load(Ordering::Relaxed) {
+            UNKNOWN => None,
+            n => Some(n),
+        }
     }
 }
 
@@ -232,6 +267,47 @@ const PEER_METRICS: &[PeerMetric] = &[
     ),
 ];
 
+/// What the peer's page charts over the last 10 minutes (`/history`); the Grafana dashboard
+/// (`dist/grafana/p2psp.json`) has a panel of the same title for each chart, on the same metric.
+/// Counters are read through [`PEER_METRICS`] by their Prometheus name.
+pub const PEER_SERIES: &[Series] = &[
+    Series::rate(
+        "played",
+        "chunks/s played and relayed",
+        "played",
+        "/s",
+        "p2psp_peer_chunks_played_total",
+    ),
+    Series::rate(
+        "relayed",
+        "chunks/s played and relayed",
+        "relayed",
+        "/s",
+        "p2psp_peer_chunks_relayed_total",
+    ),
+    Series::rate(
+        "lost",
+        "chunks lost/s",
+        "lost",
+        "/s",
+        "p2psp_peer_chunks_lost_total",
+    ),
+    Series::level(
+        "neighbours",
+        "neighbours",
+        "neighbours",
+        "",
+        "p2psp_peer_neighbours",
+    ),
+    Series::level(
+        "buffered",
+        "buffer fill (chunks)",
+        "buffered",
+        "chunks",
+        "p2psp_peer_buffered_chunks",
+    ),
+];
+
 /// Every metric of [`PEER_METRICS`] as Prometheus text.
 fn counters(p: &mut Prom, s: &PeerStats, c: &PeerCounters) {
     for m in PEER_METRICS {
@@ -254,6 +330,7 @@ pub struct PeerExporter {
     opts: PeerOptions,
     counters: Arc<PeerCounters>,
     started: Instant,
+    history: Mutex<History>,
 }
 
 impl PeerExporter {
@@ -263,6 +340,29 @@ impl PeerExporter {
             counters: opts.counters.clone(),
             opts: opts.clone(),
             started: Instant::now(),
+            history: Mutex::new(History::ten_minutes(PEER_SERIES, Instant::now())),
+        }
+    }
+
+    /// The raw value of the history series with Prometheus family `metric` (a counter's total for
+    /// a rate; `NaN` while unknown).
+    fn read(&self, d: &PeerDetail, metric: &str) -> Option<f64> {
+        let c = &self.counters;
+        // The loop's live counters where there are some: the once-a-second detail, sampled on
+        // a grid of its own, would alias a steady rate into 0, 2x, x, ...
+        let live = |a: &AtomicU64| Some(a.load(Ordering::Relaxed) as f64);
+        match metric {
+            "p2psp_peer_chunks_played_total" => live(&c.played),
+            "p2psp_peer_chunks_relayed_total" => live(&c.relayed),
+            "p2psp_peer_chunks_lost_total" => live(&c.lost),
+            "p2psp_peer_neighbours" => Some(d.neighbours.len() as f64),
+            "p2psp_peer_buffered_chunks" => {
+                Some(c.detail.buffered().map_or(f64::NAN, |n| n as f64))
+            }
+            _ => PEER_METRICS
+                .iter()
+                .find(|m| m.name == metric)
+                .map(|m| (m.read)(&d.stats, c) as f64),
         }
     }
 }
@@ -295,6 +395,14 @@ impl Exporter for PeerExporter {
             d.neighbours.len(),
         );
         counters(p, s, c);
+        p.family(
+            "p2psp_peer_buffered_chunks",
+            "gauge",
+            "Chunks in the playout buffer (received, not yet played).",
+        );
+        if let Some(n) = c.detail.buffered() {
+            p.sample("p2psp_peer_buffered_chunks", &[], n);
+        }
         p.gauge(
             "p2psp_peer_buffer_chunks",
             "Playout buffer size in chunks (from the join).",
@@ -346,13 +454,36 @@ impl Exporter for PeerExporter {
                 "lost_per_second": d.rates[3],
             },
             "neighbours": neighbours,
+            "buffered": c.detail.buffered(),
         })
+    }
+
+    fn history(&self, since: Option<u64>) -> Option<serde_json::Value> {
+        Some(
+            self.history
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .json(since),
+        )
+    }
+
+    fn tick(&self, now: Instant) {
+        let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        if h.due(now) {
+            let d = self.counters.detail.get();
+            let raw: Vec<f64> = PEER_SERIES
+                .iter()
+                .map(|s| self.read(&d, s.metric).unwrap_or(f64::NAN))
+                .collect();
+            h.record(now, &raw);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn every_peer_counter_is_in_metrics_and_status() {
@@ -391,5 +522,65 @@ mod tests {
             assert!(totals.get(m.key).is_some(), "{}", m.key);
         }
         assert_eq!(totals.as_object().unwrap().len(), PEER_METRICS.len());
+    }
+
+    /// Options for an exporter that is not attached to a running peer.
+    pub(crate) fn options() -> PeerOptions {
+        PeerOptions {
+            splitter: "127.0.0.1:8001".parse().unwrap(),
+            player: None,
+            output: None,
+            monitor: false,
+            max_debt: 32,
+            lrs: false,
+            faults: Default::default(),
+            status: None,
+            counters: Arc::default(),
+            metrics: None,
+            liveness: Default::default(),
+        }
+    }
+
+    #[test]
+    fn every_history_series_is_read_and_exported() {
+        let opts = options();
+        let e = PeerExporter::new(&opts);
+        opts.counters.detail.set_buffered(128);
+        let mut p = Prom::new();
+        e.metrics(&mut p);
+        let text = p.finish();
+        assert!(
+            text.contains("\np2psp_peer_buffered_chunks 128\n"),
+            "{text}"
+        );
+        let d = opts.counters.detail.get();
+        let mut keys = std::collections::HashSet::new();
+        for s in PEER_SERIES {
+            assert!(keys.insert(s.key), "{} twice", s.key);
+            assert!(e.read(&d, s.metric).is_some(), "{} is not read", s.key);
+            assert!(
+                text.contains(&format!("# TYPE {} ", s.metric)),
+                "{} charts {}, which /metrics lacks",
+                s.key,
+                s.metric
+            );
+        }
+        let t0 = Instant::now();
+        e.tick(t0);
+        opts.counters.played.store(250, Ordering::Relaxed);
+        opts.counters.detail.publish(PeerDetail {
+            neighbours: vec![("127.0.0.1:4000".parse().unwrap(), 0)],
+            ..PeerDetail::default()
+        });
+        e.tick(t0 + Duration::from_secs(1));
+        let h = e.history(None).unwrap();
+        assert_eq!(h["values"]["played"][1], 250);
+        assert_eq!(h["values"]["neighbours"], serde_json::json!([0, 1]));
+        assert_eq!(h["values"]["buffered"][1], 128);
+        // Before it is published the buffer fill is unknown, and /metrics has no sample.
+        let opts = options();
+        let mut p = Prom::new();
+        PeerExporter::new(&opts).metrics(&mut p);
+        assert!(!p.finish().contains("\np2psp_peer_buffered_chunks "));
     }
 }

@@ -168,6 +168,7 @@ impl Control {
 
     /// Publishes the control plane's counters and rates to `board` once a second.
     pub fn with_board(mut self, board: Arc<Board>) -> Control {
+        board.attach(self.stats.clone());
         self.board = board;
         self
     }

@@ -240,7 +240,7 @@ pub const SHARD_METRIC_COUNT: usize = ShardMetric::ALL.len();
 pub struct ShardStats {
     values: [AtomicU64; SHARD_METRIC_COUNT],
     /// The shard's teams with their members and loss counters, published once a second.
-    detail: Mutex<Vec<TeamSnapshot>>,
+    detail: Mutex<Arc<Vec<TeamSnapshot>>>,
 }
 
 impl Default for ShardStats {
@@ -279,12 +279,18 @@ impl ShardStats {
         }
     }
 
-    /// The last published snapshot of the shard's teams.
-    pub fn snapshot(&self) -> Vec<TeamSnapshot> {
+    /// The last published snapshot of the shard's teams (shared, not copied: status pages read
+    /// it while the shard publishes the next).
+    pub fn snapshot(&self) -> Arc<Vec<TeamSnapshot>> {
         self.detail
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Publishes a snapshot of the shard's teams.
+    pub fn publish_teams(&self, teams: Vec<TeamSnapshot>) {
+        *self.detail.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(teams);
     }
 }
 
@@ -565,7 +571,7 @@ impl Shard {
                 members: self.teams.members(id),
             })
             .collect();
-        *self.stats.detail.lock().unwrap_or_else(|e| e.into_inner()) = teams;
+        self.stats.publish_teams(teams);
     }
 
     fn publish_stats(&self) {

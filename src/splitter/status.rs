@@ -5,8 +5,14 @@
 //! Nothing here is on the data path. Shards publish relaxed atomics as they go and a snapshot of
 //! their teams once a second; the control plane publishes its counters and the rates it computes
 //! for the status line once a second ([`Board`]). The shards' metrics are declared once, in
-//! [`SHARD_METRICS`]: the status line, `/metrics` and `/status` all go through that table.
+//! [`SHARD_METRICS`]: the status line, `/metrics` and `/status` all go through that table, and
+//! the charted history ([`SPLITTER_SERIES`]) names its metrics from it.
+//!
+//! `/status` stays small whatever the audience: totals, rates, shards and the lossiest teams.
+//! Teams and peers are listed a page at a time, filtered and sorted, under `/status/teams` and
+//! `/status/peers` ([`teams_page`], [`peers_page`]; sans-IO, over the shards' snapshots).
 
+use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,8 +22,10 @@ use serde_json::json;
 
 use super::Settings;
 use super::feed::{FeedStats, HeaderCell};
-use super::shard::{SHARD_METRICS, ShardMetric, ShardStats};
-use crate::metrics::{Exporter, Prom};
+use super::shard::{SHARD_METRICS, ShardMetric, ShardStats, TeamSnapshot};
+use crate::metrics::{Exporter, History, Prom, Query, Series};
+use crate::proto::Endpoint;
+use crate::proto::team::TeamMember;
 
 /// Rates over the last second, as on the status line.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -157,9 +165,25 @@ pub struct ControlCounters {
 #[derive(Debug, Default)]
 pub struct Board {
     state: Mutex<(ControlCounters, Rates)>,
+    /// The control plane's live counters, for the history's joins (sampled on a grid of its
+    /// own: the once-a-second copy would alias into 0, 2, 1, ...).
+    live: std::sync::OnceLock<Arc<super::control::ControlStats>>,
 }
 
 impl Board {
+    /// Gives the board the control plane's live counters.
+    pub fn attach(&self, stats: Arc<super::control::ControlStats>) {
+        let _ = self.live.set(stats);
+    }
+
+    /// Joins completed so far: live once attached, else as last published.
+    fn joins(&self) -> u64 {
+        match self.live.get() {
+            Some(s) => s.joins.load(Ordering::Relaxed),
+            None => self.get().0.joins,
+        }
+    }
+
     /// Publishes the control plane's counters and the last second's rates.
     pub fn publish(&self, counters: ControlCounters, rates: Rates) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = (counters, rates);
@@ -179,7 +203,79 @@ pub struct SplitterExporter {
     header: Arc<HeaderCell>,
     shards: Vec<Arc<ShardStats>>,
     board: Arc<Board>,
+    history: Mutex<History>,
 }
+
+/// The Prometheus family of a shard metric (in a `const`).
+const fn shard_name(m: ShardMetric) -> &'static str {
+    SHARD_METRICS[m as usize].name
+}
+
+/// What the splitter's page charts over the last 10 minutes (`/history`); the Grafana dashboard
+/// (`dist/grafana/p2psp.json`) has a panel of the same title for each chart, on the same metric.
+pub const SPLITTER_SERIES: &[Series] = &[
+    Series::level("peers", "peers", "peers", "", "p2psp_splitter_peers"),
+    Series::level("teams", "teams", "teams", "", "p2psp_splitter_teams"),
+    Series::rate(
+        "mbit_in",
+        "Mbit/s in and out",
+        "in",
+        "Mbit/s",
+        "p2psp_splitter_source_bytes_total",
+    )
+    .scaled(8e-6),
+    Series::rate(
+        "mbit_out",
+        "Mbit/s in and out",
+        "out",
+        "Mbit/s",
+        shard_name(ShardMetric::Bytes),
+    )
+    .scaled(8e-6),
+    Series::rate(
+        "loss_reports",
+        "loss reports/s",
+        "loss reports",
+        "/s",
+        shard_name(ShardMetric::LossReports),
+    ),
+    Series::rate(
+        "expelled",
+        "expulsions/s",
+        "expelled",
+        "/s",
+        shard_name(ShardMetric::Expelled),
+    ),
+    Series::level(
+        "send_lag_p99_ms",
+        "send lag p99 (ms)",
+        "p99, worst shard",
+        "ms",
+        shard_name(ShardMetric::SendLagP99),
+    )
+    .scaled(1e-3),
+    Series::rate(
+        "joins",
+        "joins and leaves/s",
+        "joins",
+        "/s",
+        "p2psp_splitter_joins_total",
+    ),
+    Series::rate(
+        "leaves",
+        "joins and leaves/s",
+        "leaves",
+        "/s",
+        shard_name(ShardMetric::Left),
+    ),
+    Series::rate(
+        "send_dropped",
+        "send drops/s",
+        "dropped",
+        "/s",
+        shard_name(ShardMetric::SendDropped),
+    ),
+];
 
 impl SplitterExporter {
     /// An exporter over the splitter's shared counters.
@@ -199,12 +295,271 @@ impl SplitterExporter {
             header,
             shards,
             board,
+            history: Mutex::new(History::ten_minutes(SPLITTER_SERIES, Instant::now())),
         }
     }
 
     fn sum(&self, m: ShardMetric) -> u64 {
         sum(self.shards.iter().map(|s| &**s), m)
     }
+
+    /// The raw value of the history series `key` now (a counter's total for a rate).
+    fn read(&self, key: &str) -> Option<f64> {
+        use ShardMetric as M;
+        let shards = || self.shards.iter().map(|s| &**s);
+        Some(match key {
+            "peers" => self.sum(M::Peers) as f64,
+            "teams" => self.sum(M::Teams) as f64,
+            "mbit_in" => self.feed.bytes.load(Ordering::Relaxed) as f64,
+            "mbit_out" => self.sum(M::Bytes) as f64,
+            "loss_reports" => self.sum(M::LossReports) as f64,
+            "expelled" => self.sum(M::Expelled) as f64,
+            "send_lag_p99_ms" => max(shards(), M::SendLagP99) as f64,
+            "joins" => self.board.joins() as f64,
+            "leaves" => self.sum(M::Left) as f64,
+            "send_dropped" => self.sum(M::SendDropped) as f64,
+            _ => return None,
+        })
+    }
+
+    /// The shards' last team snapshots, with their shard's index.
+    fn snapshots(&self) -> Vec<(usize, Arc<Vec<TeamSnapshot>>)> {
+        self.shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i, s.snapshot()))
+            .collect()
+    }
+}
+
+/// Teams listed in `/status` (the lossiest), and the most `/status/teams` and `/status/peers`
+/// give at a time.
+pub const STATUS_TEAMS: usize = 20;
+/// Most entries in one page of `/status/teams` or `/status/peers`.
+pub const MAX_PAGE: usize = 1000;
+/// Entries in a page of `/status/teams` or `/status/peers` when `limit` is not given.
+pub const DEFAULT_PAGE: usize = 50;
+
+/// One team in a few numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TeamSummary {
+    /// Team id.
+    pub id: u32,
+    /// The shard that serves it.
+    pub shard: usize,
+    /// Members, monitors included.
+    pub size: usize,
+    /// Monitors.
+    pub monitors: usize,
+    /// The sum of its members' loss counters.
+    pub losses: u64,
+    /// The highest loss counter of a member.
+    pub max_losses: u32,
+}
+
+impl TeamSummary {
+    fn of(shard: usize, t: &TeamSnapshot) -> TeamSummary {
+        TeamSummary {
+            id: t.id,
+            shard,
+            size: t.members.len(),
+            monitors: t.members.iter().filter(|m| m.monitor).count(),
+            losses: t.members.iter().map(|m| u64::from(m.losses)).sum(),
+            max_losses: t.members.iter().map(|m| m.losses).max().unwrap_or(0),
+        }
+    }
+}
+
+/// Every team of the snapshots, with its shard, by id.
+fn all_teams(snapshots: &[(usize, Arc<Vec<TeamSnapshot>>)]) -> Vec<(usize, &TeamSnapshot)> {
+    let mut teams: Vec<(usize, &TeamSnapshot)> = snapshots
+        .iter()
+        .flat_map(|(i, ts)| ts.iter().map(move |t| (*i, t)))
+        .collect();
+    teams.sort_unstable_by_key(|(_, t)| t.id);
+    teams
+}
+
+/// Sorts `v` by `key` and keeps `offset..offset + limit`, sorting only what it keeps.
+fn page_of<T, K: Ord>(v: Vec<T>, offset: usize, limit: usize, key: impl Fn(&T) -> K) -> Vec<T> {
+    let end = offset.saturating_add(limit).min(v.len());
+    if offset >= end {
+        return Vec::new();
+    }
+    // The first `end` by key: a bounded max-heap of (key, index) when that is a small part, a
+    // sort of the keys otherwise. The items themselves are not moved until picked.
+    let mut picked: Vec<(K, usize)> = if end <= v.len() / 8 {
+        let mut heap = std::collections::BinaryHeap::with_capacity(end + 1);
+        for (i, t) in v.iter().enumerate() {
+            let k = key(t);
+            if heap.len() < end {
+                heap.push((k, i));
+            } else if heap.peek().is_some_and(|top| (&k, i) < (&top.0, top.1)) {
+                heap.pop();
+                heap.push((k, i));
+            }
+        }
+        heap.into_vec()
+    } else {
+        v.iter().enumerate().map(|(i, t)| (key(t), i)).collect()
+    };
+    picked.sort_unstable();
+    let mut slots: Vec<Option<T>> = v.into_iter().map(Some).collect();
+    picked[offset..end]
+        .iter()
+        .filter_map(|(_, i)| slots[*i].take())
+        .collect()
+}
+
+/// `offset` and `limit` of a page query, and rejects keys other than `allowed`.
+fn paging(q: &Query, allowed: &[&str]) -> Result<(usize, usize), String> {
+    if let Some(k) = q.keys().find(|k| !allowed.contains(k)) {
+        return Err(format!(
+            "unknown query key `{k}`; this path takes: {}",
+            allowed.join(", ")
+        ));
+    }
+    let offset = q.number("offset", 0usize)?;
+    let limit = q.number("limit", DEFAULT_PAGE)?;
+    if limit > MAX_PAGE {
+        return Err(format!("limit={limit}: at most {MAX_PAGE}"));
+    }
+    Ok((offset, limit))
+}
+
+/// The lossiest first, then by id.
+fn lossiest(t: &TeamSummary) -> (std::cmp::Reverse<u64>, u32) {
+    (std::cmp::Reverse(t.losses), t.id)
+}
+
+/// `/status/teams`: a page of team summaries. Query: `sort=id|lossiest|size` (default `id`),
+/// `offset`, `limit` (default [`DEFAULT_PAGE`], at most [`MAX_PAGE`]).
+pub fn teams_page(
+    snapshots: &[(usize, Arc<Vec<TeamSnapshot>>)],
+    q: &Query,
+) -> Result<serde_json::Value, String> {
+    let (offset, limit) = paging(q, &["sort", "offset", "limit"])?;
+    let sort = q.get("sort").unwrap_or("id");
+    let all: Vec<TeamSummary> = all_teams(snapshots)
+        .into_iter()
+        .map(|(i, t)| TeamSummary::of(i, t))
+        .collect();
+    let total = all.len();
+    let page = match sort {
+        "id" => page_of(all, offset, limit, |t| t.id),
+        "lossiest" => page_of(all, offset, limit, lossiest),
+        "size" => page_of(all, offset, limit, |t| (std::cmp::Reverse(t.size), t.id)),
+        other => return Err(format!("sort={other}: one of id, lossiest, size")),
+    };
+    Ok(json!({
+        "total": total,
+        "offset": offset,
+        "limit": limit,
+        "sort": sort,
+        "teams": page,
+    }))
+}
+
+/// Which peers `/status/peers` lists.
+enum AddrFilter {
+    Any,
+    Exact(Endpoint),
+    Ip(Ipv4Addr),
+    Text(String),
+}
+
+impl AddrFilter {
+    fn parse(v: Option<&str>) -> AddrFilter {
+        match v {
+            None | Some("") => AddrFilter::Any,
+            Some(v) => {
+                if let Ok(ep) = v.parse() {
+                    AddrFilter::Exact(ep)
+                } else if let Ok(ip) = v.parse() {
+                    AddrFilter::Ip(ip)
+                } else {
+                    AddrFilter::Text(v.to_owned())
+                }
+            }
+        }
+    }
+
+    fn matches(&self, ep: &Endpoint) -> bool {
+        match self {
+            AddrFilter::Any => true,
+            AddrFilter::Exact(e) => e == ep,
+            AddrFilter::Ip(ip) => ep.ip() == ip,
+            AddrFilter::Text(t) => ep.to_string().contains(t.as_str()),
+        }
+    }
+}
+
+/// `/status/peers`: a page of peers. Query: `team=ID`, `addr=IP:PORT` (that peer), `IP` (its
+/// peers) or any text (endpoints that contain it), `monitor=true|false`,
+/// `sort=team|lossiest|endpoint` (default `team`: by team, in round-robin order), `offset`,
+/// `limit` (default [`DEFAULT_PAGE`], at most [`MAX_PAGE`]).
+pub fn peers_page(
+    snapshots: &[(usize, Arc<Vec<TeamSnapshot>>)],
+    q: &Query,
+) -> Result<serde_json::Value, String> {
+    let (offset, limit) = paging(q, &["team", "addr", "monitor", "sort", "offset", "limit"])?;
+    let team: Option<u32> = match q.get("team") {
+        None | Some("") => None,
+        Some(_) => Some(q.number("team", 0)?),
+    };
+    let monitor: Option<bool> = match q.get("monitor") {
+        None | Some("") => None,
+        Some("true" | "1") => Some(true),
+        Some("false" | "0") => Some(false),
+        Some(v) => return Err(format!("monitor={v}: true or false")),
+    };
+    let addr = AddrFilter::parse(q.get("addr"));
+    let sort = q.get("sort").unwrap_or("team");
+    if !matches!(sort, "team" | "lossiest" | "endpoint") {
+        return Err(format!("sort={sort}: one of team, lossiest, endpoint"));
+    }
+    // (team's position by id, member's position in the team, shard, team id, member)
+    let mut hits: Vec<(u32, u32, usize, u32, &TeamMember)> = Vec::new();
+    for (k, (shard, t)) in all_teams(snapshots).into_iter().enumerate() {
+        if team.is_some_and(|id| id != t.id) {
+            continue;
+        }
+        for (j, m) in t.members.iter().enumerate() {
+            if monitor.is_some_and(|w| w != m.monitor) || !addr.matches(&m.endpoint) {
+                continue;
+            }
+            hits.push((k as u32, j as u32, shard, t.id, m));
+        }
+    }
+    let total = hits.len();
+    let page = match sort {
+        "lossiest" => page_of(hits, offset, limit, |h| {
+            (std::cmp::Reverse(h.4.losses), h.0, h.1)
+        }),
+        "endpoint" => page_of(hits, offset, limit, |h| {
+            (h.4.endpoint.ip().to_bits(), h.4.endpoint.port())
+        }),
+        _ => hits.into_iter().skip(offset).take(limit).collect(),
+    };
+    let peers: Vec<serde_json::Value> = page
+        .iter()
+        .map(|(_, _, shard, id, m)| {
+            json!({
+                "endpoint": m.endpoint.to_string(),
+                "team": id,
+                "shard": shard,
+                "monitor": m.monitor,
+                "losses": m.losses,
+            })
+        })
+        .collect();
+    Ok(json!({
+        "total": total,
+        "offset": offset,
+        "limit": limit,
+        "sort": sort,
+        "peers": peers,
+    }))
 }
 
 /// `m` summed over `shards`.
@@ -346,30 +701,19 @@ impl Exporter for SplitterExporter {
                 shard.into()
             })
             .collect();
-        let mut teams: Vec<serde_json::Value> = Vec::new();
-        for (i, st) in self.shards.iter().enumerate() {
-            for t in st.snapshot() {
-                let peers: Vec<serde_json::Value> = t
-                    .members
-                    .iter()
-                    .map(|m| {
-                        json!({
-                            "endpoint": m.endpoint.to_string(),
-                            "monitor": m.monitor,
-                            "losses": m.losses,
-                        })
-                    })
-                    .collect();
-                teams.push(json!({
-                    "id": t.id,
-                    "shard": i,
-                    "size": t.members.len(),
-                    "monitors": t.members.iter().filter(|m| m.monitor).count(),
-                    "peers": peers,
-                }));
-            }
-        }
-        teams.sort_by_key(|t| t["id"].as_u64());
+        let snapshots = self.snapshots();
+        let summaries: Vec<TeamSummary> = all_teams(&snapshots)
+            .into_iter()
+            .map(|(i, t)| TeamSummary::of(i, t))
+            .collect();
+        let team_count = summaries.len();
+        let peers_with_losses: usize = snapshots
+            .iter()
+            .flat_map(|(_, ts)| ts.iter())
+            .map(|t| t.members.iter().filter(|m| m.losses > 0).count())
+            .sum();
+        let max_losses = summaries.iter().map(|t| t.max_losses).max().unwrap_or(0);
+        let teams = page_of(summaries, 0, STATUS_TEAMS, lossiest);
         let mut totals = json!({
             "chunks_in": load(&f.chunks),
             "bytes_in": load(&f.bytes),
@@ -383,6 +727,9 @@ impl Exporter for SplitterExporter {
             "join_timeouts": control.timeouts,
             "bad_requests": control.bad_requests,
             "header_requests": control.header_requests,
+            "peers_with_losses": peers_with_losses,
+            "max_losses": max_losses,
+            "team_count": team_count,
         });
         for (&m, info) in ShardMetric::ALL.iter().zip(SHARD_METRICS) {
             if info.summed && totals.get(info.key).is_none() {
@@ -423,7 +770,39 @@ impl Exporter for SplitterExporter {
             "rates": rates,
             "shards": shards,
             "teams": teams,
+            "teams_listed": format!(
+                "the {} lossiest of {team_count}; all at /status/teams, peers at /status/peers",
+                teams.len()
+            ),
         })
+    }
+
+    fn document(&self, path: &str, query: &Query) -> Option<Result<serde_json::Value, String>> {
+        match path {
+            "teams" => Some(teams_page(&self.snapshots(), query)),
+            "peers" => Some(peers_page(&self.snapshots(), query)),
+            _ => None,
+        }
+    }
+
+    fn history(&self, since: Option<u64>) -> Option<serde_json::Value> {
+        Some(
+            self.history
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .json(since),
+        )
+    }
+
+    fn tick(&self, now: Instant) {
+        let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        if h.due(now) {
+            let raw: Vec<f64> = SPLITTER_SERIES
+                .iter()
+                .map(|s| self.read(s.key).unwrap_or(f64::NAN))
+                .collect();
+            h.record(now, &raw);
+        }
     }
 }
 
@@ -486,6 +865,134 @@ mod tests {
             }
         }
         assert_eq!(status["totals"]["peers"], 100 + ShardMetric::Peers as u64);
+    }
+
+    fn exporter(shards: Vec<Arc<ShardStats>>) -> SplitterExporter {
+        let settings = Settings::from_args(&SplitterArgs::default()).unwrap();
+        SplitterExporter::new(
+            &settings,
+            8001,
+            Arc::default(),
+            Arc::new(HeaderCell::new(crate::media::HeaderSize::Bytes(16))),
+            shards,
+            Arc::default(),
+        )
+    }
+
+    #[test]
+    fn every_history_series_is_read_and_exported() {
+        let e = exporter(shards(2));
+        let mut p = Prom::new();
+        e.metrics(&mut p);
+        let text = p.finish();
+        let mut keys = std::collections::HashSet::new();
+        for s in SPLITTER_SERIES {
+            assert!(keys.insert(s.key), "{} twice", s.key);
+            assert!(e.read(s.key).is_some(), "{} is not read", s.key);
+            assert!(
+                text.contains(&format!("# TYPE {} ", s.metric)),
+                "{} charts {}, which /metrics lacks",
+                s.key,
+                s.metric
+            );
+        }
+        let t0 = Instant::now();
+        e.tick(t0);
+        e.shards[0].set(ShardMetric::Peers, 7);
+        e.shards[1].set(ShardMetric::Bytes, 250_000);
+        e.tick(t0 + Duration::from_millis(500));
+        e.tick(t0 + Duration::from_secs(2));
+        let h = e.history(None).unwrap();
+        assert_eq!(h["values"]["peers"].as_array().unwrap().len(), 2);
+        assert_eq!(h["values"]["peers"][1], 7);
+        assert!(h["values"]["mbit_out"][1].as_f64().unwrap() > 0.0);
+    }
+
+    #[test]
+    fn status_status_teams_and_status_peers_are_paged_and_filtered() {
+        let shards = shards(2);
+        let mut port = 4000;
+        for t in 0..5u32 {
+            let members: Vec<TeamMember> = (0..4)
+                .map(|j| {
+                    port += 1;
+                    TeamMember {
+                        endpoint: Endpoint::new(Ipv4Addr::new(127, 0, 0, 1 + (j % 2) as u8), port),
+                        monitor: j == 0,
+                        losses: if t == 3 { 10 + j } else { 0 },
+                    }
+                })
+                .collect();
+            shards[(t % 2) as usize].publish_teams(vec![TeamSnapshot { id: t, members }]);
+        }
+        // Publish a second team on shard 0 next to the last one (publish_teams replaces).
+        let extra: Vec<TeamSnapshot> = shards[0].snapshot().iter().cloned().collect();
+        let mut all = extra;
+        all.push(TeamSnapshot {
+            id: 9,
+            members: vec![TeamMember {
+                endpoint: "127.0.0.9:5000".parse().unwrap(),
+                monitor: false,
+                losses: 50,
+            }],
+        });
+        shards[0].publish_teams(all);
+        let e = exporter(shards);
+        let q = |s: &str| Query::parse(s);
+        // Teams now: 4 (shard 0), 3 (shard 1), 9 (shard 0).
+        let status = e.status();
+        assert_eq!(status["totals"]["team_count"], 3);
+        assert_eq!(status["teams"][0]["id"], 9);
+        assert_eq!(status["teams"][1]["id"], 3);
+        assert_eq!(status["teams"][1]["losses"], 10 + 11 + 12 + 13);
+        assert_eq!(status["teams"][1]["max_losses"], 13);
+        assert_eq!(status["totals"]["max_losses"], 50);
+        assert_eq!(status["totals"]["peers_with_losses"], 5);
+
+        let t = e.document("teams", &q("")).unwrap().unwrap();
+        assert_eq!(t["total"], 3);
+        let ids: Vec<u64> = t["teams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, [3, 4, 9]);
+        let t = e
+            .document("teams", &q("sort=size&limit=1&offset=2"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(t["teams"][0]["id"], 9);
+
+        let p = |s: &str| e.document("peers", &q(s)).unwrap();
+        let all = p("").unwrap();
+        assert_eq!(all["total"], 9);
+        assert_eq!(all["peers"][0]["team"], 3);
+        assert_eq!(all["peers"][0]["monitor"], true);
+        let lossiest = p("sort=lossiest&limit=2").unwrap();
+        assert_eq!(lossiest["peers"][0]["endpoint"], "127.0.0.9:5000");
+        assert_eq!(lossiest["peers"][1]["losses"], 13);
+        assert_eq!(lossiest["peers"].as_array().unwrap().len(), 2);
+        let one = p("addr=127.0.0.9%3A5000").unwrap();
+        assert_eq!(one["total"], 1);
+        assert_eq!(one["peers"][0]["team"], 9);
+        assert_eq!(p("addr=127.0.0.2").unwrap()["total"], 4);
+        assert_eq!(p("addr=0.0.9").unwrap()["total"], 1);
+        assert_eq!(p("team=4").unwrap()["total"], 4);
+        assert_eq!(p("team=4&monitor=false").unwrap()["total"], 3);
+        let second = p("team=4&offset=3&limit=2").unwrap();
+        assert_eq!(second["peers"].as_array().unwrap().len(), 1);
+        assert_eq!(p("offset=100").unwrap()["peers"], serde_json::json!([]));
+        let sorted = p("sort=endpoint").unwrap();
+        assert_eq!(sorted["peers"][8]["endpoint"], "127.0.0.9:5000");
+        // Bad queries say what is wrong.
+        assert!(p("limit=5000").unwrap_err().contains("at most"));
+        assert!(p("sort=best").unwrap_err().contains("sort=best"));
+        assert!(p("teem=1").unwrap_err().contains("`teem`"));
+        assert!(p("team=x").unwrap_err().contains("team=x"));
+        assert!(e.document("nope", &q("")).is_none());
+        let (code, _, body) = crate::metrics::route("GET", "/status/peers?limit=x", &e);
+        assert_eq!(code, 400, "{}", String::from_utf8_lossy(&body));
     }
 
     #[test]
