@@ -541,20 +541,11 @@ fn grafana_dashboard_and_alert_rules_name_exported_metrics() {
             "an alert names {name}, which no binary exports"
         );
     }
-    // promtool (Debian: apt-get install prometheus) checks the rules where it is installed.
-    // .ci/run does not install it yet, so a missing promtool is skipped even under CI; once it
-    // does, this becomes `tools_present(..., &[("promtool", "--version")])`.
-    let promtool = Command::new("promtool")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !promtool {
-        eprintln!(
-            "\n*** promtool not installed: the alert rules are not checked by promtool ***\n"
-        );
-    } else {
+    // promtool (Debian: apt-get install prometheus; .ci/run installs it) checks the rules.
+    if tools_present(
+        "grafana_dashboard_and_alert_rules_name_exported_metrics (promtool)",
+        &[("promtool", "--version")],
+    ) {
         let out = Command::new("promtool")
             .args(["check", "rules"])
             .arg(&rules)

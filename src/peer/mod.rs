@@ -525,6 +525,7 @@ fn session(
         c.received.store(s.chunks_received, Ordering::Relaxed);
         c.neighbours
             .store(core.neighbours().count() as u64, Ordering::Relaxed);
+        c.detail.set_buffered(core.buffered());
         if now >= next_status {
             let dt = now.duration_since(last_tick).as_secs_f64().max(1e-3);
             last_tick = now;

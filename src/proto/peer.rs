@@ -965,6 +965,15 @@ impl Peer {
         self.membership == Membership::Left
     }
 
+    /// Chunks in the playout buffer: from the next to play up to the newest received (0 before
+    /// the first chunk from the splitter).
+    pub fn buffered(&self) -> u64 {
+        match self.playout.next {
+            Some(next) => (seq::diff(self.playout.highest, next) + 1).max(0) as u64,
+            None => 0,
+        }
+    }
+
     /// Whether buffering is over and chunks are being played.
     pub fn is_playing(&self) -> bool {
         self.playout.started
