@@ -303,6 +303,9 @@ fn check_to_splitter(d: &[u8]) {
     match ToSplitter::parse(d) {
         ToSplitter::LossReport(n) => assert_eq!(d, n.to_be_bytes()),
         ToSplitter::Goodbye => assert_eq!(d, b"G"),
+        ToSplitter::Complaint { accused, number } => {
+            assert_eq!(d, crate::proto::integrity::complaint(accused, number))
+        }
         ToSplitter::Malformed => assert!(d.len() != 2 && d != b"G"),
     }
 }

@@ -12,10 +12,12 @@
 //!   loss counters) and [`team::Teams`], the set of teams one splitter shard owns.
 //! - [`directory`]: the splitter's control-plane view: which team a joining peer goes to.
 //! - [`peer`]: the DBS peer (relaying, debts, playout buffer, loss reports, polite goodbye).
+//! - [`integrity`]: CIS, signed chunks and complaints about polluters (`docs/integrity.md`).
 //! - [`rejoin`]: peer liveness: when the stream has stalled, why, and the backoff to join again.
 #![forbid(unsafe_code)]
 
 pub mod directory;
+pub mod integrity;
 pub mod peer;
 pub mod rejoin;
 pub mod seq;

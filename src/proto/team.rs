@@ -516,8 +516,13 @@ impl Teams {
         match ToSplitter::parse(data) {
             ToSplitter::Goodbye => self.on_goodbye(from),
             ToSplitter::LossReport(n) => self.on_loss_report(from, n),
+            ToSplitter::Complaint { accused, .. } => self.on_complaint(from, accused),
             ToSplitter::Malformed => self.counters.malformed += 1,
         }
+    }
+
+    fn on_complaint(&mut self, _from: Endpoint, _accused: Endpoint) {
+        self.counters.malformed += 1;
     }
 
     fn on_goodbye(&mut self, from: Endpoint) {
