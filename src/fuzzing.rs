@@ -213,6 +213,7 @@ pub fn udp_splitter(data: &[u8]) {
         lrs: flags & 0x10 != 0,
         max_resends: u32::from(input.byte()),
         acs: flags & 0x20 != 0,
+        complaints: flags & 0x40 != 0,
     });
     let start = Instant::now();
     let mut now = start;

@@ -386,14 +386,17 @@ impl Shard {
             expulsion: settings.expulsion,
             lrs: settings.lrs,
             acs: settings.acs,
+            complaints: settings.signer.is_some(),
             ..TeamRules::default()
         };
+        let mut teams = Teams::new(rules);
+        teams.set_trusted(settings.trusted.iter().copied());
         Ok(Shard {
             index,
             socket,
             sender,
             recv,
-            teams: Teams::new(rules),
+            teams,
             ring,
             commands: queues.commands,
             datagrams: queues.datagrams,
