@@ -583,6 +583,11 @@ impl Peer {
             }
             return false;
         }
+        if self.splitter_verified == 0 {
+            // Until a chunk from the splitter verified, a failure may be this peer's wrong key:
+            // nobody is blamed yet (the chunk is dropped all the same).
+            return false;
+        }
         if self.banned_order.len() >= MAX_BANNED
             && let Some(old) = self.banned_order.pop_front()
         {

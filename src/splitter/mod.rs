@@ -187,13 +187,6 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         })?
     };
 
-    tracing::info!(
-        "p2psp splitter listening on {}:{port} (TCP joins and UDP), {} shard(s), {} sends, source {}",
-        settings.bind.ip(),
-        settings.shards,
-        settings.send_path.name(),
-        settings.source_text
-    );
     if let Some(signer) = &settings.signer {
         // On stderr whatever the log level: the peers need it.
         eprintln!(
@@ -201,6 +194,13 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
             signer.public_hex()
         );
     }
+    tracing::info!(
+        "p2psp splitter listening on {}:{port} (TCP joins and UDP), {} shard(s), {} sends, source {}",
+        settings.bind.ip(),
+        settings.shards,
+        settings.send_path.name(),
+        settings.source_text
+    );
     let board = Arc::new(status::Board::default());
     if let Some(endpoint) = metrics {
         let addr = endpoint.local_addr();

@@ -1,0 +1,251 @@
+//! CIS end to end (`docs/integrity.md`), as real processes on loopback: a signing splitter with
+//! the test source, a team of 16 (a monitor, honest peers that verify, and polluters under each
+//! attack model of `p2psp peer --pollute`). Every honest peer's played stream must be the test
+//! pattern byte for byte (the stream header, then contiguous chunks), each polluter must be
+//! expelled within 2 s of its first bad chunk, and no honest peer may be expelled.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::MutexGuard;
+use std::time::{Duration, Instant};
+
+use p2psp::pattern;
+use support::{
+    Proc, Splitter, one_at_a_time, one_line_exit_2, peer_log, start_peer, test_dir, wait_joined,
+};
+
+const CHUNK: usize = 1024;
+const HEADER: usize = 4096;
+/// The team: a monitor and 15 peers.
+const TEAM: usize = 16;
+
+/// A signing splitter (1 Mbit/s, 122 chunks a second, LRS on) and its key.
+struct Team {
+    dir: PathBuf,
+    splitter: Splitter,
+    key: String,
+    next: usize,
+    _turn: MutexGuard<'static, ()>,
+}
+
+/// A peer of the test and its UDP endpoint.
+struct Member {
+    proc: Proc,
+    endpoint: String,
+}
+
+impl Team {
+    fn start(name: &str) -> Team {
+        let turn = one_at_a_time();
+        let dir = test_dir(&format!("integrity-{name}"));
+        let key_file = dir.join("splitter.key");
+        let header = HEADER.to_string();
+        let team = TEAM.to_string();
+        let splitter = Splitter::start(
+            &dir,
+            &[
+                "--source",
+                "test",
+                "--bitrate",
+                "1M",
+                "--header-size",
+                &header,
+                "--team-size",
+                &team,
+                "--lrs",
+                "--sign",
+                key_file.to_str().unwrap(),
+            ],
+            Stdio::null(),
+        );
+        // The log file is written by a thread of the harness: wait for the line.
+        let mut key = None;
+        support::wait_until(Duration::from_secs(5), || {
+            key = splitter
+                .log_text()
+                .lines()
+                .find_map(|l| l.split("--splitter-key ").nth(1).map(str::to_owned));
+            key.is_some()
+        });
+        let key = key.expect("the splitter prints its public key");
+        Team {
+            dir,
+            splitter,
+            key,
+            next: 0,
+            _turn: turn,
+        }
+    }
+
+    fn output(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.out"))
+    }
+
+    /// A peer that verifies, with `extra` flags; honest ones write what they play.
+    fn peer(&mut self, kind: &str, extra: &[&str]) -> Member {
+        self.next += 1;
+        let name = format!("{kind}{}", self.next);
+        let out = self.output(&name).display().to_string();
+        let mut args = vec!["--player-port", "0", "--splitter-key", &self.key, "--lrs"];
+        if kind != "polluter" {
+            args.extend_from_slice(&["--output", &out]);
+        }
+        if kind == "monitor" {
+            args.push("--monitor");
+        }
+        args.extend_from_slice(extra);
+        let mut proc = start_peer(&self.dir, &name, self.splitter.port, &args);
+        let endpoint = wait_joined(&self.dir, &mut proc);
+        Member { proc, endpoint }
+    }
+}
+
+/// Checks that `path` holds the stream header then contiguous chunks of the test pattern; returns
+/// the number of chunks played.
+fn check_output(path: &Path, name: &str) -> usize {
+    let data =
+        std::fs::read(path).unwrap_or_else(|e| panic!("{name}: no output {}: {e}", path.display()));
+    assert!(data.len() >= HEADER, "{name}: output shorter than the header");
+    let (header, chunks) = data.split_at(HEADER);
+    assert_eq!(pattern::first_mismatch(0, header), None, "{name}: header");
+    assert!(chunks.len() >= 16 * CHUNK, "{name}: played nothing");
+    let offset = pattern::locate(&chunks[..chunks.len().min(4096)])
+        .unwrap_or_else(|| panic!("{name}: the first played chunk is not the pattern"));
+    if let Some(at) = pattern::first_mismatch(offset, chunks) {
+        panic!(
+            "{name}: played stream breaks at byte {at} (chunk {} after the first)",
+            at / CHUNK
+        );
+    }
+    chunks.len() / CHUNK
+}
+
+/// When a line containing `needle` first showed up in `log`.
+fn seen(log: &Path, needle: &str, at: &mut Option<Instant>) {
+    if at.is_none()
+        && std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains(needle)
+    {
+        *at = Some(Instant::now());
+    }
+}
+
+/// A team of 16 with `polluters` peers started with `--pollute mode(monitor, honest)` (the last
+/// ones to join), the rest honest. Runs `secs` seconds after the polluters joined, then checks
+/// every honest peer's output, that each polluter was expelled within 2 s of its first bad chunk
+/// (`expect_expelled`), and that no honest peer was expelled.
+fn attack(name: &str, polluters: usize, mode: fn(&str, &[String]) -> String, expect_expelled: bool) {
+    let secs = 6;
+    let mut team = Team::start(name);
+    let monitor = team.peer("monitor", &[]);
+    let honest: Vec<Member> = (1..TEAM - polluters)
+        .map(|_| team.peer("honest", &[]))
+        .collect();
+    let honest_eps: Vec<String> = honest.iter().map(|m| m.endpoint.clone()).collect();
+    let mut bad: Vec<(Member, Option<Instant>, Option<Instant>)> = (0..polluters)
+        .map(|_| {
+            let m = mode(&monitor.endpoint, &honest_eps);
+            (team.peer("polluter", &["--pollute", &m]), None, None)
+        })
+        .collect();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(secs) {
+        for (p, first_bad, expelled) in &mut bad {
+            let log = peer_log(&team.dir, &p.proc.name);
+            seen(&log, &format!("{}: pollute: first", p.endpoint), first_bad);
+            let line = format!("{} expelled from team", p.endpoint);
+            seen(&team.splitter.log, &line, expelled);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let splitter_log = team.splitter.log_text();
+    for (p, first_bad, expelled) in &bad {
+        let first_bad = first_bad.unwrap_or_else(|| panic!("{} never polluted", p.proc.name));
+        if expect_expelled {
+            let expelled = expelled.unwrap_or_else(|| {
+                panic!(
+                    "{} ({}) was not expelled; the splitter said:\n{splitter_log}",
+                    p.proc.name, p.endpoint
+                )
+            });
+            let after = expelled.saturating_duration_since(first_bad);
+            eprintln!("{name}: {} expelled {after:?} after its first bad chunk", p.proc.name);
+            assert!(after <= Duration::from_secs(2), "{}: {after:?}", p.proc.name);
+        } else {
+            assert!(expelled.is_none(), "{} was expelled", p.proc.name);
+        }
+    }
+    for ep in honest_eps.iter().chain([&monitor.endpoint]) {
+        let line = format!("{ep} expelled");
+        assert!(
+            !splitter_log.contains(&line),
+            "honest {ep} was expelled:\n{splitter_log}"
+        );
+    }
+    for (mut p, _, _) in bad {
+        p.proc.kill();
+    }
+    let mut played = Vec::new();
+    for mut m in honest.into_iter().chain([monitor]) {
+        assert!(
+            m.proc.stop(Duration::from_secs(10)),
+            "{} did not leave cleanly",
+            m.proc.name
+        );
+        let n = check_output(&team.output(&m.proc.name), &m.proc.name);
+        assert!(n > 300, "{}: only {n} chunks played", m.proc.name);
+        played.push(n);
+    }
+    eprintln!("{name}: honest peers played {played:?} chunks, all byte-exact");
+    assert!(team.splitter.proc.stop(Duration::from_secs(10)));
+}
+
+#[test]
+fn persistent_polluters_are_expelled_and_never_heard() {
+    attack("persistent", 5, |_, _| "persistent".into(), true);
+}
+
+#[test]
+fn on_off_polluters_are_expelled_when_they_turn_bad() {
+    attack("on-off", 5, |_, _| "on-off".into(), true);
+}
+
+#[test]
+fn replaying_polluters_are_expelled() {
+    attack("replay", 5, |_, _| "replay".into(), true);
+}
+
+#[test]
+fn selective_polluters_are_expelled_on_the_monitors_word() {
+    // Each polluter targets the monitor and two honest peers; the rest get honest chunks.
+    attack(
+        "selective",
+        3,
+        |monitor, honest| format!("selective:{monitor},{},{}", honest[0], honest[1]),
+        true,
+    );
+}
+
+#[test]
+fn bad_mouthing_minority_expels_nobody() {
+    attack("bad-mouth", 5, |_, _| "bad-mouth".into(), false);
+}
+
+#[test]
+fn signing_mismatches_stop_the_peer_with_one_line() {
+    let mut team = Team::start("mismatch");
+    let _monitor = team.peer("monitor", &[]);
+    let splitter = format!("127.0.0.1:{}", team.splitter.port);
+    let base = ["peer", "--splitter", &splitter, "--player-port", "0", "-q"];
+    let line = one_line_exit_2(&base);
+    assert!(line.contains("--splitter-key"), "{line}");
+    let other = p2psp::proto::integrity::ChunkSigner::from_secret(&[9; 32]).public_hex();
+    let mut args = base.to_vec();
+    args.extend_from_slice(&["--splitter-key", &other]);
+    let line = one_line_exit_2(&args);
+    assert!(line.contains("do not verify"), "{line}");
+    assert!(team.splitter.proc.stop(Duration::from_secs(10)));
+}
