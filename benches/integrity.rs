@@ -43,7 +43,9 @@ fn bench(c: &mut Criterion) {
     });
     let mut signed = plain.clone();
     signer.sign_datagram(&mut signed);
-    g.bench_function("verify", |b| b.iter(|| assert!(verifier.verify(black_box(&signed)))));
+    g.bench_function("verify", |b| {
+        b.iter(|| assert!(verifier.verify(black_box(&signed))))
+    });
     for n in [16usize, 64] {
         let msgs: Vec<Vec<u8>> = (0..n as u16).map(datagram).collect();
         let sigs: Vec<Signature> = msgs.iter().map(|m| key.sign(m)).collect();
@@ -57,8 +59,12 @@ fn bench(c: &mut Criterion) {
         });
     }
     g.throughput(Throughput::Elements(1));
-    g.bench_function("sha256", |b| b.iter(|| sha2::Sha256::digest(black_box(&plain))));
-    g.bench_function("sha512", |b| b.iter(|| sha2::Sha512::digest(black_box(&plain))));
+    g.bench_function("sha256", |b| {
+        b.iter(|| sha2::Sha256::digest(black_box(&plain)))
+    });
+    g.bench_function("sha512", |b| {
+        b.iter(|| sha2::Sha512::digest(black_box(&plain)))
+    });
     g.finish();
 }
 

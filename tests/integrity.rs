@@ -107,7 +107,10 @@ impl Team {
 fn check_output(path: &Path, name: &str) -> usize {
     let data =
         std::fs::read(path).unwrap_or_else(|e| panic!("{name}: no output {}: {e}", path.display()));
-    assert!(data.len() >= HEADER, "{name}: output shorter than the header");
+    assert!(
+        data.len() >= HEADER,
+        "{name}: output shorter than the header"
+    );
     let (header, chunks) = data.split_at(HEADER);
     assert_eq!(pattern::first_mismatch(0, header), None, "{name}: header");
     assert!(chunks.len() >= 16 * CHUNK, "{name}: played nothing");
@@ -137,7 +140,12 @@ fn seen(log: &Path, needle: &str, at: &mut Option<Instant>) {
 /// ones to join), the rest honest. Runs `secs` seconds after the polluters joined, then checks
 /// every honest peer's output, that each polluter was expelled within 2 s of its first bad chunk
 /// (`expect_expelled`), and that no honest peer was expelled.
-fn attack(name: &str, polluters: usize, mode: fn(&str, &[String]) -> String, expect_expelled: bool) {
+fn attack(
+    name: &str,
+    polluters: usize,
+    mode: fn(&str, &[String]) -> String,
+    expect_expelled: bool,
+) {
     let secs = 6;
     let mut team = Team::start(name);
     let monitor = team.peer("monitor", &[]);
@@ -172,8 +180,15 @@ fn attack(name: &str, polluters: usize, mode: fn(&str, &[String]) -> String, exp
                 )
             });
             let after = expelled.saturating_duration_since(first_bad);
-            eprintln!("{name}: {} expelled {after:?} after its first bad chunk", p.proc.name);
-            assert!(after <= Duration::from_secs(2), "{}: {after:?}", p.proc.name);
+            eprintln!(
+                "{name}: {} expelled {after:?} after its first bad chunk",
+                p.proc.name
+            );
+            assert!(
+                after <= Duration::from_secs(2),
+                "{}: {after:?}",
+                p.proc.name
+            );
         } else {
             assert!(expelled.is_none(), "{} was expelled", p.proc.name);
         }
@@ -225,6 +240,17 @@ fn selective_polluters_are_expelled_on_the_monitors_word() {
         "selective",
         3,
         |monitor, honest| format!("selective:{monitor},{},{}", honest[0], honest[1]),
+        true,
+    );
+}
+
+#[test]
+fn selective_polluters_are_expelled_by_a_majority_of_their_victims() {
+    // No monitor among the targets: eight of the 15 teammates complain, a majority (STrPe-DS).
+    attack(
+        "majority",
+        3,
+        |_, honest| format!("selective:{}", honest[..8].join(",")),
         true,
     );
 }

@@ -112,10 +112,7 @@ pub fn parse_complaint(d: &[u8]) -> Option<(Endpoint, u16)> {
     }
     let ip = std::net::Ipv4Addr::new(d[3], d[4], d[5], d[6]);
     let port = u16::from_be_bytes([d[7], d[8]]);
-    Some((
-        Endpoint::new(ip, port),
-        u16::from_be_bytes([d[9], d[10]]),
-    ))
+    Some((Endpoint::new(ip, port), u16::from_be_bytes([d[9], d[10]])))
 }
 
 /// Lower-case hex.
@@ -188,6 +185,9 @@ mod tests {
                 number: 65535
             }
         );
-        assert_eq!(ToSplitter::parse(&[0; COMPLAINT_LEN]), ToSplitter::Malformed);
+        assert_eq!(
+            ToSplitter::parse(&[0; COMPLAINT_LEN]),
+            ToSplitter::Malformed
+        );
     }
 }

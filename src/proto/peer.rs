@@ -598,7 +598,8 @@ impl Peer {
         if let Some(i) = self.position(from) {
             self.remove_neighbour(i, Removal::Polluter);
         }
-        self.events.push_back(PeerEvent::Polluter { peer: from, number });
+        self.events
+            .push_back(PeerEvent::Polluter { peer: from, number });
         self.stats.complaints += 1;
         self.send(
             self.rules.splitter,

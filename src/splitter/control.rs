@@ -534,7 +534,11 @@ impl Control {
                         accusers, trusted, ..
                     } => tracing::warn!(
                         "{peer} expelled from team {team} as a polluter: {accusers} teammate(s) got chunks with bad signatures from it{}",
-                        if trusted { ", a trusted one among them" } else { "" }
+                        if trusted {
+                            ", a trusted one among them"
+                        } else {
+                            ""
+                        }
                     ),
                 }
             }

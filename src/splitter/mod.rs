@@ -13,8 +13,8 @@
 pub mod control;
 pub mod feed;
 pub mod settings;
-pub mod signing;
 pub mod shard;
+pub mod signing;
 pub mod source;
 pub mod status;
 

@@ -62,7 +62,11 @@ mod tests {
         assert!(!created);
         assert_eq!(a.public_hex(), b.public_hex());
         std::fs::write(&path, "nonsense").unwrap();
-        assert!(load_or_create(&path).unwrap_err().contains("not a key file"));
+        assert!(
+            load_or_create(&path)
+                .unwrap_err()
+                .contains("not a key file")
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
