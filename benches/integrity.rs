@@ -7,8 +7,18 @@
 //!   chunk: what a peer would pay if it held chunks back to check them in groups.
 //! - `sha256` / `sha512`: hashing one chunk, the per-chunk part of a signed digest per group of
 //!   chunks (one signature per group, a hash per chunk).
+//! - `peer_round_of_16/{compat,signed}`: the whole peer core per datagram received (as
+//!   `benches/relay.rs` `round_of_16`: one chunk from the splitter, 15 from neighbours, relays and
+//!   plays), without and with `PeerRules::verify`: what verification adds to a peer's work.
 
 use std::hint::black_box;
+use std::net::Ipv4Addr;
+use std::time::Instant;
+
+use bytes::Bytes;
+use criterion::BatchSize;
+use p2psp::proto::Endpoint;
+use p2psp::proto::peer::{Peer, PeerRules};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
@@ -68,11 +78,70 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
+fn ep(port: u16) -> Endpoint {
+    Endpoint::new(Ipv4Addr::LOCALHOST, port)
+}
+
+fn peer_round(c: &mut Criterion) {
+    const TEAM: u16 = 16;
+    let signer = ChunkSigner::from_secret(&[42u8; 32]);
+    let neighbours: Vec<Endpoint> = (1..TEAM).map(|i| ep(40_000 + i)).collect();
+    let mut g = c.benchmark_group("integrity/peer_round_of_16");
+    g.throughput(Throughput::Elements(u64::from(TEAM)));
+    for signed in [false, true] {
+        let now = Instant::now();
+        let mut rules = PeerRules::new(ep(8001), CHUNK_SIZE, 256);
+        if signed {
+            rules.verify = Some(signer.verifier());
+        }
+        let mut peer = Peer::new(rules, &neighbours, 1);
+        while peer.poll_transmit().is_some() {}
+        let mut next = 0u16;
+        g.bench_function(if signed { "signed" } else { "compat" }, |b| {
+            b.iter_batched(
+                || {
+                    let round: Vec<(Endpoint, Bytes)> = (0..TEAM)
+                        .map(|k| {
+                            let from = if k == 0 {
+                                ep(8001)
+                            } else {
+                                neighbours[usize::from(k) - 1]
+                            };
+                            let mut d = datagram(next.wrapping_add(k));
+                            if signed {
+                                signer.sign_datagram(&mut d);
+                            }
+                            (from, Bytes::from(d))
+                        })
+                        .collect();
+                    next = next.wrapping_add(TEAM);
+                    round
+                },
+                |round| {
+                    for (from, d) in round {
+                        peer.handle_datagram(now, from, d);
+                        while let Some(t) = peer.poll_transmit() {
+                            black_box(&t);
+                        }
+                        while let Some(e) = peer.poll_event() {
+                            black_box(&e);
+                        }
+                    }
+                },
+                BatchSize::SmallInput,
+            )
+        });
+        let s = *peer.stats();
+        assert_eq!(s.bad_chunks + s.lost + s.late, 0, "{s:?}");
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(std::time::Duration::from_millis(500))
         .measurement_time(std::time::Duration::from_secs(2));
-    targets = bench
+    targets = bench, peer_round
 }
 criterion_main!(benches);
