@@ -57,6 +57,8 @@ impl Team {
                 "--lrs",
                 "--sign",
                 key_file.to_str().unwrap(),
+                "--metrics",
+                "127.0.0.1:0",
             ],
             Stdio::null(),
         );
@@ -199,6 +201,16 @@ fn attack(
             !splitter_log.contains(&line),
             "honest {ep} was expelled:\n{splitter_log}"
         );
+    }
+    let status = team.splitter.status().expect("the splitter's /status");
+    let expelled = status["totals"]["polluters_expelled"].as_u64().unwrap();
+    let complaints = status["totals"]["complaints"].as_u64().unwrap();
+    eprintln!("{name}: splitter counted {complaints} complaints, {expelled} polluters expelled");
+    if expect_expelled {
+        assert!(expelled >= polluters as u64, "{expelled}");
+    } else {
+        assert_eq!(expelled, 0);
+        assert!(complaints > 0, "the bad-mouthers' complaints arrived");
     }
     for (mut p, _, _) in bad {
         p.proc.kill();

@@ -523,7 +523,10 @@ impl Peer {
         };
         match ToPeer::parse(&data, self.rules.chunk_size + trailer) {
             ToPeer::Chunk { number, .. } => {
-                if self.rules.verify.is_none() || self.verified(from, number, &data) {
+                // A chunk from a neighbour or stranger that far off is dropped by `on_chunk`
+                // without any effect: not worth a signature check (a flood of them costs nothing).
+                let unused = from != self.rules.splitter && !self.in_window(number);
+                if self.rules.verify.is_none() || unused || self.verified(from, number, &data) {
                     self.on_chunk(from, number, data)
                 }
             }
@@ -1556,6 +1559,20 @@ mod tests {
                 e,
                 PeerEvent::Polluter { .. } | PeerEvent::IntegrityMismatch(_)
             )));
+        }
+
+        #[test]
+        fn chunks_far_off_are_dropped_unchecked_and_never_played() {
+            let now = Instant::now();
+            let mut p = Peer::new(signed_rules(8), &[ep(1)], 0);
+            p.handle_datagram(now, ep(SPLITTER), signed(1000));
+            for n in [0u16, 500, 1100, 30000] {
+                p.handle_datagram(now, ep(99), polluted(n));
+            }
+            let s = *p.stats();
+            assert_eq!((s.bad_chunks, s.complaints), (0, 0), "not even checked");
+            assert_eq!(s.late + s.strangers_out_of_window, 4);
+            assert!(!p.neighbours().any(|n| n.0 == ep(99)));
         }
 
         #[test]
