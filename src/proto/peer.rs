@@ -384,7 +384,13 @@ pub struct Peer {
     splitter_verified: u64,
     /// CIS: whether [`PeerEvent::IntegrityMismatch`] was emitted.
     mismatch: bool,
+    /// CIS: chunk-like datagrams from the splitter of the other kind (signed or not).
+    other_kind: u32,
 }
+
+/// CIS: how many chunks from the splitter of the wrong kind (or that fail with this peer's key),
+/// and none good, make a [`PeerEvent::IntegrityMismatch`].
+pub const MISMATCH_AFTER: u32 = 4;
 
 /// How many polluters a peer remembers (oldest forgotten first).
 pub const MAX_BANNED: usize = 256;
@@ -430,6 +436,7 @@ impl Peer {
             banned_order: VecDeque::new(),
             splitter_verified: 0,
             mismatch: false,
+            other_kind: 0,
         };
         let m = usize::from(monitors).min(peers.len());
         for (i, &p) in peers
@@ -546,11 +553,21 @@ impl Peer {
                 let c = CHUNK_HEADER + self.rules.chunk_size;
                 let other = if trailer == 0 { c + SIGNATURE_LEN } else { c };
                 if from == self.rules.splitter && data.len() == other {
-                    self.mismatch(if trailer == 0 {
-                        IntegrityMismatch::Signed
+                    self.other_kind += 1;
+                    // Only before any good chunk from the splitter, and not on one datagram: a
+                    // stranger forging the splitter's address must not end a peer that plays.
+                    let good = if trailer == 0 {
+                        self.stats.from_splitter > 0
                     } else {
-                        IntegrityMismatch::Unsigned
-                    });
+                        self.splitter_verified > 0
+                    };
+                    if !good && self.other_kind >= MISMATCH_AFTER {
+                        self.mismatch(if trailer == 0 {
+                            IntegrityMismatch::Signed
+                        } else {
+                            IntegrityMismatch::Unsigned
+                        });
+                    }
                 }
             }
         }
@@ -581,7 +598,7 @@ impl Peer {
         if from == self.rules.splitter {
             self.stats.forged += 1;
             // Not one chunk from the splitter verified: the key is wrong, not a forger.
-            if self.splitter_verified == 0 && self.stats.forged >= 4 {
+            if self.splitter_verified == 0 && self.stats.forged >= u64::from(MISMATCH_AFTER) {
                 self.mismatch(IntegrityMismatch::WrongKey);
             }
             return false;
@@ -1589,14 +1606,29 @@ mod tests {
             };
             // No key, a signing splitter.
             let mut p = Peer::new(rules(8), &[], 0);
-            p.handle_datagram(now, ep(SPLITTER), signed(0));
-            p.handle_datagram(now, ep(SPLITTER), signed(1));
+            for n in 0..3 {
+                p.handle_datagram(now, ep(SPLITTER), signed(n));
+            }
+            assert!(mismatches(&mut p).is_empty(), "not on 3 datagrams");
+            for n in 3..6 {
+                p.handle_datagram(now, ep(SPLITTER), signed(n));
+            }
             assert_eq!(mismatches(&mut p), [IntegrityMismatch::Signed]);
             assert_eq!(p.stats().chunks_received, 0);
             // A key, a compat splitter.
             let mut p = Peer::new(signed_rules(8), &[], 0);
-            p.handle_datagram(now, ep(SPLITTER), chunk(0));
+            for n in 0..4 {
+                p.handle_datagram(now, ep(SPLITTER), chunk(n));
+            }
             assert_eq!(mismatches(&mut p), [IntegrityMismatch::Unsigned]);
+            // A peer that plays is not ended by forgeries with the splitter's address.
+            let mut p = Peer::new(signed_rules(8), &[], 0);
+            p.handle_datagram(now, ep(SPLITTER), signed(0));
+            for n in 1..20 {
+                p.handle_datagram(now, ep(SPLITTER), chunk(n));
+                p.handle_datagram(now, ep(SPLITTER), polluted(n));
+            }
+            assert!(mismatches(&mut p).is_empty());
             // The wrong key.
             let mut r = rules(8);
             r.verify = Some(ChunkSigner::from_secret(&[4; 32]).verifier());
