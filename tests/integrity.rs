@@ -21,7 +21,9 @@ const HEADER: usize = 4096;
 /// The team: a monitor and 15 peers.
 const TEAM: usize = 16;
 
-/// A signing splitter (1 Mbit/s, 122 chunks a second, LRS on) and its key.
+/// A signing splitter (LRS on) and its key. The attacks run at 500 kbit/s (61 chunks a second):
+/// 17 processes that each check every chunk's signature (about 60 µs each on the CI machine)
+/// share two cores with whatever else runs.
 struct Team {
     dir: PathBuf,
     splitter: Splitter,
@@ -148,7 +150,7 @@ type Mode = fn(usize, &str, &[String]) -> String;
 /// relay honestly) was expelled within 2 s of its first bad chunk, and that no honest peer was
 /// expelled.
 fn attack(name: &str, polluters: usize, mode: Mode) {
-    attack_at(name, polluters, mode, "1M", 6)
+    attack_at(name, polluters, mode, "500k", 6)
 }
 
 fn attack_at(name: &str, polluters: usize, mode: Mode, bitrate: &str, secs: u64) {
@@ -233,7 +235,7 @@ fn attack_at(name: &str, polluters: usize, mode: Mode, bitrate: &str, secs: u64)
             m.proc.name
         );
         let n = check_output(&team.output(&m.proc.name), &m.proc.name);
-        assert!(n > 300, "{}: only {n} chunks played", m.proc.name);
+        assert!(n > 150, "{}: only {n} chunks played", m.proc.name);
         played.push(n);
     }
     eprintln!("{name}: honest peers played {played:?} chunks, all byte-exact");
@@ -302,7 +304,7 @@ fn every_attack_model_at_once_at_4_mbits_for_30_s() {
 
 #[test]
 fn signing_mismatches_stop_the_peer_with_one_line() {
-    let mut team = Team::start("mismatch", "1M");
+    let mut team = Team::start("mismatch", "500k");
     let _monitor = team.peer("monitor", &[]);
     let splitter = format!("127.0.0.1:{}", team.splitter.port);
     let base = ["peer", "--splitter", &splitter, "--player-port", "0", "-q"];
