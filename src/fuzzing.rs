@@ -213,6 +213,7 @@ pub fn udp_splitter(data: &[u8]) {
         lrs: flags & 0x10 != 0,
         max_resends: u32::from(input.byte()),
         acs: flags & 0x20 != 0,
+        complaints: flags & 0x40 != 0,
     });
     let start = Instant::now();
     let mut now = start;
@@ -303,6 +304,9 @@ fn check_to_splitter(d: &[u8]) {
     match ToSplitter::parse(d) {
         ToSplitter::LossReport(n) => assert_eq!(d, n.to_be_bytes()),
         ToSplitter::Goodbye => assert_eq!(d, b"G"),
+        ToSplitter::Complaint { accused, number } => {
+            assert_eq!(d, crate::proto::integrity::complaint(accused, number))
+        }
         ToSplitter::Malformed => assert!(d.len() != 2 && d != b"G"),
     }
 }

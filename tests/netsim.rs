@@ -152,7 +152,9 @@ impl Net {
                 .push_back((self.splitter, to, Bytes::from_static(g)));
         }
         while let Some(e) = self.teams.poll_event() {
-            let (TeamEvent::Left { peer, .. } | TeamEvent::Expelled { peer, .. }) = e;
+            let (TeamEvent::Left { peer, .. }
+            | TeamEvent::Expelled { peer, .. }
+            | TeamEvent::Polluter { peer, .. }) = e;
             self.dir.remove(peer);
             self.team_events.push(e);
         }

@@ -386,17 +386,9 @@ fn status_holds_at_100000_peers() {
 fn exported_families() -> BTreeSet<String> {
     let splitter = synthetic_splitter(2, 10);
     let opts = p2psp::peer::PeerOptions {
-        splitter: "127.0.0.1:8001".parse().unwrap(),
-        player: None,
-        output: None,
         monitor: true,
         max_debt: 32,
-        lrs: false,
-        faults: Default::default(),
-        status: None,
-        counters: Arc::default(),
-        metrics: None,
-        liveness: Default::default(),
+        ..p2psp::peer::PeerOptions::new("127.0.0.1:8001".parse().unwrap())
     };
     let peer = PeerExporter::new(&opts);
     let mut names = BTreeSet::new();

@@ -5,6 +5,7 @@
 //! would buy nothing here (the load generator, which runs thousands of peers per thread, uses the
 //! io_uring driver instead). A second thread serves players over HTTP and writes `--output`.
 
+pub mod attack;
 pub mod join;
 pub mod player;
 pub mod status;
@@ -60,6 +61,15 @@ pub struct PeerArgs {
     /// drop it.
     #[arg(long)]
     pub free_ride: bool,
+    /// The splitter's public key (64 hex digits, printed by `p2psp splitter --sign`): verify
+    /// every chunk and drop, ban and report peers that send bad ones (docs/integrity.md). The
+    /// peer stops with an error if the splitter does not sign, or signs with another key.
+    #[arg(long, value_name = "HEX", value_parser = crate::proto::integrity::ChunkVerifier::from_hex)]
+    pub splitter_key: Option<crate::proto::integrity::ChunkVerifier>,
+    /// Testing: attack the team (docs/integrity.md): `persistent`, `on-off`,
+    /// `selective:ADDR:PORT,...`, `replay` or `bad-mouth`.
+    #[arg(long, value_name = "MODE")]
+    pub pollute: Option<attack::Pollute>,
     /// Rejoin when no chunk arrived for this long (`500ms`, `3s`, ...) [default: a quarter of
     /// the buffer's duration, between 3 s and 10 s]. The peer says why in one line and joins
     /// again with exponential backoff; players stay connected.
@@ -133,6 +143,10 @@ pub struct PeerOptions {
     pub metrics: Option<std::net::SocketAddr>,
     /// Stall detection and rejoining.
     pub liveness: Liveness,
+    /// CIS: the splitter's public key; chunks are verified.
+    pub splitter_key: Option<crate::proto::integrity::ChunkVerifier>,
+    /// Testing: a pollution attack.
+    pub pollute: Option<attack::Pollute>,
 }
 
 /// Counters a running peer publishes.
@@ -186,6 +200,8 @@ impl PeerOptions {
             counters: Arc::default(),
             metrics: None,
             liveness: Liveness::default(),
+            splitter_key: None,
+            pollute: None,
         }
     }
 
@@ -228,6 +244,8 @@ impl PeerOptions {
                 stall_timeout: a.stall_timeout,
                 give_up_after: a.give_up_after,
             },
+            splitter_key: a.splitter_key,
+            pollute: a.pollute.clone(),
         })
     }
 }
@@ -407,6 +425,16 @@ fn session(
     rules.max_debt = opts.max_debt;
     rules.request_lost = opts.lrs;
     rules.relay = !opts.faults.free_ride;
+    rules.verify = opts.splitter_key;
+    let trailer = if opts.splitter_key.is_some() {
+        crate::proto::integrity::SIGNATURE_LEN
+    } else {
+        0
+    };
+    let mut polluter = opts.pollute.clone().map(|m| {
+        let len = crate::proto::wire::CHUNK_HEADER + usize::from(config.chunk_size) + trailer;
+        attack::Polluter::new(m, Instant::now(), len)
+    });
     let mut drops = Xorshift::new(opts.faults.seed);
     let mut core = Peer::new(rules, &config.peers, config.monitors);
     let socket = joined.socket.try_clone()?;
@@ -471,10 +499,31 @@ fn session(
         }
         core.handle_timeout(Instant::now());
         while let Some(t) = core.poll_transmit() {
+            let payload = match &mut polluter {
+                Some(p) => {
+                    let first = p.first_bad.is_none();
+                    let d = p.outgoing(now, t.dest, t.payload);
+                    if first && p.first_bad.is_some() {
+                        eprintln!("{me}: pollute: first bad chunk, to {}", t.dest);
+                    }
+                    d
+                }
+                None => t.payload,
+            };
             // A neighbour that vanished answers with ICMP; that is the debt rule's job.
-            let _ = socket.send_to(&t.payload, t.dest);
+            let _ = socket.send_to(&payload, t.dest);
+        }
+        if let Some(p) = &mut polluter {
+            let first = p.first_bad.is_none();
+            for c in p.bad_mouth(now, core.neighbours().map(|n| n.0)) {
+                let _ = socket.send_to(&c, opts.splitter);
+            }
+            if first && p.first_bad.is_some() {
+                eprintln!("{me}: pollute: first false complaints");
+            }
         }
         let mut left = false;
+        let mut fatal = None;
         while let Some(e) = core.poll_event() {
             match e {
                 // Once asked to stop, the peer only relays until it has said goodbye: what it
@@ -501,6 +550,12 @@ fn session(
                     left = true;
                 }
                 PeerEvent::SplitterGoodbye => watchdog.on_splitter_goodbye(),
+                PeerEvent::Polluter { peer, number } => tracing::warn!(
+                    "{peer} sent chunk {number} with a bad signature: dropped, banned and reported to the splitter"
+                ),
+                PeerEvent::IntegrityMismatch(m) => {
+                    fatal = Some(SetupError::wrap(anyhow::anyhow!("{m}")));
+                }
                 PeerEvent::NeighbourRemoved {
                     peer,
                     reason: Removal::Debt,
@@ -571,6 +626,9 @@ fn session(
                 );
             }
             last = s;
+        }
+        if let Some(e) = fatal {
+            break Err(e);
         }
         if left {
             break Ok(SessionEnd::Left);

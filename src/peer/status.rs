@@ -230,6 +230,30 @@ const PEER_METRICS: &[PeerMetric] = &[
         |s, _| s.loss_reports,
     ),
     PeerMetric::counter(
+        "bad_chunks",
+        "p2psp_peer_bad_chunks_total",
+        "Chunks with a bad signature, dropped (CIS).",
+        |s, _| s.bad_chunks,
+    ),
+    PeerMetric::counter(
+        "forged",
+        "p2psp_peer_forged_chunks_total",
+        "Chunks with a bad signature and the splitter's address (CIS).",
+        |s, _| s.forged,
+    ),
+    PeerMetric::counter(
+        "from_polluters",
+        "p2psp_peer_from_polluters_total",
+        "Datagrams from banned polluters, ignored (CIS).",
+        |s, _| s.from_polluters,
+    ),
+    PeerMetric::counter(
+        "complaints",
+        "p2psp_peer_complaints_total",
+        "Complaints about polluters sent to the splitter (CIS).",
+        |s, _| s.complaints,
+    ),
+    PeerMetric::counter(
         "player_overruns",
         "p2psp_peer_player_overruns_total",
         "Played chunks the player thread could not take in time.",
@@ -506,13 +530,17 @@ mod tests {
             stray_goodbyes: 115,
             debt_drops: 116,
             loss_reports: 117,
+            bad_chunks: 118,
+            forged: 119,
+            from_polluters: 120,
+            complaints: 121,
         };
         let c = PeerCounters::default();
         let mut p = Prom::new();
         counters(&mut p, &s, &c);
         let text = p.finish();
         let totals = totals(&s, &c);
-        for v in 101..=117u64 {
+        for v in 101..=121u64 {
             assert!(text.contains(&format!(" {v}\n")), "{v} not in\n{text}");
             assert!(totals.as_object().unwrap().values().any(|t| *t == v), "{v}");
         }
@@ -527,17 +555,8 @@ mod tests {
     /// Options for an exporter that is not attached to a running peer.
     pub(crate) fn options() -> PeerOptions {
         PeerOptions {
-            splitter: "127.0.0.1:8001".parse().unwrap(),
-            player: None,
-            output: None,
-            monitor: false,
             max_debt: 32,
-            lrs: false,
-            faults: Default::default(),
-            status: None,
-            counters: Arc::default(),
-            metrics: None,
-            liveness: Default::default(),
+            ..PeerOptions::new("127.0.0.1:8001".parse().unwrap())
         }
     }
 

@@ -12,12 +12,14 @@
 //!   loss counters) and [`team::Teams`], the set of teams one splitter shard owns.
 //! - [`directory`]: the splitter's control-plane view: which team a joining peer goes to.
 //! - [`peer`]: the DBS peer (relaying, debts, playout buffer, loss reports, polite goodbye).
+//! - [`integrity`]: CIS, signed chunks and complaints about polluters (`docs/integrity.md`).
 //! - [`nts`]: NTS, the NAT Traversal Set (§6.4): its messages, acknowledgement by echo, port-step
 //!   estimation and port prediction.
 //! - [`rejoin`]: peer liveness: when the stream has stalled, why, and the backoff to join again.
 #![forbid(unsafe_code)]
 
 pub mod directory;
+pub mod integrity;
 pub mod nts;
 pub mod peer;
 pub mod rejoin;

@@ -22,12 +22,13 @@
 //! chunks from neighbours that far off, are counted and dropped without crediting any debt. The
 //! neighbour list is bounded by [`PeerRules::max_neighbours`].
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::Endpoint;
+use super::integrity::{ChunkVerifier, SIGNATURE_LEN, complaint};
 use super::seq;
 use super::wire::{CHUNK_HEADER, GOODBYE, HELLO, ToPeer, loss_report};
 
@@ -60,6 +61,10 @@ pub struct PeerRules {
     /// Most neighbours. Hellos and chunks from strangers beyond this are counted and ignored
     /// (a stranger on probation may be displaced).
     pub max_neighbours: usize,
+    /// CIS (`docs/integrity.md`): the splitter's public key. Chunks then carry a signature and
+    /// one that fails is dropped, never played or relayed, and its sender banned and complained
+    /// about. `None`: a compat team, nothing verified.
+    pub verify: Option<ChunkVerifier>,
 }
 
 impl PeerRules {
@@ -78,6 +83,7 @@ impl PeerRules {
             probation_grace: Duration::from_secs(1),
             // DBS rule 8: a team is never larger than the buffer (reference-notes §5.7).
             max_neighbours: usize::from(buffer_size).max(1),
+            verify: None,
         }
     }
 }
@@ -100,6 +106,35 @@ pub enum Removal {
     Debt,
     /// It was on probation and made room for a newcomer when the neighbour list was full.
     Displaced,
+    /// It sent a chunk with a bad signature (CIS).
+    Polluter,
+}
+
+/// Why a peer cannot take part in its team's integrity rules (CIS): the program stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntegrityMismatch {
+    /// The splitter signs its chunks, and this peer has no key to check them.
+    Signed,
+    /// This peer has a key, and the splitter does not sign.
+    Unsigned,
+    /// The splitter's chunks do not verify with this peer's key.
+    WrongKey,
+}
+
+impl std::fmt::Display for IntegrityMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IntegrityMismatch::Signed => {
+                "the splitter signs its chunks: join with --splitter-key HEX (the splitter prints its key at start)"
+            }
+            IntegrityMismatch::Unsigned => {
+                "--splitter-key is given but the splitter does not sign its chunks (start it with --sign KEYFILE, or drop --splitter-key)"
+            }
+            IntegrityMismatch::WrongKey => {
+                "the splitter's chunks do not verify with --splitter-key: check the key the splitter printed"
+            }
+        })
+    }
 }
 
 /// Something the program using the peer acts on.
@@ -144,6 +179,16 @@ pub enum PeerEvent {
     },
     /// The splitter said goodbye although we did not leave.
     SplitterGoodbye,
+    /// CIS: `peer` sent chunk `number` with a bad signature: it was dropped as a neighbour,
+    /// banned, and complained about to the splitter.
+    Polluter {
+        /// Who.
+        peer: Endpoint,
+        /// The bad chunk's number.
+        number: u16,
+    },
+    /// CIS: this peer and its splitter disagree on signing; it cannot play (emitted once).
+    IntegrityMismatch(IntegrityMismatch),
 }
 
 /// What the peer counted.
@@ -185,6 +230,14 @@ pub struct PeerStats {
     pub debt_drops: u64,
     /// Loss reports sent (monitors, and peers with [`PeerRules::request_lost`]), retries included.
     pub loss_reports: u64,
+    /// CIS: chunks with a bad signature (dropped, never played or relayed).
+    pub bad_chunks: u64,
+    /// CIS: of which with the splitter's address (forged by a stranger; nobody blamed).
+    pub forged: u64,
+    /// CIS: datagrams from banned polluters, ignored unchecked.
+    pub from_polluters: u64,
+    /// CIS: complaints about polluters sent to the splitter.
+    pub complaints: u64,
 }
 
 impl std::ops::Add for PeerStats {
@@ -210,6 +263,10 @@ impl std::ops::Add for PeerStats {
             stray_goodbyes: self.stray_goodbyes + o.stray_goodbyes,
             debt_drops: self.debt_drops + o.debt_drops,
             loss_reports: self.loss_reports + o.loss_reports,
+            bad_chunks: self.bad_chunks + o.bad_chunks,
+            forged: self.forged + o.forged,
+            from_polluters: self.from_polluters + o.from_polluters,
+            complaints: self.complaints + o.complaints,
         }
     }
 }
@@ -342,7 +399,23 @@ pub struct Peer {
     stats: PeerStats,
     /// The time of the datagram being handled.
     now: Option<Instant>,
+    /// CIS: the last [`MAX_BANNED`] peers that sent bad chunks, ignored from then on.
+    banned: HashSet<Endpoint>,
+    banned_order: VecDeque<Endpoint>,
+    /// CIS: chunks from the splitter that verified.
+    splitter_verified: u64,
+    /// CIS: whether [`PeerEvent::IntegrityMismatch`] was emitted.
+    mismatch: bool,
+    /// CIS: chunk-like datagrams from the splitter of the other kind (signed or not).
+    other_kind: u32,
 }
+
+/// CIS: how many chunks from the splitter of the wrong kind (or that fail with this peer's key),
+/// and none good, make a [`PeerEvent::IntegrityMismatch`].
+pub const MISMATCH_AFTER: u32 = 4;
+
+/// How many polluters a peer remembers (oldest forgotten first).
+pub const MAX_BANNED: usize = 256;
 
 impl Peer {
     /// A peer that just read its join message: `peers` is the team list, whose first `monitors`
@@ -383,6 +456,11 @@ impl Peer {
             events: VecDeque::new(),
             stats: PeerStats::default(),
             now: None,
+            banned: HashSet::new(),
+            banned_order: VecDeque::new(),
+            splitter_verified: 0,
+            mismatch: false,
+            other_kind: 0,
         };
         let m = usize::from(monitors).min(peers.len());
         for (i, &p) in peers
@@ -473,17 +551,109 @@ impl Peer {
         if self.membership == Membership::Left {
             return;
         }
-        match ToPeer::parse(&data, self.rules.chunk_size) {
-            ToPeer::Chunk { number, .. } => self.on_chunk(from, number, data),
+        let trailer = if self.rules.verify.is_some() {
+            SIGNATURE_LEN
+        } else {
+            0
+        };
+        match ToPeer::parse(&data, self.rules.chunk_size + trailer) {
+            ToPeer::Chunk { number, .. } => {
+                // A chunk from a neighbour or stranger that far off is dropped by `on_chunk`
+                // without any effect: not worth a signature check (a flood of them costs nothing).
+                let unused = from != self.rules.splitter && !self.in_window(number);
+                if self.rules.verify.is_none() || unused || self.verified(from, number, &data) {
+                    self.on_chunk(from, number, data)
+                }
+            }
             ToPeer::Hello => {
                 self.stats.hellos += 1;
-                if from != self.rules.splitter && self.position(from).is_none() {
+                if from != self.rules.splitter
+                    && self.position(from).is_none()
+                    && !self.banned.contains(&from)
+                {
                     self.adopt(from, false);
                 }
             }
             ToPeer::Goodbye => self.on_goodbye(from),
-            ToPeer::Malformed => self.stats.malformed += 1,
+            ToPeer::Malformed => {
+                self.stats.malformed += 1;
+                // A chunk from the splitter of the other kind (signed or not) than this peer's.
+                let c = CHUNK_HEADER + self.rules.chunk_size;
+                let other = if trailer == 0 { c + SIGNATURE_LEN } else { c };
+                if from == self.rules.splitter && data.len() == other {
+                    self.other_kind += 1;
+                    // Only before any good chunk from the splitter, and not on one datagram: a
+                    // stranger forging the splitter's address must not end a peer that plays.
+                    let good = if trailer == 0 {
+                        self.stats.from_splitter > 0
+                    } else {
+                        self.splitter_verified > 0
+                    };
+                    if !good && self.other_kind >= MISMATCH_AFTER {
+                        self.mismatch(if trailer == 0 {
+                            IntegrityMismatch::Signed
+                        } else {
+                            IntegrityMismatch::Unsigned
+                        });
+                    }
+                }
+            }
         }
+    }
+
+    fn mismatch(&mut self, m: IntegrityMismatch) {
+        if !self.mismatch {
+            self.mismatch = true;
+            self.events.push_back(PeerEvent::IntegrityMismatch(m));
+        }
+    }
+
+    /// CIS: checks the signature of chunk `number` from `from`. A bad one is counted; its sender
+    /// (unless it has the splitter's address: a forgery nobody can be blamed for) is dropped as a
+    /// neighbour, banned and complained about. Chunks from banned senders are not checked again.
+    fn verified(&mut self, from: Endpoint, number: u16, data: &[u8]) -> bool {
+        if self.banned.contains(&from) {
+            self.stats.from_polluters += 1;
+            return false;
+        }
+        if self.rules.verify.is_some_and(|v| v.verify(data)) {
+            if from == self.rules.splitter {
+                self.splitter_verified += 1;
+            }
+            return true;
+        }
+        self.stats.bad_chunks += 1;
+        if from == self.rules.splitter {
+            self.stats.forged += 1;
+            // Not one chunk from the splitter verified: the key is wrong, not a forger.
+            if self.splitter_verified == 0 && self.stats.forged >= u64::from(MISMATCH_AFTER) {
+                self.mismatch(IntegrityMismatch::WrongKey);
+            }
+            return false;
+        }
+        if self.splitter_verified == 0 {
+            // Until a chunk from the splitter verified, a failure may be this peer's wrong key:
+            // nobody is blamed yet (the chunk is dropped all the same).
+            return false;
+        }
+        if self.banned_order.len() >= MAX_BANNED
+            && let Some(old) = self.banned_order.pop_front()
+        {
+            self.banned.remove(&old);
+        }
+        self.banned.insert(from);
+        self.banned_order.push_back(from);
+        if let Some(i) = self.position(from) {
+            self.remove_neighbour(i, Removal::Polluter);
+        }
+        self.events
+            .push_back(PeerEvent::Polluter { peer: from, number });
+        self.stats.complaints += 1;
+        self.send(
+            self.rules.splitter,
+            Bytes::copy_from_slice(&complaint(from, number)),
+        );
+        false
     }
 
     fn on_goodbye(&mut self, from: Endpoint) {
@@ -805,7 +975,7 @@ impl Peer {
                     self.stats.played += 1;
                     self.events.push_back(PeerEvent::Play {
                         number: n,
-                        payload: data.slice(CHUNK_HEADER..),
+                        payload: data.slice(CHUNK_HEADER..CHUNK_HEADER + self.rules.chunk_size),
                     });
                 }
                 other => {
@@ -1530,5 +1700,192 @@ mod tests {
         assert_eq!(p.stats().lost, 0);
         assert_eq!(p.stats().played, 6);
         assert_eq!(p.stats().resent_received, 1);
+    }
+
+    mod signed {
+        use super::*;
+        use crate::proto::integrity::{ChunkSigner, SIGNATURE_LEN, complaint};
+
+        fn signer() -> ChunkSigner {
+            ChunkSigner::from_secret(&[3; 32])
+        }
+
+        fn signed(n: u16) -> Bytes {
+            let mut v = Vec::new();
+            encode_chunk(n, &[n as u8; C], &mut v);
+            signer().sign_datagram(&mut v);
+            Bytes::from(v)
+        }
+
+        fn polluted(n: u16) -> Bytes {
+            let mut v = signed(n).to_vec();
+            v[CHUNK_HEADER + 5] ^= 0xff;
+            Bytes::from(v)
+        }
+
+        fn signed_rules(b: u16) -> PeerRules {
+            let mut r = rules(b);
+            r.verify = Some(signer().verifier());
+            r
+        }
+
+        fn played(ev: &[PeerEvent]) -> Vec<(u16, Bytes)> {
+            ev.iter()
+                .filter_map(|e| match e {
+                    PeerEvent::Play { number, payload } => Some((*number, payload.clone())),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        #[test]
+        fn signed_chunks_are_relayed_whole_and_played_without_the_signature() {
+            let now = Instant::now();
+            let mut p = Peer::new(signed_rules(8), &[ep(1)], 0);
+            sends(&mut p);
+            p.handle_datagram(now, ep(SPLITTER), signed(0));
+            assert_eq!(sends(&mut p), [(1, signed(0))]);
+            for n in 1..8u16 {
+                p.handle_datagram(now, ep(1), signed(n));
+            }
+            let ev = events(&mut p);
+            let got = played(&ev);
+            assert_eq!(got.len(), 4);
+            for (n, payload) in got {
+                assert_eq!(payload, Bytes::from(vec![n as u8; C]));
+            }
+            assert_eq!(p.stats().bad_chunks, 0);
+            assert_eq!(signed(0).len(), CHUNK_HEADER + C + SIGNATURE_LEN);
+        }
+
+        #[test]
+        fn a_polluter_is_dropped_banned_and_reported_and_its_chunk_never_played() {
+            let now = Instant::now();
+            let mut p = Peer::new(signed_rules(8), &[ep(1), ep(2)], 0);
+            sends(&mut p);
+            p.handle_datagram(now, ep(SPLITTER), signed(0));
+            assert_eq!(sends(&mut p), [(1, signed(0))]);
+            // Neighbour 2 sends a polluted chunk 1: dropped, it clocks no relay, 2 is gone and
+            // reported to the splitter.
+            p.handle_datagram(now, ep(2), polluted(1));
+            assert_eq!(
+                sends(&mut p),
+                [(SPLITTER, Bytes::copy_from_slice(&complaint(ep(2), 1)))]
+            );
+            let ev = events(&mut p);
+            assert!(ev.contains(&PeerEvent::Polluter {
+                peer: ep(2),
+                number: 1
+            }));
+            assert!(ev.contains(&PeerEvent::NeighbourRemoved {
+                peer: ep(2),
+                reason: Removal::Polluter
+            }));
+            assert_eq!(p.neighbours().map(|n| n.0).collect::<Vec<_>>(), [ep(1)]);
+            // From now on it is ignored, even with valid chunks or a hello.
+            p.handle_datagram(now, ep(2), signed(1));
+            p.handle_datagram(now, ep(2), Bytes::from_static(HELLO));
+            assert_eq!(p.stats().from_polluters, 1);
+            assert_eq!(p.neighbours().count(), 1);
+            // A replay: an old valid chunk under a new number, from a stranger.
+            let mut replay = signed(0).to_vec();
+            replay[..2].copy_from_slice(&2u16.to_be_bytes());
+            p.handle_datagram(now, ep(9), Bytes::from(replay));
+            assert_eq!(p.stats().bad_chunks, 2);
+            assert_eq!(p.stats().complaints, 2);
+            // The real chunks 1.. come through neighbour 1; nothing polluted is played.
+            for n in 1..8u16 {
+                p.handle_datagram(now, ep(1), signed(n));
+            }
+            for (n, payload) in played(&events(&mut p)) {
+                assert_eq!(payload, Bytes::from(vec![n as u8; C]));
+            }
+            assert_eq!(p.stats().played, 4);
+            assert_eq!(p.stats().lost, 0);
+        }
+
+        #[test]
+        fn a_forged_splitter_chunk_is_dropped_and_nobody_is_blamed() {
+            let now = Instant::now();
+            let mut p = Peer::new(signed_rules(8), &[ep(1)], 0);
+            sends(&mut p);
+            p.handle_datagram(now, ep(SPLITTER), signed(0));
+            sends(&mut p);
+            p.handle_datagram(now, ep(SPLITTER), polluted(1));
+            assert!(sends(&mut p).is_empty(), "not relayed, no complaint");
+            assert_eq!((p.stats().forged, p.stats().bad_chunks), (1, 1));
+            assert_eq!(p.neighbours().count(), 1);
+            assert!(!events(&mut p).iter().any(|e| matches!(
+                e,
+                PeerEvent::Polluter { .. } | PeerEvent::IntegrityMismatch(_)
+            )));
+        }
+
+        #[test]
+        fn chunks_far_off_are_dropped_unchecked_and_never_played() {
+            let now = Instant::now();
+            let mut p = Peer::new(signed_rules(8), &[ep(1)], 0);
+            p.handle_datagram(now, ep(SPLITTER), signed(1000));
+            for n in [0u16, 500, 1100, 30000] {
+                p.handle_datagram(now, ep(99), polluted(n));
+            }
+            let s = *p.stats();
+            assert_eq!((s.bad_chunks, s.complaints), (0, 0), "not even checked");
+            assert_eq!(s.late + s.strangers_out_of_window, 4);
+            assert!(!p.neighbours().any(|n| n.0 == ep(99)));
+        }
+
+        #[test]
+        fn signing_mismatches_are_named_once() {
+            let now = Instant::now();
+            let mismatches = |p: &mut Peer| -> Vec<IntegrityMismatch> {
+                events(p)
+                    .into_iter()
+                    .filter_map(|e| match e {
+                        PeerEvent::IntegrityMismatch(m) => Some(m),
+                        _ => None,
+                    })
+                    .collect()
+            };
+            // No key, a signing splitter.
+            let mut p = Peer::new(rules(8), &[], 0);
+            for n in 0..3 {
+                p.handle_datagram(now, ep(SPLITTER), signed(n));
+            }
+            assert!(mismatches(&mut p).is_empty(), "not on 3 datagrams");
+            for n in 3..6 {
+                p.handle_datagram(now, ep(SPLITTER), signed(n));
+            }
+            assert_eq!(mismatches(&mut p), [IntegrityMismatch::Signed]);
+            assert_eq!(p.stats().chunks_received, 0);
+            // A key, a compat splitter.
+            let mut p = Peer::new(signed_rules(8), &[], 0);
+            for n in 0..4 {
+                p.handle_datagram(now, ep(SPLITTER), chunk(n));
+            }
+            assert_eq!(mismatches(&mut p), [IntegrityMismatch::Unsigned]);
+            // A peer that plays is not ended by forgeries with the splitter's address.
+            let mut p = Peer::new(signed_rules(8), &[], 0);
+            p.handle_datagram(now, ep(SPLITTER), signed(0));
+            for n in 1..20 {
+                p.handle_datagram(now, ep(SPLITTER), chunk(n));
+                p.handle_datagram(now, ep(SPLITTER), polluted(n));
+            }
+            assert!(mismatches(&mut p).is_empty());
+            // The wrong key.
+            let mut r = rules(8);
+            r.verify = Some(ChunkSigner::from_secret(&[4; 32]).verifier());
+            let mut p = Peer::new(r, &[], 0);
+            for n in 0..4 {
+                p.handle_datagram(now, ep(SPLITTER), signed(n));
+            }
+            assert_eq!(mismatches(&mut p), [IntegrityMismatch::WrongKey]);
+            // Compat peers in a compat team see none of this.
+            let mut p = Peer::new(rules(8), &[], 0);
+            for n in 0..8 {
+                p.handle_datagram(now, ep(SPLITTER), chunk(n));
+            }
+            assert!(mismatches(&mut p).is_empty());
+        }
     }
 }

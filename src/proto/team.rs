@@ -42,6 +42,9 @@ pub struct TeamRules {
     /// period grows by one per blamed loss, at most [`ACS_MAX_PERIOD`], and shrinks by one every
     /// `loss_halving`).
     pub acs: bool,
+    /// CIS (`docs/integrity.md`): act on complaints about polluters (a signed team). Off, a
+    /// complaint counts as a malformed datagram.
+    pub complaints: bool,
 }
 
 /// Largest ACS period: a peer blamed for many losses still gets one chunk every this many rounds.
@@ -167,6 +170,7 @@ impl Default for TeamRules {
             lrs: false,
             max_resends: 512,
             acs: false,
+            complaints: false,
         }
     }
 }
@@ -193,6 +197,30 @@ pub enum TeamEvent {
         /// How many of its chunks were judged (the count window).
         judged: u32,
     },
+    /// CIS: teammates complained that it sent chunks with bad signatures; it was removed
+    /// without a message.
+    Polluter {
+        /// Who.
+        peer: Endpoint,
+        /// From which team.
+        team: TeamId,
+        /// Distinct teammates that complained.
+        accusers: u32,
+        /// Whether a monitor or `--trusted` peer complained (then one complaint is enough).
+        trusted: bool,
+    },
+}
+
+/// What the splitter counted of CIS complaints ([`Teams::cis_counters`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CisCounters {
+    /// Complaints from members about teammates.
+    pub complaints: u64,
+    /// Complaints ignored: from non-members, about non-members, monitors or other teams' peers,
+    /// or about themselves.
+    pub stray_complaints: u64,
+    /// Peers expelled as polluters.
+    pub polluters_expelled: u64,
 }
 
 /// What the splitter-side protocol counted. Nothing a peer sends is dropped without a count.
@@ -253,6 +281,8 @@ struct Member {
     period: u32,
     /// ACS: passes left to skip before its next chunk.
     skip: u32,
+    /// CIS: teammates that complained about it (distinct).
+    accusers: Vec<Endpoint>,
 }
 
 /// Who got chunk `number`, and whether a loss of it was blamed already.
@@ -327,6 +357,7 @@ impl Team {
                 resends: 0,
                 period: 1,
                 skip: 0,
+                accusers: Vec::new(),
             },
         );
     }
@@ -433,6 +464,9 @@ pub struct Teams {
     /// The last peers that left after a goodbye, oldest first, to confirm a repeated goodbye.
     recently_left: VecDeque<Endpoint>,
     recently_left_set: HashSet<Endpoint>,
+    /// CIS: peers whose complaints expel at once (besides monitors).
+    trusted: HashSet<Endpoint>,
+    cis: CisCounters,
 }
 
 /// How many peers that left are remembered to confirm their goodbye again.
@@ -452,7 +486,19 @@ impl Teams {
             next_halving: None,
             recently_left: VecDeque::new(),
             recently_left_set: HashSet::new(),
+            trusted: HashSet::new(),
+            cis: CisCounters::default(),
         }
+    }
+
+    /// CIS: peers (`--trusted`) whose complaints expel at once, as monitors' do.
+    pub fn set_trusted(&mut self, trusted: impl IntoIterator<Item = Endpoint>) {
+        self.trusted = trusted.into_iter().collect();
+    }
+
+    /// What was counted of CIS complaints.
+    pub fn cis_counters(&self) -> &CisCounters {
+        &self.cis
     }
 
     /// The rules in force.
@@ -533,7 +579,62 @@ impl Teams {
         match ToSplitter::parse(data) {
             ToSplitter::Goodbye => self.on_goodbye(from),
             ToSplitter::LossReport(n) => self.on_loss_report(from, n),
+            ToSplitter::Complaint { accused, .. } => self.on_complaint(from, accused),
             ToSplitter::Malformed => self.counters.malformed += 1,
+        }
+    }
+
+    /// CIS: `from` says `accused` sent it a chunk with a bad signature. A monitor's or trusted
+    /// peer's word expels at once (STrPe); otherwise the accused goes when more than half of its
+    /// teammates complained (STrPe-DS), so a bad-mouthing minority cannot expel anyone.
+    fn on_complaint(&mut self, from: Endpoint, accused: Endpoint) {
+        if !self.rules.complaints {
+            self.counters.malformed += 1;
+            return;
+        }
+        let (Some(&id), Some(&accused_team)) =
+            (self.members.get(&from), self.members.get(&accused))
+        else {
+            self.cis.stray_complaints += 1;
+            return;
+        };
+        let trusted_peer = self.trusted.contains(&from);
+        let t = self
+            .teams
+            .iter_mut()
+            .find(|t| t.id == id)
+            .expect("member index points at a team");
+        let (Some(by), Some(i)) = (t.position(from), t.position(accused)) else {
+            return;
+        };
+        if accused_team != id || from == accused || t.members[i].monitor {
+            self.cis.stray_complaints += 1;
+            return;
+        }
+        self.cis.complaints += 1;
+        let trusted = trusted_peer || t.members[by].monitor;
+        let accused_member = &mut t.members[i];
+        if !accused_member.accusers.contains(&from) {
+            accused_member.accusers.push(from);
+        }
+        // Only complainers that are still members count, against the teammates there are now.
+        let accusers = accused_member.accusers.clone();
+        let standing = accusers
+            .iter()
+            .filter(|a| t.members.iter().any(|m| m.endpoint == **a))
+            .count();
+        let teammates = t.members.len() - 1;
+        if trusted || 2 * standing > teammates {
+            t.remove_at(i);
+            self.members.remove(&accused);
+            self.cis.polluters_expelled += 1;
+            self.events.push_back(TeamEvent::Polluter {
+                peer: accused,
+                team: id,
+                accusers: standing as u32,
+                trusted,
+            });
+            self.drop_empty_teams();
         }
     }
 
@@ -1158,5 +1259,88 @@ mod tests {
         assert_eq!(t.team_count(), 0);
         assert_eq!(t.peer_count(), 0);
         assert!(chunk(&mut t, 1).is_empty());
+    }
+
+    fn complain(t: &mut Teams, from: u16, about: u16) {
+        t.handle_datagram(ep(from), &crate::proto::integrity::complaint(ep(about), 7));
+    }
+
+    fn polluters(t: &mut Teams) -> Vec<(Endpoint, u32, bool)> {
+        std::iter::from_fn(|| t.poll_event())
+            .filter_map(|e| match e {
+                TeamEvent::Polluter {
+                    peer,
+                    accusers,
+                    trusted,
+                    ..
+                } => Some((peer, accusers, trusted)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A team of 16: monitor 1, peers 2..=16.
+    fn signed_team() -> Teams {
+        let mut t = Teams::new(TeamRules {
+            complaints: true,
+            ..TeamRules::default()
+        });
+        t.insert(0, ep(1), true);
+        for p in 2..=16 {
+            t.insert(0, ep(p), false);
+        }
+        t
+    }
+
+    #[test]
+    fn complaints_need_a_signed_team() {
+        let mut t = Teams::new(TeamRules::default());
+        t.insert(0, ep(1), true);
+        t.insert(0, ep(2), false);
+        complain(&mut t, 1, 2);
+        assert!(polluters(&mut t).is_empty());
+        assert_eq!(t.counters().malformed, 1);
+        assert!(t.contains(ep(2)));
+    }
+
+    #[test]
+    fn a_monitor_or_trusted_complaint_expels_at_once() {
+        let mut t = signed_team();
+        t.set_trusted([ep(5)]);
+        complain(&mut t, 1, 9);
+        assert_eq!(polluters(&mut t), [(ep(9), 1, true)]);
+        assert!(!t.contains(ep(9)));
+        complain(&mut t, 5, 10);
+        assert_eq!(polluters(&mut t), [(ep(10), 1, true)]);
+        assert_eq!(t.cis_counters().polluters_expelled, 2);
+    }
+
+    #[test]
+    fn a_bad_mouthing_minority_never_expels_and_a_majority_does() {
+        let mut t = signed_team();
+        // Five bad-mouthers (12..=16) complain about every honest peer, again and again.
+        for _ in 0..3 {
+            for liar in 12..=16 {
+                for victim in 2..=11 {
+                    complain(&mut t, liar, victim);
+                }
+            }
+        }
+        assert!(polluters(&mut t).is_empty());
+        assert_eq!(t.peer_count(), 16);
+        // Complaints about monitors, from strangers, about strangers, about oneself: ignored.
+        complain(&mut t, 2, 1);
+        complain(&mut t, 99, 2);
+        complain(&mut t, 2, 99);
+        complain(&mut t, 2, 2);
+        assert_eq!(t.cis_counters().stray_complaints, 4);
+        assert!(polluters(&mut t).is_empty());
+        // A polluter (16) seen by honest peers 2..=9: 8 of its 15 teammates is a majority.
+        for honest in 2..=8 {
+            complain(&mut t, honest, 16);
+        }
+        assert!(polluters(&mut t).is_empty(), "7 of 15 is no majority");
+        complain(&mut t, 9, 16);
+        assert_eq!(polluters(&mut t), [(ep(16), 8, false)]);
     }
 }

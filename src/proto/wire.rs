@@ -194,6 +194,13 @@ pub enum ToSplitter {
     LossReport(u16),
     /// The sender is leaving.
     Goodbye,
+    /// A peer of a signed team got a bad chunk from `accused` (CIS, [`super::integrity`]).
+    Complaint {
+        /// Who sent the bad chunk.
+        accused: SocketAddrV4,
+        /// Its chunk number.
+        number: u16,
+    },
     /// Anything else.
     Malformed,
 }
@@ -204,7 +211,10 @@ impl ToSplitter {
         match d {
             [a, b] => ToSplitter::LossReport(u16::from_be_bytes([*a, *b])),
             GOODBYE => ToSplitter::Goodbye,
-            _ => ToSplitter::Malformed,
+            _ => match super::integrity::parse_complaint(d) {
+                Some((accused, number)) => ToSplitter::Complaint { accused, number },
+                None => ToSplitter::Malformed,
+            },
         }
     }
 }

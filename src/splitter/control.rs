@@ -519,7 +519,9 @@ impl Control {
     fn on_report(&mut self, r: Report) {
         match r {
             Report::Event(e) => {
-                let (TeamEvent::Left { peer, team } | TeamEvent::Expelled { peer, team, .. }) = e;
+                let (TeamEvent::Left { peer, team }
+                | TeamEvent::Expelled { peer, team, .. }
+                | TeamEvent::Polluter { peer, team, .. }) = e;
                 // Only forget it if it was not placed again meanwhile.
                 if self.directory.lookup(peer).is_some_and(|(t, _)| t == team) {
                     self.directory.remove(peer);
@@ -528,6 +530,16 @@ impl Control {
                     TeamEvent::Left { .. } => tracing::info!("{peer} left team {team}"),
                     TeamEvent::Expelled { losses, judged, .. } => tracing::warn!(
                         "{peer} expelled from team {team}: {losses} of its last {judged} chunks lost"
+                    ),
+                    TeamEvent::Polluter {
+                        accusers, trusted, ..
+                    } => tracing::warn!(
+                        "{peer} expelled from team {team} as a polluter: {accusers} teammate(s) got chunks with bad signatures from it{}",
+                        if trusted {
+                            ", a trusted one among them"
+                        } else {
+                            ""
+                        }
                     ),
                 }
             }

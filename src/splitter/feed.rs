@@ -10,6 +10,7 @@ use super::settings::MAX_HEADER_SIZE;
 use super::source::{Source, SourceItem};
 use crate::driver::Waker;
 use crate::media::{HeaderEnd, HeaderSize, stream_header_len};
+use crate::proto::integrity::SIGNATURE_LEN;
 use crate::proto::wire::CHUNK_HEADER;
 use crate::ring::ChunkRing;
 
@@ -183,6 +184,7 @@ pub fn run(
     mut source: Box<dyn Source>,
     chunk_size: usize,
     first_number: u16,
+    signer: Option<&crate::proto::integrity::ChunkSigner>,
     ring: &ChunkRing,
     header: &HeaderCell,
     stats: &FeedStats,
@@ -190,7 +192,7 @@ pub fn run(
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
-    let mut chunk: Vec<u8> = Vec::with_capacity(CHUNK_HEADER + chunk_size);
+    let mut chunk: Vec<u8> = Vec::with_capacity(CHUNK_HEADER + chunk_size + SIGNATURE_LEN);
     let mut number = first_number;
     let mut in_header = false;
     let result = loop {
@@ -231,10 +233,14 @@ pub fn run(
                     chunk.extend_from_slice(&data[..take]);
                     data = &data[take..];
                     if chunk.len() == CHUNK_HEADER + chunk_size {
-                        let full = std::mem::replace(
+                        let mut full = std::mem::replace(
                             &mut chunk,
-                            Vec::with_capacity(CHUNK_HEADER + chunk_size),
+                            Vec::with_capacity(CHUNK_HEADER + chunk_size + SIGNATURE_LEN),
                         );
+                        // CIS: signed once here for every team of every shard.
+                        if let Some(signer) = signer {
+                            signer.sign_datagram(&mut full);
+                        }
                         ring.publish(number, Bytes::from(full), Instant::now());
                         header.chunks.fetch_add(1, Ordering::Relaxed);
                         number = number.wrapping_add(1);

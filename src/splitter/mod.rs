@@ -14,6 +14,7 @@ pub mod control;
 pub mod feed;
 pub mod settings;
 pub mod shard;
+pub mod signing;
 pub mod source;
 pub mod status;
 
@@ -161,12 +162,21 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         );
         let chunk_size = settings.chunk_size;
         let first = settings.first_chunk_number;
+        let signer = settings.signer.clone();
         thread::Builder::new().name("feed".into()).spawn(move || {
             if let Some(core) = spare_core {
                 core_affinity::set_for_current(core);
             }
             let result = feed::run(
-                source, chunk_size, first, &ring, &header, &stats, &wakers, &stop,
+                source,
+                chunk_size,
+                first,
+                signer.as_ref(),
+                &ring,
+                &header,
+                &stats,
+                &wakers,
+                &stop,
             );
             // The source ended or failed for good: the splitter stops with it.
             stop.store(true, Ordering::SeqCst);
@@ -177,6 +187,13 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         })?
     };
 
+    if let Some(signer) = &settings.signer {
+        // On stderr whatever the log level: the peers need it.
+        eprintln!(
+            "p2psp splitter: signing chunks; peers join with --splitter-key {}",
+            signer.public_hex()
+        );
+    }
     tracing::info!(
         "p2psp splitter listening on {}:{port} (TCP joins and UDP), {} shard(s), {} sends, source {}",
         settings.bind.ip(),

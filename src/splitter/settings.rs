@@ -84,6 +84,15 @@ pub struct SplitterArgs {
     /// Seconds a connection may take to join or to fetch the stream header.
     #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
     pub join_timeout: f64,
+    /// Sign every chunk with the Ed25519 key in this file (CIS, docs/integrity.md), created with
+    /// mode 0600 on first use; the public key is printed on stderr for the peers'
+    /// `--splitter-key`. Chunks grow by 64 bytes; peers without the key cannot join.
+    #[arg(long, value_name = "KEYFILE")]
+    pub sign: Option<std::path::PathBuf>,
+    /// With `--sign`: a peer whose complaints about a polluter expel it at once (STrPe), as
+    /// monitors' do; others need a majority of the team. Repeat for more.
+    #[arg(long, value_name = "ADDR:PORT", requires = "sign")]
+    pub trusted: Vec<SocketAddrV4>,
     /// Testing only: number of the first chunk (to test the 65535 → 0 wrap).
     #[arg(long, default_value_t = 0, hide = true)]
     pub first_chunk_number: u16,
@@ -182,6 +191,10 @@ pub struct Settings {
     pub socket_buffer: usize,
     /// Where to serve metrics and the status page.
     pub metrics: Option<std::net::SocketAddr>,
+    /// CIS: the key every chunk is signed with.
+    pub signer: Option<crate::proto::integrity::ChunkSigner>,
+    /// CIS: peers whose complaints expel at once.
+    pub trusted: Vec<SocketAddrV4>,
 }
 
 /// Largest stream header: the join message carries its size (plus the HTTP head the splitter
@@ -302,6 +315,23 @@ impl Settings {
             ring_slots: 4096,
             socket_buffer: 8 << 20,
             metrics: a.service.metrics,
+            signer: match &a.sign {
+                Some(path) => {
+                    if a.chunk_size + crate::proto::integrity::SIGNATURE_LEN > MAX_CHUNK_SIZE {
+                        return Err(format!(
+                            "--chunk-size {} leaves no room for the 64-byte signature of --sign",
+                            a.chunk_size
+                        ));
+                    }
+                    let (signer, created) = super::signing::load_or_create(path)?;
+                    if created {
+                        tracing::info!("--sign: created the key file {}", path.display());
+                    }
+                    Some(signer)
+                }
+                None => None,
+            },
+            trusted: a.trusted.clone(),
         })
     }
 }

@@ -214,6 +214,12 @@ shard_metrics! {
     Left = ShardMetricInfo::counter("left", "p2psp_splitter_left_total").team(|c| &mut c.left);
     /// Peers expelled for losses.
     Expelled = ShardMetricInfo::counter("expelled", "p2psp_splitter_expelled_total").team(|c| &mut c.expelled);
+    /// Complaints about polluters from members of signed teams (CIS, docs/integrity.md).
+    Complaints = ShardMetricInfo::counter("complaints", "p2psp_splitter_complaints_total");
+    /// Complaints ignored: from non-members, or about non-members, monitors, other teams' peers or the complainer itself.
+    StrayComplaints = ShardMetricInfo::counter("stray_complaints", "p2psp_splitter_stray_complaints_total");
+    /// Peers expelled as polluters, on a trusted complaint or a majority of their teammates.
+    PollutersExpelled = ShardMetricInfo::counter("polluters_expelled", "p2psp_splitter_polluters_expelled_total");
     /// Datagrams from members that are neither a goodbye nor a loss report.
     Malformed = ShardMetricInfo::counter("malformed", "p2psp_splitter_malformed_datagrams_total").team(|c| &mut c.malformed);
     /// Datagrams ignored: from strangers or non-monitors, or malformed.
@@ -392,14 +398,17 @@ impl Shard {
             expulsion: settings.expulsion,
             lrs: settings.lrs,
             acs: settings.acs,
+            complaints: settings.signer.is_some(),
             ..TeamRules::default()
         };
+        let mut teams = Teams::new(rules);
+        teams.set_trusted(settings.trusted.iter().copied());
         Ok(Shard {
             index,
             socket,
             sender,
             recv,
-            teams: Teams::new(rules),
+            teams,
             ring,
             commands: queues.commands,
             datagrams: queues.datagrams,
@@ -588,6 +597,10 @@ impl Shard {
         s.set(M::Teams, self.teams.team_count() as u64);
         s.set(M::Peers, self.teams.peer_count() as u64);
         s.set_team(c);
+        let cis = self.teams.cis_counters();
+        s.set(M::Complaints, cis.complaints);
+        s.set(M::StrayComplaints, cis.stray_complaints);
+        s.set(M::PollutersExpelled, cis.polluters_expelled);
         s.set(
             M::Ignored,
             c.stray_goodbyes + c.stray_loss_reports + c.unattributed_loss_reports + c.malformed,
