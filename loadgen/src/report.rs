@@ -385,7 +385,101 @@ pub struct Report {
     pub intervals: Vec<Interval>,
 }
 
+/// What the run observed beside the collector's counts: the sender's side, `/proc` readings
+/// taken at the measured seconds' edges, loadgen's memory. Raw figures; [`Report::build`] derives
+/// the rates and ratios.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    /// Splitter process CPU over the measured seconds (child), or the baseline loop's.
+    pub sender_cpu: Option<Cpu>,
+    /// loadgen's whole CPU over the measured seconds, in seconds.
+    pub process_cpu_s: f64,
+    /// Datagrams the sender gave up (splitter status, or the baseline's counter).
+    pub tx_drops: Option<u64>,
+    /// Kernel drops at the peers' sockets over the measured seconds.
+    pub socket_drops: Option<u64>,
+    /// loadgen's resident memory now and at its peak, bytes.
+    pub rss: (u64, u64),
+    /// The source's lag.
+    pub source_lag_ms: Option<Latency>,
+    /// The splitter child's send lag.
+    pub splitter_send_lag_ms: Option<SendLag>,
+    /// Per-core use over the measured seconds.
+    pub cores: Vec<CoreUse>,
+    /// The machine's scheduling noise over the measured seconds.
+    pub machine_noise_ms: Option<Latency>,
+    /// Joins completed and failed.
+    pub joined: usize,
+    /// Joins failed.
+    pub join_failed: usize,
+}
+
 impl Report {
+    /// The report of a run: its settings, what the collector gathered, and the other facts.
+    pub fn build(config: Config, o: crate::collector::Outcome, f: Facts) -> Report {
+        let measured_s = o.measured.max(1) as f64;
+        let total = o.total;
+        let window: Vec<&Interval> = o
+            .intervals
+            .iter()
+            .filter(|i| i.phase == "measure")
+            .collect();
+        let tx_rates: Vec<f64> = window.iter().filter_map(|i| i.tx_datagrams_per_s).collect();
+        let tx_datagrams_per_s =
+            (!tx_rates.is_empty()).then(|| tx_rates.iter().sum::<f64>() / tx_rates.len() as f64);
+        let datagram_bytes = (config.chunk_size + p2psp::proto::wire::CHUNK_HEADER) as f64;
+        let rs = &o.recv_stats;
+        Report {
+            loadgen_version: env!("CARGO_PKG_VERSION"),
+            config,
+            joins: Joins {
+                ok: f.joined,
+                failed: f.join_failed,
+                seconds: o.join_seconds,
+                latency_ms: Latency::of(&o.join_hist),
+                errors: o.join_errors,
+            },
+            measured_seconds: o.measured as f64,
+            chunks: total,
+            loss_ratio: total.loss_ratio(),
+            latency_ms: Latency::of(&o.total_hist.scheduled),
+            latency_from_write_ms: Latency::of(&o.total_hist.written),
+            fanout: Fanout {
+                rx_datagrams_per_s: total.datagrams as f64 / measured_s,
+                rx_gbit_per_s: total.bytes as f64 * 8.0 / 1e9 / measured_s,
+                peer_tx_datagrams_per_s: total.sent as f64 / measured_s,
+                socket_drops: f.socket_drops,
+                delivered_datagrams_per_s: f
+                    .socket_drops
+                    .map(|d| (total.datagrams + d) as f64 / measured_s),
+                tx_datagrams_per_s,
+                tx_gbit_per_s: tx_datagrams_per_s.map(|d| d * datagram_bytes * 8.0 / 1e9),
+                tx_drops: f.tx_drops,
+            },
+            sender_cpu: f.sender_cpu,
+            loadgen: Own {
+                worker_cpu_s: o.worker_cpu.as_secs_f64(),
+                cpu_us_per_datagram: if total.datagrams > 0 {
+                    o.worker_cpu.as_secs_f64() * 1e6 / total.datagrams as f64
+                } else {
+                    0.0
+                },
+                process_cpu_s: f.process_cpu_s,
+                recv_enobufs: rs.iter().map(|r| r.enobufs).sum(),
+                recv_rearms: rs.iter().map(|r| r.rearms).sum(),
+                recv_truncated: rs.iter().map(|r| r.truncated).sum(),
+                recv_errors: rs.iter().map(|r| r.errors).sum(),
+                rss_mib: f.rss.0 as f64 / (1 << 20) as f64,
+                rss_peak_mib: f.rss.1 as f64 / (1 << 20) as f64,
+            },
+            source_lag_ms: f.source_lag_ms,
+            splitter_send_lag_ms: f.splitter_send_lag_ms,
+            cores: f.cores,
+            machine_noise_ms: f.machine_noise_ms,
+            intervals: o.intervals,
+        }
+    }
+
     /// The final summary (vegeta / wrk2 style).
     pub fn summary(&self) -> String {
         let mut s = String::new();
