@@ -40,7 +40,7 @@ use p2psp::splitter::settings::parse_bitrate;
 
 use crate::child::{ChildSettings, SplitterChild};
 use crate::collector::{Collector, Command, Counts, Phase, Status};
-use crate::peers::{JoinOptions, JoinResult, NewPeer, Shared, WorkerOptions};
+use crate::peers::{JoinOptions, JoinResult, NewPeer, Shared, SocketMode, WorkerOptions};
 use crate::plan::{Plan, PlanInput};
 use crate::procfs::CpuTimes;
 use crate::report::{Cpu, Latency, Report};
@@ -113,9 +113,15 @@ struct Args {
     /// Local 127.x addresses to spread peers over [default: enough for the ephemeral port range].
     #[arg(long)]
     addresses: Option<usize>,
-    /// Receive buffer per peer socket, bytes.
+    /// Receive buffer per peer socket, bytes (shared sockets get this times their peers, 8 to
+    /// 128 MiB).
     #[arg(long, default_value_t = 256 * 1024)]
     rcvbuf: usize,
+    /// Peer endpoints: `per-peer` (a UDP socket each) or `shared` (one socket per worker, a peer
+    /// is a 127.x.y.z address) [default: per-peer up to 10,000 peers, shared above; per-peer for
+    /// the baseline].
+    #[arg(long, value_enum, value_name = "MODE")]
+    sockets: Option<SocketMode>,
     /// Workers' receive path: io_uring or poll [default: io_uring where the kernel allows].
     #[arg(long, value_name = "PATH")]
     recv: Option<RecvPath>,
@@ -189,6 +195,9 @@ fn check(a: &Args) -> Result<(), String> {
     }
     if a.addresses == Some(0) || a.addresses.is_some_and(|n| n > 250) {
         return Err("--addresses must be between 1 and 250".into());
+    }
+    if a.baseline.is_some() && a.sockets == Some(SocketMode::Shared) {
+        return Err("--baseline runs per-peer sockets only: drop --sockets shared".into());
     }
     if a.baseline.is_some() && a.splitter.is_some() {
         return Err("--baseline replaces the splitter: drop --splitter".into());
@@ -294,6 +303,8 @@ fn run(a: &Args) -> anyhow::Result<()> {
             addresses: a.addresses,
             bitrate: a.bitrate,
             chunk_size: a.chunk_size,
+            sockets: a.sockets,
+            rcvbuf: a.rcvbuf,
         },
         cores.len(),
         procfs::local_port_range(),
@@ -394,7 +405,7 @@ fn start(
         _ => "baseline sendmmsg fan-out loop".to_owned(),
     };
     println!(
-        "Running {:.0}s test @ {target}\n  {} peers{}, {} B chunks at {:.3} Mbit/s ({:.1} chunks/s), {} worker thread(s) ({} receive), joins at {}/s over {} address(es)",
+        "Running {:.0}s test @ {target}\n  {} peers{}, {} B chunks at {:.3} Mbit/s ({:.1} chunks/s), {} worker thread(s) ({} receive), joins at {}/s over {}",
         a.duration.as_secs_f64(),
         a.peers,
         if a.baseline.is_some() {
@@ -408,7 +419,13 @@ fn start(
         plan.threads,
         recv_path,
         a.join_rate,
-        plan.ips.len(),
+        match plan.sockets {
+            SocketMode::PerPeer => format!("{} address(es)", plan.ips.len()),
+            SocketMode::Shared => format!(
+                "{} virtual addresses on {} shared socket(s)",
+                a.peers, plan.threads
+            ),
+        },
     );
 
     // A splitter started by hand may not be up yet (it needs our source first): wait for it.
@@ -446,8 +463,15 @@ fn start(
         }
         _ => Arc::new(|| None),
     };
+    let shared_sockets: Vec<Arc<std::net::UdpSocket>> = match plan.sockets {
+        SocketMode::Shared => (0..plan.threads)
+            .map(|_| peers::shared_socket(plan.shared_rcvbuf).map(Arc::new))
+            .collect::<anyhow::Result<_>>()?,
+        SocketMode::PerPeer => Vec::new(),
+    };
     for w in 0..plan.threads {
         let (tx, rx) = crossbeam_channel::unbounded::<NewPeer>();
+        let socket = shared_sockets.get(w).cloned();
         worker_txs.push(tx);
         let opts = WorkerOptions {
             recv_path,
@@ -460,7 +484,14 @@ fn start(
             thread::Builder::new()
                 .name(format!("worker-{w}"))
                 .spawn(move || {
-                    let r = peers::run_worker(opts, &rx, &report_tx, &shared, &*last_seq);
+                    let r = peers::run_worker(
+                        opts,
+                        socket.as_deref(),
+                        &rx,
+                        &report_tx,
+                        &shared,
+                        &*last_seq,
+                    );
                     if r.is_err() {
                         shared.stop.store(true, Ordering::SeqCst);
                     }
@@ -484,6 +515,7 @@ fn start(
             monitors: a.monitors,
             rcvbuf: a.rcvbuf,
             seed: a.seed,
+            shared: shared_sockets.clone(),
         };
         let next = Arc::new(AtomicUsize::new(0));
         for j in 0..a.join_threads.min(a.peers) {
@@ -752,7 +784,19 @@ fn finish(
         buffer_size: child.then_some(a.buffer_size),
         monitors: a.monitors,
         threads: plan.threads,
-        addresses: plan.ips.iter().map(|i| i.to_string()).collect(),
+        addresses: match plan.sockets {
+            SocketMode::PerPeer => plan.ips.iter().map(|i| i.to_string()).collect(),
+            SocketMode::Shared => vec![format!(
+                "{}-{}",
+                peers::virtual_ip(0),
+                peers::virtual_ip(a.peers - 1)
+            )],
+        },
+        sockets: match plan.sockets {
+            SocketMode::PerPeer => "per-peer",
+            SocketMode::Shared => "shared",
+        }
+        .to_owned(),
         recv_path: recv_path.to_string(),
         seed: a.seed,
     };

@@ -5,6 +5,11 @@
 
 use std::net::Ipv4Addr;
 
+use crate::peers::SocketMode;
+
+/// Above this many peers `--sockets` defaults to `shared`.
+pub const PER_PEER_DEFAULT_MAX: usize = 10_000;
+
 /// What a run will use.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
@@ -20,8 +25,12 @@ pub struct Plan {
     pub mode: &'static str,
     /// File descriptors the run needs.
     pub fds: u64,
-    /// Local addresses the peers are spread over.
+    /// Local addresses the peers are spread over (per-peer sockets; none when shared).
     pub ips: Vec<Ipv4Addr>,
+    /// How peers get their endpoints.
+    pub sockets: SocketMode,
+    /// Receive buffer of each shared socket, bytes.
+    pub shared_rcvbuf: usize,
 }
 
 /// The flags the plan depends on.
@@ -45,6 +54,10 @@ pub struct PlanInput {
     pub bitrate: u64,
     /// `--chunk-size`.
     pub chunk_size: usize,
+    /// `--sockets`.
+    pub sockets: Option<SocketMode>,
+    /// `--rcvbuf`.
+    pub rcvbuf: usize,
 }
 
 /// The local addresses `127.0.0.1 … 127.0.0.n`.
@@ -74,6 +87,31 @@ impl Plan {
         } else {
             "splitter"
         };
+        let sockets = a
+            .sockets
+            .unwrap_or(if a.peers > PER_PEER_DEFAULT_MAX && !a.baseline {
+                SocketMode::Shared
+            } else {
+                SocketMode::PerPeer
+            });
+        if sockets == SocketMode::Shared {
+            // One socket per worker: its buffer holds what all its peers' sockets would.
+            let per_worker = a.peers.div_ceil(threads);
+            return Ok(Plan {
+                ncores,
+                threads,
+                shards,
+                chunks_per_second,
+                mode,
+                fds: threads as u64 + 4 * a.join_threads as u64 + 256,
+                ips: Vec::new(),
+                sockets,
+                shared_rcvbuf: a
+                    .rcvbuf
+                    .saturating_mul(per_worker)
+                    .clamp(8 << 20, 128 << 20),
+            });
+        }
         // File descriptors: one per peer, plus join sockets in flight, rings, pipes.
         let fds = a.peers as u64 + 4 * a.join_threads as u64 + 256;
         // Ports: each peer holds one UDP port on its address (and its join's TCP port, the same
@@ -97,6 +135,8 @@ impl Plan {
             mode,
             fds,
             ips: local_ips(naddr),
+            sockets,
+            shared_rcvbuf: 0,
         })
     }
 
@@ -127,7 +167,40 @@ mod tests {
             addresses: None,
             bitrate: 1_000_000,
             chunk_size: 1024,
+            sockets: None,
+            rcvbuf: 256 * 1024,
         }
+    }
+
+    #[test]
+    fn shared_sockets_above_ten_thousand_peers_need_few_descriptors() {
+        let p = Plan::new(
+            &PlanInput {
+                peers: 100_000,
+                ..input()
+            },
+            2,
+            (32768, 60999),
+        )
+        .unwrap();
+        assert_eq!(p.sockets, SocketMode::Shared);
+        assert_eq!(p.fds, 2 + 32 + 256);
+        assert!(p.ips.is_empty());
+        assert_eq!(p.shared_rcvbuf, 128 << 20);
+        let small = Plan::new(
+            &PlanInput {
+                sockets: Some(SocketMode::Shared),
+                ..input()
+            },
+            2,
+            (32768, 60999),
+        )
+        .unwrap();
+        assert_eq!(small.shared_rcvbuf, 128 << 20);
+        assert_eq!(
+            Plan::new(&input(), 2, (32768, 60999)).unwrap().sockets,
+            SocketMode::PerPeer
+        );
     }
 
     #[test]

@@ -185,6 +185,8 @@ pub struct Config {
     pub threads: usize,
     /// Local addresses the peers were spread over.
     pub addresses: Vec<String>,
+    /// `per-peer` or `shared` (`--sockets`).
+    pub sockets: String,
     /// Receive path of the workers.
     pub recv_path: String,
     /// Seed.
