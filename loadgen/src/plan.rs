@@ -196,7 +196,7 @@ mod tests {
             (32768, 60999),
         )
         .unwrap();
-        assert_eq!(small.shared_rcvbuf, 128 << 20);
+        assert_eq!(small.shared_rcvbuf, 500 * 256 * 1024);
         assert_eq!(
             Plan::new(&input(), 2, (32768, 60999)).unwrap().sockets,
             SocketMode::PerPeer
@@ -231,6 +231,7 @@ mod tests {
         let p = Plan::new(
             &PlanInput {
                 peers: 30_000,
+                sockets: Some(SocketMode::PerPeer),
                 ..input()
             },
             2,
@@ -243,6 +244,7 @@ mod tests {
             Plan::new(
                 &PlanInput {
                     peers: 10_000_000,
+                    sockets: Some(SocketMode::PerPeer),
                     ..input()
                 },
                 2,

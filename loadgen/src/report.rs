@@ -904,6 +904,7 @@ mod tests {
                 monitors: 0,
                 threads: 1,
                 addresses: vec!["127.0.0.1".into()],
+                sockets: "per-peer".into(),
                 recv_path: "io_uring".into(),
                 seed: 1,
             },

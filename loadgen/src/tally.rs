@@ -381,10 +381,12 @@ mod tests {
             unstamped: 9,
             sent: 10,
             send_dropped: 11,
+            unknown_dest: 12,
         };
         let mut b = a;
         b.add(&a);
         assert_eq!(b.send_dropped, 22);
+        assert_eq!(b.unknown_dest, 24);
         assert_eq!(b.datagrams, 2);
         assert_eq!(Tally::default().loss_ratio(), 0.0);
     }
