@@ -122,7 +122,8 @@ struct Args {
     /// the baseline].
     #[arg(long, value_enum, value_name = "MODE")]
     sockets: Option<SocketMode>,
-    /// Workers' receive path: io_uring or poll [default: io_uring where the kernel allows].
+    /// Workers' receive path: io_uring or poll [default: io_uring where the kernel allows with
+    /// per-peer sockets, poll (recvmmsg) with shared sockets].
     #[arg(long, value_name = "PATH")]
     recv: Option<RecvPath>,
     /// Seed for the join schedule's jitter.
@@ -319,7 +320,12 @@ fn run(a: &Args) -> anyhow::Result<()> {
             plan.fds
         );
     }
-    let recv_path = a.recv.unwrap_or_else(RecvPath::detect);
+    // One socket per worker: recvmmsg drains up to 64 datagrams per call, cheaper per datagram
+    // than a completion each (loadgen/README.md, "Socket modes"); many sockets: io_uring.
+    let recv_path = a.recv.unwrap_or_else(|| match plan.sockets {
+        SocketMode::Shared => RecvPath::Poll,
+        SocketMode::PerPeer => RecvPath::detect(),
+    });
     let mut st = start(a, &plan, &cores, recv_path)?;
     let (collector, marks, failure) = collect(a, &plan, &mut st);
     let (collector, marks) = stop(&mut st, collector, marks, failure)?;

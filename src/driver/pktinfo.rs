@@ -307,12 +307,17 @@ mod tests {
     #[test]
     fn one_wildcard_socket_is_many_endpoints() {
         for path in [RecvPath::Uring, RecvPath::Poll] {
-            let shared = udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), false, None, None)
-                .unwrap();
+            let shared = udp_socket(
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+                false,
+                None,
+                None,
+            )
+            .unwrap();
             set_pktinfo(shared.as_raw_fd()).unwrap();
             let port = shared.local_addr().unwrap().port();
-            let other = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), false, None, None)
-                .unwrap();
+            let other =
+                udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), false, None, None).unwrap();
             let std::net::SocketAddr::V4(other_addr) = other.local_addr().unwrap() else {
                 unreachable!()
             };
@@ -342,8 +347,10 @@ mod tests {
             // Answers leave from each peer's own address, single and batched.
             send_from_addr(shared.as_raw_fd(), peers[0], other_addr, b"single").unwrap();
             let mut s = SourcedSender::new(4);
-            let items: Vec<(Ipv4Addr, SocketAddrV4, &[u8])> =
-                peers.iter().map(|ip| (*ip, other_addr, &b"batch"[..])).collect();
+            let items: Vec<(Ipv4Addr, SocketAddrV4, &[u8])> = peers
+                .iter()
+                .map(|ip| (*ip, other_addr, &b"batch"[..]))
+                .collect();
             let mut stats = SendStats::default();
             s.send(shared.as_raw_fd(), &items, &mut stats);
             assert_eq!(stats.datagrams, 20);
@@ -353,10 +360,16 @@ mod tests {
                 .unwrap();
             let mut buf = [0u8; 64];
             let (n, from) = other.recv_from(&mut buf).unwrap();
-            assert_eq!((&buf[..n], from), (&b"single"[..], SocketAddrV4::new(peers[0], port).into()));
+            assert_eq!(
+                (&buf[..n], from),
+                (&b"single"[..], SocketAddrV4::new(peers[0], port).into())
+            );
             for ip in &peers {
                 let (n, from) = other.recv_from(&mut buf).unwrap();
-                assert_eq!((&buf[..n], from), (&b"batch"[..], SocketAddrV4::new(*ip, port).into()));
+                assert_eq!(
+                    (&buf[..n], from),
+                    (&b"batch"[..], SocketAddrV4::new(*ip, port).into())
+                );
             }
         }
     }
