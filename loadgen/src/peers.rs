@@ -64,6 +64,40 @@ impl Arena {
     }
 }
 
+/// Chunk numbers [`ChunkCache`] remembers (a power of two).
+const CACHE_SLOTS: usize = 256;
+
+/// The last copy of each recent chunk a worker received. Every peer of a team gets the same chunk
+/// datagram byte for byte (from the splitter, or relayed unchanged), so a worker hands its peers
+/// one shared buffer per chunk, as the splitter sends one buffer to all: memory per peer is then
+/// its playout slots, not its chunks, and a chunk costs a compare instead of a copy. A datagram
+/// that differs from the cached one (another chunk under the same slot) replaces it.
+struct ChunkCache {
+    slots: Vec<Option<Bytes>>,
+}
+
+impl ChunkCache {
+    fn new() -> ChunkCache {
+        ChunkCache {
+            slots: vec![None; CACHE_SLOTS],
+        }
+    }
+
+    /// The shared copy of chunk datagram `data`.
+    fn get(&mut self, data: &[u8], arena: &mut Arena) -> Bytes {
+        let number = u16::from_be_bytes([data[0], data[1]]);
+        let slot = &mut self.slots[usize::from(number) % CACHE_SLOTS];
+        match slot {
+            Some(b) if b[..] == *data => b.clone(),
+            _ => {
+                let b = arena.copy(data);
+                *slot = Some(b.clone());
+                b
+            }
+        }
+    }
+}
+
 /// State shared by the main thread, the joiners and the workers.
 #[derive(Debug)]
 pub struct Shared {
@@ -296,6 +330,7 @@ pub fn run_worker(
     let mut sends: Vec<(RawFd, Ipv4Addr, SocketAddrV4, Bytes)> = Vec::with_capacity(1024);
     let mut want: u32 = 1;
     let mut arena = Arena(BytesMut::new());
+    let mut cache = ChunkCache::new();
     let mut leaving = false;
     let mut next_leave_tick = Instant::now();
     loop {
@@ -378,7 +413,12 @@ pub fn run_worker(
                 Slot::Live { socket, core, left } => {
                     let is_chunk = d.data.len() == datagram;
                     let before = Seen::of(core.stats());
-                    core.handle_datagram(now, d.from, arena.copy(d.data));
+                    let data = if is_chunk {
+                        cache.get(d.data, &mut arena)
+                    } else {
+                        arena.copy(d.data)
+                    };
+                    core.handle_datagram(now, d.from, data);
                     if is_chunk {
                         let after = Seen::of(core.stats());
                         tally::account_chunk(
@@ -748,6 +788,26 @@ mod tests {
             assert_eq!(join_offset(i, rate, 7), join_offset(i, rate, 7));
         }
         assert_ne!(join_offset(5, rate, 7), join_offset(5, rate, 8));
+    }
+
+    #[test]
+    fn chunk_cache_shares_identical_chunks_only() {
+        let mut arena = Arena(BytesMut::new());
+        let mut cache = ChunkCache::new();
+        let chunk = |n: u16, fill: u8| {
+            let mut v = n.to_be_bytes().to_vec();
+            v.extend_from_slice(&[fill; 100]);
+            v
+        };
+        let a = cache.get(&chunk(7, 1), &mut arena);
+        let b = cache.get(&chunk(7, 1), &mut arena);
+        assert_eq!(a.as_ptr(), b.as_ptr(), "one buffer for both peers");
+        // Same slot, other content (a chunk CACHE_SLOTS later, or different bytes): a new copy.
+        let c = cache.get(&chunk(7 + CACHE_SLOTS as u16, 1), &mut arena);
+        let d = cache.get(&chunk(7 + CACHE_SLOTS as u16, 2), &mut arena);
+        assert_ne!(c.as_ptr(), a.as_ptr());
+        assert_eq!(&d[..], &chunk(7 + CACHE_SLOTS as u16, 2)[..]);
+        assert_eq!(&a[..], &chunk(7, 1)[..]);
     }
 
     #[test]
