@@ -255,6 +255,8 @@ struct Marks {
     window: BTreeMap<u64, (Option<CpuTimes>, Option<CpuTimes>, u64)>,
     drops: BTreeMap<u64, u64>,
     cores: BTreeMap<u64, Vec<(String, procfs::CoreTicks)>>,
+    /// The splitter child's resident memory (now, peak) at the end of the measured seconds.
+    sender_rss: Option<(u64, u64)>,
     seen: Option<u64>,
 }
 
@@ -287,6 +289,9 @@ impl Marks {
             self.cores.insert(current, procfs::cores());
             let addrs = shared.addrs.lock().unwrap().clone();
             self.drops.insert(current, procfs::udp_drops(&addrs));
+            if let (Sender::Child(c), true) = (sender, current == until) {
+                self.sender_rss = Some(c.rss());
+            }
         }
     }
 }
@@ -861,6 +866,7 @@ fn finish(
         machine_noise_ms: noise.finish(from, until).as_ref().map(Latency::of),
         joined: shared.joined.load(Ordering::Relaxed),
         join_failed: shared.join_failed.load(Ordering::Relaxed),
+        sender_rss: marks.sender_rss,
     };
     let scheduled = outcome.total_hist.scheduled.clone();
     let report = Report::build(config, outcome, facts);

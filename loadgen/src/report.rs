@@ -349,6 +349,17 @@ impl CoreUse {
     }
 }
 
+/// The splitter child's resident memory.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct SplitterMemory {
+    /// Resident set, MiB.
+    pub rss_mib: f64,
+    /// Peak resident set, MiB.
+    pub rss_peak_mib: f64,
+    /// Resident set per joined peer, KiB (the splitter's own start-up memory included).
+    pub rss_per_peer_kib: f64,
+}
+
 /// The whole report (`--json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -374,6 +385,8 @@ pub struct Report {
     pub sender_cpu: Option<Cpu>,
     /// loadgen's own costs.
     pub loadgen: Own,
+    /// The splitter child's memory at the end of the measured seconds (null otherwise).
+    pub splitter_memory: Option<SplitterMemory>,
     /// How late the source wrote its records against its schedule.
     pub source_lag_ms: Option<Latency>,
     /// The splitter child's own send lag over the measured seconds, from its status lines.
@@ -414,6 +427,8 @@ pub struct Facts {
     pub joined: usize,
     /// Joins failed.
     pub join_failed: usize,
+    /// The splitter child's resident memory (now, peak) at the end of the measured seconds.
+    pub sender_rss: Option<(u64, u64)>,
 }
 
 impl Report {
@@ -459,6 +474,11 @@ impl Report {
                 tx_drops: f.tx_drops,
             },
             sender_cpu: f.sender_cpu,
+            splitter_memory: f.sender_rss.map(|(rss, hwm)| SplitterMemory {
+                rss_mib: rss as f64 / (1 << 20) as f64,
+                rss_peak_mib: hwm as f64 / (1 << 20) as f64,
+                rss_per_peer_kib: rss as f64 / 1024.0 / f.joined.max(1) as f64,
+            }),
             loadgen: Own {
                 worker_cpu_s: o.worker_cpu.as_secs_f64(),
                 cpu_us_per_datagram: if total.datagrams > 0 {
@@ -608,6 +628,13 @@ impl Report {
             o.rss_mib,
             o.rss_peak_mib
         );
+        if let Some(m) = &self.splitter_memory {
+            let _ = writeln!(
+                s,
+                "  Splitter   RSS {:.0} MiB ({:.2} KiB per peer), peak {:.0} MiB",
+                m.rss_mib, m.rss_per_peer_kib, m.rss_peak_mib
+            );
+        }
         if o.recv_enobufs + o.recv_truncated + o.recv_errors > 0 {
             let _ = writeln!(
                 s,
@@ -916,6 +943,7 @@ mod tests {
             latency_from_write_ms: Latency::of(&h),
             fanout: Fanout::default(),
             sender_cpu: Some(Cpu::default()),
+            splitter_memory: None,
             loadgen: Own::default(),
             source_lag_ms: Some(Latency::of(&h)),
             splitter_send_lag_ms: SendLag::of(&[(1.0, 2.0), (3.0, 9.0), (2.0, 4.0)]),
