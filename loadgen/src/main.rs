@@ -476,7 +476,13 @@ fn start(
     };
     let shared_sockets: Vec<Arc<std::net::UdpSocket>> = match plan.sockets {
         SocketMode::Shared => (0..plan.threads)
-            .map(|_| peers::shared_socket(plan.shared_rcvbuf).map(Arc::new))
+            .map(|_| {
+                peers::shared_socket(
+                    plan.shared_rcvbuf,
+                    a.chunk_size + p2psp::proto::wire::CHUNK_HEADER,
+                )
+                .map(Arc::new)
+            })
             .collect::<anyhow::Result<_>>()?,
         SocketMode::PerPeer => Vec::new(),
     };
@@ -525,6 +531,7 @@ fn start(
             team_size: a.team_size,
             monitors: a.monitors,
             rcvbuf: a.rcvbuf,
+            datagram: a.chunk_size + p2psp::proto::wire::CHUNK_HEADER,
             seed: a.seed,
             shared: shared_sockets.clone(),
         };

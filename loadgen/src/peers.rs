@@ -196,8 +196,10 @@ pub fn virtual_index(ip: Ipv4Addr) -> Option<usize> {
     Some(((usize::from(b) - 1) * 256 + usize::from(c)) * 254 + usize::from(d) - 1)
 }
 
-/// A worker's shared socket (`--sockets shared`): `0.0.0.0:port`, `IP_PKTINFO` on.
-pub fn shared_socket(rcvbuf: usize) -> anyhow::Result<UdpSocket> {
+/// A worker's shared socket (`--sockets shared`): `0.0.0.0:port`, `IP_PKTINFO` on, and the
+/// don't-fragment bit for `datagram`-byte chunks as `p2psp peer` sets it (which also spares the
+/// kernel an IP identification per datagram: `driver::set_dont_fragment`).
+pub fn shared_socket(rcvbuf: usize, datagram: usize) -> anyhow::Result<UdpSocket> {
     let s = driver::udp_socket(
         SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
         false,
@@ -206,6 +208,7 @@ pub fn shared_socket(rcvbuf: usize) -> anyhow::Result<UdpSocket> {
     )
     .map_err(|e| limit_error(e, "cannot bind a shared UDP socket"))?;
     driver::set_pktinfo(s.as_raw_fd()).context("cannot turn IP_PKTINFO on")?;
+    let _ = driver::set_dont_fragment(&s, datagram);
     Ok(s)
 }
 
@@ -584,6 +587,8 @@ pub struct JoinOptions {
     pub monitors: usize,
     /// Receive buffer per peer socket.
     pub rcvbuf: usize,
+    /// Chunk datagram bytes (the peers set the don't-fragment bit for them, as `p2psp peer`).
+    pub datagram: usize,
     /// Seed for the join schedule's jitter.
     pub seed: u64,
     /// `--sockets shared`: each worker's socket (peer `i` joins on worker `i % workers`' port).
@@ -650,9 +655,12 @@ pub fn run_joiner(
                 monitor,
                 opts.rcvbuf,
             )
-            .map(|(socket, core)| NewPeer::Live {
-                socket,
-                core: Box::new(core),
+            .map(|(socket, core)| {
+                let _ = driver::set_dont_fragment(&socket, opts.datagram);
+                NewPeer::Live {
+                    socket,
+                    core: Box::new(core),
+                }
             }),
         };
         match joined {
