@@ -231,11 +231,12 @@ impl SourcedSender {
                 stats.submissions += 1;
                 if r > 0 {
                     let sent = (r as usize).min(n - p);
-                    for k in p..p + sent {
-                        let len = self.msgs[k].msg_len as usize;
+                    let done = self.msgs[p..p + sent].iter().zip(&batch[p..p + sent]);
+                    for (msg, (_, _, payload)) in done {
+                        let len = msg.msg_len as usize;
                         stats.datagrams += 1;
                         stats.bytes += len as u64;
-                        if len < batch[k].2.len() {
+                        if len < payload.len() {
                             stats.partial += 1;
                         }
                     }

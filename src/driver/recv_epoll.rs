@@ -262,6 +262,8 @@ impl EpollRecv {
                 };
                 let to = match &self.cmsgs {
                     Some(c) => {
+                        #[allow(clippy::unnecessary_cast)]
+                        // socklen_t on some libcs, size_t on glibc
                         let len = (msg.msg_hdr.msg_controllen as usize).min(PKTINFO_SPACE);
                         pktinfo_dest(&c[k].0[..len])
                     }
