@@ -48,9 +48,9 @@ use crate::report::{Cpu, Latency, Report};
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
-/// Load generator for the P2PSP splitter: thousands of real DBS peers (own UDP socket, compat
-/// join, hellos, relaying and debts through the same protocol core as `p2psp peer`) measure
-/// fan-out, source-to-peer latency and loss.
+/// Load generator for the P2PSP splitter: thousands of real DBS peers (a UDP socket each, or a
+/// 127.x.y.z address each on a shared socket; compat join, hellos, relaying and debts through the
+/// same protocol core as `p2psp peer`) measure fan-out, source-to-peer latency and loss.
 ///
 /// With no flags: starts a timestamped source and a `p2psp splitter` child, joins 1000 peers,
 /// streams 10 s, prints one line per second and a summary. `--baseline sendmmsg` replaces the
