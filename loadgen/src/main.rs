@@ -405,6 +405,15 @@ fn start(
         }
     };
     let splitter_addr = sender.splitter_addr();
+    if let Some(addr) = splitter_addr
+        && plan.sockets == SocketMode::Shared
+        && !addr.ip().is_loopback()
+    {
+        bail!(
+            "--sockets shared gives peers 127.x.y.z addresses, which a splitter at {addr} \
+             cannot reach: run it on this machine (127.0.0.1) or use --sockets per-peer"
+        );
+    }
 
     // Header, as wrk prints it.
     let target = match (&sender, splitter_addr) {
