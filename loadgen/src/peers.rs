@@ -47,6 +47,14 @@ const LEAVE_TICK: Duration = Duration::from_millis(10);
 /// that at the measured arrival rate it fills in about this long, so receive times stay accurate.
 const WANT_FILL: f64 = 20e-6;
 
+/// Shared socket read with `recvmmsg`: after a read that emptied the socket (fewer than a full
+/// batch), the worker naps this long before it waits again, so that the next read takes what
+/// arrived meanwhile instead of waking for each datagram. Like [`WANT_FILL`] on the io_uring path
+/// it bounds how late a receive time can be read (the timer slack is set to 1 µs for it).
+const RECV_NAP: Duration = Duration::from_micros(20);
+/// A full `recvmmsg` batch (`p2psp::driver`'s epoll receiver reads 64 at a time).
+const RECV_BATCH: usize = 64;
+
 /// Datagrams sent between two looks at the stop flag.
 const SEND_SLICE: usize = 4096;
 
@@ -317,6 +325,10 @@ pub fn run_worker(
     let shared_fd = shared_socket.map(|s| s.as_raw_fd());
     let mut by_index: Vec<u32> = Vec::new();
     let mut sourced = SourcedSender::new(64);
+    let nap = shared_socket.is_some() && opts.recv_path == RecvPath::Poll;
+    if nap {
+        let _ = driver::set_timer_slack(Duration::from_micros(1));
+    }
     if let Some(s) = shared_socket {
         recv.add_socket(s.as_raw_fd(), SHARED_TOKEN)
             .context("cannot add the shared socket to the receive ring")?;
@@ -397,7 +409,7 @@ pub fn run_worker(
                 }
             }
         }
-        recv.poll(want, POLL_TIMEOUT, |token, d| {
+        let got = recv.poll(want, POLL_TIMEOUT, |token, d| {
             let idx = if token == SHARED_TOKEN {
                 match d.to.and_then(virtual_index).and_then(|i| by_index.get(i)) {
                     Some(&idx) => idx as usize,
@@ -452,6 +464,9 @@ pub fn run_worker(
                 }
             }
         })?;
+        if nap && got.received > 0 && got.received < RECV_BATCH {
+            thread::sleep(RECV_NAP);
+        }
         if leaving && now >= next_leave_tick {
             next_leave_tick = now + LEAVE_TICK;
             for s in &mut slots {
