@@ -122,6 +122,11 @@ struct Args {
     /// the baseline].
     #[arg(long, value_enum, value_name = "MODE")]
     sockets: Option<SocketMode>,
+    /// Shared sockets read with recvmmsg: microseconds a worker naps after a read that emptied
+    /// its socket, to wake once for what arrives meanwhile (0: never) [default: 20 with teams of
+    /// 1, where datagrams come in bursts; 0 with relaying teams, where they trickle].
+    #[arg(long, value_name = "MICROS")]
+    recv_nap: Option<u64>,
     /// Workers' receive path: io_uring or poll [default: io_uring where the kernel allows with
     /// per-peer sockets, poll (recvmmsg) with shared sockets].
     #[arg(long, value_name = "PATH")]
@@ -504,6 +509,14 @@ fn start(
             send_path,
             chunk_size: a.chunk_size,
             core: core(plan.worker_core(w, pin)),
+            nap: a.recv_nap.map_or(
+                if a.team_size == 1 {
+                    peers::RECV_NAP
+                } else {
+                    Duration::ZERO
+                },
+                Duration::from_micros,
+            ),
         };
         let (report_tx, shared, last_seq) = (report_tx.clone(), shared.clone(), last_seq.clone());
         workers.push(

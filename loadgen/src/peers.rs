@@ -48,10 +48,13 @@ const LEAVE_TICK: Duration = Duration::from_millis(10);
 const WANT_FILL: f64 = 20e-6;
 
 /// Shared socket read with `recvmmsg`: after a read that emptied the socket (fewer than a full
-/// batch), the worker naps this long before it waits again, so that the next read takes what
-/// arrived meanwhile instead of waking for each datagram. Like [`WANT_FILL`] on the io_uring path
-/// it bounds how late a receive time can be read (the timer slack is set to 1 µs for it).
-const RECV_NAP: Duration = Duration::from_micros(20);
+/// batch), the worker naps this long (`--recv-nap`) before it waits again, so that the next read
+/// takes what arrived meanwhile instead of waking for each datagram. Like [`WANT_FILL`] on the
+/// io_uring path it bounds how late a receive time can be read (the timer slack is set to 1 µs
+/// for it). It pays where datagrams come in bursts (teams of 1: the splitter's fan-out of each
+/// chunk) and costs where they trickle (relays in teams: a nap per datagram or two), so loadgen
+/// naps by default only with teams of 1.
+pub const RECV_NAP: Duration = Duration::from_micros(20);
 /// A full `recvmmsg` batch (`p2psp::driver`'s epoll receiver reads 64 at a time).
 const RECV_BATCH: usize = 64;
 
@@ -272,6 +275,8 @@ pub struct WorkerOptions {
     pub chunk_size: usize,
     /// Core to pin the worker to.
     pub core: Option<core_affinity::CoreId>,
+    /// Shared socket read with recvmmsg: nap after a read that emptied it ([`RECV_NAP`]).
+    pub nap: Duration,
 }
 
 /// A live peer's endpoint: its own socket, or its address on the worker's shared socket.
@@ -325,7 +330,7 @@ pub fn run_worker(
     let shared_fd = shared_socket.map(|s| s.as_raw_fd());
     let mut by_index: Vec<u32> = Vec::new();
     let mut sourced = SourcedSender::new(64);
-    let nap = shared_socket.is_some() && opts.recv_path == RecvPath::Poll;
+    let nap = shared_socket.is_some() && opts.recv_path == RecvPath::Poll && !opts.nap.is_zero();
     if nap {
         let _ = driver::set_timer_slack(Duration::from_micros(1));
     }
@@ -465,7 +470,7 @@ pub fn run_worker(
             }
         })?;
         if nap && got.received > 0 && got.received < RECV_BATCH {
-            thread::sleep(RECV_NAP);
+            thread::sleep(opts.nap);
         }
         if leaving && now >= next_leave_tick {
             next_leave_tick = now + LEAVE_TICK;
