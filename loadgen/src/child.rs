@@ -200,6 +200,11 @@ impl SplitterChild {
         procfs::process_cpu(self.child.id())
     }
 
+    /// Its resident memory now and at its peak, bytes (zeros once it has exited).
+    pub fn rss(&self) -> (u64, u64) {
+        procfs::rss_of(&self.child.id().to_string())
+    }
+
     /// The status samples so far.
     pub fn samples(&self) -> Vec<(Instant, Status)> {
         self.samples.lock().unwrap().clone()

@@ -10,8 +10,10 @@
 
 mod baseline;
 mod child;
+mod collector;
 mod noise;
 mod peers;
+mod plan;
 mod procfs;
 mod report;
 mod source;
@@ -37,17 +39,18 @@ use p2psp::driver::{self, RecvPath, SendPath};
 use p2psp::splitter::settings::parse_bitrate;
 
 use crate::child::{ChildSettings, SplitterChild};
-use crate::peers::{JoinOptions, JoinResult, NewPeer, Shared, WorkerOptions};
+use crate::collector::{Collector, Command, Counts, Phase, Status};
+use crate::peers::{JoinOptions, JoinResult, NewPeer, Shared, SocketMode, WorkerOptions};
+use crate::plan::{Plan, PlanInput};
 use crate::procfs::CpuTimes;
-use crate::report::{Cpu, Fanout, Interval, Joins, Latency, Own};
-use crate::tally::{Latencies, Tally, latency_histogram};
+use crate::report::{Cpu, Latency, Report};
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
-/// Load generator for the P2PSP splitter: thousands of real DBS peers (own UDP socket, compat
-/// join, hellos, relaying and debts through the same protocol core as `p2psp peer`) measure
-/// fan-out, source-to-peer latency and loss.
+/// Load generator for the P2PSP splitter: thousands of real DBS peers (a UDP socket each, or a
+/// 127.x.y.z address each on a shared socket; compat join, hellos, relaying and debts through the
+/// same protocol core as `p2psp peer`) measure fan-out, source-to-peer latency and loss.
 ///
 /// With no flags: starts a timestamped source and a `p2psp splitter` child, joins 1000 peers,
 /// streams 10 s, prints one line per second and a summary. `--baseline sendmmsg` replaces the
@@ -110,10 +113,22 @@ struct Args {
     /// Local 127.x addresses to spread peers over [default: enough for the ephemeral port range].
     #[arg(long)]
     addresses: Option<usize>,
-    /// Receive buffer per peer socket, bytes.
+    /// Receive buffer per peer socket, bytes (shared sockets get this times their peers, 8 to
+    /// 128 MiB).
     #[arg(long, default_value_t = 256 * 1024)]
     rcvbuf: usize,
-    /// Workers' receive path: io_uring or poll [default: io_uring where the kernel allows].
+    /// Peer endpoints: `per-peer` (a UDP socket each) or `shared` (one socket per worker, a peer
+    /// is a 127.x.y.z address) [default: per-peer up to 10,000 peers, shared above; per-peer for
+    /// the baseline].
+    #[arg(long, value_enum, value_name = "MODE")]
+    sockets: Option<SocketMode>,
+    /// Shared sockets read with recvmmsg: microseconds a worker naps after a read that emptied
+    /// its socket, to wake once for what arrives meanwhile (0: never) [default: 20 with teams of
+    /// 1, where datagrams come in bursts; 0 with relaying teams, where they trickle].
+    #[arg(long, value_name = "MICROS")]
+    recv_nap: Option<u64>,
+    /// Workers' receive path: io_uring or poll [default: io_uring where the kernel allows with
+    /// per-peer sockets, poll (recvmmsg) with shared sockets].
     #[arg(long, value_name = "PATH")]
     recv: Option<RecvPath>,
     /// Seed for the join schedule's jitter.
@@ -187,49 +202,13 @@ fn check(a: &Args) -> Result<(), String> {
     if a.addresses == Some(0) || a.addresses.is_some_and(|n| n > 250) {
         return Err("--addresses must be between 1 and 250".into());
     }
+    if a.baseline.is_some() && a.sockets == Some(SocketMode::Shared) {
+        return Err("--baseline runs per-peer sockets only: drop --sockets shared".into());
+    }
     if a.baseline.is_some() && a.splitter.is_some() {
         return Err("--baseline replaces the splitter: drop --splitter".into());
     }
     Ok(())
-}
-
-/// Phases of a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Join,
-    Measure,
-    Leave,
-}
-
-impl Phase {
-    fn name(self) -> &'static str {
-        match self {
-            Phase::Join => "join",
-            Phase::Measure => "measure",
-            Phase::Leave => "leave",
-        }
-    }
-}
-
-/// One interval's sum over workers.
-struct Agg {
-    reports: usize,
-    tally: Tally,
-    hist: Latencies,
-    peers: usize,
-    cpu: Duration,
-}
-
-impl Default for Agg {
-    fn default() -> Self {
-        Agg {
-            reports: 0,
-            tally: Tally::default(),
-            hist: Latencies::default(),
-            peers: 0,
-            cpu: Duration::ZERO,
-        }
-    }
 }
 
 /// What sends the chunks.
@@ -244,72 +223,159 @@ enum Sender {
     },
 }
 
-fn local_ips(n: usize) -> Vec<Ipv4Addr> {
-    (0..n)
-        .map(|k| Ipv4Addr::new(127, 0, 0, 1 + k as u8))
-        .collect()
+impl Sender {
+    fn splitter_addr(&self) -> Option<SocketAddrV4> {
+        match self {
+            Sender::Child(c) => Some(c.addr),
+            Sender::Manual(addr) => Some(*addr),
+            Sender::Baseline { .. } => None,
+        }
+    }
+
+    fn stop_baseline(&self) {
+        if let Sender::Baseline { stop, .. } = self {
+            stop.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Everything a run started: the source, the sender, the workers and the joiners.
+struct Started {
+    source: Option<source::SourceServer>,
+    sender: Sender,
+    shared: Arc<Shared>,
+    noise: noise::NoiseProbe,
+    report_rx: crossbeam_channel::Receiver<peers::Report>,
+    join_rx: crossbeam_channel::Receiver<JoinResult>,
+    workers: Vec<thread::JoinHandle<anyhow::Result<()>>>,
+    joiners: Vec<thread::JoinHandle<()>>,
+    join_start: Instant,
+}
+
+/// Readings taken at interval starts: splitter CPU, loadgen CPU and the baseline's datagram count
+/// at each, and the kernel drops at the peers' sockets and every core's ticks at the measured
+/// seconds' edges.
+#[derive(Default)]
+struct Marks {
+    window: BTreeMap<u64, (Option<CpuTimes>, Option<CpuTimes>, u64)>,
+    drops: BTreeMap<u64, u64>,
+    cores: BTreeMap<u64, Vec<(String, procfs::CoreTicks)>>,
+    /// The splitter child's resident memory (now, peak) at the end of the measured seconds.
+    sender_rss: Option<(u64, u64)>,
+    seen: Option<u64>,
+}
+
+impl Marks {
+    /// Takes the readings of interval `current` when it starts.
+    fn take(
+        &mut self,
+        current: u64,
+        measure: Option<(u64, u64)>,
+        sender: &Sender,
+        shared: &Shared,
+    ) {
+        if self.seen == Some(current) {
+            return;
+        }
+        self.seen = Some(current);
+        let sender_cpu = match sender {
+            Sender::Child(c) => c.cpu(),
+            _ => None,
+        };
+        let tx = match sender {
+            Sender::Baseline { stats, .. } => stats.datagrams.load(Ordering::Relaxed),
+            _ => 0,
+        };
+        self.window
+            .insert(current, (sender_cpu, procfs::self_cpu(), tx));
+        if let Some((from, until)) = measure
+            && (current == from || current == until)
+        {
+            self.cores.insert(current, procfs::cores());
+            let addrs = shared.addrs.lock().unwrap().clone();
+            self.drops.insert(current, procfs::udp_drops(&addrs));
+            if let (Sender::Child(c), true) = (sender, current == until) {
+                self.sender_rss = Some(c.rss());
+            }
+        }
+    }
 }
 
 fn run(a: &Args) -> anyhow::Result<()> {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let ncores = cores.len().max(1);
-    // Relaying peers carry most of the load (they send about what they receive); with teams of
-    // one the splitter does, and gets the cores the workers leave.
-    let relaying = a.team_size > 1 && a.baseline.is_none();
-    let threads = a.threads.unwrap_or(if relaying {
-        ncores
-    } else {
-        (ncores / 2).max(1)
-    });
-    let shards = a.shards.unwrap_or((ncores.saturating_sub(threads)).max(1));
-    let chunks_per_second = a.bitrate as f64 / (8.0 * a.chunk_size as f64);
-    let mode = if a.baseline.is_some() {
-        "baseline-sendmmsg"
-    } else {
-        "splitter"
-    };
-
-    // File descriptors: one per peer, plus join sockets in flight, rings, pipes.
-    let need = a.peers as u64 + 4 * a.join_threads as u64 + 256;
-    let got = driver::raise_nofile_limit(need + 1024).context("cannot read RLIMIT_NOFILE")?;
-    if got < need {
+    let plan = Plan::new(
+        &PlanInput {
+            peers: a.peers,
+            team_size: a.team_size,
+            baseline: a.baseline.is_some(),
+            threads: a.threads,
+            shards: a.shards,
+            join_threads: a.join_threads,
+            addresses: a.addresses,
+            bitrate: a.bitrate,
+            chunk_size: a.chunk_size,
+            sockets: a.sockets,
+            rcvbuf: a.rcvbuf,
+        },
+        cores.len(),
+        procfs::local_port_range(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let got = driver::raise_nofile_limit(plan.fds + 1024).context("cannot read RLIMIT_NOFILE")?;
+    if got < plan.fds {
         bail!(
-            "--peers {} needs about {need} file descriptors but RLIMIT_NOFILE stops at {got}; \
+            "--peers {} needs about {} file descriptors but RLIMIT_NOFILE stops at {got}; \
              raise the hard limit (ulimit -Hn) or run fewer peers",
-            a.peers
+            a.peers,
+            plan.fds
         );
     }
-    // Ports: each peer holds one UDP port on its address (and its join's TCP port, the same
-    // number); use at most half the ephemeral range per address.
-    let (lo, hi) = procfs::local_port_range();
-    let per_ip = (usize::from(hi) - usize::from(lo)).div_ceil(2).max(1);
-    let naddr = a.addresses.unwrap_or(a.peers.div_ceil(per_ip)).max(1);
-    if naddr > 250 {
-        bail!("--peers {} needs more than 250 local addresses", a.peers);
-    }
-    let ips = local_ips(naddr);
+    // One socket per worker: recvmmsg drains up to 64 datagrams per call, cheaper per datagram
+    // than a completion each (loadgen/README.md, "Socket modes"); many sockets: io_uring.
+    let recv_path = a.recv.unwrap_or_else(|| match plan.sockets {
+        SocketMode::Shared => RecvPath::Poll,
+        SocketMode::PerPeer => RecvPath::detect(),
+    });
+    let mut st = start(a, &plan, &cores, recv_path)?;
+    let (collector, marks, failure) = collect(a, &plan, &mut st);
+    let (collector, marks) = stop(&mut st, collector, marks, failure)?;
+    let outcome = collector
+        .finish()
+        .context("the run never reached its measurement")?;
+    finish(a, &plan, recv_path, st, marks, outcome)
+}
 
-    let recv_path = a.recv.unwrap_or_else(RecvPath::detect);
+/// Starts the source, the sender (splitter child, or the baseline's state), the workers and the
+/// joiners (or, for the baseline, binds the bare sockets and starts the loop), and prints the
+/// header.
+fn start(
+    a: &Args,
+    plan: &Plan,
+    cores: &[core_affinity::CoreId],
+    recv_path: RecvPath,
+) -> anyhow::Result<Started> {
     let send_path = match recv_path {
         RecvPath::Uring => SendPath::detect(),
         RecvPath::Poll => SendPath::Sendmmsg,
     };
+    let core = |i: Option<usize>| i.and_then(|i| cores.get(i).copied());
+    let pin = !a.no_pin;
 
     // The source (not for the baseline, which stamps its own buffer). Its writer runs with the
     // workers on the last core, off the cores of the splitter child's shards (0..shards).
-    let source_core = (!a.no_pin && ncores > shards).then(|| cores[ncores - 1]);
+    let source_core = core(plan.source_core(pin));
     let source = match (&a.baseline, &a.splitter, a.source_listen) {
         (Some(_), _, _) => None,
         (None, None, _) => Some(source::SourceServer::start(
             SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
             a.chunk_size,
-            chunks_per_second,
+            plan.chunks_per_second,
             source_core,
         )?),
         (None, Some(_), Some(listen)) => Some(source::SourceServer::start(
             listen,
             a.chunk_size,
-            chunks_per_second,
+            plan.chunks_per_second,
             source_core,
         )?),
         (None, Some(_), None) => None,
@@ -337,29 +403,34 @@ fn run(a: &Args) -> anyhow::Result<()> {
                 chunk_size: a.chunk_size,
                 buffer_size: a.buffer_size,
                 monitors: a.monitors,
-                shards,
+                shards: plan.shards,
                 io: a.io.clone(),
                 extra: Vec::new(),
             })?)
         }
     };
-    let splitter_addr = match &sender {
-        Sender::Child(c) => Some(c.addr),
-        Sender::Manual(addr) => Some(*addr),
-        Sender::Baseline { .. } => None,
-    };
+    let splitter_addr = sender.splitter_addr();
+    if let Some(addr) = splitter_addr
+        && plan.sockets == SocketMode::Shared
+        && !addr.ip().is_loopback()
+    {
+        bail!(
+            "--sockets shared gives peers 127.x.y.z addresses, which a splitter at {addr} \
+             cannot reach: run it on this machine (127.0.0.1) or use --sockets per-peer"
+        );
+    }
 
     // Header, as wrk prints it.
     let target = match (&sender, splitter_addr) {
         (Sender::Child(_), Some(addr)) => format!(
             "splitter {addr} (child, {} shard(s), --io {})",
-            shards, a.io
+            plan.shards, a.io
         ),
         (Sender::Manual(_), Some(addr)) => format!("splitter {addr} (started by hand)"),
         _ => "baseline sendmmsg fan-out loop".to_owned(),
     };
     println!(
-        "Running {:.0}s test @ {target}\n  {} peers{}, {} B chunks at {:.3} Mbit/s ({:.1} chunks/s), {} worker thread(s) ({} receive), joins at {}/s over {} address(es)",
+        "Running {:.0}s test @ {target}\n  {} peers{}, {} B chunks at {:.3} Mbit/s ({:.1} chunks/s), {} worker thread(s) ({} receive), joins at {}/s over {}",
         a.duration.as_secs_f64(),
         a.peers,
         if a.baseline.is_some() {
@@ -369,11 +440,17 @@ fn run(a: &Args) -> anyhow::Result<()> {
         },
         a.chunk_size,
         a.bitrate as f64 / 1e6,
-        chunks_per_second,
-        threads,
+        plan.chunks_per_second,
+        plan.threads,
         recv_path,
         a.join_rate,
-        naddr,
+        match plan.sockets {
+            SocketMode::PerPeer => format!("{} address(es)", plan.ips.len()),
+            SocketMode::Shared => format!(
+                "{} virtual addresses on {} shared socket(s)",
+                a.peers, plan.threads
+            ),
+        },
     );
 
     // A splitter started by hand may not be up yet (it needs our source first): wait for it.
@@ -411,24 +488,49 @@ fn run(a: &Args) -> anyhow::Result<()> {
         }
         _ => Arc::new(|| None),
     };
-    for w in 0..threads {
+    let shared_sockets: Vec<Arc<std::net::UdpSocket>> = match plan.sockets {
+        SocketMode::Shared => (0..plan.threads)
+            .map(|_| {
+                peers::shared_socket(
+                    plan.shared_rcvbuf,
+                    a.chunk_size + p2psp::proto::wire::CHUNK_HEADER,
+                )
+                .map(Arc::new)
+            })
+            .collect::<anyhow::Result<_>>()?,
+        SocketMode::PerPeer => Vec::new(),
+    };
+    for w in 0..plan.threads {
         let (tx, rx) = crossbeam_channel::unbounded::<NewPeer>();
+        let socket = shared_sockets.get(w).cloned();
         worker_txs.push(tx);
-        let core = (!a.no_pin && ncores > 1)
-            .then(|| cores.get(ncores - 1 - (w % ncores)).copied())
-            .flatten();
         let opts = WorkerOptions {
             recv_path,
             send_path,
             chunk_size: a.chunk_size,
-            core,
+            core: core(plan.worker_core(w, pin)),
+            nap: a.recv_nap.map_or(
+                if a.team_size == 1 {
+                    peers::RECV_NAP
+                } else {
+                    Duration::ZERO
+                },
+                Duration::from_micros,
+            ),
         };
         let (report_tx, shared, last_seq) = (report_tx.clone(), shared.clone(), last_seq.clone());
         workers.push(
             thread::Builder::new()
                 .name(format!("worker-{w}"))
                 .spawn(move || {
-                    let r = peers::run_worker(opts, &rx, &report_tx, &shared, &*last_seq);
+                    let r = peers::run_worker(
+                        opts,
+                        socket.as_deref(),
+                        &rx,
+                        &report_tx,
+                        &shared,
+                        &*last_seq,
+                    );
                     if r.is_err() {
                         shared.stop.store(true, Ordering::SeqCst);
                     }
@@ -445,13 +547,15 @@ fn run(a: &Args) -> anyhow::Result<()> {
     if let Some(splitter) = splitter_addr {
         let opts = JoinOptions {
             splitter,
-            ips: ips.clone(),
+            ips: plan.ips.clone(),
             peers: a.peers,
             rate: a.join_rate,
             team_size: a.team_size,
             monitors: a.monitors,
             rcvbuf: a.rcvbuf,
+            datagram: a.chunk_size + p2psp::proto::wire::CHUNK_HEADER,
             seed: a.seed,
+            shared: shared_sockets.clone(),
         };
         let next = Arc::new(AtomicUsize::new(0));
         for j in 0..a.join_threads.min(a.peers) {
@@ -473,13 +577,13 @@ fn run(a: &Args) -> anyhow::Result<()> {
     } else {
         let mut dests = Vec::with_capacity(a.peers);
         for i in 0..a.peers {
-            let socket = peers::bare_socket(ips[i % ips.len()], a.rcvbuf)?;
+            let socket = peers::bare_socket(plan.ips[i % plan.ips.len()], a.rcvbuf)?;
             let std::net::SocketAddr::V4(addr) = socket.local_addr()? else {
                 bail!("not IPv4")
             };
             dests.push(addr);
             shared.joined.fetch_add(1, Ordering::Relaxed);
-            let _ = worker_txs[i % threads].send(NewPeer::Bare { socket });
+            let _ = worker_txs[i % plan.threads].send(NewPeer::Bare { socket });
         }
         // The loop starts once every socket is receiving.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -496,246 +600,167 @@ fn run(a: &Args) -> anyhow::Result<()> {
             ..
         } = &mut sender
         {
-            let core = (!a.no_pin && ncores > 1).then(|| cores[0]);
+            let core = core((pin && plan.ncores > 1).then_some(0));
             let (stats, stop) = (stats.clone(), stop.clone());
             let chunk_size = a.chunk_size;
+            let cps = plan.chunks_per_second;
             *handle = Some(
                 thread::Builder::new()
                     .name("baseline".into())
-                    .spawn(move || {
-                        baseline::run(dests, chunk_size, chunks_per_second, core, stats, stop)
-                    })?,
+                    .spawn(move || baseline::run(dests, chunk_size, cps, core, stats, stop))?,
             );
         }
     }
     drop(join_tx);
+    Ok(Started {
+        source,
+        sender,
+        shared,
+        noise,
+        report_rx,
+        join_rx,
+        workers,
+        joiners,
+        join_start,
+    })
+}
 
-    // Progress bar on a terminal.
-    let pb = if a.no_progress || !std::io::stderr().is_terminal() {
-        ProgressBar::hidden()
-    } else {
-        let pb = ProgressBar::with_draw_target(
-            Some(a.peers as u64),
-            ProgressDrawTarget::stderr_with_hz(4),
-        );
-        pb.set_style(
-            ProgressStyle::with_template("{spinner} {msg:10} [{bar:40}] {pos}/{len} {elapsed}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        pb.set_message("joining");
-        pb
-    };
+/// The progress bar on a terminal (hidden otherwise or with `--no-progress`).
+fn progress_bar(a: &Args) -> ProgressBar {
+    if a.no_progress || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb =
+        ProgressBar::with_draw_target(Some(a.peers as u64), ProgressDrawTarget::stderr_with_hz(4));
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg:10} [{bar:40}] {pos}/{len} {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message("joining");
+    pb
+}
 
-    // The main loop: collect, print, move through the phases. Every wait below is bounded.
+/// The main loop: feeds the collector, prints, carries out its commands. Every wait in it is
+/// bounded. Returns the collector and why the run failed, if it did.
+fn collect(a: &Args, plan: &Plan, st: &mut Started) -> (Collector, Marks, Option<String>) {
     let tx_name = if a.baseline.is_some() {
         "baseline"
     } else {
         "splitter"
     };
-    let mut phase = Phase::Join;
-    let mut aggs: BTreeMap<u64, Agg> = BTreeMap::new();
-    let mut intervals: Vec<Interval> = Vec::new();
-    let mut next_print: u64 = shared.interval(Instant::now());
-    let mut total_hist = Latencies::default();
-    let mut total = Tally::default();
-    let mut worker_cpu = Duration::ZERO;
-    let mut measured = 0u64;
-    let mut join_hist = latency_histogram();
-    let mut join_errors: Vec<String> = Vec::new();
-    let mut joins_done_at: Option<Instant> = None;
-    let mut measure: Option<(u64, u64)> = None; // [from, until) intervals
-    let mut window_marks: BTreeMap<u64, (Option<CpuTimes>, Option<CpuTimes>, u64)> =
-        BTreeMap::new();
-    // Kernel drops at the peers' sockets and every core's ticks, at the start and the end of the
-    // measured seconds.
-    let mut drop_marks: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut core_marks: BTreeMap<u64, Vec<(String, procfs::CoreTicks)>> = BTreeMap::new();
-    let mut seen_interval = u64::MAX;
-    let mut leave_deadline: Option<Instant> = None;
-    let join_deadline = join_start
-        + Duration::from_secs_f64(a.peers as f64 / a.join_rate)
-        + Duration::from_secs(30);
-    let mut failure: Option<String> = None;
-    let mut finished_workers = 0usize;
-    let mut recv_stats: Vec<p2psp::driver::RecvStats> = Vec::new();
-    loop {
+    let pb = progress_bar(a);
+    let mut c = Collector::new(
+        collector::Settings {
+            epoch: st.shared.epoch,
+            join_start: st.join_start,
+            threads: plan.threads,
+            peers: a.peers,
+            join_rate: a.join_rate,
+            duration: a.duration,
+            baseline: a.baseline.is_some(),
+        },
+        Instant::now(),
+    );
+    let mut marks = Marks::default();
+    let mut commands = Vec::new();
+    let failure = loop {
         let now = Instant::now();
-        let current = shared.interval(now);
-        // Marks at interval starts: splitter CPU, loadgen CPU, baseline datagrams.
-        if current != seen_interval {
-            seen_interval = current;
-            let sender_cpu = match &sender {
-                Sender::Child(c) => c.cpu(),
-                _ => None,
-            };
-            let tx = match &sender {
-                Sender::Baseline { stats, .. } => stats.datagrams.load(Ordering::Relaxed),
-                _ => 0,
-            };
-            window_marks.insert(current, (sender_cpu, procfs::self_cpu(), tx));
-            if let Some((from, until)) = measure
-                && (current == from || current == until)
-            {
-                core_marks.insert(current, procfs::cores());
-                let addrs = shared.addrs.lock().unwrap().clone();
-                drop_marks.insert(current, procfs::udp_drops(&addrs));
-            }
+        let current = c.interval(now);
+        marks.take(current, c.measure(), &st.sender, &st.shared);
+        for r in st.join_rx.try_iter() {
+            c.on_join(r);
         }
-        for r in join_rx.try_iter() {
-            match r {
-                Ok(t) => join_hist.saturating_record(t.as_nanos() as u64),
-                Err(e) => {
-                    if join_errors.len() < 5 && !join_errors.contains(&e) {
-                        join_errors.push(e);
-                    }
-                }
-            }
+        for r in st.report_rx.try_iter() {
+            c.on_report(r);
         }
-        for r in report_rx.try_iter() {
-            if r.last {
-                finished_workers += 1;
-                recv_stats.push(r.recv);
-            }
-            let agg = aggs.entry(r.index).or_default();
-            agg.reports += 1;
-            agg.tally.add(&r.tally);
-            agg.hist.add(&r.hist);
-            agg.peers += r.peers;
-            agg.cpu += r.cpu;
-        }
-        // Print (and account) every interval all workers reported, or that is 2 s overdue.
-        while let Some(agg) = aggs.get(&next_print) {
-            let overdue = now > shared.interval_start(next_print + 3);
-            if agg.reports < threads && !overdue {
-                break;
-            }
-            let agg = aggs.remove(&next_print).expect("present");
-            let k = next_print;
-            next_print += 1;
-            let in_window = measure.is_some_and(|(from, until)| k >= from && k < until);
-            let iv_phase = match (in_window, measure) {
-                (true, _) => Phase::Measure,
-                (false, Some((_, until))) if k >= until => Phase::Leave,
-                _ => Phase::Join,
-            };
-            let tx = interval_tx(&sender, &window_marks, k, &shared);
-            let iv = Interval::new(
-                k,
-                iv_phase.name(),
-                agg.peers,
-                &agg.tally,
-                &agg.hist.scheduled,
-                tx,
-            );
-            if in_window {
-                total.add(&agg.tally);
-                total_hist.add(&agg.hist);
-                worker_cpu += agg.cpu;
-                measured += 1;
-            }
+        let tx = |k| interval_tx(&st.sender, &marks.window, k, &st.shared);
+        for iv in c.close_intervals(now, &tx) {
             if !a.quiet {
                 let line = iv.line(tx_name);
                 pb.suspend(|| println!("{line}"));
             }
-            intervals.push(iv);
-        }
-        if aggs.is_empty() && next_print < current.saturating_sub(3) {
-            next_print = current.saturating_sub(3);
         }
         // The sender must stay alive.
-        if let Sender::Child(c) = &mut sender
-            && let Some(status) = c.exited()
+        if let Sender::Child(child) = &mut st.sender
+            && let Some(status) = child.exited()
         {
-            failure = Some(format!(
+            c.fail(format!(
                 "the splitter exited ({status}) during the run; it said:\n{}",
-                c.log_text()
+                child.log_text()
             ));
         }
-        if shared.stop.load(Ordering::Relaxed) && phase != Phase::Leave {
-            failure.get_or_insert_with(|| "a worker failed".to_owned());
-        }
-        if failure.is_some() {
-            break;
-        }
-        let joined = shared.joined.load(Ordering::Relaxed);
-        let failed = shared.join_failed.load(Ordering::Relaxed);
-        match phase {
-            Phase::Join => {
-                pb.set_position(joined as u64);
-                if joined + failed >= a.peers || now > join_deadline {
+        let shared = &st.shared;
+        let counts = Counts {
+            joined: shared.joined.load(Ordering::Relaxed),
+            join_failed: shared.join_failed.load(Ordering::Relaxed),
+            left: shared.left.load(Ordering::Relaxed),
+            stopped: shared.stop.load(Ordering::Relaxed),
+        };
+        commands.clear();
+        let status = c.advance(now, counts, &mut commands);
+        for cmd in &commands {
+            match *cmd {
+                Command::Measure { from, until } => {
                     shared.stop_joins.store(true, Ordering::SeqCst);
-                    joins_done_at = Some(now);
-                    if joined == 0 {
-                        failure = Some(format!(
-                            "every join failed; first errors:\n  {}",
-                            join_errors.join("\n  ")
-                        ));
-                        break;
-                    }
-                    let from = current + 1;
-                    let until = from + a.duration.as_secs_f64().ceil().max(1.0) as u64;
-                    measure = Some((from, until));
-                    phase = Phase::Measure;
                     pb.set_length(until - from);
                     pb.set_position(0);
                     pb.set_message("streaming");
                 }
-            }
-            Phase::Measure => {
-                let (from, until) = measure.expect("set when measuring");
-                pb.set_position(current.saturating_sub(from).min(until - from));
-                if current >= until && next_print >= until {
-                    phase = Phase::Leave;
+                Command::Leave => {
                     pb.set_message("leaving");
                     shared.leave.store(true, Ordering::SeqCst);
-                    if let Sender::Baseline { stop, .. } = &sender {
-                        stop.store(true, Ordering::SeqCst);
-                    }
-                    // Peers wait up to 2 s for the splitter's goodbye.
-                    leave_deadline = Some(now + Duration::from_millis(2500));
+                    st.sender.stop_baseline();
                 }
-            }
-            Phase::Leave => {
-                let all_left = shared.left.load(Ordering::Relaxed) >= joined;
-                let late = leave_deadline.is_some_and(|d| now > d);
-                if (all_left || late || a.baseline.is_some())
-                    && !shared.stop.load(Ordering::Relaxed)
-                {
-                    if let Sender::Baseline { handle, end, .. } = &mut sender
+                Command::StopWorkers => {
+                    if let Sender::Baseline { handle, end, .. } = &mut st.sender
                         && let Some(h) = handle.take()
                     {
-                        *end = Some(
-                            h.join()
-                                .map_err(|_| anyhow::anyhow!("the baseline loop panicked"))??,
-                        );
+                        match h.join() {
+                            Ok(Ok(e)) => *end = Some(e),
+                            Ok(Err(e)) => c.fail(format!("{e:#}")),
+                            Err(_) => c.fail("the baseline loop panicked".to_owned()),
+                        }
                         // Let the last datagrams land before the receivers count the tail.
                         thread::sleep(Duration::from_millis(200));
                     }
                     shared.stop.store(true, Ordering::SeqCst);
                 }
-                if finished_workers >= threads {
-                    break;
-                }
-                if late && now > leave_deadline.expect("set") + Duration::from_secs(5) {
-                    failure = Some("workers did not stop within 5 s".into());
-                    break;
-                }
             }
         }
+        match status {
+            Status::Running => {}
+            Status::Done => break None,
+            Status::Failed(why) => break Some(why),
+        }
+        match (c.phase(), c.measure()) {
+            (Phase::Join, _) => pb.set_position(counts.joined as u64),
+            (Phase::Measure, Some((from, until))) => {
+                pb.set_position(current.saturating_sub(from).min(until - from));
+            }
+            _ => {}
+        }
         thread::sleep(Duration::from_millis(20));
-    }
-    shared.stop_joins.store(true, Ordering::SeqCst);
-    shared.stop.store(true, Ordering::SeqCst);
-    if let Sender::Baseline { stop, .. } = &sender {
-        stop.store(true, Ordering::SeqCst);
-    }
+    };
     pb.finish_and_clear();
-    for j in joiners {
+    (c, marks, failure)
+}
+
+/// Stops every thread and the splitter child; accounts the late reports.
+fn stop(
+    st: &mut Started,
+    mut c: Collector,
+    marks: Marks,
+    failure: Option<String>,
+) -> anyhow::Result<(Collector, Marks)> {
+    st.shared.stop_joins.store(true, Ordering::SeqCst);
+    st.shared.stop.store(true, Ordering::SeqCst);
+    st.sender.stop_baseline();
+    for j in st.joiners.drain(..) {
         let _ = j.join();
     }
     let mut worker_error = None;
-    for w in workers {
+    for w in st.workers.drain(..) {
         match w.join() {
             Ok(Err(e)) => worker_error = Some(e),
             Err(_) => worker_error = Some(anyhow::anyhow!("a worker thread panicked")),
@@ -743,22 +768,11 @@ fn run(a: &Args) -> anyhow::Result<()> {
         }
     }
     // Late reports of measured intervals (the last one of each worker is partial: ignored).
-    for r in report_rx.try_iter() {
-        if r.last {
-            recv_stats.push(r.recv);
-        }
-        if let Some((from, until)) = measure
-            && r.index >= from
-            && r.index < until
-            && !r.last
-        {
-            total.add(&r.tally);
-            total_hist.add(&r.hist);
-            worker_cpu += r.cpu;
-        }
+    for r in st.report_rx.try_iter() {
+        c.late_report(r);
     }
-    if let Sender::Child(c) = &mut sender {
-        c.stop_and_log();
+    if let Sender::Child(child) = &mut st.sender {
+        child.stop_and_log();
     }
     if let Some(f) = failure {
         if let Some(e) = worker_error {
@@ -769,102 +783,89 @@ fn run(a: &Args) -> anyhow::Result<()> {
     if let Some(e) = worker_error {
         return Err(e);
     }
+    Ok((c, marks))
+}
 
-    // The report.
-    let (from, until) = measure.expect("the run reached its measurement");
+/// Builds the report and writes it out.
+fn finish(
+    a: &Args,
+    plan: &Plan,
+    recv_path: RecvPath,
+    st: Started,
+    marks: Marks,
+    outcome: collector::Outcome,
+) -> anyhow::Result<()> {
+    let Started {
+        source,
+        sender,
+        shared,
+        noise,
+        ..
+    } = st;
+    let (from, until) = outcome.measure;
     let wall = (until - from) as f64;
-    let marks = |k: u64| window_marks.get(&k).copied();
-    let sender_cpu = match &sender {
-        Sender::Child(_) => match (marks(from), marks(until)) {
-            (Some((Some(c0), _, _)), Some((Some(c1), _, _))) => Some(Cpu::new(c1.since(&c0), wall)),
+    let window = |k: u64| marks.window.get(&k).copied();
+    let child = matches!(sender, Sender::Child(_));
+    let config = report::Config {
+        mode: plan.mode.to_owned(),
+        splitter: sender
+            .splitter_addr()
+            .map_or_else(|| "-".to_owned(), |s| s.to_string()),
+        splitter_child: child,
+        peers: a.peers,
+        team_size: a.team_size,
+        chunk_size: a.chunk_size,
+        bitrate_bps: a.bitrate,
+        chunks_per_second: plan.chunks_per_second,
+        duration_s: a.duration.as_secs_f64(),
+        join_rate: a.join_rate,
+        shards: child.then_some(plan.shards),
+        io: child.then(|| a.io.clone()),
+        buffer_size: child.then_some(a.buffer_size),
+        monitors: a.monitors,
+        threads: plan.threads,
+        addresses: match plan.sockets {
+            SocketMode::PerPeer => plan.ips.iter().map(|i| i.to_string()).collect(),
+            SocketMode::Shared => vec![format!(
+                "{}-{}",
+                peers::virtual_ip(0),
+                peers::virtual_ip(a.peers - 1)
+            )],
+        },
+        sockets: match plan.sockets {
+            SocketMode::PerPeer => "per-peer",
+            SocketMode::Shared => "shared",
+        }
+        .to_owned(),
+        recv_path: recv_path.to_string(),
+        seed: a.seed,
+    };
+    let facts = report::Facts {
+        sender_cpu: match &sender {
+            Sender::Child(_) => match (window(from), window(until)) {
+                (Some((Some(c0), _, _)), Some((Some(c1), _, _))) => {
+                    Some(Cpu::new(c1.since(&c0), wall))
+                }
+                _ => None,
+            },
+            // The loop's whole life (it starts before the measured seconds and stops after them).
+            Sender::Baseline { end, .. } => end.map(|e| Cpu::new(e.cpu, e.wall.as_secs_f64())),
+            Sender::Manual(_) => None,
+        },
+        process_cpu_s: match (window(from), window(until)) {
+            (Some((_, Some(p0), _)), Some((_, Some(p1), _))) => p1.since(&p0).total().as_secs_f64(),
+            _ => 0.0,
+        },
+        tx_drops: match &sender {
+            Sender::Child(c) => c.latest().map(|s| s.send_drops),
+            Sender::Baseline { stats, .. } => Some(stats.dropped.load(Ordering::Relaxed)),
+            Sender::Manual(_) => None,
+        },
+        socket_drops: match (marks.drops.get(&from), marks.drops.get(&until)) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(*a)),
             _ => None,
         },
-        // The loop's whole life (it starts before the measured seconds and stops after them).
-        Sender::Baseline { end, .. } => end.map(|e| Cpu::new(e.cpu, e.wall.as_secs_f64())),
-        Sender::Manual(_) => None,
-    };
-    let process_cpu = match (marks(from), marks(until)) {
-        (Some((_, Some(p0), _)), Some((_, Some(p1), _))) => p1.since(&p0).total().as_secs_f64(),
-        _ => 0.0,
-    };
-    let measured_s = measured.max(1) as f64;
-    let window: Vec<&Interval> = intervals.iter().filter(|i| i.phase == "measure").collect();
-    let tx_rates: Vec<f64> = window.iter().filter_map(|i| i.tx_datagrams_per_s).collect();
-    let tx_datagrams_per_s =
-        (!tx_rates.is_empty()).then(|| tx_rates.iter().sum::<f64>() / tx_rates.len() as f64);
-    let datagram_bytes = (a.chunk_size + p2psp::proto::wire::CHUNK_HEADER) as f64;
-    let tx_drops = match &sender {
-        Sender::Child(c) => c.latest().map(|s| s.send_drops),
-        Sender::Baseline { stats, .. } => Some(stats.dropped.load(Ordering::Relaxed)),
-        Sender::Manual(_) => None,
-    };
-    let socket_drops = match (drop_marks.get(&from), drop_marks.get(&until)) {
-        (Some(a), Some(b)) => Some(b.saturating_sub(*a)),
-        _ => None,
-    };
-    let (rss, hwm) = procfs::self_rss();
-    let joined = shared.joined.load(Ordering::Relaxed);
-    let report = report::Report {
-        loadgen_version: env!("CARGO_PKG_VERSION"),
-        config: report::Config {
-            mode: mode.to_owned(),
-            splitter: splitter_addr.map_or_else(|| "-".to_owned(), |s| s.to_string()),
-            splitter_child: matches!(sender, Sender::Child(_)),
-            peers: a.peers,
-            team_size: a.team_size,
-            chunk_size: a.chunk_size,
-            bitrate_bps: a.bitrate,
-            chunks_per_second,
-            duration_s: a.duration.as_secs_f64(),
-            join_rate: a.join_rate,
-            shards: matches!(sender, Sender::Child(_)).then_some(shards),
-            io: matches!(sender, Sender::Child(_)).then(|| a.io.clone()),
-            buffer_size: matches!(sender, Sender::Child(_)).then_some(a.buffer_size),
-            monitors: a.monitors,
-            threads,
-            addresses: ips.iter().map(|i| i.to_string()).collect(),
-            recv_path: recv_path.to_string(),
-            seed: a.seed,
-        },
-        joins: Joins {
-            ok: joined,
-            failed: shared.join_failed.load(Ordering::Relaxed),
-            seconds: joins_done_at.map_or(0.0, |t| t.duration_since(join_start).as_secs_f64()),
-            latency_ms: Latency::of(&join_hist),
-            errors: join_errors,
-        },
-        measured_seconds: measured as f64,
-        chunks: total,
-        loss_ratio: total.loss_ratio(),
-        latency_ms: Latency::of(&total_hist.scheduled),
-        latency_from_write_ms: Latency::of(&total_hist.written),
-        fanout: Fanout {
-            rx_datagrams_per_s: total.datagrams as f64 / measured_s,
-            rx_gbit_per_s: total.bytes as f64 * 8.0 / 1e9 / measured_s,
-            peer_tx_datagrams_per_s: total.sent as f64 / measured_s,
-            socket_drops,
-            delivered_datagrams_per_s: socket_drops
-                .map(|d| (total.datagrams + d) as f64 / measured_s),
-            tx_datagrams_per_s,
-            tx_gbit_per_s: tx_datagrams_per_s.map(|d| d * datagram_bytes * 8.0 / 1e9),
-            tx_drops,
-        },
-        sender_cpu,
-        loadgen: Own {
-            worker_cpu_s: worker_cpu.as_secs_f64(),
-            cpu_us_per_datagram: if total.datagrams > 0 {
-                worker_cpu.as_secs_f64() * 1e6 / total.datagrams as f64
-            } else {
-                0.0
-            },
-            process_cpu_s: process_cpu,
-            recv_enobufs: recv_stats.iter().map(|r| r.enobufs).sum(),
-            recv_rearms: recv_stats.iter().map(|r| r.rearms).sum(),
-            recv_truncated: recv_stats.iter().map(|r| r.truncated).sum(),
-            recv_errors: recv_stats.iter().map(|r| r.errors).sum(),
-            rss_mib: rss as f64 / (1 << 20) as f64,
-            rss_peak_mib: hwm as f64 / (1 << 20) as f64,
-        },
+        rss: procfs::self_rss(),
         source_lag_ms: source
             .as_ref()
             .and_then(|s| s.stats.lag.lock().unwrap().as_ref().map(Latency::of)),
@@ -881,7 +882,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
             }
             _ => None,
         },
-        cores: match (core_marks.get(&from), core_marks.get(&until)) {
+        cores: match (marks.cores.get(&from), marks.cores.get(&until)) {
             (Some(a), Some(b)) => b
                 .iter()
                 .filter_map(|(name, t1)| {
@@ -892,8 +893,12 @@ fn run(a: &Args) -> anyhow::Result<()> {
             _ => Vec::new(),
         },
         machine_noise_ms: noise.finish(from, until).as_ref().map(Latency::of),
-        intervals,
+        joined: shared.joined.load(Ordering::Relaxed),
+        join_failed: shared.join_failed.load(Ordering::Relaxed),
+        sender_rss: marks.sender_rss,
     };
+    let scheduled = outcome.total_hist.scheduled.clone();
+    let report = Report::build(config, outcome, facts);
     if let Some(s) = source {
         s.stop();
     }
@@ -902,17 +907,17 @@ fn run(a: &Args) -> anyhow::Result<()> {
         report::write_file(p, &serde_json::to_string_pretty(&report)?)?;
     }
     if let Some(p) = &a.hgrm {
-        report::write_file(p, &report::hgrm(&total_hist.scheduled))?;
+        report::write_file(p, &report::hgrm(&scheduled))?;
     }
     if let Some(p) = &a.plot {
         let title = format!(
             "loadgen: {} peers, {} B chunks at {:.2} Mbit/s, {}",
-            joined,
+            report.joins.ok,
             a.chunk_size,
             a.bitrate as f64 / 1e6,
-            mode
+            plan.mode
         );
-        report::plot(p, &total_hist.scheduled, &report.intervals, &title)?;
+        report::plot(p, &scheduled, &report.intervals, &title)?;
     }
     Ok(())
 }

@@ -8,6 +8,13 @@
 //! DBS, chunk debts, playout), and sends every relay its peers produced in one batch per poll
 //! ([`BatchSender::send_from_each`], each datagram from its own peer's socket).
 //!
+//! With `--sockets shared` a peer is an address, not a socket ([`SocketMode::Shared`]): each
+//! worker has one UDP socket on `0.0.0.0:port`, and peer `i` is `virtual_ip(i):port`, an address
+//! of 127.0.0.0/8 (all local on Linux). The worker tells its peers' datagrams apart by their
+//! destination address (`IP_PKTINFO`, [`MultiRecv::with_dest_addrs`]) and sends each peer's relays
+//! with the peer's address as source ([`SourcedSender`]); a join binds its TCP socket to the peer's
+//! address and the worker's port, so the splitter sees the endpoint it will send to.
+//!
 //! In baseline mode peers do not join: they only receive the bare fan-out loop's datagrams and
 //! count sequence numbers.
 
@@ -21,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::{Bytes, BytesMut};
 use crossbeam_channel::{Receiver, Sender};
-use p2psp::driver::{self, BatchSender, MultiRecv, RecvPath, SendPath, SendStats};
+use p2psp::driver::{self, BatchSender, MultiRecv, RecvPath, SendPath, SendStats, SourcedSender};
 use p2psp::proto::peer::{Peer, PeerEvent, PeerRules};
 use p2psp::proto::wire::{CHUNK_HEADER, READY, ROLE_MONITOR, ROLE_PEER};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -40,6 +47,20 @@ const LEAVE_TICK: Duration = Duration::from_millis(10);
 /// that at the measured arrival rate it fills in about this long, so receive times stay accurate.
 const WANT_FILL: f64 = 20e-6;
 
+/// Shared socket read with `recvmmsg`: after a read that emptied the socket (fewer than a full
+/// batch), the worker naps this long (`--recv-nap`) before it waits again, so that the next read
+/// takes what arrived meanwhile instead of waking for each datagram. Like [`WANT_FILL`] on the
+/// io_uring path it bounds how late a receive time can be read (the timer slack is set to 1 µs
+/// for it). It pays where datagrams come in bursts (teams of 1: the splitter's fan-out of each
+/// chunk) and costs where they trickle (relays in teams: a nap per datagram or two), so loadgen
+/// naps by default only with teams of 1.
+pub const RECV_NAP: Duration = Duration::from_micros(20);
+/// A full `recvmmsg` batch (`p2psp::driver`'s epoll receiver reads 64 at a time).
+const RECV_BATCH: usize = 64;
+
+/// Datagrams sent between two looks at the stop flag.
+const SEND_SLICE: usize = 4096;
+
 /// Bytes per receive arena: datagrams handed to the peer cores are copied into shared arenas, so
 /// a chunk costs no allocation of its own and relaying it (a clone) only bumps a count.
 const ARENA: usize = 64 * 1024;
@@ -54,6 +75,40 @@ impl Arena {
         }
         self.0.extend_from_slice(data);
         self.0.split().freeze()
+    }
+}
+
+/// Chunk numbers [`ChunkCache`] remembers (a power of two).
+const CACHE_SLOTS: usize = 256;
+
+/// The last copy of each recent chunk a worker received. Every peer of a team gets the same chunk
+/// datagram byte for byte (from the splitter, or relayed unchanged), so a worker hands its peers
+/// one shared buffer per chunk, as the splitter sends one buffer to all: memory per peer is then
+/// its playout slots, not its chunks, and a chunk costs a compare instead of a copy. A datagram
+/// that differs from the cached one (another chunk under the same slot) replaces it.
+struct ChunkCache {
+    slots: Vec<Option<Bytes>>,
+}
+
+impl ChunkCache {
+    fn new() -> ChunkCache {
+        ChunkCache {
+            slots: vec![None; CACHE_SLOTS],
+        }
+    }
+
+    /// The shared copy of chunk datagram `data`.
+    fn get(&mut self, data: &[u8], arena: &mut Arena) -> Bytes {
+        let number = u16::from_be_bytes([data[0], data[1]]);
+        let slot = &mut self.slots[usize::from(number) % CACHE_SLOTS];
+        match slot {
+            Some(b) if b[..] == *data => b.clone(),
+            _ => {
+                let b = arena.copy(data);
+                *slot = Some(b.clone());
+                b
+            }
+        }
     }
 }
 
@@ -116,8 +171,67 @@ impl Default for Shared {
     }
 }
 
+/// How peers get their endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SocketMode {
+    /// One UDP socket per peer (and a port on one of `127.0.0.1 … 127.0.0.N`): the kernel does
+    /// the per-socket work real peers cost it. Bounded by RLIMIT_NOFILE and ports.
+    PerPeer,
+    /// One UDP socket per worker on `0.0.0.0:port`; a peer is an address `127.a.b.c:port`
+    /// (`IP_PKTINFO` names it on receive and picks it on send). Scales to 100,000s of peers.
+    Shared,
+}
+
+/// Receive token of a worker's shared socket.
+const SHARED_TOKEN: u64 = u64::MAX;
+
+/// The address of virtual peer `i`: `127.(1 + q / 256).(q % 256).(1 + i % 254)` with
+/// `q = i / 254`, so none is in 127.0.0.0/16 (the splitter's, the source's and per-peer mode's)
+/// and none ends in .0 or .255. Up to 254 × 256 × 254 (16.5 million) peers.
+pub fn virtual_ip(i: usize) -> Ipv4Addr {
+    let q = i / 254;
+    Ipv4Addr::new(
+        127,
+        (1 + q / 256) as u8,
+        (q % 256) as u8,
+        (1 + i % 254) as u8,
+    )
+}
+
+/// The `i` of [`virtual_ip`]`(i)`, if `ip` is one.
+pub fn virtual_index(ip: Ipv4Addr) -> Option<usize> {
+    let [a, b, c, d] = ip.octets();
+    if a != 127 || b == 0 || d == 0 || d == 255 {
+        return None;
+    }
+    Some(((usize::from(b) - 1) * 256 + usize::from(c)) * 254 + usize::from(d) - 1)
+}
+
+/// A worker's shared socket (`--sockets shared`): `0.0.0.0:port`, `IP_PKTINFO` on, and the
+/// don't-fragment bit for `datagram`-byte chunks as `p2psp peer` sets it (which also spares the
+/// kernel an IP identification per datagram: `driver::set_dont_fragment`).
+pub fn shared_socket(rcvbuf: usize, datagram: usize) -> anyhow::Result<UdpSocket> {
+    let s = driver::udp_socket(
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+        false,
+        Some(rcvbuf),
+        Some(4 << 20),
+    )
+    .map_err(|e| limit_error(e, "cannot bind a shared UDP socket"))?;
+    driver::set_pktinfo(s.as_raw_fd()).context("cannot turn IP_PKTINFO on")?;
+    let _ = driver::set_dont_fragment(&s, datagram);
+    Ok(s)
+}
+
 /// A peer handed to a worker.
 pub enum NewPeer {
+    /// A joined DBS peer on the worker's shared socket.
+    Virtual {
+        /// Its index (its address is [`virtual_ip`] of it).
+        index: usize,
+        /// Its protocol core, hellos already sent.
+        core: Box<Peer>,
+    },
     /// A joined DBS peer.
     Live {
         /// Its socket (its identity in the team).
@@ -161,6 +275,14 @@ pub struct WorkerOptions {
     pub chunk_size: usize,
     /// Core to pin the worker to.
     pub core: Option<core_affinity::CoreId>,
+    /// Shared socket read with recvmmsg: nap after a read that emptied it ([`RECV_NAP`]).
+    pub nap: Duration,
+}
+
+/// A live peer's endpoint: its own socket, or its address on the worker's shared socket.
+enum Endpoint {
+    Own(UdpSocket),
+    Virtual(Ipv4Addr),
 }
 
 /// A worker's peer. The core is stored inline (not boxed): one pointer chase less, one cache miss
@@ -169,7 +291,7 @@ pub struct WorkerOptions {
 #[allow(clippy::large_enum_variant)]
 enum Slot {
     Live {
-        socket: UdpSocket,
+        socket: Endpoint,
         core: Peer,
         left: bool,
     },
@@ -184,6 +306,7 @@ enum Slot {
 /// loop's last sequence number) before the last report.
 pub fn run_worker(
     opts: WorkerOptions,
+    shared_socket: Option<&UdpSocket>,
     incoming: &Receiver<NewPeer>,
     reports: &Sender<Report>,
     shared: &Shared,
@@ -197,8 +320,27 @@ pub fn run_worker(
     // Enough buffers for a few ms of arrivals at a few hundred thousand datagrams/s; bigger
     // chunks get fewer (the ring's memory is buf_count * buf_size).
     let buf_count = ((32u32 << 20) / buf_size).clamp(1024, 16384) as u16;
-    let mut recv = MultiRecv::new(opts.recv_path, buf_count.next_power_of_two(), buf_size)
-        .context("cannot set up the receive ring")?;
+    let buf_count = buf_count.next_power_of_two();
+    let mut recv = match shared_socket {
+        Some(_) => MultiRecv::with_dest_addrs(opts.recv_path, buf_count, buf_size),
+        None => MultiRecv::new(opts.recv_path, buf_count, buf_size),
+    }
+    .context("cannot set up the receive ring")?;
+    // Shared mode: one socket; peers found by their address (index → slot).
+    let shared_fd = shared_socket.map(|s| s.as_raw_fd());
+    let mut by_index: Vec<u32> = Vec::new();
+    let mut sourced = SourcedSender::new(64);
+    let nap = shared_socket.is_some() && opts.recv_path == RecvPath::Poll && !opts.nap.is_zero();
+    if nap {
+        let _ = driver::set_timer_slack(Duration::from_micros(1));
+    }
+    if let Some(s) = shared_socket {
+        recv.add_socket(s.as_raw_fd(), SHARED_TOKEN)
+            .context("cannot add the shared socket to the receive ring")?;
+        if let Ok(SocketAddr::V4(a)) = s.local_addr() {
+            shared.addrs.lock().unwrap().insert(a);
+        }
+    }
     let mut sender = BatchSender::without_socket(opts.send_path, 256)
         .context("cannot set up the relay sender")?;
     let mut send_stats = SendStats::default();
@@ -208,9 +350,10 @@ pub fn run_worker(
     let mut hist = Latencies::default();
     let mut index = shared.interval(Instant::now());
     let mut cpu_mark = driver::thread_cpu_time();
-    let mut sends: Vec<(RawFd, SocketAddrV4, Bytes)> = Vec::with_capacity(1024);
+    let mut sends: Vec<(RawFd, Ipv4Addr, SocketAddrV4, Bytes)> = Vec::with_capacity(1024);
     let mut want: u32 = 1;
     let mut arena = Arena(BytesMut::new());
+    let mut cache = ChunkCache::new();
     let mut leaving = false;
     let mut next_leave_tick = Instant::now();
     loop {
@@ -218,30 +361,46 @@ pub fn run_worker(
             let token = slots.len() as u64;
             let slot = match np {
                 NewPeer::Live { socket, core } => Slot::Live {
-                    socket,
+                    socket: Endpoint::Own(socket),
                     core: *core,
                     left: false,
                 },
+                NewPeer::Virtual { index, core } => {
+                    if by_index.len() <= index {
+                        by_index.resize(index + 1, u32::MAX);
+                    }
+                    by_index[index] = token as u32;
+                    Slot::Live {
+                        socket: Endpoint::Virtual(virtual_ip(index)),
+                        core: *core,
+                        left: false,
+                    }
+                }
                 NewPeer::Bare { socket } => Slot::Bare {
                     socket,
                     seq: SeqTracker::default(),
                 },
             };
-            let fd = match &slot {
-                Slot::Live { socket, .. } | Slot::Bare { socket, .. } => socket.as_raw_fd(),
+            let own = match &slot {
+                Slot::Live {
+                    socket: Endpoint::Own(socket),
+                    ..
+                }
+                | Slot::Bare { socket, .. } => Some(socket),
+                _ => None,
             };
-            recv.add_socket(fd, token)
-                .context("cannot add a peer socket to the receive ring")?;
-            if let Slot::Live { socket, .. } | Slot::Bare { socket, .. } = &slot
-                && let Ok(SocketAddr::V4(a)) = socket.local_addr()
-            {
-                shared.addrs.lock().unwrap().insert(a);
+            if let Some(socket) = own {
+                recv.add_socket(socket.as_raw_fd(), token)
+                    .context("cannot add a peer socket to the receive ring")?;
+                if let Ok(SocketAddr::V4(a)) = socket.local_addr() {
+                    shared.addrs.lock().unwrap().insert(a);
+                }
             }
             slots.push(slot);
             if leaving && let Some(Slot::Live { socket, core, .. }) = slots.last_mut() {
                 // Joined after the others started leaving: leave too.
                 core.leave(Instant::now());
-                queue_transmits(socket.as_raw_fd(), core, &mut sends);
+                queue_transmits(socket, shared_fd, core, &mut sends);
             }
             shared.registered.fetch_add(1, Ordering::Relaxed);
         }
@@ -251,12 +410,23 @@ pub fn run_worker(
             for s in &mut slots {
                 if let Slot::Live { socket, core, .. } = s {
                     core.leave(now);
-                    queue_transmits(socket.as_raw_fd(), core, &mut sends);
+                    queue_transmits(socket, shared_fd, core, &mut sends);
                 }
             }
         }
-        recv.poll(want, POLL_TIMEOUT, |token, d| {
-            let Some(slot) = slots.get_mut(token as usize) else {
+        let got = recv.poll(want, POLL_TIMEOUT, |token, d| {
+            let idx = if token == SHARED_TOKEN {
+                match d.to.and_then(virtual_index).and_then(|i| by_index.get(i)) {
+                    Some(&idx) => idx as usize,
+                    None => {
+                        tally.unknown_dest += 1;
+                        return;
+                    }
+                }
+            } else {
+                token as usize
+            };
+            let Some(slot) = slots.get_mut(idx) else {
                 return;
             };
             let recv_ns = driver::monotonic_ns();
@@ -266,7 +436,12 @@ pub fn run_worker(
                 Slot::Live { socket, core, left } => {
                     let is_chunk = d.data.len() == datagram;
                     let before = Seen::of(core.stats());
-                    core.handle_datagram(now, d.from, arena.copy(d.data));
+                    let data = if is_chunk {
+                        cache.get(d.data, &mut arena)
+                    } else {
+                        arena.copy(d.data)
+                    };
+                    core.handle_datagram(now, d.from, data);
                     if is_chunk {
                         let after = Seen::of(core.stats());
                         tally::account_chunk(
@@ -278,7 +453,7 @@ pub fn run_worker(
                             &mut hist,
                         );
                     }
-                    queue_transmits(socket.as_raw_fd(), core, &mut sends);
+                    queue_transmits(socket, shared_fd, core, &mut sends);
                     drain_events(core, &mut tally, left, shared);
                 }
                 Slot::Bare { seq, .. } => {
@@ -294,6 +469,9 @@ pub fn run_worker(
                 }
             }
         })?;
+        if nap && got.received > 0 && got.received < RECV_BATCH {
+            thread::sleep(opts.nap);
+        }
         if leaving && now >= next_leave_tick {
             next_leave_tick = now + LEAVE_TICK;
             for s in &mut slots {
@@ -301,18 +479,37 @@ pub fn run_worker(
                     && !*left
                 {
                     core.handle_timeout(now);
-                    queue_transmits(socket.as_raw_fd(), core, &mut sends);
+                    queue_transmits(socket, shared_fd, core, &mut sends);
                     drain_events(core, &mut tally, left, shared);
                 }
             }
         }
-        if !sends.is_empty() {
-            let items: Vec<(RawFd, SocketAddrV4, &[u8])> =
-                sends.iter().map(|(fd, to, b)| (*fd, *to, &b[..])).collect();
-            sender.send_from_each(&items, &mut send_stats);
-            drop(items);
-            sends.clear();
+        // In slices, so that a worker told to stop while its peers' goodbyes flood in (100,000s
+        // at the end of a large run) stops within one slice: what is left then is counted as
+        // not sent.
+        for part in sends.chunks(SEND_SLICE) {
+            if shared.stop.load(Ordering::Relaxed) {
+                send_stats.dropped += part.len() as u64;
+                continue;
+            }
+            match shared_fd {
+                Some(fd) => {
+                    let items: Vec<(Ipv4Addr, SocketAddrV4, &[u8])> = part
+                        .iter()
+                        .map(|(_, ip, to, b)| (*ip, *to, &b[..]))
+                        .collect();
+                    sourced.send(fd, &items, &mut send_stats);
+                }
+                None => {
+                    let items: Vec<(RawFd, SocketAddrV4, &[u8])> = part
+                        .iter()
+                        .map(|(fd, _, to, b)| (*fd, *to, &b[..]))
+                        .collect();
+                    sender.send_from_each(&items, &mut send_stats);
+                }
+            }
         }
+        sends.clear();
         let stop = shared.stop.load(Ordering::Relaxed);
         let now = Instant::now();
         let current = shared.interval(now);
@@ -365,9 +562,19 @@ pub fn run_worker(
     }
 }
 
-fn queue_transmits(fd: RawFd, core: &mut Peer, sends: &mut Vec<(RawFd, SocketAddrV4, Bytes)>) {
+/// Queues the peer's datagrams: from its own socket, or from the shared one with its address.
+fn queue_transmits(
+    socket: &Endpoint,
+    shared_fd: Option<RawFd>,
+    core: &mut Peer,
+    sends: &mut Vec<(RawFd, Ipv4Addr, SocketAddrV4, Bytes)>,
+) {
+    let (fd, ip) = match socket {
+        Endpoint::Own(s) => (s.as_raw_fd(), Ipv4Addr::UNSPECIFIED),
+        Endpoint::Virtual(ip) => (shared_fd.unwrap_or(-1), *ip),
+    };
     while let Some(t) = core.poll_transmit() {
-        sends.push((fd, t.dest, t.payload));
+        sends.push((fd, ip, t.dest, t.payload));
     }
 }
 
@@ -400,8 +607,12 @@ pub struct JoinOptions {
     pub monitors: usize,
     /// Receive buffer per peer socket.
     pub rcvbuf: usize,
+    /// Chunk datagram bytes (the peers set the don't-fragment bit for them, as `p2psp peer`).
+    pub datagram: usize,
     /// Seed for the join schedule's jitter.
     pub seed: u64,
+    /// `--sockets shared`: each worker's socket (peer `i` joins on worker `i % workers`' port).
+    pub shared: Vec<std::sync::Arc<UdpSocket>>,
 }
 
 /// The outcome of one join.
@@ -446,16 +657,36 @@ pub fn run_joiner(
             }
             thread::sleep((due - now).min(Duration::from_millis(50)));
         }
-        let ip = opts.ips[i % opts.ips.len()];
         let monitor = i % opts.team_size.max(1) < opts.monitors;
         let t = Instant::now();
-        match join_one(opts.splitter, ip, monitor, opts.rcvbuf) {
-            Ok((socket, core)) => {
-                shared.joined.fetch_add(1, Ordering::Relaxed);
-                let _ = workers[i % workers.len()].send(NewPeer::Live {
+        let w = i % workers.len();
+        let joined = match opts.shared.get(w) {
+            Some(socket) => {
+                join_virtual(opts.splitter, virtual_ip(i), socket, monitor).map(|core| {
+                    NewPeer::Virtual {
+                        index: i,
+                        core: Box::new(core),
+                    }
+                })
+            }
+            None => join_one(
+                opts.splitter,
+                opts.ips[i % opts.ips.len()],
+                monitor,
+                opts.rcvbuf,
+            )
+            .map(|(socket, core)| {
+                let _ = driver::set_dont_fragment(&socket, opts.datagram);
+                NewPeer::Live {
                     socket,
                     core: Box::new(core),
-                });
+                }
+            }),
+        };
+        match joined {
+            Ok(peer) => {
+                shared.joined.fetch_add(1, Ordering::Relaxed);
+                let _ = workers[w].send(peer);
                 let _ = results.send(Ok(t.elapsed()));
             }
             Err(e) => {
@@ -512,6 +743,41 @@ pub fn join_one(
     rcvbuf: usize,
 ) -> anyhow::Result<(UdpSocket, Peer)> {
     let (udp, tcp, _local) = bind_pair(ip, rcvbuf)?;
+    let core = join_on(splitter, tcp, monitor, |payload, dest| {
+        let _ = udp.send_to(payload, dest);
+    })?;
+    Ok((udp, core))
+}
+
+/// The same join for a virtual peer: TCP bound to `ip` and the shared socket's port, hellos sent
+/// from the shared socket with `ip` as their source.
+pub fn join_virtual(
+    splitter: SocketAddrV4,
+    ip: Ipv4Addr,
+    socket: &UdpSocket,
+    monitor: bool,
+) -> anyhow::Result<Peer> {
+    let port = socket.local_addr()?.port();
+    let local = SocketAddrV4::new(ip, port);
+    let tcp = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| limit_error(e, "cannot open a TCP socket"))?;
+    tcp.set_reuse_address(true)?;
+    tcp.bind(&SocketAddr::V4(local).into())
+        .map_err(|e| limit_error(e, &format!("cannot bind TCP {local}")))?;
+    let fd = socket.as_raw_fd();
+    join_on(splitter, tcp, monitor, |payload, dest| {
+        let _ = driver::send_from_addr(fd, ip, dest, payload);
+    })
+}
+
+/// The join over `tcp` (bound to the peer's endpoint): role byte, join message, header, hellos
+/// (through `send`), ready byte.
+fn join_on(
+    splitter: SocketAddrV4,
+    tcp: Socket,
+    monitor: bool,
+    mut send: impl FnMut(&[u8], SocketAddrV4),
+) -> anyhow::Result<Peer> {
     tcp.connect_timeout(&SocketAddr::V4(splitter).into(), JOIN_TIMEOUT)
         .map_err(|e| limit_error(e, &format!("cannot connect to the splitter at {splitter}")))?;
     let mut tcp: TcpStream = tcp.into();
@@ -533,11 +799,11 @@ pub fn join_one(
     let mut core = Peer::new(rules, &config.peers, config.monitors);
     // Hellos first, then the ready byte: the splitter adds us to the team on that byte.
     while let Some(t) = core.poll_transmit() {
-        let _ = udp.send_to(&t.payload, t.dest);
+        send(&t.payload, t.dest);
     }
     tcp.write_all(&[READY])?;
     let _ = tcp.shutdown(std::net::Shutdown::Both);
-    Ok((udp, core))
+    Ok(core)
 }
 
 /// A baseline receiver socket on `ip`.
@@ -560,5 +826,40 @@ mod tests {
             assert_eq!(join_offset(i, rate, 7), join_offset(i, rate, 7));
         }
         assert_ne!(join_offset(5, rate, 7), join_offset(5, rate, 8));
+    }
+
+    #[test]
+    fn chunk_cache_shares_identical_chunks_only() {
+        let mut arena = Arena(BytesMut::new());
+        let mut cache = ChunkCache::new();
+        let chunk = |n: u16, fill: u8| {
+            let mut v = n.to_be_bytes().to_vec();
+            v.extend_from_slice(&[fill; 100]);
+            v
+        };
+        let a = cache.get(&chunk(7, 1), &mut arena);
+        let b = cache.get(&chunk(7, 1), &mut arena);
+        assert_eq!(a.as_ptr(), b.as_ptr(), "one buffer for both peers");
+        // Same slot, other content (a chunk CACHE_SLOTS later, or different bytes): a new copy.
+        let c = cache.get(&chunk(7 + CACHE_SLOTS as u16, 1), &mut arena);
+        let d = cache.get(&chunk(7 + CACHE_SLOTS as u16, 2), &mut arena);
+        assert_ne!(c.as_ptr(), a.as_ptr());
+        assert_eq!(&d[..], &chunk(7 + CACHE_SLOTS as u16, 2)[..]);
+        assert_eq!(&a[..], &chunk(7, 1)[..]);
+    }
+
+    #[test]
+    fn virtual_addresses_are_distinct_and_map_back() {
+        let mut seen = std::collections::HashSet::new();
+        for i in (0..200_000).chain([16_000_000, 16_515_071]) {
+            let ip = virtual_ip(i);
+            let [a, b, _, d] = ip.octets();
+            assert!(a == 127 && b >= 1 && d != 0 && d != 255, "{i}: {ip}");
+            assert_eq!(virtual_index(ip), Some(i), "{ip}");
+            assert!(seen.insert(ip));
+        }
+        assert_eq!(virtual_ip(0), Ipv4Addr::new(127, 1, 0, 1));
+        assert_eq!(virtual_index(Ipv4Addr::new(127, 0, 0, 1)), None);
+        assert_eq!(virtual_index(Ipv4Addr::new(10, 1, 0, 1)), None);
     }
 }

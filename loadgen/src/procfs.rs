@@ -63,7 +63,12 @@ pub fn thread_cpu() -> Option<CpuTimes> {
 
 /// This process's resident set size now and at its peak, in bytes (`VmRSS`, `VmHWM`).
 pub fn self_rss() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    rss_of("self")
+}
+
+/// Process `pid`'s (`self` for this one) resident set size now and at its peak, in bytes.
+pub fn rss_of(pid: &str) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kib = |key: &str| -> u64 {
         status
             .lines()

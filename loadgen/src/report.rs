@@ -185,6 +185,8 @@ pub struct Config {
     pub threads: usize,
     /// Local addresses the peers were spread over.
     pub addresses: Vec<String>,
+    /// `per-peer` or `shared` (`--sockets`).
+    pub sockets: String,
     /// Receive path of the workers.
     pub recv_path: String,
     /// Seed.
@@ -347,6 +349,17 @@ impl CoreUse {
     }
 }
 
+/// The splitter child's resident memory.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct SplitterMemory {
+    /// Resident set, MiB.
+    pub rss_mib: f64,
+    /// Peak resident set, MiB.
+    pub rss_peak_mib: f64,
+    /// Resident set per joined peer, KiB (the splitter's own start-up memory included).
+    pub rss_per_peer_kib: f64,
+}
+
 /// The whole report (`--json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -372,6 +385,8 @@ pub struct Report {
     pub sender_cpu: Option<Cpu>,
     /// loadgen's own costs.
     pub loadgen: Own,
+    /// The splitter child's memory at the end of the measured seconds (null otherwise).
+    pub splitter_memory: Option<SplitterMemory>,
     /// How late the source wrote its records against its schedule.
     pub source_lag_ms: Option<Latency>,
     /// The splitter child's own send lag over the measured seconds, from its status lines.
@@ -385,7 +400,108 @@ pub struct Report {
     pub intervals: Vec<Interval>,
 }
 
+/// What the run observed beside the collector's counts: the sender's side, `/proc` readings
+/// taken at the measured seconds' edges, loadgen's memory. Raw figures; [`Report::build`] derives
+/// the rates and ratios.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    /// Splitter process CPU over the measured seconds (child), or the baseline loop's.
+    pub sender_cpu: Option<Cpu>,
+    /// loadgen's whole CPU over the measured seconds, in seconds.
+    pub process_cpu_s: f64,
+    /// Datagrams the sender gave up (splitter status, or the baseline's counter).
+    pub tx_drops: Option<u64>,
+    /// Kernel drops at the peers' sockets over the measured seconds.
+    pub socket_drops: Option<u64>,
+    /// loadgen's resident memory now and at its peak, bytes.
+    pub rss: (u64, u64),
+    /// The source's lag.
+    pub source_lag_ms: Option<Latency>,
+    /// The splitter child's send lag.
+    pub splitter_send_lag_ms: Option<SendLag>,
+    /// Per-core use over the measured seconds.
+    pub cores: Vec<CoreUse>,
+    /// The machine's scheduling noise over the measured seconds.
+    pub machine_noise_ms: Option<Latency>,
+    /// Joins completed and failed.
+    pub joined: usize,
+    /// Joins failed.
+    pub join_failed: usize,
+    /// The splitter child's resident memory (now, peak) at the end of the measured seconds.
+    pub sender_rss: Option<(u64, u64)>,
+}
+
 impl Report {
+    /// The report of a run: its settings, what the collector gathered, and the other facts.
+    pub fn build(config: Config, o: crate::collector::Outcome, f: Facts) -> Report {
+        let measured_s = o.measured.max(1) as f64;
+        let total = o.total;
+        let window: Vec<&Interval> = o
+            .intervals
+            .iter()
+            .filter(|i| i.phase == "measure")
+            .collect();
+        let tx_rates: Vec<f64> = window.iter().filter_map(|i| i.tx_datagrams_per_s).collect();
+        let tx_datagrams_per_s =
+            (!tx_rates.is_empty()).then(|| tx_rates.iter().sum::<f64>() / tx_rates.len() as f64);
+        let datagram_bytes = (config.chunk_size + p2psp::proto::wire::CHUNK_HEADER) as f64;
+        let rs = &o.recv_stats;
+        Report {
+            loadgen_version: env!("CARGO_PKG_VERSION"),
+            config,
+            joins: Joins {
+                ok: f.joined,
+                failed: f.join_failed,
+                seconds: o.join_seconds,
+                latency_ms: Latency::of(&o.join_hist),
+                errors: o.join_errors,
+            },
+            measured_seconds: o.measured as f64,
+            chunks: total,
+            loss_ratio: total.loss_ratio(),
+            latency_ms: Latency::of(&o.total_hist.scheduled),
+            latency_from_write_ms: Latency::of(&o.total_hist.written),
+            fanout: Fanout {
+                rx_datagrams_per_s: total.datagrams as f64 / measured_s,
+                rx_gbit_per_s: total.bytes as f64 * 8.0 / 1e9 / measured_s,
+                peer_tx_datagrams_per_s: total.sent as f64 / measured_s,
+                socket_drops: f.socket_drops,
+                delivered_datagrams_per_s: f
+                    .socket_drops
+                    .map(|d| (total.datagrams + d) as f64 / measured_s),
+                tx_datagrams_per_s,
+                tx_gbit_per_s: tx_datagrams_per_s.map(|d| d * datagram_bytes * 8.0 / 1e9),
+                tx_drops: f.tx_drops,
+            },
+            sender_cpu: f.sender_cpu,
+            splitter_memory: f.sender_rss.map(|(rss, hwm)| SplitterMemory {
+                rss_mib: rss as f64 / (1 << 20) as f64,
+                rss_peak_mib: hwm as f64 / (1 << 20) as f64,
+                rss_per_peer_kib: rss as f64 / 1024.0 / f.joined.max(1) as f64,
+            }),
+            loadgen: Own {
+                worker_cpu_s: o.worker_cpu.as_secs_f64(),
+                cpu_us_per_datagram: if total.datagrams > 0 {
+                    o.worker_cpu.as_secs_f64() * 1e6 / total.datagrams as f64
+                } else {
+                    0.0
+                },
+                process_cpu_s: f.process_cpu_s,
+                recv_enobufs: rs.iter().map(|r| r.enobufs).sum(),
+                recv_rearms: rs.iter().map(|r| r.rearms).sum(),
+                recv_truncated: rs.iter().map(|r| r.truncated).sum(),
+                recv_errors: rs.iter().map(|r| r.errors).sum(),
+                rss_mib: f.rss.0 as f64 / (1 << 20) as f64,
+                rss_peak_mib: f.rss.1 as f64 / (1 << 20) as f64,
+            },
+            source_lag_ms: f.source_lag_ms,
+            splitter_send_lag_ms: f.splitter_send_lag_ms,
+            cores: f.cores,
+            machine_noise_ms: f.machine_noise_ms,
+            intervals: o.intervals,
+        }
+    }
+
     /// The final summary (vegeta / wrk2 style).
     pub fn summary(&self) -> String {
         let mut s = String::new();
@@ -512,6 +628,13 @@ impl Report {
             o.rss_mib,
             o.rss_peak_mib
         );
+        if let Some(m) = &self.splitter_memory {
+            let _ = writeln!(
+                s,
+                "  Splitter   RSS {:.0} MiB ({:.2} KiB per peer), peak {:.0} MiB",
+                m.rss_mib, m.rss_per_peer_kib, m.rss_peak_mib
+            );
+        }
         if o.recv_enobufs + o.recv_truncated + o.recv_errors > 0 {
             let _ = writeln!(
                 s,
@@ -808,6 +931,7 @@ mod tests {
                 monitors: 0,
                 threads: 1,
                 addresses: vec!["127.0.0.1".into()],
+                sockets: "per-peer".into(),
                 recv_path: "io_uring".into(),
                 seed: 1,
             },
@@ -819,6 +943,7 @@ mod tests {
             latency_from_write_ms: Latency::of(&h),
             fanout: Fanout::default(),
             sender_cpu: Some(Cpu::default()),
+            splitter_memory: None,
             loadgen: Own::default(),
             source_lag_ms: Some(Latency::of(&h)),
             splitter_send_lag_ms: SendLag::of(&[(1.0, 2.0), (3.0, 9.0), (2.0, 4.0)]),

@@ -77,6 +77,8 @@ pub struct Tally {
     pub sent: u64,
     /// Datagrams the peers could not send (counted by the driver).
     pub send_dropped: u64,
+    /// `--sockets shared`: datagrams to an address that is no peer of the worker (dropped).
+    pub unknown_dest: u64,
 }
 
 impl Tally {
@@ -93,6 +95,7 @@ impl Tally {
         self.unstamped += o.unstamped;
         self.sent += o.sent;
         self.send_dropped += o.send_dropped;
+        self.unknown_dest += o.unknown_dest;
     }
 
     /// Lost chunks over chunks due (played + lost); 0 when none were due.
@@ -378,10 +381,12 @@ mod tests {
             unstamped: 9,
             sent: 10,
             send_dropped: 11,
+            unknown_dest: 12,
         };
         let mut b = a;
         b.add(&a);
         assert_eq!(b.send_dropped, 22);
+        assert_eq!(b.unknown_dest, 24);
         assert_eq!(b.datagrams, 2);
         assert_eq!(Tally::default().loss_ratio(), 0.0);
     }

@@ -6,6 +6,8 @@
 //!   `sendmmsg(2)` ([`SendPath`]).
 //! - [`MultiRecv`]: receive on thousands of UDP sockets from one thread, over io_uring multishot
 //!   `RecvMsg` with a shared provided-buffer ring, or `epoll` + `recvmmsg(2)` ([`RecvPath`]).
+//! - [`SourcedSender`], [`send_from_addr`], [`set_pktinfo`], [`MultiRecv::with_dest_addrs`]:
+//!   `IP_PKTINFO`, so that one socket on the wildcard address is many local endpoints.
 //! - System helpers: [`udp_socket`], [`tcp_listener`], [`raise_nofile_limit`], [`poll`],
 //!   [`thread_cpu_time`], [`monotonic_ns`].
 //!
@@ -36,6 +38,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod path;
+mod pktinfo;
 mod recv;
 mod recv_epoll;
 mod recv_uring;
@@ -43,10 +46,11 @@ mod send;
 mod slots;
 mod sys;
 
+pub use pktinfo::{SourcedSender, send_from_addr, set_pktinfo};
 pub use recv::{Datagram, MultiRecv, PollOutcome, RecvPath, RecvStats};
 pub use send::{BatchSender, EAGAIN_WAIT_BUDGET, MAX_BATCH, SendPath, SendStats};
 pub use sys::{
     DONT_FRAGMENT_MAX, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, PollFd, Waker, monotonic_ns,
-    poll, raise_nofile_limit, set_dont_fragment, tcp_listener, thread_cpu_time, udp_socket,
-    udp_socket_reuse_addr,
+    poll, raise_nofile_limit, set_dont_fragment, set_timer_slack, tcp_listener, thread_cpu_time,
+    udp_socket, udp_socket_reuse_addr,
 };

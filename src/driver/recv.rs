@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::RawFd;
 use std::time::Duration;
 
@@ -28,6 +28,9 @@ pub struct Datagram<'a> {
     pub from: SocketAddrV4,
     /// Payload.
     pub data: &'a [u8],
+    /// Destination address (`IP_PKTINFO`): only from a receiver built with
+    /// [`MultiRecv::with_dest_addrs`], for sockets with [`set_pktinfo`](super::set_pktinfo) on.
+    pub to: Option<Ipv4Addr>,
 }
 
 /// Kernel interface for receiving.
@@ -126,6 +129,18 @@ impl MultiRecv {
     /// at most 64 at a time per socket). `buf_size`: payload bytes per buffer (e.g. 2048, at most
     /// 65536); longer datagrams are counted in [`RecvStats::truncated`] and dropped.
     pub fn new(path: RecvPath, buf_count: u16, buf_size: u32) -> io::Result<MultiRecv> {
+        MultiRecv::build(path, buf_count, buf_size, false)
+    }
+
+    /// As [`new`](Self::new), and every [`Datagram`] also names its destination address
+    /// ([`Datagram::to`]) for sockets that have [`set_pktinfo`](super::set_pktinfo) on: room for
+    /// one `IP_PKTINFO` control message is reserved per datagram (in each provided buffer on the
+    /// io_uring path).
+    pub fn with_dest_addrs(path: RecvPath, buf_count: u16, buf_size: u32) -> io::Result<MultiRecv> {
+        MultiRecv::build(path, buf_count, buf_size, true)
+    }
+
+    fn build(path: RecvPath, buf_count: u16, buf_size: u32, dest: bool) -> io::Result<MultiRecv> {
         if !buf_count.is_power_of_two() || buf_count > MAX_BUF_COUNT {
             return Err(invalid(
                 "MultiRecv: buf_count must be a power of two <= 32768",
@@ -135,8 +150,8 @@ impl MultiRecv {
             return Err(invalid("MultiRecv: buf_size must be in 1..=65536"));
         }
         let backend = match path {
-            RecvPath::Uring => Backend::Uring(Box::new(UringRecv::new(buf_count, buf_size)?)),
-            RecvPath::Poll => Backend::Poll(Box::new(EpollRecv::new(buf_count, buf_size)?)),
+            RecvPath::Uring => Backend::Uring(Box::new(UringRecv::new(buf_count, buf_size, dest)?)),
+            RecvPath::Poll => Backend::Poll(Box::new(EpollRecv::new(buf_count, buf_size, dest)?)),
         };
         Ok(MultiRecv { backend })
     }

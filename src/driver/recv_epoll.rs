@@ -8,6 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
 use std::time::{Duration, Instant};
 
+use super::pktinfo::{CmsgSpace, PKTINFO_SPACE, pktinfo_dest};
 use super::recv::{Datagram, PollOutcome, RecvStats};
 use super::slots::SlotTable;
 use super::sys::{SOCKADDR_IN_LEN, Waker, errno, from_sockaddr_in, sockaddr_in};
@@ -40,6 +41,8 @@ pub(crate) struct EpollRecv {
     names: Box<[libc::sockaddr_in]>,
     iovs: Box<[libc::iovec]>,
     msgs: Box<[libc::mmsghdr]>,
+    /// One control buffer per message, when destination addresses were asked for.
+    cmsgs: Option<Box<[CmsgSpace]>>,
     waker: Option<Waker>,
     stats: RecvStats,
 }
@@ -62,7 +65,8 @@ fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, key: u64) -> io::Result<()> {
 }
 
 impl EpollRecv {
-    pub(crate) fn new(buf_count: u16, buf_size: u32) -> io::Result<EpollRecv> {
+    /// `dest`: receive an `IP_PKTINFO` message (the destination address) with each datagram.
+    pub(crate) fn new(buf_count: u16, buf_size: u32, dest: bool) -> io::Result<EpollRecv> {
         // SAFETY: plain syscall, no memory passed.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd == -1 {
@@ -92,6 +96,7 @@ impl EpollRecv {
             names: vec![unspecified; batch].into_boxed_slice(),
             iovs: vec![empty_iov; batch].into_boxed_slice(),
             msgs: vec![empty_msg; batch].into_boxed_slice(),
+            cmsgs: dest.then(|| vec![CmsgSpace([0; PKTINFO_SPACE]); batch].into_boxed_slice()),
             waker: None,
             stats: RecvStats::default(),
         })
@@ -210,18 +215,24 @@ impl EpollRecv {
             }
             let iov_base = self.iovs.as_mut_ptr();
             let name_base = self.names.as_mut_ptr();
+            let cmsg_base = self.cmsgs.as_mut().map(|c| c.as_mut_ptr());
             for (k, msg) in self.msgs.iter_mut().enumerate() {
                 let h = &mut msg.msg_hdr;
                 h.msg_name = name_base.wrapping_add(k).cast();
                 h.msg_namelen = SOCKADDR_IN_LEN;
                 h.msg_iov = iov_base.wrapping_add(k);
                 h.msg_iovlen = 1;
+                if let Some(base) = cmsg_base {
+                    h.msg_control = base.wrapping_add(k).cast();
+                    h.msg_controllen = PKTINFO_SPACE as _;
+                }
                 h.msg_flags = 0;
                 msg.msg_len = 0;
             }
-            // SAFETY: `msgs` holds `batch` initialised headers pointing at `names`, `iovs` and
-            // `bufs` (each `batch` entries long, owned by us, not otherwise accessed during the
-            // call); the kernel writes them only during the call. A null timeout is allowed.
+            // SAFETY: `msgs` holds `batch` initialised headers pointing at `names`, `iovs`,
+            // `bufs` and `cmsgs` (each `batch` entries long, owned by us, not otherwise accessed
+            // during the call); the kernel writes them only during the call. A null timeout is
+            // allowed.
             let r = unsafe {
                 libc::recvmmsg(
                     fd,
@@ -249,13 +260,22 @@ impl EpollRecv {
                     self.stats.errors += 1;
                     continue;
                 };
+                let to = match &self.cmsgs {
+                    Some(c) => {
+                        #[allow(clippy::unnecessary_cast)]
+                        // socklen_t on some libcs, size_t on glibc
+                        let len = (msg.msg_hdr.msg_controllen as usize).min(PKTINFO_SPACE);
+                        pktinfo_dest(&c[k].0[..len])
+                    }
+                    None => None,
+                };
                 let len = (msg.msg_len as usize).min(self.buf_size);
                 let start = k * self.buf_size;
                 let data = &self.bufs[start..start + len];
                 self.stats.datagrams += 1;
                 self.stats.bytes += len as u64;
                 out.received += 1;
-                f(token, Datagram { from, data });
+                f(token, Datagram { from, data, to });
             }
             if r < self.batch {
                 return;

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
+use super::pktinfo::{PKTINFO_SPACE, pktinfo_dest};
 use super::recv::{Datagram, PollOutcome, RecvStats};
 use super::slots::SlotTable;
 use super::sys::{SOCKADDR_IN_LEN, Waker, sockaddr_from_bytes};
@@ -123,9 +124,9 @@ struct BufRing {
 
 impl BufRing {
     /// `count` (a power of two) buffers, each taking up to `payload` bytes of datagram after the
-    /// recvmsg header and source address.
-    fn new(count: u16, payload: u32) -> io::Result<BufRing> {
-        let buf_len = RECVMSG_OUT_LEN + SOCKADDR_IN_LEN + payload;
+    /// recvmsg header, the source address and `control` bytes of control messages.
+    fn new(count: u16, payload: u32, control: u32) -> io::Result<BufRing> {
+        let buf_len = RECVMSG_OUT_LEN + SOCKADDR_IN_LEN + control + payload;
         let stride = (buf_len as usize).next_multiple_of(64);
         let mut ring = BufRing {
             ring: Mmap::new(usize::from(count) * mem::size_of::<RawBuf>())?,
@@ -252,7 +253,9 @@ pub(crate) struct UringRecv {
 unsafe impl Send for UringRecv {}
 
 impl UringRecv {
-    pub(crate) fn new(buf_count: u16, buf_size: u32) -> io::Result<UringRecv> {
+    /// `dest`: reserve room for an `IP_PKTINFO` message (the destination address) per datagram.
+    pub(crate) fn new(buf_count: u16, buf_size: u32, dest: bool) -> io::Result<UringRecv> {
+        let control = if dest { PKTINFO_SPACE as u32 } else { 0 };
         let cq_entries = (u32::from(buf_count) * 2).clamp(2 * SQ_ENTRIES, 65536);
         let ring = IoUring::builder()
             .setup_single_issuer()
@@ -261,7 +264,7 @@ impl UringRecv {
             .setup_cqsize(cq_entries)
             .setup_clamp()
             .build(SQ_ENTRIES)?;
-        let bufs = BufRing::new(buf_count, buf_size)?;
+        let bufs = BufRing::new(buf_count, buf_size, control)?;
         // SAFETY: the ring mapping is page aligned, holds `buf_count` entries, and stays mapped
         // until the ring is closed (the ring field is dropped before `bufs`, and `bufs` is leaked
         // if requests may still be running).
@@ -275,8 +278,10 @@ impl UringRecv {
         }
         // SAFETY: msghdr is plain old data; all-zero (null pointers, zero lengths) is valid.
         let mut msghdr: Box<libc::msghdr> = Box::new(unsafe { mem::zeroed() });
-        // Only the lengths matter to multishot recvmsg: reserve room for an IPv4 source address.
+        // Only the lengths matter to multishot recvmsg: reserve room for an IPv4 source address
+        // (and the control messages, if asked for).
         msghdr.msg_namelen = SOCKADDR_IN_LEN;
+        msghdr.msg_controllen = control as _;
         let want_cap = (ring.params().cq_entries() / 2)
             .min(u32::from(buf_count) / 2)
             .max(1);
@@ -671,9 +676,14 @@ fn deliver(
         stats.errors += 1;
         return;
     };
+    let to = if msghdr.msg_controllen > 0 {
+        pktinfo_dest(msg.control_data())
+    } else {
+        None
+    };
     let data = msg.payload_data();
     stats.datagrams += 1;
     stats.bytes += data.len() as u64;
     out.received += 1;
-    f(token, Datagram { from, data });
+    f(token, Datagram { from, data, to });
 }

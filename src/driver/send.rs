@@ -104,7 +104,7 @@ impl SendStats {
         self.dropped += other.dropped;
     }
 
-    fn drop_one(&mut self, res: i32) {
+    pub(super) fn drop_one(&mut self, res: i32) {
         if res == -libc::ENOBUFS {
             self.enobufs += 1;
         } else {
@@ -474,7 +474,7 @@ fn drive(
 
 /// Waits until `fd` is writable or `max` passed; returns the time spent. Errors are ignored: the
 /// caller's budget and idle-round limit bound the retries anyway.
-fn wait_writable(fd: RawFd, max: Duration) -> Duration {
+pub(super) fn wait_writable(fd: RawFd, max: Duration) -> Duration {
     let start = Instant::now();
     let mut fds = [PollFd::new(fd, POLLOUT)];
     let _ = sys::poll(&mut fds, Some(max));
