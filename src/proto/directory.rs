@@ -5,7 +5,7 @@
 //! (spec: "Many teams in one splitter"). Monitors are placed first in teams that lack one. Each team
 //! lives on one shard; a new team goes to the shard with the fewest peers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::Endpoint;
 use super::team::TeamId;
@@ -54,6 +54,11 @@ impl Entry {
 pub struct Directory {
     rules: DirectoryRules,
     teams: BTreeMap<TeamId, Entry>,
+    /// Teams with room, by (members, id): the roomiest, oldest first. A join takes the first
+    /// instead of scanning every team (100,000 teams of one at team size 1).
+    with_room: BTreeSet<(usize, TeamId)>,
+    /// Of those, the teams that lack a monitor.
+    lacking_monitor: BTreeSet<(usize, TeamId)>,
     members: HashMap<Endpoint, TeamId>,
     shard_peers: Vec<usize>,
     next_id: TeamId,
@@ -69,6 +74,8 @@ impl Directory {
         Directory {
             rules,
             teams: BTreeMap::new(),
+            with_room: BTreeSet::new(),
+            lacking_monitor: BTreeSet::new(),
             members: HashMap::new(),
             shard_peers: vec![0; rules.shards],
             next_id: 0,
@@ -78,33 +85,20 @@ impl Directory {
     /// Places `peer` (which asked to be a monitor if `wants_monitor`) in a team.
     pub fn place(&mut self, peer: Endpoint, wants_monitor: bool) -> Placement {
         self.remove(peer);
-        let size = self.rules.team_size;
         let quota = self.rules.monitors;
-        let has_room = |e: &&Entry| e.members.len() < size;
         // Most free room first, then the oldest team.
-        let roomiest = |wanted: &dyn Fn(&Entry) -> bool| {
-            self.teams
-                .iter()
-                .filter(|(_, e)| has_room(e) && wanted(e))
-                .min_by_key(|(id, e)| (e.members.len(), **id))
-                .map(|(id, _)| *id)
-        };
+        let roomiest = self.with_room.first().map(|&(_, id)| id);
         let (team, monitor) = if wants_monitor {
             // A monitor goes where a monitor is missing, else it starts a team of its own.
-            match roomiest(&|e: &Entry| e.monitors() < quota) {
+            match self.lacking_monitor.first().map(|&(_, id)| id) {
                 Some(id) => (id, true),
                 None if quota > 0 => (self.new_team(), true),
-                None => (
-                    roomiest(&|_: &Entry| true).unwrap_or_else(|| self.new_team()),
-                    false,
-                ),
+                None => (roomiest.unwrap_or_else(|| self.new_team()), false),
             }
         } else {
-            (
-                roomiest(&|_: &Entry| true).unwrap_or_else(|| self.new_team()),
-                false,
-            )
+            (roomiest.unwrap_or_else(|| self.new_team()), false)
         };
+        self.unindex(team);
         let entry = self.teams.get_mut(&team).expect("team chosen above exists");
         let peers: Vec<Endpoint> = entry.members.iter().map(|m| m.0).collect();
         let monitors = u16::try_from(entry.monitors()).unwrap_or(u16::MAX);
@@ -117,12 +111,33 @@ impl Directory {
         let shard = entry.shard;
         self.shard_peers[shard] += 1;
         self.members.insert(peer, team);
+        self.index(team);
         Placement {
             team,
             shard,
             monitor,
             peers,
             monitors,
+        }
+    }
+
+    /// Takes `team` out of the room indexes (before its members change).
+    fn unindex(&mut self, team: TeamId) {
+        if let Some(e) = self.teams.get(&team) {
+            self.with_room.remove(&(e.members.len(), team));
+            self.lacking_monitor.remove(&(e.members.len(), team));
+        }
+    }
+
+    /// Puts `team` back in the room indexes it belongs to (after its members changed).
+    fn index(&mut self, team: TeamId) {
+        if let Some(e) = self.teams.get(&team)
+            && e.members.len() < self.rules.team_size
+        {
+            self.with_room.insert((e.members.len(), team));
+            if e.monitors() < self.rules.monitors {
+                self.lacking_monitor.insert((e.members.len(), team));
+            }
         }
     }
 
@@ -139,12 +154,14 @@ impl Directory {
                 members: Vec::new(),
             },
         );
+        self.index(id);
         id
     }
 
     /// Forgets `peer`; returns its team and shard if it was a member. Empty teams are dropped.
     pub fn remove(&mut self, peer: Endpoint) -> Option<(TeamId, usize)> {
         let team = self.members.remove(&peer)?;
+        self.unindex(team);
         let entry = self
             .teams
             .get_mut(&team)
@@ -154,6 +171,8 @@ impl Directory {
         self.shard_peers[shard] -= 1;
         if entry.members.is_empty() {
             self.teams.remove(&team);
+        } else {
+            self.index(team);
         }
         Some((team, shard))
     }
@@ -260,5 +279,43 @@ mod tests {
         assert_eq!(d.remove(ep(1)), Some((1, 0)));
         assert_eq!(d.team_count(), 0);
         assert_eq!(d.remove(ep(1)), None);
+    }
+
+    #[test]
+    fn the_room_indexes_agree_with_a_scan_through_joins_and_leaves() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut random = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut d = Directory::new(DirectoryRules {
+            team_size: 4,
+            monitors: 1,
+            shards: 3,
+        });
+        for _ in 0..20_000 {
+            let peer = ep(1 + (random() % 200) as u16);
+            if random() % 3 == 0 {
+                d.remove(peer);
+            } else {
+                d.place(peer, random() % 5 == 0);
+            }
+            let scan: BTreeSet<(usize, TeamId)> = d
+                .teams
+                .iter()
+                .filter(|(_, e)| e.members.len() < 4)
+                .map(|(id, e)| (e.members.len(), *id))
+                .collect();
+            assert_eq!(d.with_room, scan);
+            let lacking: BTreeSet<(usize, TeamId)> = d
+                .teams
+                .iter()
+                .filter(|(_, e)| e.members.len() < 4 && e.monitors() < 1)
+                .map(|(id, e)| (e.members.len(), *id))
+                .collect();
+            assert_eq!(d.lacking_monitor, lacking);
+        }
     }
 }
