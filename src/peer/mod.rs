@@ -6,6 +6,7 @@
 //! io_uring driver instead). A second thread serves players over HTTP and writes `--output`.
 
 pub mod join;
+pub mod nts;
 pub mod player;
 pub mod status;
 
@@ -41,6 +42,11 @@ pub struct PeerArgs {
     /// Join as a monitor: report chunks lost at playout time to the splitter.
     #[arg(long)]
     pub monitor: bool,
+    /// NAT traversal (NTS, reference-notes §6.4): for a splitter started with `--nts` (the
+    /// reference's default build). With the wrong profile for its splitter the peer stops at
+    /// once and says so.
+    #[arg(long)]
+    pub nts: bool,
     /// Drop a neighbour that is owed more than this many chunks.
     #[arg(long, default_value_t = 128)]
     pub max_debt: i32,
@@ -133,6 +139,8 @@ pub struct PeerOptions {
     pub metrics: Option<std::net::SocketAddr>,
     /// Stall detection and rejoining.
     pub liveness: Liveness,
+    /// NTS (`--nts`).
+    pub nts: bool,
 }
 
 /// Counters a running peer publishes.
@@ -186,6 +194,7 @@ impl PeerOptions {
             counters: Arc::default(),
             metrics: None,
             liveness: Liveness::default(),
+            nts: false,
         }
     }
 
@@ -228,6 +237,7 @@ impl PeerOptions {
                 stall_timeout: a.stall_timeout,
                 give_up_after: a.give_up_after,
             },
+            nts: a.nts,
         })
     }
 }
@@ -281,7 +291,8 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             eprintln!("p2psp peer metrics on http://{bound}/");
         }
     }
-    let mut joined = join::join(opts.splitter, opts.monitor).map_err(SetupError::wrap)?;
+    let mut joined = join::join_profile(opts.splitter, opts.monitor, JOIN_TIMEOUT, opts.nts)
+        .map_err(SetupError::wrap)?;
     let refetch = player::Refetch {
         source: joined.header_source,
         channel: joined.config.channel.clone(),
@@ -326,6 +337,9 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     outcome
 }
 
+/// How long the splitter may take to answer the first join.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How a team session ended.
 enum SessionEnd {
     /// The peer left politely (asked to stop).
@@ -368,7 +382,7 @@ fn rejoin_with_backoff(
                 opts.splitter
             ));
         }
-        match join::join_within(opts.splitter, opts.monitor, REJOIN_TIMEOUT) {
+        match join::join_profile(opts.splitter, opts.monitor, REJOIN_TIMEOUT, opts.nts) {
             Ok(j) => break Ok(Some(j)),
             Err(e) => {
                 if let Some(name) = &opts.status {
@@ -408,6 +422,10 @@ fn session(
     let mut core = Peer::new(rules, &config.peers, config.monitors);
     let socket = joined.socket.try_clone()?;
     socket.set_read_timeout(Some(Duration::from_millis(10)))?;
+    let mut nts = joined.nts.take();
+    if let Some(n) = &mut nts {
+        n.start(Instant::now(), &mut core);
+    }
     // Hellos first, then the ready byte: see `Joined::ready`.
     while let Some(t) = core.poll_transmit() {
         let _ = socket.send_to(&t.payload, t.dest);
@@ -424,6 +442,19 @@ fn session(
             config.chunk_size,
             config.buffer_size
         );
+        if let Some(n) = &nts {
+            let c = n.counters();
+            eprintln!(
+                "{name} {me}: NTS ID {}, incorporated in {:.0?}: {} teammates reached ({} direct, {} predicted, {} announced), {} not",
+                n.core.id(),
+                n.incorporation,
+                n.neighbours.len(),
+                c.direct,
+                c.predicted,
+                c.announced,
+                c.unreached
+            );
+        }
     }
     let mut watchdog = Watchdog::new(
         Instant::now(),
@@ -448,6 +479,10 @@ fn session(
             {
                 opts.counters.injected_drops.fetch_add(1, Ordering::Relaxed);
             }
+            Ok((n, SocketAddr::V4(from)))
+                if nts.as_mut().is_some_and(|s| {
+                    s.handle_datagram(now, from, &buf[..n], &socket, &mut core)
+                }) => {}
             Ok((n, SocketAddr::V4(from))) => {
                 let before = *core.stats();
                 core.handle_datagram(now, from, Bytes::copy_from_slice(&buf[..n]));
@@ -467,6 +502,9 @@ fn session(
             Err(e) => break Err(anyhow::anyhow!("UDP receive failed: {e}")),
         }
         core.handle_timeout(Instant::now());
+        if let Some(n) = &mut nts {
+            n.handle_timeout(Instant::now(), &socket, &mut core);
+        }
         while let Some(t) = core.poll_transmit() {
             // A neighbour that vanished answers with ICMP; that is the debt rule's job.
             let _ = socket.send_to(&t.payload, t.dest);

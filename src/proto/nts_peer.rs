@@ -103,6 +103,8 @@ pub struct NtsPeer {
     deadline: Option<Instant>,
     patience: Duration,
     incorporated: bool,
+    /// Whether the splitter echoed our `Y`.
+    y_acked: bool,
     /// At a monitor: (ID, port) pairs already reported with U3.
     reported: HashSet<(PeerId, u16)>,
     actions: VecDeque<NtsPeerAction>,
@@ -133,6 +135,7 @@ impl NtsPeer {
             deadline: None,
             patience,
             incorporated: monitor,
+            y_acked: monitor,
             reported: HashSet::new(),
             actions: VecDeque::new(),
             counters: NtsPeerCounters::default(),
@@ -192,7 +195,13 @@ impl NtsPeer {
         let from_splitter = from == self.splitter;
         match ToPeer::parse(data, from_splitter, &self.me, self.monitor) {
             ToPeer::Ack(d) => {
-                self.pending.acknowledge(d, from);
+                if self.pending.acknowledge(d, from)
+                    && from_splitter
+                    && d.len() == ID_LEN + 1
+                    && d[ID_LEN] == b'Y'
+                {
+                    self.y_acked = true;
+                }
             }
             ToPeer::Hello { id, retry } if self.monitor => {
                 // An arriving peer's U1 (or N): echo, and tell the splitter its port.
@@ -383,6 +392,12 @@ impl NtsPeer {
     /// Whether `Y` went (a monitor: from the start).
     pub fn is_incorporated(&self) -> bool {
         self.incorporated
+    }
+
+    /// Whether the splitter echoed our `Y` (a monitor: from the start): the splitter has made
+    /// us a member.
+    pub fn is_member(&self) -> bool {
+        self.y_acked
     }
 
     /// Whether list 2 arrived.

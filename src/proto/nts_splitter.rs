@@ -28,6 +28,12 @@ pub const SPLITTER_REPEATS: u8 = 3;
 /// Time between those repeats (the reference paces them at one per chunk read).
 pub const SPLITTER_REPEAT_EVERY: Duration = Duration::from_millis(50);
 
+/// Whether a datagram of `len` bytes may be an NTS message for the splitter (U1, Y/N, U3/U4,
+/// N-fwd): the splitter's DBS rules never take these lengths.
+pub fn is_nts_size(len: usize) -> bool {
+    (super::nts::ID_LEN..=super::nts::ID_LEN + 3).contains(&len)
+}
+
 /// What the caller does for the NTS splitter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NtsAction {
