@@ -375,3 +375,247 @@ fn dbs_through_each_nat_kind_baseline() {
     );
     assert_eq!(from_splitter[5], 0, "random symmetric got splitter chunks");
 }
+
+/// What one NTS team through the lab showed.
+struct NtsRun {
+    /// Per peer (in join order): its NAT kind, chunks from the splitter, played, lost, and the
+    /// kinds of the neighbours it keeps.
+    peers: Vec<(NatKind, u64, u64, u64, Vec<NatKind>)>,
+    /// Each peer's incorporation line (`NTS ID ..., incorporated in ...`).
+    incorporations: Vec<String>,
+}
+
+impl NtsRun {
+    /// Whether the peers behind `a` and `b` keep each other as neighbours: both directions work.
+    fn direct(&self, a: NatKind, b: NatKind) -> bool {
+        let keeps =
+            |x: NatKind, y: NatKind| self.peers.iter().any(|p| p.0 == x && p.4.contains(&y));
+        keeps(a, b) && keeps(b, a)
+    }
+}
+
+/// A splitter with `--nts` and a monitor on the public segment, then one peer behind each NAT
+/// kind of `order`, joining one after another (each as soon as the previous one is a member),
+/// all with `--nts`; reads every peer's `/status` `settle` after the last join.
+fn nts_team(order: &[NatKind], settle: Duration, dir_name: &str) -> NtsRun {
+    let dir = support::test_dir(dir_name);
+    let mut lab = Lab::new();
+    let public = lab.public_host("splitter", 1);
+    let monitor_host = lab.public_host("monitor", 1);
+    let homes: Vec<Home> = order.iter().map(|&k| lab.home(k, 0)).collect();
+    let splitter_at = format!("{}:8001", public.ip());
+    let metrics = format!("127.0.0.1:{METRICS_PORT}");
+    let mut procs = Vec::new();
+    let mut splitter = spawn_in(
+        &public,
+        &dir,
+        "splitter",
+        &[
+            "splitter",
+            "--nts",
+            "--bind",
+            &public.ip().to_string(),
+            "--port",
+            "8001",
+            "--bitrate",
+            "500k",
+            "--buffer-size",
+            "64",
+            "--shards",
+            "1",
+        ],
+    );
+    support::wait_for_line(
+        &mut splitter,
+        &support::peer_log(&dir, "splitter"),
+        Duration::from_secs(10),
+        |l| l.starts_with("p2psp splitter listening on"),
+    )
+    .unwrap_or_else(|log| panic!("the splitter did not start:\n{log}"));
+    procs.push(splitter);
+    let peer_args = |monitor: bool| {
+        let mut a = vec![
+            "peer",
+            "--nts",
+            "--splitter",
+            splitter_at.as_str(),
+            "--player-port",
+            "0",
+            "--metrics",
+            metrics.as_str(),
+        ];
+        if monitor {
+            a.push("--monitor");
+        }
+        a
+    };
+    let mut monitor = spawn_in(&monitor_host, &dir, "monitor", &peer_args(true));
+    support::wait_joined(&dir, &mut monitor);
+    procs.push(monitor);
+    let mut incorporations = Vec::new();
+    for (i, home) in homes.iter().enumerate() {
+        let name = format!("{i}-{}", home.nat.kind.name());
+        let mut p = spawn_in(&home.host, &dir, &name, &peer_args(false));
+        let log = support::peer_log(&dir, &name);
+        let line = support::wait_for_line(&mut p, &log, Duration::from_secs(25), |l| {
+            l.contains(": NTS ID ")
+        })
+        .unwrap_or_else(|t| panic!("{name} was not incorporated:\n{t}"));
+        incorporations.push(format!("{:<21} {}", home.nat.kind.name(), line));
+        procs.push(p);
+    }
+    std::thread::sleep(settle);
+    let kind_of = |endpoint: &str| -> Option<NatKind> {
+        let ip: Ipv4Addr = endpoint.split(':').next()?.parse().ok()?;
+        homes.iter().find(|h| h.nat.wan == ip).map(|h| h.nat.kind)
+    };
+    let peers = homes
+        .iter()
+        .map(|h| {
+            let s = peer_status(&h.host);
+            let t = &s["totals"];
+            let neighbours: Vec<NatKind> = s["neighbours"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|n| kind_of(n["endpoint"].as_str().unwrap_or("?")))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (
+                h.nat.kind,
+                t["from_splitter"].as_u64().unwrap_or(0),
+                t["played"].as_u64().unwrap_or(0),
+                t["lost"].as_u64().unwrap_or(0),
+                neighbours,
+            )
+        })
+        .collect();
+    drop(procs);
+    NtsRun {
+        peers,
+        incorporations,
+    }
+}
+
+/// Whether the reference's theory (§6.4) and this project's goal expect a direct connection:
+/// a full- or address-restricted cone on either side, or a port-restricted cone with a
+/// port-restricted or sequential symmetric NAT.
+fn cone_pair(a: NatKind, b: NatKind) -> bool {
+    use NatKind::*;
+    let open = |k| matches!(k, FullCone | AddressRestricted);
+    open(a) || open(b) || (a == PortRestricted && b == PortRestricted)
+}
+
+fn print_matrix(title: &str, counts: &std::collections::BTreeMap<(usize, usize), (u32, u32)>) {
+    eprintln!(
+        "\n{title}\n{:<7}{}",
+        "",
+        NatKind::ALL.map(|k| format!("{:>8}", k.short())).join("")
+    );
+    for (i, a) in NatKind::ALL.iter().enumerate() {
+        let row: Vec<String> = (0..5)
+            .map(|j| match counts.get(&(i.min(j), i.max(j))) {
+                Some((ok, n)) => format!("{:>8}", format!("{ok}/{n}")),
+                None => format!("{:>8}", "-"),
+            })
+            .collect();
+        eprintln!("{:<7}{}", a.short(), row.join(""));
+    }
+}
+
+/// NTS through the lab: one peer behind each NAT kind in one team (10 pairs at once). The
+/// splitter reaches every peer (it sends to the mapping each peer's own hello made), and every
+/// pair with a full- or address-restricted cone on one side, or two port-restricted cones,
+/// connects directly. Prints the pairs.
+#[test]
+fn nts_through_each_nat_kind() {
+    if !lab_possible("nts_through_each_nat_kind") {
+        return;
+    }
+    let _one = support::one_at_a_time();
+    let started = Instant::now();
+    let run = nts_team(&NatKind::ALL, Duration::from_secs(5), "nat-nts");
+    eprintln!("\nNTS through NATs, one team, 5 s after the last join, 500 kbit/s:");
+    for l in &run.incorporations {
+        eprintln!("{l}");
+    }
+    eprintln!(
+        "{:<21} {:>8} {:>7} {:>6}  neighbours kept",
+        "peer behind", "splitter", "played", "lost"
+    );
+    for (k, splitter, played, lost, n) in &run.peers {
+        let n: Vec<&str> = n.iter().map(|k| k.short()).collect();
+        eprintln!(
+            "{:<21} {splitter:>8} {played:>7} {lost:>6}  {}",
+            k.name(),
+            n.join(" ")
+        );
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    for i in 0..5 {
+        for j in i + 1..5 {
+            let ok = run.direct(NatKind::ALL[i], NatKind::ALL[j]);
+            counts.insert((i, j), (u32::from(ok), 1));
+        }
+    }
+    print_matrix("direct pairs (both keep each other):", &counts);
+    eprintln!("in {:?}", started.elapsed());
+    for (k, splitter, played, _, _) in &run.peers {
+        assert!(*splitter > 0, "{k}: the splitter does not reach it");
+        assert!(*played > 0, "{k}: plays nothing");
+    }
+    for i in 0..5 {
+        for j in i + 1..5 {
+            let (a, b) = (NatKind::ALL[i], NatKind::ALL[j]);
+            if cone_pair(a, b) {
+                assert!(run.direct(a, b), "{a} and {b} did not connect");
+            }
+        }
+    }
+}
+
+/// The full matrix: `NTS_MATRIX_RUNS` (default 10) teams of one peer per NAT kind, joining in
+/// a shuffled order each time; the share of runs in which each pair connected directly.
+/// `cargo test --release --test nat nts_success_matrix -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn nts_success_matrix() {
+    if !lab_possible("nts_success_matrix") {
+        return;
+    }
+    let _one = support::one_at_a_time();
+    let runs: u32 = std::env::var("NTS_MATRIX_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let mut counts = std::collections::BTreeMap::new();
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    for r in 0..runs {
+        let mut order = NatKind::ALL.to_vec();
+        for i in (1..order.len()).rev() {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            order.swap(i, (seed % (i as u64 + 1)) as usize);
+        }
+        let run = nts_team(
+            &order,
+            Duration::from_secs(3),
+            &format!("nat-nts-matrix-{r}"),
+        );
+        for i in 0..5 {
+            for j in i + 1..5 {
+                let e = counts.entry((i, j)).or_insert((0u32, 0u32));
+                e.0 += u32::from(run.direct(NatKind::ALL[i], NatKind::ALL[j]));
+                e.1 += 1;
+            }
+        }
+        let played: Vec<u64> = run.peers.iter().map(|p| p.2).collect();
+        eprintln!(
+            "run {r}: order {:?}, played {played:?}",
+            order.iter().map(|k| k.short()).collect::<Vec<_>>()
+        );
+    }
+    print_matrix(&format!("NTS direct pairs over {runs} runs:"), &counts);
+}
