@@ -408,3 +408,31 @@ fn strangers_and_forged_ids_change_nothing() {
     assert!(!sim.splitter.handle_datagram(now, stranger, b"G"));
     assert!(!sim.splitter.handle_datagram(now, stranger, &[0, 1]));
 }
+
+#[test]
+fn members_keep_their_nat_mappings_alive_while_idle() {
+    let mut sim = team(&[Kind::PortRestricted, Kind::FullCone]);
+    let before: Vec<u64> = sim
+        .nodes
+        .iter()
+        .map(|n| n.core.counters().keepalives)
+        .collect();
+    // No chunks: 25 s idle gives every member at least two rounds, each echoed.
+    let echoed = sim.splitter.counters().echoed;
+    sim.run(Duration::from_secs(25));
+    for (n, node) in sim.nodes.iter().enumerate().skip(1) {
+        assert!(node.core.counters().keepalives >= before[n] + 2, "node {n}");
+    }
+    assert_eq!(
+        sim.nodes[0].core.counters().keepalives,
+        0,
+        "monitors are public"
+    );
+    // The splitter echoed the peers' keep-alives (4 rounds at most from 2 peers).
+    assert!(sim.splitter.counters().echoed >= echoed + 4);
+    // Nothing else changed: same members, same neighbours.
+    assert_eq!(sim.members.len(), 3);
+    for n in 1..sim.nodes.len() {
+        assert_eq!(sim.nodes[n].neighbours.len(), 1, "node {n}");
+    }
+}

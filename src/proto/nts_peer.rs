@@ -28,6 +28,10 @@ use super::nts::{
 pub const MAX_IN_FLIGHT: usize = 512;
 /// Most teammates a peer remembers by ID.
 pub const MAX_KNOWN: usize = 4096;
+/// A member sends its ID to the splitter and to every teammate it knows this often, so that
+/// the NATs on the way keep their mappings while no chunk flows (a source outage): home NATs
+/// forget an idle UDP mapping after 30 s or more (RFC 4787 asks for at least 2 min).
+pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
 
 /// What the caller does for the NTS peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +88,8 @@ pub struct NtsPeerCounters {
     pub echoed: u64,
     /// Teammates' NTS messages not taken (bounded state full).
     pub refused: u64,
+    /// Keep-alive rounds sent.
+    pub keepalives: u64,
 }
 
 /// The NTS state of one peer session.
@@ -109,6 +115,10 @@ pub struct NtsPeer {
     reported: HashSet<(PeerId, u16)>,
     actions: VecDeque<NtsPeerAction>,
     counters: NtsPeerCounters,
+    /// When the next keep-alive round goes (peers only: monitors are on public addresses).
+    next_keepalive: Option<Instant>,
+    /// The monitors of the join message.
+    monitors: Vec<Endpoint>,
 }
 
 impl NtsPeer {
@@ -139,6 +149,8 @@ impl NtsPeer {
             reported: HashSet::new(),
             actions: VecDeque::new(),
             counters: NtsPeerCounters::default(),
+            next_keepalive: (!monitor).then_some(now + KEEPALIVE_EVERY),
+            monitors: monitors.to_vec(),
         };
         if !monitor {
             p.pending.send(now, me.as_bytes(), splitter, &[]);
@@ -202,6 +214,10 @@ impl NtsPeer {
                 {
                     self.y_acked = true;
                 }
+            }
+            ToPeer::Hello { id, .. } if self.monitor && id == self.me => {
+                // The echo of our own keep-alive (a monitor's parse takes 7 bytes as a hello).
+                self.pending.acknowledge(data, from);
             }
             ToPeer::Hello { id, retry } if self.monitor => {
                 // An arriving peer's U1 (or N): echo, and tell the splitter its port.
@@ -368,10 +384,32 @@ impl NtsPeer {
         self.counters.expired += expired.len() as u64;
     }
 
-    /// Resends what is due; says `Y` when the patience is up.
+    /// Resends what is due; says `Y` when the patience is up; keeps the NAT mappings alive.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.flush(now);
         self.check_incorporated(now);
+        if self.incorporated && self.next_keepalive.is_some_and(|t| now >= t) {
+            self.next_keepalive = Some(now + KEEPALIVE_EVERY);
+            self.keepalive();
+        }
+    }
+
+    /// One keep-alive round: our ID, once (not resent), to the splitter, the monitors and every
+    /// teammate known by ID. Receivers echo it (a hello from a known teammate, or a U1 a
+    /// monitor already reported, changes nothing else), so the mappings are refreshed both
+    /// ways.
+    fn keepalive(&mut self) {
+        self.counters.keepalives += 1;
+        let me = self.me.as_bytes().to_vec();
+        for &to in std::iter::once(&self.splitter)
+            .chain(&self.monitors)
+            .chain(self.known.values())
+        {
+            self.actions.push_back(NtsPeerAction::Send {
+                to,
+                data: me.clone(),
+            });
+        }
     }
 
     /// When [`NtsPeer::handle_timeout`] next has something to do.
@@ -381,7 +419,12 @@ impl NtsPeer {
         } else {
             self.deadline
         };
-        self.pending.poll_timeout().into_iter().chain(d).min()
+        self.pending
+            .poll_timeout()
+            .into_iter()
+            .chain(d)
+            .chain(self.next_keepalive.filter(|_| self.incorporated))
+            .min()
     }
 
     /// The next thing to do.

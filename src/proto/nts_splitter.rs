@@ -375,7 +375,12 @@ impl NtsSplitter {
             .filter(|m| m.team == team && !m.monitor)
             .map(|m| List2Entry {
                 id: m.id,
-                endpoint: m.endpoint,
+                // The last source port anyone saw it use (as the reference): behind a
+                // sequential symmetric NAT the next mappings come after it.
+                endpoint: Endpoint::new(
+                    *m.endpoint.ip(),
+                    m.step.last_port.unwrap_or(m.endpoint.port()),
+                ),
                 port_step: wire_step(&m.step),
             })
             .collect();
