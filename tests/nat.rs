@@ -619,3 +619,135 @@ fn nts_success_matrix() {
     }
     print_matrix(&format!("NTS direct pairs over {runs} runs:"), &counts);
 }
+
+/// NAT keep-alives: a team behind port-restricted and sequential symmetric NATs whose UDP
+/// mappings expire after `NTS_NAT_TIMEOUT` s (default 30) survives a source outage three times
+/// as long: no peer rejoins, and every peer gets the splitter's chunks again afterwards.
+/// `cargo test --release --test nat nts_team_survives_a_source_outage -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn nts_team_survives_a_source_outage_longer_than_the_nat_timeout() {
+    use std::io::Write;
+    if !lab_possible("nts_team_survives_a_source_outage_longer_than_the_nat_timeout") {
+        return;
+    }
+    let _one = support::one_at_a_time();
+    let timeout: u32 = std::env::var("NTS_NAT_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let dir = support::test_dir("nat-nts-outage");
+    let mut lab = Lab::new();
+    lab.udp_timeout = timeout;
+    let public = lab.public_host("splitter", 1);
+    let monitor_host = lab.public_host("monitor", 1);
+    let kinds = [NatKind::PortRestricted, NatKind::SymmetricSequential];
+    let homes: Vec<Home> = kinds.iter().map(|&k| lab.home(k, 0)).collect();
+    let splitter_at = format!("{}:8001", public.ip());
+    let metrics = format!("127.0.0.1:{METRICS_PORT}");
+    let log = std::fs::File::create(support::peer_log(&dir, "splitter")).unwrap();
+    let mut cmd = public.command(support::BIN);
+    cmd.env("RUST_LOG", "p2psp=info")
+        .args([
+            "splitter",
+            "--nts",
+            "--source",
+            "-",
+            "--header-size",
+            "0",
+            "--bind",
+            &public.ip().to_string(),
+            "--port",
+            "8001",
+            "--buffer-size",
+            "64",
+            "--shards",
+            "1",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    let mut splitter = support::Proc::spawn("splitter", &mut cmd);
+    let mut source = splitter.child.stdin.take().unwrap();
+    let feeding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (f2, s2) = (feeding.clone(), stop.clone());
+    let feeder = std::thread::spawn(move || {
+        // 64 KiB/s (512 kbit/s) in 1 KiB pieces while feeding.
+        let piece = [0x5au8; 1024];
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            if f2.load(std::sync::atomic::Ordering::Relaxed) && source.write_all(&piece).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(15_625));
+        }
+    });
+    let mut procs = Vec::new();
+    let args = |monitor: bool| {
+        let mut a = vec![
+            "peer",
+            "--nts",
+            "--splitter",
+            splitter_at.as_str(),
+            "--player-port",
+            "0",
+            "--metrics",
+            metrics.as_str(),
+            "--stall-timeout",
+            "1000s",
+        ];
+        if monitor {
+            a.push("--monitor");
+        }
+        a
+    };
+    let mut monitor = spawn_in(&monitor_host, &dir, "monitor", &args(true));
+    support::wait_joined(&dir, &mut monitor);
+    procs.push(monitor);
+    for h in &homes {
+        let mut p = spawn_in(&h.host, &dir, h.nat.kind.name(), &args(false));
+        support::wait_joined(&dir, &mut p);
+        procs.push(p);
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let counts = |what: &str| -> Vec<(u64, u64)> {
+        homes
+            .iter()
+            .map(|h| {
+                let t = &peer_status(&h.host)["totals"];
+                let v = (
+                    t["from_splitter"].as_u64().unwrap_or(0),
+                    t["rejoins"].as_u64().unwrap_or(0),
+                );
+                eprintln!(
+                    "{what}: {:<21} from splitter {:>6}, rejoins {}",
+                    h.nat.kind.name(),
+                    v.0,
+                    v.1
+                );
+                v
+            })
+            .collect()
+    };
+    let before = counts("before");
+    let outage = Duration::from_secs(u64::from(timeout) * 3);
+    eprintln!("source outage of {outage:?}, NAT UDP timeout {timeout} s");
+    feeding.store(false, std::sync::atomic::Ordering::Relaxed);
+    std::thread::sleep(outage);
+    feeding.store(true, std::sync::atomic::Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs(5));
+    let after = counts("after");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(procs);
+    splitter.kill();
+    let _ = feeder.join();
+    for (i, h) in homes.iter().enumerate() {
+        assert!(before[i].0 > 0, "{}: nothing before", h.nat.kind);
+        assert!(
+            after[i].0 > before[i].0 + 50,
+            "{}: splitter lost it",
+            h.nat.kind
+        );
+        assert_eq!(after[i].1, 0, "{}: rejoined", h.nat.kind);
+    }
+}

@@ -201,7 +201,7 @@ impl Sim {
     fn deliver(&mut self) {
         while let Some((from, to, data)) = self.wire.pop_front() {
             self.sent += 1;
-            if self.drop_every > 0 && self.sent.is_multiple_of(self.drop_every) {
+            if self.drop_every > 0 && self.sent % self.drop_every == 0 {
                 continue;
             }
             if to == self.splitter_ep {
