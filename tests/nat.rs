@@ -379,18 +379,50 @@ fn dbs_through_each_nat_kind_baseline() {
 /// What one NTS team through the lab showed.
 struct NtsRun {
     /// Per peer (in join order): its NAT kind, chunks from the splitter, played, lost, and the
-    /// kinds of the neighbours it keeps.
-    peers: Vec<(NatKind, u64, u64, u64, Vec<NatKind>)>,
+    /// neighbours it keeps (as indices of these peers).
+    peers: Vec<(NatKind, u64, u64, u64, Vec<usize>)>,
     /// Each peer's incorporation line (`NTS ID ..., incorporated in ...`).
     incorporations: Vec<String>,
 }
 
 impl NtsRun {
-    /// Whether the peers behind `a` and `b` keep each other as neighbours: both directions work.
+    /// Whether peers `i` and `j` keep each other as neighbours: both directions work.
+    fn direct_pair(&self, i: usize, j: usize) -> bool {
+        self.peers[i].4.contains(&j) && self.peers[j].4.contains(&i)
+    }
+
+    /// Whether every pair of peers behind `a` and `b` is direct.
     fn direct(&self, a: NatKind, b: NatKind) -> bool {
-        let keeps =
-            |x: NatKind, y: NatKind| self.peers.iter().any(|p| p.0 == x && p.4.contains(&y));
-        keeps(a, b) && keeps(b, a)
+        self.pairs(a, b)
+            .iter()
+            .all(|&(i, j)| self.direct_pair(i, j))
+    }
+
+    /// The pairs of peers behind `a` and `b`.
+    fn pairs(&self, a: NatKind, b: NatKind) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        for i in 0..self.peers.len() {
+            for j in i + 1..self.peers.len() {
+                let (x, y) = (self.peers[i].0, self.peers[j].0);
+                if (x, y) == (a, b) || (x, y) == (b, a) {
+                    out.push((i, j));
+                }
+            }
+        }
+        out
+    }
+
+    /// Adds (direct pairs, pairs) per pair of kinds (by index in [`NatKind::ALL`]) to `counts`.
+    fn count(&self, counts: &mut std::collections::BTreeMap<(usize, usize), (u32, u32)>) {
+        let idx = |k: NatKind| NatKind::ALL.iter().position(|&x| x == k).unwrap();
+        for i in 0..self.peers.len() {
+            for j in i + 1..self.peers.len() {
+                let (a, b) = (idx(self.peers[i].0), idx(self.peers[j].0));
+                let e = counts.entry((a.min(b), a.max(b))).or_insert((0, 0));
+                e.0 += u32::from(self.direct_pair(i, j));
+                e.1 += 1;
+            }
+        }
     }
 }
 
@@ -465,20 +497,20 @@ fn nts_team(order: &[NatKind], settle: Duration, dir_name: &str) -> NtsRun {
         procs.push(p);
     }
     std::thread::sleep(settle);
-    let kind_of = |endpoint: &str| -> Option<NatKind> {
+    let index_of = |endpoint: &str| -> Option<usize> {
         let ip: Ipv4Addr = endpoint.split(':').next()?.parse().ok()?;
-        homes.iter().find(|h| h.nat.wan == ip).map(|h| h.nat.kind)
+        homes.iter().position(|h| h.nat.wan == ip)
     };
     let peers = homes
         .iter()
         .map(|h| {
             let s = peer_status(&h.host);
             let t = &s["totals"];
-            let neighbours: Vec<NatKind> = s["neighbours"]
+            let neighbours: Vec<usize> = s["neighbours"]
                 .as_array()
                 .map(|a| {
                     a.iter()
-                        .filter_map(|n| kind_of(n["endpoint"].as_str().unwrap_or("?")))
+                        .filter_map(|n| index_of(n["endpoint"].as_str().unwrap_or("?")))
                         .collect()
                 })
                 .unwrap_or_default();
@@ -535,7 +567,10 @@ fn nts_through_each_nat_kind() {
     }
     let _one = support::one_at_a_time();
     let started = Instant::now();
-    let run = nts_team(&NatKind::ALL, Duration::from_secs(5), "nat-nts");
+    // Each kind once, then a second port-restricted peer (a cone pair of one kind).
+    let mut order = NatKind::ALL.to_vec();
+    order.push(NatKind::PortRestricted);
+    let run = nts_team(&order, Duration::from_secs(5), "nat-nts");
     eprintln!("\nNTS through NATs, one team, 5 s after the last join, 500 kbit/s:");
     for l in &run.incorporations {
         eprintln!("{l}");
@@ -545,7 +580,7 @@ fn nts_through_each_nat_kind() {
         "peer behind", "splitter", "played", "lost"
     );
     for (k, splitter, played, lost, n) in &run.peers {
-        let n: Vec<&str> = n.iter().map(|k| k.short()).collect();
+        let n: Vec<&str> = n.iter().map(|&i| run.peers[i].0.short()).collect();
         eprintln!(
             "{:<21} {splitter:>8} {played:>7} {lost:>6}  {}",
             k.name(),
@@ -553,21 +588,15 @@ fn nts_through_each_nat_kind() {
         );
     }
     let mut counts = std::collections::BTreeMap::new();
-    for i in 0..5 {
-        for j in i + 1..5 {
-            let ok = run.direct(NatKind::ALL[i], NatKind::ALL[j]);
-            counts.insert((i, j), (u32::from(ok), 1));
-        }
-    }
-    print_matrix("direct pairs (both keep each other):", &counts);
+    run.count(&mut counts);
+    print_matrix("direct pairs (both keep each other) / pairs:", &counts);
     eprintln!("in {:?}", started.elapsed());
     for (k, splitter, played, _, _) in &run.peers {
         assert!(*splitter > 0, "{k}: the splitter does not reach it");
         assert!(*played > 0, "{k}: plays nothing");
     }
-    for i in 0..5 {
-        for j in i + 1..5 {
-            let (a, b) = (NatKind::ALL[i], NatKind::ALL[j]);
+    for (i, &a) in NatKind::ALL.iter().enumerate() {
+        for &b in &NatKind::ALL[i..] {
             if cone_pair(a, b) {
                 assert!(run.direct(a, b), "{a} and {b} did not connect");
             }
@@ -575,8 +604,9 @@ fn nts_through_each_nat_kind() {
     }
 }
 
-/// The full matrix: `NTS_MATRIX_RUNS` (default 10) teams of one peer per NAT kind, joining in
-/// a shuffled order each time; the share of runs in which each pair connected directly.
+/// The full matrix: `NTS_MATRIX_RUNS` (default 10) teams of two peers per NAT kind (each behind
+/// its own NAT), joining in a shuffled order each time; per pair of kinds, the pairs of peers
+/// that connected directly out of all such pairs.
 /// `cargo test --release --test nat nts_success_matrix -- --ignored --nocapture`
 #[test]
 #[ignore]
@@ -592,7 +622,8 @@ fn nts_success_matrix() {
     let mut counts = std::collections::BTreeMap::new();
     let mut seed = 0x2545_F491_4F6C_DD1Du64;
     for r in 0..runs {
-        let mut order = NatKind::ALL.to_vec();
+        // Two peers of each kind, each behind its own NAT, so that pairs of one kind count too.
+        let mut order = [NatKind::ALL, NatKind::ALL].concat();
         for i in (1..order.len()).rev() {
             seed ^= seed << 13;
             seed ^= seed >> 7;
