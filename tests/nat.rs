@@ -635,20 +635,17 @@ fn nts_success_matrix() {
             Duration::from_secs(3),
             &format!("nat-nts-matrix-{r}"),
         );
-        for i in 0..5 {
-            for j in i + 1..5 {
-                let e = counts.entry((i, j)).or_insert((0u32, 0u32));
-                e.0 += u32::from(run.direct(NatKind::ALL[i], NatKind::ALL[j]));
-                e.1 += 1;
-            }
-        }
+        run.count(&mut counts);
         let played: Vec<u64> = run.peers.iter().map(|p| p.2).collect();
         eprintln!(
             "run {r}: order {:?}, played {played:?}",
             order.iter().map(|k| k.short()).collect::<Vec<_>>()
         );
     }
-    print_matrix(&format!("NTS direct pairs over {runs} runs:"), &counts);
+    print_matrix(
+        &format!("NTS direct pairs of peers / pairs, over {runs} runs:"),
+        &counts,
+    );
 }
 
 /// NAT keep-alives: a team behind port-restricted and sequential symmetric NATs whose UDP
