@@ -65,7 +65,13 @@ fn an_nts_team_on_loopback_plays() {
         &["--nts", "--monitor", "--player-port", "0"],
     )];
     for i in 0..3 {
-        std::thread::sleep(Duration::from_millis(300));
+        // Each joins once the one before is a member, so that list 2 names all before it.
+        let prev = peers.last_mut().unwrap();
+        let log = peer_log(&dir, &prev.name);
+        wait_for_line(prev, &log, Duration::from_secs(15), |l| {
+            l.contains(": NTS ID ")
+        })
+        .unwrap_or_else(|t| panic!("{} was not incorporated:\n{t}", prev.name));
         peers.push(start_peer(
             &dir,
             &format!("peer{i}"),
