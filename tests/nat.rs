@@ -375,3 +375,407 @@ fn dbs_through_each_nat_kind_baseline() {
     );
     assert_eq!(from_splitter[5], 0, "random symmetric got splitter chunks");
 }
+
+/// What one NTS team through the lab showed.
+struct NtsRun {
+    /// Per peer (in join order): its NAT kind, chunks from the splitter, played, lost, and the
+    /// neighbours it keeps (as indices of these peers).
+    peers: Vec<(NatKind, u64, u64, u64, Vec<usize>)>,
+    /// Each peer's incorporation line (`NTS ID ..., incorporated in ...`).
+    incorporations: Vec<String>,
+}
+
+impl NtsRun {
+    /// Whether peers `i` and `j` keep each other as neighbours: both directions work.
+    fn direct_pair(&self, i: usize, j: usize) -> bool {
+        self.peers[i].4.contains(&j) && self.peers[j].4.contains(&i)
+    }
+
+    /// Whether every pair of peers behind `a` and `b` is direct.
+    fn direct(&self, a: NatKind, b: NatKind) -> bool {
+        self.pairs(a, b)
+            .iter()
+            .all(|&(i, j)| self.direct_pair(i, j))
+    }
+
+    /// The pairs of peers behind `a` and `b`.
+    fn pairs(&self, a: NatKind, b: NatKind) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        for i in 0..self.peers.len() {
+            for j in i + 1..self.peers.len() {
+                let (x, y) = (self.peers[i].0, self.peers[j].0);
+                if (x, y) == (a, b) || (x, y) == (b, a) {
+                    out.push((i, j));
+                }
+            }
+        }
+        out
+    }
+
+    /// Adds (direct pairs, pairs) per pair of kinds (by index in [`NatKind::ALL`]) to `counts`.
+    fn count(&self, counts: &mut std::collections::BTreeMap<(usize, usize), (u32, u32)>) {
+        let idx = |k: NatKind| NatKind::ALL.iter().position(|&x| x == k).unwrap();
+        for i in 0..self.peers.len() {
+            for j in i + 1..self.peers.len() {
+                let (a, b) = (idx(self.peers[i].0), idx(self.peers[j].0));
+                let e = counts.entry((a.min(b), a.max(b))).or_insert((0, 0));
+                e.0 += u32::from(self.direct_pair(i, j));
+                e.1 += 1;
+            }
+        }
+    }
+}
+
+/// A splitter with `--nts` and a monitor on the public segment, then one peer behind each NAT
+/// kind of `order`, joining one after another (each as soon as the previous one is a member),
+/// all with `--nts`; reads every peer's `/status` `settle` after the last join.
+fn nts_team(order: &[NatKind], settle: Duration, dir_name: &str) -> NtsRun {
+    let dir = support::test_dir(dir_name);
+    let mut lab = Lab::new();
+    let public = lab.public_host("splitter", 1);
+    let monitor_host = lab.public_host("monitor", 1);
+    let homes: Vec<Home> = order.iter().map(|&k| lab.home(k, 0)).collect();
+    let splitter_at = format!("{}:8001", public.ip());
+    let metrics = format!("127.0.0.1:{METRICS_PORT}");
+    let mut procs = Vec::new();
+    let mut splitter = spawn_in(
+        &public,
+        &dir,
+        "splitter",
+        &[
+            "splitter",
+            "--nts",
+            "--bind",
+            &public.ip().to_string(),
+            "--port",
+            "8001",
+            "--bitrate",
+            "500k",
+            "--buffer-size",
+            "64",
+            "--shards",
+            "1",
+        ],
+    );
+    support::wait_for_line(
+        &mut splitter,
+        &support::peer_log(&dir, "splitter"),
+        Duration::from_secs(10),
+        |l| l.starts_with("p2psp splitter listening on"),
+    )
+    .unwrap_or_else(|log| panic!("the splitter did not start:\n{log}"));
+    procs.push(splitter);
+    let peer_args = |monitor: bool| {
+        let mut a = vec![
+            "peer",
+            "--nts",
+            "--splitter",
+            splitter_at.as_str(),
+            "--player-port",
+            "0",
+            "--metrics",
+            metrics.as_str(),
+        ];
+        if monitor {
+            a.push("--monitor");
+        }
+        a
+    };
+    let mut monitor = spawn_in(&monitor_host, &dir, "monitor", &peer_args(true));
+    support::wait_joined(&dir, &mut monitor);
+    procs.push(monitor);
+    let mut incorporations = Vec::new();
+    for (i, home) in homes.iter().enumerate() {
+        let name = format!("{i}-{}", home.nat.kind.name());
+        let mut p = spawn_in(&home.host, &dir, &name, &peer_args(false));
+        let log = support::peer_log(&dir, &name);
+        let line = support::wait_for_line(&mut p, &log, Duration::from_secs(25), |l| {
+            l.contains(": NTS ID ")
+        })
+        .unwrap_or_else(|t| panic!("{name} was not incorporated:\n{t}"));
+        incorporations.push(format!("{:<21} {}", home.nat.kind.name(), line));
+        procs.push(p);
+    }
+    std::thread::sleep(settle);
+    let index_of = |endpoint: &str| -> Option<usize> {
+        let ip: Ipv4Addr = endpoint.split(':').next()?.parse().ok()?;
+        homes.iter().position(|h| h.nat.wan == ip)
+    };
+    let peers = homes
+        .iter()
+        .map(|h| {
+            let s = peer_status(&h.host);
+            let t = &s["totals"];
+            let neighbours: Vec<usize> = s["neighbours"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|n| index_of(n["endpoint"].as_str().unwrap_or("?")))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (
+                h.nat.kind,
+                t["from_splitter"].as_u64().unwrap_or(0),
+                t["played"].as_u64().unwrap_or(0),
+                t["lost"].as_u64().unwrap_or(0),
+                neighbours,
+            )
+        })
+        .collect();
+    drop(procs);
+    NtsRun {
+        peers,
+        incorporations,
+    }
+}
+
+/// Whether the reference's theory (§6.4) and this project's goal expect a direct connection:
+/// a full- or address-restricted cone on either side, or a port-restricted cone with a
+/// port-restricted or sequential symmetric NAT.
+fn cone_pair(a: NatKind, b: NatKind) -> bool {
+    use NatKind::*;
+    let open = |k| matches!(k, FullCone | AddressRestricted);
+    open(a) || open(b) || (a == PortRestricted && b == PortRestricted)
+}
+
+fn print_matrix(title: &str, counts: &std::collections::BTreeMap<(usize, usize), (u32, u32)>) {
+    eprintln!(
+        "\n{title}\n{:<7}{}",
+        "",
+        NatKind::ALL.map(|k| format!("{:>8}", k.short())).join("")
+    );
+    for (i, a) in NatKind::ALL.iter().enumerate() {
+        let row: Vec<String> = (0..5)
+            .map(|j| match counts.get(&(i.min(j), i.max(j))) {
+                Some((ok, n)) => format!("{:>8}", format!("{ok}/{n}")),
+                None => format!("{:>8}", "-"),
+            })
+            .collect();
+        eprintln!("{:<7}{}", a.short(), row.join(""));
+    }
+}
+
+/// NTS through the lab: one peer behind each NAT kind in one team (10 pairs at once). The
+/// splitter reaches every peer (it sends to the mapping each peer's own hello made), and every
+/// pair with a full- or address-restricted cone on one side, or two port-restricted cones,
+/// connects directly. Prints the pairs.
+#[test]
+fn nts_through_each_nat_kind() {
+    if !lab_possible("nts_through_each_nat_kind") {
+        return;
+    }
+    let _one = support::one_at_a_time();
+    let started = Instant::now();
+    // Each kind once, then a second port-restricted peer (a cone pair of one kind).
+    let mut order = NatKind::ALL.to_vec();
+    order.push(NatKind::PortRestricted);
+    let run = nts_team(&order, Duration::from_secs(5), "nat-nts");
+    eprintln!("\nNTS through NATs, one team, 5 s after the last join, 500 kbit/s:");
+    for l in &run.incorporations {
+        eprintln!("{l}");
+    }
+    eprintln!(
+        "{:<21} {:>8} {:>7} {:>6}  neighbours kept",
+        "peer behind", "splitter", "played", "lost"
+    );
+    for (k, splitter, played, lost, n) in &run.peers {
+        let n: Vec<&str> = n.iter().map(|&i| run.peers[i].0.short()).collect();
+        eprintln!(
+            "{:<21} {splitter:>8} {played:>7} {lost:>6}  {}",
+            k.name(),
+            n.join(" ")
+        );
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    run.count(&mut counts);
+    print_matrix("direct pairs (both keep each other) / pairs:", &counts);
+    eprintln!("in {:?}", started.elapsed());
+    for (k, splitter, played, _, _) in &run.peers {
+        assert!(*splitter > 0, "{k}: the splitter does not reach it");
+        assert!(*played > 0, "{k}: plays nothing");
+    }
+    for (i, &a) in NatKind::ALL.iter().enumerate() {
+        for &b in &NatKind::ALL[i..] {
+            if cone_pair(a, b) {
+                assert!(run.direct(a, b), "{a} and {b} did not connect");
+            }
+        }
+    }
+}
+
+/// The full matrix: `NTS_MATRIX_RUNS` (default 10) teams of two peers per NAT kind (each behind
+/// its own NAT), joining in a shuffled order each time; per pair of kinds, the pairs of peers
+/// that connected directly out of all such pairs.
+/// `cargo test --release --test nat nts_success_matrix -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn nts_success_matrix() {
+    if !lab_possible("nts_success_matrix") {
+        return;
+    }
+    let _one = support::one_at_a_time();
+    let runs: u32 = std::env::var("NTS_MATRIX_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let mut counts = std::collections::BTreeMap::new();
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    for r in 0..runs {
+        // Two peers of each kind, each behind its own NAT, so that pairs of one kind count too.
+        let mut order = [NatKind::ALL, NatKind::ALL].concat();
+        for i in (1..order.len()).rev() {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            order.swap(i, (seed % (i as u64 + 1)) as usize);
+        }
+        let run = nts_team(
+            &order,
+            Duration::from_secs(3),
+            &format!("nat-nts-matrix-{r}"),
+        );
+        run.count(&mut counts);
+        let played: Vec<u64> = run.peers.iter().map(|p| p.2).collect();
+        eprintln!(
+            "run {r}: order {:?}, played {played:?}",
+            order.iter().map(|k| k.short()).collect::<Vec<_>>()
+        );
+    }
+    print_matrix(
+        &format!("NTS direct pairs of peers / pairs, over {runs} runs:"),
+        &counts,
+    );
+}
+
+/// NAT keep-alives: a team behind port-restricted and sequential symmetric NATs whose UDP
+/// mappings expire after `NTS_NAT_TIMEOUT` s (default 30) survives a source outage three times
+/// as long: no peer rejoins, and every peer gets the splitter's chunks again afterwards.
+/// `cargo test --release --test nat nts_team_survives_a_source_outage -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn nts_team_survives_a_source_outage_longer_than_the_nat_timeout() {
+    use std::io::Write;
+    if !lab_possible("nts_team_survives_a_source_outage_longer_than_the_nat_timeout") {
+        return;
+    }
+    let _one = support::one_at_a_time();
+    let timeout: u32 = std::env::var("NTS_NAT_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let dir = support::test_dir("nat-nts-outage");
+    let mut lab = Lab::new();
+    lab.udp_timeout = timeout;
+    let public = lab.public_host("splitter", 1);
+    let monitor_host = lab.public_host("monitor", 1);
+    let kinds = [NatKind::PortRestricted, NatKind::SymmetricSequential];
+    let homes: Vec<Home> = kinds.iter().map(|&k| lab.home(k, 0)).collect();
+    let splitter_at = format!("{}:8001", public.ip());
+    let metrics = format!("127.0.0.1:{METRICS_PORT}");
+    let log = std::fs::File::create(support::peer_log(&dir, "splitter")).unwrap();
+    let mut cmd = public.command(support::BIN);
+    cmd.env("RUST_LOG", "p2psp=info")
+        .args([
+            "splitter",
+            "--nts",
+            "--source",
+            "-",
+            "--header-size",
+            "0",
+            "--bind",
+            &public.ip().to_string(),
+            "--port",
+            "8001",
+            "--buffer-size",
+            "64",
+            "--shards",
+            "1",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    let mut splitter = support::Proc::spawn("splitter", &mut cmd);
+    let mut source = splitter.child.stdin.take().unwrap();
+    let feeding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (f2, s2) = (feeding.clone(), stop.clone());
+    let feeder = std::thread::spawn(move || {
+        // 64 KiB/s (512 kbit/s) in 1 KiB pieces while feeding.
+        let piece = [0x5au8; 1024];
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            if f2.load(std::sync::atomic::Ordering::Relaxed) && source.write_all(&piece).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(15_625));
+        }
+    });
+    let mut procs = Vec::new();
+    let args = |monitor: bool| {
+        let mut a = vec![
+            "peer",
+            "--nts",
+            "--splitter",
+            splitter_at.as_str(),
+            "--player-port",
+            "0",
+            "--metrics",
+            metrics.as_str(),
+            "--stall-timeout",
+            "1000s",
+        ];
+        if monitor {
+            a.push("--monitor");
+        }
+        a
+    };
+    let mut monitor = spawn_in(&monitor_host, &dir, "monitor", &args(true));
+    support::wait_joined(&dir, &mut monitor);
+    procs.push(monitor);
+    for h in &homes {
+        let mut p = spawn_in(&h.host, &dir, h.nat.kind.name(), &args(false));
+        support::wait_joined(&dir, &mut p);
+        procs.push(p);
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let counts = |what: &str| -> Vec<(u64, u64)> {
+        homes
+            .iter()
+            .map(|h| {
+                let t = &peer_status(&h.host)["totals"];
+                let v = (
+                    t["from_splitter"].as_u64().unwrap_or(0),
+                    t["rejoins"].as_u64().unwrap_or(0),
+                );
+                eprintln!(
+                    "{what}: {:<21} from splitter {:>6}, rejoins {}",
+                    h.nat.kind.name(),
+                    v.0,
+                    v.1
+                );
+                v
+            })
+            .collect()
+    };
+    let before = counts("before");
+    let outage = Duration::from_secs(u64::from(timeout) * 3);
+    eprintln!("source outage of {outage:?}, NAT UDP timeout {timeout} s");
+    feeding.store(false, std::sync::atomic::Ordering::Relaxed);
+    std::thread::sleep(outage);
+    feeding.store(true, std::sync::atomic::Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs(5));
+    let after = counts("after");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(procs);
+    splitter.kill();
+    let _ = feeder.join();
+    for (i, h) in homes.iter().enumerate() {
+        assert!(before[i].0 > 0, "{}: nothing before", h.nat.kind);
+        assert!(
+            after[i].0 > before[i].0 + 50,
+            "{}: splitter lost it",
+            h.nat.kind
+        );
+        assert_eq!(after[i].1, 0, "{}: rejoined", h.nat.kind);
+    }
+}

@@ -28,6 +28,8 @@ pub struct Joined {
     pub header_source: SocketAddrV4,
     /// The join connection, still open: [`Joined::ready`] completes the join.
     tcp: TcpStream,
+    /// NTS (`--nts`): the incorporated peer's NTS state.
+    pub nts: Option<super::nts::NtsSession>,
 }
 
 impl Joined {
@@ -52,6 +54,19 @@ pub fn join_within(
     splitter: SocketAddrV4,
     monitor: bool,
     timeout: Duration,
+) -> anyhow::Result<Joined> {
+    join_profile(splitter, monitor, timeout, false)
+}
+
+/// [`join_within`] under NTS when `nts` (reference-notes §6.4): after the configuration the
+/// splitter sends a peer ID, and the peer is incorporated over UDP before the join completes.
+/// Either way a splitter of the other profile is told apart and the join fails with one line
+/// saying so.
+pub fn join_profile(
+    splitter: SocketAddrV4,
+    monitor: bool,
+    timeout: Duration,
+    nts: bool,
 ) -> anyhow::Result<Joined> {
     let mut attempts = 0;
     let (mut tcp, socket, local) = loop {
@@ -83,7 +98,23 @@ pub fn join_within(
     socket.set_nonblocking(false)?;
     tcp.write_all(&[if monitor { ROLE_MONITOR } else { ROLE_PEER }])?;
 
-    let config = read_config(&mut tcp, splitter, timeout)?;
+    let (config, rest) = read_config_rest(&mut tcp, splitter, timeout)?;
+    let nts_id = if nts {
+        match super::nts::read_id(&mut tcp, rest, splitter) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                // A compat splitter may count us as a member by now.
+                drop(tcp);
+                for _ in 0..3 {
+                    let _ = socket.send_to(crate::proto::wire::GOODBYE, splitter);
+                }
+                return Err(e);
+            }
+        }
+    } else {
+        super::nts::refuse_nts_splitter(&mut tcp, &rest, splitter)?;
+        None
+    };
     // From here on a reference splitter already counts us as a member (it adds a peer as soon as
     // it has read the role byte): if we give up now, say goodbye so it stops sending to us.
     let fetched = config
@@ -111,14 +142,27 @@ pub fn join_within(
     // Relays are this peer's bulk of sends; see `set_dont_fragment`. A tuning knob only.
     let datagram = crate::proto::wire::CHUNK_HEADER + usize::from(config.chunk_size);
     let _ = driver::set_dont_fragment(&socket, datagram);
-    Ok(Joined {
+    let mut joined = Joined {
         config,
         socket,
         local,
         header,
         header_source: source,
         tcp,
-    })
+        nts: None,
+    };
+    if let Some(id) = nts_id {
+        let session = super::nts::incorporate(
+            &mut joined.tcp,
+            &joined.socket,
+            &joined.config,
+            id,
+            splitter,
+            monitor,
+        )?;
+        joined.nts = Some(session);
+    }
+    Ok(joined)
 }
 
 /// Reads the splitter's join message from `tcp` (after the role byte was sent), waiting at most
@@ -128,13 +172,22 @@ pub fn read_config(
     splitter: SocketAddrV4,
     timeout: Duration,
 ) -> anyhow::Result<JoinConfig> {
+    read_config_rest(tcp, splitter, timeout).map(|(c, _)| c)
+}
+
+/// [`read_config`], also returning the bytes read after the configuration.
+pub fn read_config_rest(
+    tcp: &mut TcpStream,
+    splitter: SocketAddrV4,
+    timeout: Duration,
+) -> anyhow::Result<(JoinConfig, Vec<u8>)> {
     let deadline = Instant::now() + timeout;
     let mut buf = Vec::new();
     loop {
-        if let Some((config, _)) = JoinConfig::decode(&buf)
+        if let Some((config, used)) = JoinConfig::decode(&buf)
             .map_err(|e| anyhow::anyhow!("the splitter sent a malformed configuration: {e}"))?
         {
-            return Ok(config);
+            return Ok((config, buf.split_off(used)));
         }
         if Instant::now() >= deadline {
             bail!("the splitter at {splitter} sent no configuration within {timeout:?}");

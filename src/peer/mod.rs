@@ -7,6 +7,7 @@
 
 pub mod attack;
 pub mod join;
+pub mod nts;
 pub mod player;
 pub mod status;
 
@@ -42,6 +43,11 @@ pub struct PeerArgs {
     /// Join as a monitor: report chunks lost at playout time to the splitter.
     #[arg(long)]
     pub monitor: bool,
+    /// NAT traversal (NTS, reference-notes §6.4): for a splitter started with `--nts` (the
+    /// reference's default build). With the wrong profile for its splitter the peer stops at
+    /// once and says so.
+    #[arg(long)]
+    pub nts: bool,
     /// Drop a neighbour that is owed more than this many chunks.
     #[arg(long, default_value_t = 128)]
     pub max_debt: i32,
@@ -147,6 +153,8 @@ pub struct PeerOptions {
     pub splitter_key: Option<crate::proto::integrity::ChunkVerifier>,
     /// Testing: a pollution attack.
     pub pollute: Option<attack::Pollute>,
+    /// NTS (`--nts`).
+    pub nts: bool,
 }
 
 /// Counters a running peer publishes.
@@ -202,6 +210,7 @@ impl PeerOptions {
             liveness: Liveness::default(),
             splitter_key: None,
             pollute: None,
+            nts: false,
         }
     }
 
@@ -246,6 +255,7 @@ impl PeerOptions {
             },
             splitter_key: a.splitter_key,
             pollute: a.pollute.clone(),
+            nts: a.nts,
         })
     }
 }
@@ -299,7 +309,8 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             eprintln!("p2psp peer metrics on http://{bound}/");
         }
     }
-    let mut joined = join::join(opts.splitter, opts.monitor).map_err(SetupError::wrap)?;
+    let mut joined = join::join_profile(opts.splitter, opts.monitor, JOIN_TIMEOUT, opts.nts)
+        .map_err(SetupError::wrap)?;
     let refetch = player::Refetch {
         source: joined.header_source,
         channel: joined.config.channel.clone(),
@@ -343,6 +354,9 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let _ = player.join();
     outcome
 }
+
+/// How long the splitter may take to answer the first join.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a team session ended.
 enum SessionEnd {
@@ -389,7 +403,7 @@ fn rejoin_with_backoff(
         if let Some(name) = &opts.status {
             eprintln!("{name}: rejoining (attempt {attempt})");
         }
-        match join::join_within(opts.splitter, opts.monitor, REJOIN_TIMEOUT) {
+        match join::join_profile(opts.splitter, opts.monitor, REJOIN_TIMEOUT, opts.nts) {
             Ok(j) => break Ok(Some(j)),
             Err(e) => {
                 if let Some(name) = &opts.status {
@@ -439,6 +453,10 @@ fn session(
     let mut core = Peer::new(rules, &config.peers, config.monitors);
     let socket = joined.socket.try_clone()?;
     socket.set_read_timeout(Some(Duration::from_millis(10)))?;
+    let mut nts = joined.nts.take();
+    if let Some(n) = &mut nts {
+        n.start(Instant::now(), &mut core);
+    }
     // Hellos first, then the ready byte: see `Joined::ready`.
     while let Some(t) = core.poll_transmit() {
         let _ = socket.send_to(&t.payload, t.dest);
@@ -455,6 +473,19 @@ fn session(
             config.chunk_size,
             config.buffer_size
         );
+        if let Some(n) = &nts {
+            let c = n.counters();
+            eprintln!(
+                "{name} {me}: NTS ID {}, incorporated in {:.0?}: {} teammates reached ({} direct, {} predicted, {} announced), {} not",
+                n.core.id(),
+                n.incorporation,
+                n.neighbours.len(),
+                c.direct,
+                c.predicted,
+                c.announced,
+                c.unreached
+            );
+        }
     }
     let mut watchdog = Watchdog::new(
         Instant::now(),
@@ -479,6 +510,10 @@ fn session(
             {
                 opts.counters.injected_drops.fetch_add(1, Ordering::Relaxed);
             }
+            Ok((n, SocketAddr::V4(from)))
+                if nts.as_mut().is_some_and(|s| {
+                    s.handle_datagram(now, from, &buf[..n], &socket, &mut core)
+                }) => {}
             Ok((n, SocketAddr::V4(from))) => {
                 let before = *core.stats();
                 core.handle_datagram(now, from, Bytes::copy_from_slice(&buf[..n]));
@@ -498,6 +533,9 @@ fn session(
             Err(e) => break Err(anyhow::anyhow!("UDP receive failed: {e}")),
         }
         core.handle_timeout(Instant::now());
+        if let Some(n) = &mut nts {
+            n.handle_timeout(Instant::now(), &socket, &mut core);
+        }
         while let Some(t) = core.poll_transmit() {
             let payload = match &mut polluter {
                 Some(p) => {

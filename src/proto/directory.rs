@@ -177,6 +177,30 @@ impl Directory {
         Some((team, shard))
     }
 
+    /// `old` is now known as `new` (NTS: a peer joins from its TCP endpoint and becomes a member
+    /// at the UDP endpoint its NAT gave it towards the splitter), keeping its place. False when
+    /// `old` is no member or `new` is taken.
+    pub fn rename(&mut self, old: Endpoint, new: Endpoint) -> bool {
+        if old == new {
+            return self.members.contains_key(&old);
+        }
+        if self.members.contains_key(&new) {
+            return false;
+        }
+        let Some(team) = self.members.remove(&old) else {
+            return false;
+        };
+        self.members.insert(new, team);
+        if let Some(entry) = self.teams.get_mut(&team) {
+            for m in &mut entry.members {
+                if m.0 == old {
+                    m.0 = new;
+                }
+            }
+        }
+        true
+    }
+
     /// The team and shard of `peer`.
     pub fn lookup(&self, peer: Endpoint) -> Option<(TeamId, usize)> {
         let team = *self.members.get(&peer)?;

@@ -15,12 +15,15 @@
 //! - [`integrity`]: CIS, signed chunks and complaints about polluters (`docs/integrity.md`).
 //! - [`nts`]: NTS, the NAT Traversal Set (§6.4): its messages, acknowledgement by echo, port-step
 //!   estimation and port prediction.
+//! - [`nts_splitter`], [`nts_peer`]: the NTS state machines of the splitter and of a peer.
 //! - [`rejoin`]: peer liveness: when the stream has stalled, why, and the backoff to join again.
 #![forbid(unsafe_code)]
 
 pub mod directory;
 pub mod integrity;
 pub mod nts;
+pub mod nts_peer;
+pub mod nts_splitter;
 pub mod peer;
 pub mod rejoin;
 pub mod seq;

@@ -31,6 +31,8 @@ use super::status::{Board, ControlCounters, PlaneView, Rates, StatusLine};
 use crate::driver::{self, PollFd, Waker};
 use crate::proto::Endpoint;
 use crate::proto::directory::{Directory, DirectoryRules, Placement};
+use crate::proto::nts::PeerId;
+use crate::proto::nts_splitter::{NtsAction, NtsSplitter};
 use crate::proto::team::TeamEvent;
 use crate::proto::wire::{JoinConfig, ROLE_MONITOR, ROLE_PEER};
 
@@ -63,6 +65,9 @@ enum State {
     JoinConfig { placement: Placement },
     /// Configuration sent; waiting for the ready byte or the end of the connection.
     JoinReady { placement: Placement },
+    /// NTS: configuration and ID sent; waiting for the peer's hellos (list 2 is written when
+    /// the splitter and the monitors have seen them) and its `Y`.
+    NtsArriving { placement: Placement },
     /// Reading an HTTP request head.
     HttpRequest,
     /// Writing an HTTP response, then closing.
@@ -79,7 +84,27 @@ struct Conn {
     written: usize,
     deadline: Instant,
     accepted: Instant,
+    /// This connection's key in `Control::conns`.
+    key: u64,
+    /// NTS: the ID given to the peer.
+    nts_id: Option<PeerId>,
+    /// NTS: incorporated at this UDP endpoint; the join completes once the output is written.
+    nts_done: Option<Endpoint>,
+    /// NTS: the peer closed its side (a reference peer does so before its `Y`).
+    eof: bool,
 }
+
+/// NTS at the control plane: the sans-IO core, the socket its datagrams go out on, and which
+/// connection each arriving ID belongs to.
+struct Nts {
+    core: NtsSplitter,
+    socket: std::net::UdpSocket,
+    conns: HashMap<PeerId, u64>,
+    rng: u64,
+}
+
+/// How long an NTS peer that closed its join connection has to say `Y`.
+const NTS_EOF_GRACE: Duration = Duration::from_secs(5);
 
 /// Counters of the control plane (relaxed atomics, read by [`super::Splitter::stats`]).
 #[derive(Debug, Default)]
@@ -128,6 +153,8 @@ pub struct Control {
     last_full_log: Option<Instant>,
     /// Where the status line's numbers are published for `--metrics`.
     board: Arc<Board>,
+    /// NTS, with `--nts`.
+    nts: Option<Nts>,
 }
 
 impl Control {
@@ -163,7 +190,26 @@ impl Control {
             stats,
             last_full_log: None,
             board: Arc::default(),
+            nts: None,
         }
+    }
+
+    /// Runs NTS (`--nts`), sending from `socket` (a duplicate of a shard's socket, so that
+    /// datagrams leave from the splitter's port); `None` leaves it off.
+    pub fn with_nts(mut self, socket: Option<std::net::UdpSocket>) -> Control {
+        self.nts = socket.map(|socket| {
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                ^ u64::from(std::process::id()).rotate_left(32);
+            Nts {
+                core: NtsSplitter::new(self.settings.max_pending_joins),
+                socket,
+                conns: HashMap::new(),
+                rng: seed | 1,
+            }
+        });
+        self
     }
 
     /// Publishes the control plane's counters and rates to `board` once a second.
@@ -187,6 +233,10 @@ impl Control {
                 let events = match c.state {
                     State::JoinConfig { .. } | State::HttpResponse => driver::POLLOUT,
                     State::JoinWaitHeader { .. } => 0,
+                    State::NtsArriving { .. } if c.eof => 0,
+                    State::NtsArriving { .. } if c.written < c.output.len() => {
+                        driver::POLLIN | driver::POLLOUT
+                    }
                     _ => driver::POLLIN,
                 };
                 fds.push(PollFd::new(c.stream.as_raw_fd(), events));
@@ -202,6 +252,7 @@ impl Control {
                 self.progress(*id, ready, now);
             }
             self.drain_reports();
+            self.drain_nts(now);
             let plane = PlaneView {
                 peers: self.directory.peer_count(),
                 teams: self.directory.team_count(),
@@ -250,6 +301,10 @@ impl Control {
                             written: 0,
                             deadline: now + self.settings.join_timeout,
                             accepted: now,
+                            key: id,
+                            nts_id: None,
+                            nts_done: None,
+                            eof: false,
                         },
                     );
                 }
@@ -304,9 +359,16 @@ impl Control {
             }
             Step::Done => {}
             Step::Fail => {
-                if let State::JoinConfig { placement } | State::JoinReady { placement } = &c.state {
+                if let State::JoinConfig { placement }
+                | State::JoinReady { placement }
+                | State::NtsArriving { placement } = &c.state
+                {
                     let _ = placement;
                     self.directory.remove(c.remote);
+                }
+                if let (Some(nts), Some(id)) = (&mut self.nts, c.nts_id) {
+                    nts.core.abandon(&id);
+                    nts.conns.remove(&id);
                 }
             }
         }
@@ -356,7 +418,7 @@ impl Control {
                         return Step::Fail;
                     }
                     let placement = self.directory.place(c.remote, *monitor);
-                    let config = JoinConfig {
+                    let mut config = JoinConfig {
                         source: SocketAddrV4::new(*c.local.ip(), c.local.port()),
                         channel: self.settings.channel.clone(),
                         header_size,
@@ -365,9 +427,35 @@ impl Control {
                         monitors: placement.monitors,
                         peers: placement.peers.clone(),
                     };
+                    if let Some(nts) = &self.nts {
+                        // NTS: the list holds the monitors only (§6.4).
+                        config.peers = nts.core.monitors(placement.team);
+                        config.monitors = config.peers.len() as u16;
+                    }
                     if config.encode(&mut c.output).is_err() {
                         self.directory.remove(c.remote);
                         return Step::Fail;
+                    }
+                    if let Some(nts) = &mut self.nts {
+                        let id = loop {
+                            nts.rng ^= nts.rng << 13;
+                            nts.rng ^= nts.rng >> 7;
+                            nts.rng ^= nts.rng << 17;
+                            let id = PeerId::from_random(nts.rng);
+                            if !nts.core.knows(&id) {
+                                break id;
+                            }
+                        };
+                        if !nts
+                            .core
+                            .arrive(now, placement.team, id, c.remote, placement.monitor)
+                        {
+                            self.directory.remove(c.remote);
+                            return Step::Fail;
+                        }
+                        nts.conns.insert(id, c.key);
+                        c.nts_id = Some(id);
+                        c.output.extend_from_slice(id.as_bytes());
                     }
                     c.state = State::JoinConfig { placement };
                 }
@@ -378,6 +466,11 @@ impl Control {
                         else {
                             unreachable!()
                         };
+                        if c.nts_id.is_some() {
+                            c.deadline = now + crate::proto::nts::MAX_TOTAL_INCORPORATION_TIME;
+                            c.state = State::NtsArriving { placement };
+                            continue;
+                        }
                         c.deadline = now + READY_TIMEOUT;
                         c.state = State::JoinReady { placement };
                         return Step::Keep;
@@ -417,6 +510,46 @@ impl Control {
                     };
                     self.commit(c.remote, &placement);
                     return Step::Done;
+                }
+                State::NtsArriving { .. } => {
+                    match write_out(c) {
+                        Ok(true) => {}
+                        Ok(false) => return self.timeout(c, now),
+                        Err(()) => c.eof = true,
+                    }
+                    if let Some(endpoint) = c.nts_done {
+                        let State::NtsArriving { placement } =
+                            std::mem::replace(&mut c.state, State::Hello)
+                        else {
+                            unreachable!()
+                        };
+                        self.directory.rename(c.remote, endpoint);
+                        self.commit(endpoint, &placement);
+                        return Step::Done;
+                    }
+                    if ready && !c.eof {
+                        let mut b = [0u8; 64];
+                        match c.stream.read(&mut b) {
+                            // A reference peer closes before its Y: give it a little longer.
+                            Ok(0) => {
+                                c.eof = true;
+                                c.deadline = c.deadline.min(now + NTS_EOF_GRACE);
+                            }
+                            // Nothing is expected; a compat peer's ready byte is ignored.
+                            Ok(_) => {}
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                            Err(_) => {
+                                c.eof = true;
+                                c.deadline = c.deadline.min(now + NTS_EOF_GRACE);
+                            }
+                        }
+                    }
+                    if now >= c.deadline {
+                        bump(&self.stats.abandoned);
+                        return Step::Fail;
+                    }
+                    return Step::Keep;
                 }
                 State::HttpRequest => {
                     if ready {
@@ -522,6 +655,9 @@ impl Control {
                 let (TeamEvent::Left { peer, team }
                 | TeamEvent::Expelled { peer, team, .. }
                 | TeamEvent::Polluter { peer, team, .. }) = e;
+                if let Some(nts) = &mut self.nts {
+                    nts.core.remove(peer);
+                }
                 // Only forget it if it was not placed again meanwhile.
                 if self.directory.lookup(peer).is_some_and(|(t, _)| t == team) {
                     self.directory.remove(peer);
@@ -543,6 +679,11 @@ impl Control {
                     ),
                 }
             }
+            Report::Foreign { from, data, .. }
+                if self
+                    .nts
+                    .as_mut()
+                    .is_some_and(|n| n.core.handle_datagram(Instant::now(), from, &data)) => {}
             Report::Foreign { from, data, .. } => match self.directory.lookup(from) {
                 // A member of another shard (the kernel spreads datagrams over the shards'
                 // sockets by address), or placed but not yet inserted at its shard: hand it over.
@@ -559,6 +700,39 @@ impl Control {
                 }
                 None => bump(&self.stats.foreign_datagrams),
             },
+        }
+    }
+}
+
+impl Control {
+    /// Carries out what NTS asks: datagrams, list 2 on join connections, incorporations.
+    fn drain_nts(&mut self, now: Instant) {
+        let Some(nts) = &mut self.nts else { return };
+        nts.core.handle_timeout(now);
+        while let Some(a) = nts.core.poll_action() {
+            match a {
+                NtsAction::Send { to, data } => {
+                    let _ = nts.socket.send_to(&data, to);
+                }
+                NtsAction::List2 { id, bytes } => {
+                    if let Some(c) = nts.conns.get(&id).and_then(|k| self.conns.get_mut(k)) {
+                        c.output.drain(..c.written);
+                        c.written = 0;
+                        c.output.extend_from_slice(&bytes);
+                    }
+                }
+                NtsAction::Incorporate { id, endpoint } => {
+                    if let Some(c) = nts.conns.remove(&id).and_then(|k| self.conns.get_mut(&k)) {
+                        c.nts_done = Some(endpoint);
+                    }
+                }
+                NtsAction::GiveUp { id } => {
+                    if let Some(c) = nts.conns.remove(&id).and_then(|k| self.conns.remove(&k)) {
+                        bump(&self.stats.timeouts);
+                        self.directory.remove(c.remote);
+                    }
+                }
+            }
         }
     }
 }

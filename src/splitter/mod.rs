@@ -70,6 +70,9 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
     // one. Foreign datagrams: dropped and counted when the control plane falls behind.
     let (report_tx, report_rx) = crossbeam_channel::bounded(65536);
     let (foreign_tx, foreign_rx) = crossbeam_channel::bounded(shard::DATAGRAM_QUEUE);
+    // NTS: the control plane sends its echoes and U2s from the splitter's port, through a
+    // duplicate of shard 0's socket (sending only: receiving stays with the shards).
+    let mut nts_socket = None;
     for index in 0..settings.shards {
         let socket = driver::udp_socket(
             udp_addr,
@@ -78,6 +81,9 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
             Some(settings.socket_buffer),
         )
         .with_context(|| format!("cannot bind UDP {udp_addr}"))?;
+        if settings.nts && index == 0 {
+            nts_socket = Some(socket.try_clone()?);
+        }
         // A tuning knob: chunks still go out without it.
         let datagram = crate::proto::wire::CHUNK_HEADER + settings.chunk_size;
         if let Err(e) = driver::set_dont_fragment(&socket, datagram) {
@@ -227,7 +233,8 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         foreign_rx,
         control_stats.clone(),
     )
-    .with_board(board);
+    .with_board(board)
+    .with_nts(nts_socket);
     let control_stop = stop.clone();
     let control = thread::Builder::new()
         .name("control".into())

@@ -70,6 +70,12 @@ pub struct SplitterArgs {
     /// (one more round between its chunks per loss, one less every second).
     #[arg(long)]
     pub acs: bool,
+    /// NAT traversal (NTS, reference-notes §6.4), as the reference's default build: peers get a
+    /// 7-character ID, say hello over UDP first and are incorporated once the splitter and the
+    /// monitors have seen them, so that peers behind NATs are reached. Peers must run with
+    /// `--nts` too (the wire cannot announce it; a peer with the wrong profile stops and says so).
+    #[arg(long)]
+    pub nts: bool,
     /// Most peers over all teams; a join over the limit is refused (the connection is closed
     /// before the configuration, and the splitter logs why). 0: no limit.
     #[arg(long, default_value_t = 100_000)]
@@ -177,6 +183,8 @@ pub struct Settings {
     pub lrs: bool,
     /// ACS on.
     pub acs: bool,
+    /// NTS on.
+    pub nts: bool,
     /// Most peers (0: no limit).
     pub max_peers: usize,
     /// Most connections in the middle of a join or header request.
@@ -308,6 +316,7 @@ impl Settings {
             first_chunk_number: a.first_chunk_number,
             lrs: a.lrs,
             acs: a.acs,
+            nts: a.nts,
             max_peers: a.max_peers,
             max_pending_joins: a.max_pending_joins,
             max_pending_per_ip: a.max_pending_per_ip,

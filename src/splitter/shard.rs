@@ -359,6 +359,8 @@ pub struct Shard {
     detail_due: Instant,
     /// Send lag of each chunk sent since the last publish, in microseconds.
     send_lag: Histogram<u64>,
+    /// NTS: datagrams of NTS sizes go to the control plane, members' too.
+    nts: bool,
 }
 
 /// The queues a shard reads and writes.
@@ -418,6 +420,7 @@ impl Shard {
             send_stats: SendStats::default(),
             detail_due: Instant::now(),
             send_lag: send_lag_histogram(),
+            nts: settings.nts,
         })
     }
 
@@ -527,7 +530,8 @@ impl Shard {
     }
 
     fn on_datagram(&mut self, from: Endpoint, data: Vec<u8>) {
-        if self.teams.contains(from) {
+        let nts = self.nts && crate::proto::nts_splitter::is_nts_size(data.len());
+        if !nts && self.teams.contains(from) {
             self.teams.handle_datagram(from, &data);
         } else {
             let report = Report::Foreign {

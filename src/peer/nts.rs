@@ -1,0 +1,246 @@
+//! `p2psp peer --nts`: the peer side of NTS (reference-notes §6.4) over real sockets, around the
+//! sans-IO [`NtsPeer`]: reading the ID after the configuration, the incorporation (U1, list 2,
+//! hellos, `Y`) before the DBS session starts, and telling a splitter of the other profile apart.
+
+use std::io::{ErrorKind, Read};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use bytes::Bytes;
+
+use crate::proto::Endpoint;
+use crate::proto::nts::{ID_LEN, MAX_PEER_ARRIVING_TIME, PeerId, decode_id, decode_list2};
+use crate::proto::nts_peer::{NtsPeer, NtsPeerAction, NtsPeerCounters, Reached};
+use crate::proto::peer::Peer;
+use crate::proto::wire::{HELLO, JoinConfig};
+
+/// How long an NTS peer waits for the ID after the configuration. Our compat splitter closes
+/// the connection 3 s after the configuration; a reference compat splitter at once.
+const ID_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long after list 2 a peer waits for hellos from every peer in it before saying `Y` anyway.
+pub const PATIENCE: Duration = Duration::from_secs(4);
+
+/// The NTS state of one team session.
+#[derive(Debug)]
+pub struct NtsSession {
+    /// The protocol core.
+    pub core: NtsPeer,
+    /// Teammates reached during the incorporation, for the DBS peer.
+    pub neighbours: Vec<(Endpoint, Reached)>,
+    /// When the incorporation took (from the ID to the echo of `Y`).
+    pub incorporation: Duration,
+}
+
+fn wrong_profile_nts(splitter: SocketAddrV4, what: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the splitter at {splitter} does not run NTS ({what}): run this peer without --nts, or the splitter with --nts"
+    )
+}
+
+/// Reads the 7-byte ID that follows the configuration under NTS (`rest` holds the bytes read
+/// after the configuration so far).
+pub fn read_id(
+    tcp: &mut TcpStream,
+    mut rest: Vec<u8>,
+    splitter: SocketAddrV4,
+) -> anyhow::Result<PeerId> {
+    let deadline = Instant::now() + ID_TIMEOUT;
+    tcp.set_read_timeout(Some(Duration::from_millis(100)))?;
+    loop {
+        match decode_id(&rest) {
+            Ok(Some(id)) => {
+                rest.drain(..ID_LEN);
+                if !rest.is_empty() {
+                    bail!(wrong_profile_nts(splitter, "it sent more than a peer ID"));
+                }
+                return Ok(id);
+            }
+            Ok(None) => {}
+            Err(_) => bail!(wrong_profile_nts(
+                splitter,
+                "what followed its configuration is no peer ID"
+            )),
+        }
+        if Instant::now() >= deadline {
+            bail!(wrong_profile_nts(
+                splitter,
+                "it sent no peer ID after its configuration"
+            ));
+        }
+        let mut b = [0u8; 64];
+        match tcp.read(&mut b) {
+            Ok(0) => bail!(wrong_profile_nts(
+                splitter,
+                "it closed the join connection without sending a peer ID"
+            )),
+            Ok(n) => rest.extend_from_slice(&b[..n]),
+            Err(e) if crate::io_util::is_transient(&e) => {}
+            Err(e) => bail!(wrong_profile_nts(
+                splitter,
+                &format!("reading the peer ID: {e}")
+            )),
+        }
+    }
+}
+
+/// A compat peer: fails with one line if the splitter sent a peer ID after the configuration
+/// (it runs NTS and would never send this peer a chunk).
+pub fn refuse_nts_splitter(
+    tcp: &mut TcpStream,
+    rest: &[u8],
+    splitter: SocketAddrV4,
+) -> anyhow::Result<()> {
+    let mut bytes = rest.to_vec();
+    if bytes.len() < ID_LEN {
+        // The NTS splitter writes the configuration and the ID at once; look without waiting.
+        tcp.set_nonblocking(true)?;
+        let mut b = [0u8; 64];
+        if let Ok(n) = tcp.read(&mut b) {
+            bytes.extend_from_slice(&b[..n]);
+        }
+        tcp.set_nonblocking(false)?;
+    }
+    if bytes.len() >= ID_LEN && PeerId::from_bytes(&bytes[..ID_LEN]).is_some() {
+        bail!(
+            "the splitter at {splitter} runs NTS (it sent a peer ID after its configuration): run this peer with --nts, or the splitter without it"
+        );
+    }
+    Ok(())
+}
+
+fn send_all(core: &mut NtsPeer, socket: &UdpSocket, mut neighbour: impl FnMut(Endpoint, Reached)) {
+    while let Some(a) = core.poll_action() {
+        match a {
+            NtsPeerAction::Send { to, data } => {
+                let _ = socket.send_to(&data, to);
+            }
+            NtsPeerAction::Neighbour { endpoint, how, .. } => neighbour(endpoint, how),
+            NtsPeerAction::Incorporated { missing } => {
+                if missing > 0 {
+                    tracing::info!(
+                        "NTS: {missing} teammate(s) never said hello; joining without them (they reach us through the team)"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Runs the NTS incorporation: U1 to the splitter and the monitors, list 2 from the join
+/// connection, hellos, then `Y` until the splitter echoes it; closes the join connection.
+pub fn incorporate(
+    tcp: &mut TcpStream,
+    socket: &UdpSocket,
+    config: &JoinConfig,
+    id: PeerId,
+    splitter: SocketAddrV4,
+    monitor: bool,
+) -> anyhow::Result<NtsSession> {
+    let start = Instant::now();
+    let deadline = start + MAX_PEER_ARRIVING_TIME + PATIENCE;
+    let mut core = NtsPeer::new(start, id, splitter, &config.peers, monitor, PATIENCE);
+    let mut neighbours = Vec::new();
+    let udp = socket.try_clone()?;
+    udp.set_read_timeout(Some(Duration::from_millis(10)))?;
+    tcp.set_nonblocking(true)?;
+    let mut input = Vec::new();
+    let mut eof = false;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let now = Instant::now();
+        send_all(&mut core, &udp, |e, h| neighbours.push((e, h)));
+        if core.is_member() {
+            break;
+        }
+        if now >= deadline {
+            bail!(
+                "NTS: the splitter at {splitter} did not incorporate this peer within {:?} (is a NAT or firewall dropping its UDP?)",
+                deadline - start
+            );
+        }
+        if !eof && !core.has_list2() {
+            let mut b = [0u8; 4096];
+            match tcp.read(&mut b) {
+                Ok(0) => eof = true,
+                Ok(n) => input.extend_from_slice(&b[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => eof = true,
+            }
+            match decode_list2(&input) {
+                Ok(Some((list, _))) => core.on_list2(now, &list),
+                Ok(None) if eof => bail!(
+                    "NTS: the splitter at {splitter} closed the join connection before sending the list of peers"
+                ),
+                Ok(None) => {}
+                Err(e) => {
+                    bail!("NTS: the splitter at {splitter} sent a malformed list of peers: {e}")
+                }
+            }
+        }
+        match udp.recv_from(&mut buf) {
+            Ok((n, SocketAddr::V4(from))) => {
+                // Chunks relayed before we are a member are dropped: playout has not started.
+                core.handle_datagram(now, from, &buf[..n]);
+            }
+            Ok(_) => {}
+            Err(e) if crate::io_util::is_transient(&e) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+            Err(e) => return Err(e.into()),
+        }
+        core.handle_timeout(Instant::now());
+    }
+    let _ = tcp.shutdown(std::net::Shutdown::Both);
+    Ok(NtsSession {
+        core,
+        neighbours,
+        incorporation: start.elapsed(),
+    })
+}
+
+impl NtsSession {
+    /// Hands the teammates found during the incorporation to the DBS peer, and drops the DBS
+    /// hellos it queued for the monitors (under NTS, teammates learn of each other by ID).
+    pub fn start(&mut self, now: Instant, dbs: &mut Peer) {
+        while dbs.poll_transmit().is_some() {}
+        for &(ep, _) in &self.neighbours {
+            dbs.handle_datagram(now, ep, Bytes::from_static(HELLO));
+        }
+    }
+
+    /// A datagram for NTS: handles it and returns true; false when it is for DBS.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        from: Endpoint,
+        data: &[u8],
+        socket: &UdpSocket,
+        dbs: &mut Peer,
+    ) -> bool {
+        if !self.core.handle_datagram(now, from, data) {
+            return false;
+        }
+        self.pump(now, socket, dbs);
+        true
+    }
+
+    /// Resends what is due.
+    pub fn handle_timeout(&mut self, now: Instant, socket: &UdpSocket, dbs: &mut Peer) {
+        self.core.handle_timeout(now);
+        self.pump(now, socket, dbs);
+    }
+
+    fn pump(&mut self, now: Instant, socket: &UdpSocket, dbs: &mut Peer) {
+        let neighbours = &mut self.neighbours;
+        send_all(&mut self.core, socket, |ep, how| {
+            neighbours.push((ep, how));
+            dbs.handle_datagram(now, ep, Bytes::from_static(HELLO));
+        });
+    }
+
+    /// Counters of the NTS core.
+    pub fn counters(&self) -> &NtsPeerCounters {
+        self.core.counters()
+    }
+}

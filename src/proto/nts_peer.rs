@@ -1,0 +1,460 @@
+//! NTS at a peer or monitor (reference-notes §6.4), sans-IO: its ID to the splitter and the
+//! monitors (U1), hellos to every peer of list 2 and to every peer the splitter announces (U2),
+//! at the announced port and, for a NAT with a port step, at the predicted ports, each resent
+//! every second until echoed; echoes of what others send; U4 reports of the ports teammates came
+//! from; `Y` once every peer of list 2 has been heard from. A monitor echoes arriving peers' IDs
+//! and tells the splitter the port each came from (U3), and adds peers the splitter announces to
+//! it (U2m).
+//!
+//! The caller runs it next to the DBS [`Peer`](super::peer::Peer): datagrams go here first
+//! ([`NtsPeer::handle_datagram`] returns false for those that are DBS), and each
+//! [`NtsPeerAction::Neighbour`] is a teammate to add to the DBS peer (as if it had said `H`).
+//!
+//! Beyond the reference: a peer that has not heard from every peer of list 2 after `patience`
+//! says `Y` anyway (the reference retries from a new port with `N`, at most until the
+//! splitter's 60 s are up); teammates it cannot reach directly still reach it through the rest
+//! of the team, since DBS relays every chunk to everyone it knows.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::Endpoint;
+use super::nts::{
+    ID_LEN, List2Entry, MAX_PREDICTED_PORTS, NewPeer, PeerId, Pending, ToPeer, ToSplitter,
+    probable_source_ports,
+};
+
+/// Most reliable messages a peer keeps in flight.
+pub const MAX_IN_FLIGHT: usize = 512;
+/// Most teammates a peer remembers by ID.
+pub const MAX_KNOWN: usize = 4096;
+/// A member sends its ID to the splitter and to every teammate it knows this often, so that
+/// the NATs on the way keep their mappings while no chunk flows (a source outage): home NATs
+/// forget an idle UDP mapping after 30 s or more (RFC 4787 asks for at least 2 min).
+pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
+
+/// What the caller does for the NTS peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NtsPeerAction {
+    /// Send `data` to `to`.
+    Send {
+        /// Destination.
+        to: Endpoint,
+        /// Bytes.
+        data: Vec<u8>,
+    },
+    /// A teammate to relay to and take chunks from.
+    Neighbour {
+        /// Its ID.
+        id: PeerId,
+        /// The endpoint its hello came from (or the splitter's U2m named).
+        endpoint: Endpoint,
+        /// How it was reached.
+        how: Reached,
+    },
+    /// `Y` was queued: the join connection can be closed. `missing` peers of list 2 were not
+    /// heard from.
+    Incorporated {
+        /// Peers of list 2 never heard from.
+        missing: usize,
+    },
+}
+
+/// How a teammate was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reached {
+    /// Its hello came from the port the splitter announced.
+    Direct,
+    /// From another port: one of the predicted ones, or its NAT's mapping towards us.
+    Predicted,
+    /// Announced by the splitter to a monitor (U2m).
+    Announced,
+}
+
+/// Counters of an NTS peer.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NtsPeerCounters {
+    /// Teammates reached at the announced port.
+    pub direct: u64,
+    /// Teammates reached at another port.
+    pub predicted: u64,
+    /// Teammates added from U2m (monitors).
+    pub announced: u64,
+    /// Peers of list 2 not heard from by the time `Y` went.
+    pub unreached: u64,
+    /// Reliable messages given up (never echoed).
+    pub expired: u64,
+    /// NTS datagrams echoed.
+    pub echoed: u64,
+    /// Teammates' NTS messages not taken (bounded state full).
+    pub refused: u64,
+    /// Keep-alive rounds sent.
+    pub keepalives: u64,
+}
+
+/// The NTS state of one peer session.
+#[derive(Debug)]
+pub struct NtsPeer {
+    me: PeerId,
+    splitter: Endpoint,
+    monitor: bool,
+    pending: Pending,
+    /// Teammates heard from (or announced to a monitor), by ID.
+    known: HashMap<PeerId, Endpoint>,
+    /// Ports at which teammates were announced.
+    announced: HashMap<PeerId, u16>,
+    /// Peers of list 2 not heard from yet; `None` until list 2 arrived.
+    initial: Option<HashSet<PeerId>>,
+    /// When `Y` goes even if `initial` is not empty.
+    deadline: Option<Instant>,
+    patience: Duration,
+    incorporated: bool,
+    /// Whether the splitter echoed our `Y`.
+    y_acked: bool,
+    /// At a monitor: (ID, port) pairs already reported with U3.
+    reported: HashSet<(PeerId, u16)>,
+    actions: VecDeque<NtsPeerAction>,
+    counters: NtsPeerCounters,
+    /// When the next keep-alive round goes (peers only: monitors are on public addresses).
+    next_keepalive: Option<Instant>,
+    /// The monitors of the join message.
+    monitors: Vec<Endpoint>,
+}
+
+impl NtsPeer {
+    /// A peer (or monitor) that was given `me` by the `splitter`, whose join message named
+    /// `monitors`. A peer sends its ID to the splitter and each monitor at once; a monitor,
+    /// incorporated on the spot, sends nothing. `patience`: how long after list 2 it waits for
+    /// hellos before saying `Y` anyway.
+    pub fn new(
+        now: Instant,
+        me: PeerId,
+        splitter: Endpoint,
+        monitors: &[Endpoint],
+        monitor: bool,
+        patience: Duration,
+    ) -> NtsPeer {
+        let mut p = NtsPeer {
+            me,
+            splitter,
+            monitor,
+            pending: Pending::new(MAX_IN_FLIGHT),
+            known: HashMap::new(),
+            announced: HashMap::new(),
+            initial: None,
+            deadline: None,
+            patience,
+            incorporated: monitor,
+            y_acked: monitor,
+            reported: HashSet::new(),
+            actions: VecDeque::new(),
+            counters: NtsPeerCounters::default(),
+            next_keepalive: (!monitor).then_some(now + KEEPALIVE_EVERY),
+            monitors: monitors.to_vec(),
+        };
+        if !monitor {
+            p.pending.send(now, me.as_bytes(), splitter, &[]);
+            for &m in monitors {
+                p.pending.send(now, me.as_bytes(), m, &[]);
+            }
+            p.flush(now);
+        }
+        p
+    }
+
+    /// Its ID.
+    pub fn id(&self) -> PeerId {
+        self.me
+    }
+
+    /// List 2 arrived on the join connection: hello to each peer in it (at its port and, for a
+    /// NAT with a port step, the next [`MAX_PREDICTED_PORTS`] steps).
+    pub fn on_list2(&mut self, now: Instant, entries: &[List2Entry]) {
+        let mut initial = HashSet::new();
+        for e in entries {
+            if e.id == self.me {
+                continue;
+            }
+            let base = e.endpoint.port();
+            let ports: Vec<u16> = if e.port_step == 0 {
+                Vec::new()
+            } else {
+                (1..=u32::from(MAX_PREDICTED_PORTS))
+                    .filter_map(|k| {
+                        u16::try_from(u32::from(base) + k * u32::from(e.port_step)).ok()
+                    })
+                    .collect()
+            };
+            self.announced.insert(e.id, base);
+            if !self.known.contains_key(&e.id) {
+                initial.insert(e.id);
+            }
+            if !self
+                .pending
+                .send(now, self.me.as_bytes(), e.endpoint, &ports)
+            {
+                self.counters.refused += 1;
+            }
+        }
+        self.initial = Some(initial);
+        self.deadline = Some(now + self.patience);
+        self.flush(now);
+        self.check_incorporated(now);
+    }
+
+    /// Handles a datagram from `from`; false when it is not NTS (the DBS peer takes it).
+    pub fn handle_datagram(&mut self, now: Instant, from: Endpoint, data: &[u8]) -> bool {
+        let from_splitter = from == self.splitter;
+        match ToPeer::parse(data, from_splitter, &self.me, self.monitor) {
+            ToPeer::Ack(d) => {
+                if self.pending.acknowledge(d, from)
+                    && from_splitter
+                    && d.len() == ID_LEN + 1
+                    && d[ID_LEN] == b'Y'
+                {
+                    self.y_acked = true;
+                }
+            }
+            ToPeer::Hello { id, .. } if self.monitor && id == self.me => {
+                // The echo of our own keep-alive (a monitor's parse takes 7 bytes as a hello).
+                self.pending.acknowledge(data, from);
+            }
+            ToPeer::Hello { id, retry } if self.monitor => {
+                // An arriving peer's U1 (or N): echo, and tell the splitter its port.
+                self.echo(from, data);
+                if self.reported.len() < MAX_KNOWN && self.reported.insert((id, from.port())) {
+                    let m = if retry {
+                        ToSplitter::MonitorSawRetry {
+                            id,
+                            port: from.port(),
+                        }
+                    } else {
+                        ToSplitter::MonitorSaw {
+                            id,
+                            port: from.port(),
+                        }
+                    };
+                    let mut out = Vec::new();
+                    m.encode(&mut out);
+                    self.pending.send(now, &out, self.splitter, &[]);
+                }
+            }
+            ToPeer::Hello { id, .. } => {
+                if id == self.me || from_splitter {
+                    return true;
+                }
+                self.echo(from, data);
+                self.heard(now, id, from);
+            }
+            ToPeer::NewPeer(np) => self.on_new_peer(now, np),
+            ToPeer::NewPeerAtMonitor { id, endpoint } => {
+                if self.monitor && !self.known.contains_key(&id) && self.known.len() < MAX_KNOWN {
+                    self.known.insert(id, endpoint);
+                    self.counters.announced += 1;
+                    self.actions.push_back(NtsPeerAction::Neighbour {
+                        id,
+                        endpoint,
+                        how: Reached::Announced,
+                    });
+                }
+            }
+            ToPeer::Dbs(_) => return false,
+        }
+        self.flush(now);
+        self.check_incorporated(now);
+        true
+    }
+
+    /// A teammate's hello from `from`.
+    fn heard(&mut self, now: Instant, id: PeerId, from: Endpoint) {
+        if let Some(initial) = &mut self.initial {
+            initial.remove(&id);
+        }
+        match self.known.get(&id) {
+            Some(&e) if e == from => return,
+            Some(_) => {}
+            None if self.known.len() >= MAX_KNOWN => {
+                self.counters.refused += 1;
+                return;
+            }
+            None => {}
+        }
+        self.known.insert(id, from);
+        // Hello back to where it came from: when our hellos to the announced and predicted ports
+        // all miss its NAT's mapping (other traffic used the predicted ports up), this one
+        // still gets through, since its NAT has just sent to us from there.
+        self.pending.send(now, self.me.as_bytes(), from, &[]);
+        // Our hellos to it need no more resending: it reached us, so the way is open.
+        // (A hello may come before the splitter's U2 about its sender: that counts as direct.)
+        let how = match self.announced.get(&id) {
+            Some(&p) if p != from.port() => {
+                self.counters.predicted += 1;
+                Reached::Predicted
+            }
+            _ => {
+                self.counters.direct += 1;
+                Reached::Direct
+            }
+        };
+        self.actions.push_back(NtsPeerAction::Neighbour {
+            id,
+            endpoint: from,
+            how,
+        });
+        // U4: the splitter learns the port the teammate's NAT gave towards us.
+        let mut out = Vec::new();
+        ToSplitter::PortReport {
+            id,
+            port: from.port(),
+        }
+        .encode(&mut out);
+        self.pending.send(now, &out, self.splitter, &[]);
+    }
+
+    fn on_new_peer(&mut self, now: Instant, np: NewPeer) {
+        if np.id == self.me || self.announced.contains_key(&np.id) {
+            // Ourselves, or a repeat of a U2 already acted on.
+            return;
+        }
+        if self.announced.len() >= MAX_KNOWN {
+            self.counters.refused += 1;
+            return;
+        }
+        self.announced.insert(np.id, np.endpoint.port());
+        if let Some(x) = np.extra_port {
+            let to = Endpoint::new(*self.splitter.ip(), x);
+            self.pending.send(now, self.me.as_bytes(), to, &[]);
+        }
+        if self.known.contains_key(&np.id) {
+            return;
+        }
+        let ports = probable_source_ports(np.endpoint.port(), np.port_step, np.peer_number);
+        if !self
+            .pending
+            .send(now, self.me.as_bytes(), np.endpoint, &ports)
+        {
+            self.counters.refused += 1;
+        }
+    }
+
+    fn echo(&mut self, to: Endpoint, data: &[u8]) {
+        self.counters.echoed += 1;
+        self.actions.push_back(NtsPeerAction::Send {
+            to,
+            data: data.to_vec(),
+        });
+    }
+
+    fn check_incorporated(&mut self, now: Instant) {
+        if self.incorporated {
+            return;
+        }
+        let Some(initial) = &self.initial else { return };
+        if !initial.is_empty() && self.deadline.is_some_and(|d| now < d) {
+            return;
+        }
+        let missing = initial.len();
+        self.counters.unreached += missing as u64;
+        self.incorporated = true;
+        let mut y = Vec::with_capacity(ID_LEN + 1);
+        ToSplitter::Incorporated {
+            id: self.me,
+            done: true,
+        }
+        .encode(&mut y);
+        self.pending.send(now, &y, self.splitter, &[]);
+        self.flush(now);
+        self.actions
+            .push_back(NtsPeerAction::Incorporated { missing });
+    }
+
+    fn flush(&mut self, now: Instant) {
+        let mut expired = Vec::new();
+        let actions = &mut self.actions;
+        self.pending.poll(
+            now,
+            |m, to| {
+                actions.push_back(NtsPeerAction::Send {
+                    to,
+                    data: m.to_vec(),
+                })
+            },
+            &mut expired,
+        );
+        self.counters.expired += expired.len() as u64;
+    }
+
+    /// Resends what is due; says `Y` when the patience is up; keeps the NAT mappings alive.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.flush(now);
+        self.check_incorporated(now);
+        if self.incorporated && self.next_keepalive.is_some_and(|t| now >= t) {
+            self.next_keepalive = Some(now + KEEPALIVE_EVERY);
+            self.keepalive();
+        }
+    }
+
+    /// One keep-alive round: our ID, once (not resent), to the splitter, the monitors and every
+    /// teammate known by ID. Receivers echo it (a hello from a known teammate, or a U1 a
+    /// monitor already reported, changes nothing else), so the mappings are refreshed both
+    /// ways.
+    fn keepalive(&mut self) {
+        self.counters.keepalives += 1;
+        let me = self.me.as_bytes().to_vec();
+        for &to in std::iter::once(&self.splitter)
+            .chain(&self.monitors)
+            .chain(self.known.values())
+        {
+            self.actions.push_back(NtsPeerAction::Send {
+                to,
+                data: me.clone(),
+            });
+        }
+    }
+
+    /// When [`NtsPeer::handle_timeout`] next has something to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let d = if self.incorporated {
+            None
+        } else {
+            self.deadline
+        };
+        self.pending
+            .poll_timeout()
+            .into_iter()
+            .chain(d)
+            .chain(self.next_keepalive.filter(|_| self.incorporated))
+            .min()
+    }
+
+    /// The next thing to do.
+    pub fn poll_action(&mut self) -> Option<NtsPeerAction> {
+        self.actions.pop_front()
+    }
+
+    /// Whether `Y` went (a monitor: from the start).
+    pub fn is_incorporated(&self) -> bool {
+        self.incorporated
+    }
+
+    /// Whether the splitter echoed our `Y` (a monitor: from the start): the splitter has made
+    /// us a member.
+    pub fn is_member(&self) -> bool {
+        self.y_acked
+    }
+
+    /// Whether list 2 arrived.
+    pub fn has_list2(&self) -> bool {
+        self.initial.is_some()
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> &NtsPeerCounters {
+        &self.counters
+    }
+
+    /// The teammates known by ID, with the endpoint each is reached at.
+    pub fn known(&self) -> impl Iterator<Item = (PeerId, Endpoint)> + '_ {
+        self.known.iter().map(|(i, e)| (*i, *e))
+    }
+}

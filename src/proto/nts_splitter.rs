@@ -1,0 +1,539 @@
+//! NTS at the splitter (reference-notes §6.4), sans-IO: IDs for arriving peers, acknowledgement
+//! of every NTS message by echo, the source ports seen by the splitter and by the monitors, the
+//! port-step estimate, list 2 and the U2/U2m messages once a peer is known everywhere, and its
+//! incorporation on `Y`.
+//!
+//! The caller owns the TCP connections and the UDP socket: it calls [`NtsSplitter::arrive`] when
+//! a join has been read, passes every NTS-sized datagram to [`NtsSplitter::handle_datagram`],
+//! calls [`NtsSplitter::handle_timeout`] now and then, and carries out the [`NtsAction`]s:
+//! datagrams to send from the splitter's port, list 2 to write on a peer's join connection, and
+//! the incorporation (the peer becomes a team member at the UDP endpoint it said `Y` from).
+//!
+//! Unlike the reference this one answers only to IDs it handed out, from the address that joined
+//! with them: messages from strangers and forged IDs change nothing and are not echoed.
+
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use super::Endpoint;
+use super::nts::{
+    List2Entry, MAX_TOTAL_INCORPORATION_TIME, NewPeer, PeerId, PortStep, STEP_UNKNOWN, ToSplitter,
+    encode_list2, encode_new_peer_at_monitor,
+};
+use super::team::TeamId;
+
+/// The splitter sends each of its own NTS messages (U2, U2m) this many times (reference: 3).
+pub const SPLITTER_REPEATS: u8 = 3;
+/// Time between those repeats (the reference paces them at one per chunk read).
+pub const SPLITTER_REPEAT_EVERY: Duration = Duration::from_millis(50);
+
+/// Whether a datagram of `len` bytes may be an NTS message for the splitter (U1, Y/N, U3/U4,
+/// N-fwd): the splitter's DBS rules never take these lengths.
+pub fn is_nts_size(len: usize) -> bool {
+    (super::nts::ID_LEN..=super::nts::ID_LEN + 3).contains(&len)
+}
+
+/// What the caller does for the NTS splitter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NtsAction {
+    /// Send `data` from the splitter's UDP port to `to`.
+    Send {
+        /// Destination.
+        to: Endpoint,
+        /// Bytes.
+        data: Vec<u8>,
+    },
+    /// Write `bytes` (list 2) on the join connection of the arriving peer `id`.
+    List2 {
+        /// The arriving peer.
+        id: PeerId,
+        /// The encoded list.
+        bytes: Vec<u8>,
+    },
+    /// The arriving peer `id` said `Y`: close its join connection and make it a team member at
+    /// `endpoint` (its public address and the source port it used towards the splitter).
+    Incorporate {
+        /// The peer.
+        id: PeerId,
+        /// Its UDP endpoint as the splitter sees it.
+        endpoint: Endpoint,
+    },
+    /// The arriving peer `id` took longer than [`MAX_TOTAL_INCORPORATION_TIME`]: close its join
+    /// connection.
+    GiveUp {
+        /// The peer.
+        id: PeerId,
+    },
+}
+
+/// Counters of the NTS splitter.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NtsSplitterCounters {
+    /// Peers that arrived (TCP join read).
+    pub arrived: u64,
+    /// Peers incorporated (said `Y`), monitors included.
+    pub incorporated: u64,
+    /// Arrivals given up.
+    pub given_up: u64,
+    /// NTS messages echoed.
+    pub echoed: u64,
+    /// NTS-sized datagrams ignored (unknown IDs, wrong senders).
+    pub ignored: u64,
+    /// U4 reports taken.
+    pub port_reports: u64,
+    /// Retries (`N`) taken.
+    pub retries: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Member {
+    id: PeerId,
+    team: TeamId,
+    endpoint: Endpoint,
+    monitor: bool,
+    step: PortStep,
+}
+
+#[derive(Debug, Clone)]
+struct Arriving {
+    id: PeerId,
+    team: TeamId,
+    ip: Ipv4Addr,
+    since: Instant,
+    to_splitter: Option<u16>,
+    /// The team's monitors when the peer arrived, with the port each saw the peer use.
+    to_monitors: Vec<(Endpoint, Option<u16>)>,
+    step: PortStep,
+    list2_sent: bool,
+}
+
+impl Arriving {
+    fn endpoint(&self) -> Option<Endpoint> {
+        self.to_splitter.map(|p| Endpoint::new(self.ip, p))
+    }
+}
+
+/// A step as sent on the wire: unknown counts as 0.
+fn wire_step(s: &PortStep) -> u16 {
+    if s.step == STEP_UNKNOWN { 0 } else { s.step }
+}
+
+/// The NTS splitter state of every team.
+#[derive(Debug, Default)]
+pub struct NtsSplitter {
+    members: Vec<Member>,
+    arriving: Vec<Arriving>,
+    actions: VecDeque<NtsAction>,
+    repeats: Vec<(Instant, u8, Endpoint, Vec<u8>)>,
+    counters: NtsSplitterCounters,
+    /// Most peers arriving at once; more are refused by [`NtsSplitter::arrive`].
+    pub max_arriving: usize,
+}
+
+impl NtsSplitter {
+    /// An NTS splitter with no peers, at most `max_arriving` peers being incorporated at once.
+    pub fn new(max_arriving: usize) -> NtsSplitter {
+        NtsSplitter {
+            max_arriving,
+            ..NtsSplitter::default()
+        }
+    }
+
+    /// Whether `id` is in use (arriving or a member): the caller draws IDs until one is free.
+    pub fn knows(&self, id: &PeerId) -> bool {
+        self.members.iter().any(|m| m.id == *id) || self.arriving.iter().any(|a| a.id == *id)
+    }
+
+    /// The monitors of `team` in team order (what the join message's list holds under NTS).
+    pub fn monitors(&self, team: TeamId) -> Vec<Endpoint> {
+        self.members
+            .iter()
+            .filter(|m| m.team == team && m.monitor)
+            .map(|m| m.endpoint)
+            .collect()
+    }
+
+    /// A join of `team` from `tcp` was read and the peer was given `id`. A monitor is
+    /// incorporated at once at its TCP endpoint ([`NtsAction::Incorporate`] follows); a peer
+    /// waits for its hellos. False (nothing changed) when `id` is taken or too many peers are
+    /// arriving.
+    pub fn arrive(
+        &mut self,
+        now: Instant,
+        team: TeamId,
+        id: PeerId,
+        tcp: Endpoint,
+        monitor: bool,
+    ) -> bool {
+        if self.knows(&id) || (!monitor && self.arriving.len() >= self.max_arriving) {
+            return false;
+        }
+        self.counters.arrived += 1;
+        if monitor {
+            let step = PortStep {
+                step: 0,
+                last_port: Some(tcp.port()),
+            };
+            // Teammates say hello to it as to any newcomer.
+            self.announce(now, team, id, tcp, 0, None);
+            self.members.push(Member {
+                id,
+                team,
+                endpoint: tcp,
+                monitor: true,
+                step,
+            });
+            self.counters.incorporated += 1;
+            self.actions
+                .push_back(NtsAction::Incorporate { id, endpoint: tcp });
+            return true;
+        }
+        let to_monitors = self.monitors(team).into_iter().map(|m| (m, None)).collect();
+        self.arriving.push(Arriving {
+            id,
+            team,
+            ip: *tcp.ip(),
+            since: now,
+            to_splitter: None,
+            to_monitors,
+            step: PortStep::default(),
+            list2_sent: false,
+        });
+        true
+    }
+
+    /// Forgets the arriving peer `id` (its join connection closed).
+    pub fn abandon(&mut self, id: &PeerId) {
+        self.arriving.retain(|a| a.id != *id);
+    }
+
+    /// Forgets the member at `endpoint` (it left or was expelled).
+    pub fn remove(&mut self, endpoint: Endpoint) {
+        self.members.retain(|m| m.endpoint != endpoint);
+        for a in &mut self.arriving {
+            a.to_monitors.retain(|(m, _)| *m != endpoint);
+        }
+    }
+
+    fn echo(&mut self, to: Endpoint, data: &[u8]) {
+        self.counters.echoed += 1;
+        self.actions.push_back(NtsAction::Send {
+            to,
+            data: data.to_vec(),
+        });
+    }
+
+    fn repeat(&mut self, now: Instant, to: Endpoint, data: Vec<u8>) {
+        self.actions.push_back(NtsAction::Send {
+            to,
+            data: data.clone(),
+        });
+        if SPLITTER_REPEATS > 1 {
+            self.repeats
+                .push((now + SPLITTER_REPEAT_EVERY, SPLITTER_REPEATS - 1, to, data));
+        }
+    }
+
+    /// Handles a datagram from `from`; false when it is not NTS (a loss report, a goodbye, or
+    /// malformed: the DBS rules take it).
+    pub fn handle_datagram(&mut self, now: Instant, from: Endpoint, data: &[u8]) -> bool {
+        let from_monitor = self.members.iter().any(|m| m.monitor && m.endpoint == from);
+        let msg = ToSplitter::parse(data, from_monitor);
+        let arriving = |s: &NtsSplitter, id: &PeerId| {
+            s.arriving
+                .iter()
+                .position(|a| a.id == *id && a.ip == *from.ip())
+        };
+        match msg {
+            ToSplitter::LossReport(_) | ToSplitter::Goodbye | ToSplitter::Malformed => {
+                return false;
+            }
+            ToSplitter::Hello(id) => {
+                if let Some(i) = arriving(self, &id) {
+                    self.echo(from, data);
+                    if !self.arriving[i].list2_sent {
+                        self.arriving[i].to_splitter = Some(from.port());
+                        self.check_complete(now, i);
+                    }
+                } else if self
+                    .members
+                    .iter()
+                    .any(|m| m.id == id && m.endpoint.ip() == from.ip())
+                {
+                    // A member's hello (a keep-alive, or a repeat whose echo was lost).
+                    self.echo(from, data);
+                } else {
+                    self.counters.ignored += 1;
+                }
+            }
+            ToSplitter::MonitorSaw { id, port } | ToSplitter::MonitorSawRetry { id, port } => {
+                self.echo(from, data);
+                if let Some(i) = self.arriving.iter().position(|a| a.id == id)
+                    && !self.arriving[i].list2_sent
+                {
+                    for (m, p) in &mut self.arriving[i].to_monitors {
+                        if *m == from {
+                            *p = Some(port);
+                        }
+                    }
+                    self.check_complete(now, i);
+                }
+            }
+            ToSplitter::PortReport { id, port } => {
+                // From a member, or from an arriving peer at its endpoint.
+                let sender_ok = self.members.iter().any(|m| m.endpoint == from)
+                    || self.arriving.iter().any(|a| a.endpoint() == Some(from));
+                if !sender_ok {
+                    self.counters.ignored += 1;
+                    return true;
+                }
+                self.echo(from, data);
+                self.counters.port_reports += 1;
+                if let Some(a) = self.arriving.iter_mut().find(|a| a.id == id) {
+                    if let Some(p) = a.to_splitter {
+                        a.step.observe(p, port);
+                    }
+                } else if let Some(m) = self.members.iter_mut().find(|m| m.id == id && !m.monitor) {
+                    m.step.observe(m.endpoint.port(), port);
+                }
+            }
+            ToSplitter::Incorporated { id, done: true } => {
+                if let Some(i) = arriving(self, &id)
+                    && self.arriving[i].list2_sent
+                    && self.arriving[i].endpoint() == Some(from)
+                {
+                    self.echo(from, data);
+                    let a = self.arriving.swap_remove(i);
+                    self.members.push(Member {
+                        id,
+                        team: a.team,
+                        endpoint: from,
+                        monitor: false,
+                        step: a.step,
+                    });
+                    self.counters.incorporated += 1;
+                    self.actions
+                        .push_back(NtsAction::Incorporate { id, endpoint: from });
+                } else if self
+                    .members
+                    .iter()
+                    .any(|m| m.id == id && m.endpoint == from)
+                {
+                    // A repeat whose echo was lost.
+                    self.echo(from, data);
+                } else {
+                    self.counters.ignored += 1;
+                }
+            }
+            ToSplitter::Incorporated { id, done: false } => {
+                if let Some(i) = arriving(self, &id) {
+                    self.echo(from, data);
+                    self.counters.retries += 1;
+                    let a = &mut self.arriving[i];
+                    a.to_splitter = Some(from.port());
+                    a.list2_sent = false;
+                    for (_, p) in &mut a.to_monitors {
+                        *p = None;
+                    }
+                    self.check_complete(now, i);
+                } else {
+                    self.counters.ignored += 1;
+                }
+            }
+        }
+        true
+    }
+
+    /// Once the splitter and every monitor have seen the arriving peer `i`: list 2 to it, U2m to
+    /// the monitors, U2 to the other peers of its team.
+    fn check_complete(&mut self, now: Instant, i: usize) {
+        let a = &self.arriving[i];
+        let Some(to_splitter) = a.to_splitter else {
+            return;
+        };
+        if a.list2_sent || a.to_monitors.iter().any(|(_, p)| p.is_none()) {
+            return;
+        }
+        let (id, team, ip) = (a.id, a.team, a.ip);
+        let mut step = a.step;
+        let mut min_port = to_splitter;
+        for &(_, p) in &a.to_monitors {
+            let p = p.unwrap_or(to_splitter);
+            step.observe(to_splitter, p);
+            min_port = min_port.min(p);
+        }
+        step.last_port = Some(to_splitter);
+        let monitor_ports = a.to_monitors.clone();
+        self.arriving[i].step = step;
+        self.arriving[i].list2_sent = true;
+
+        // List 2: the team's peers (not monitors) and the others being incorporated.
+        let mut entries: Vec<List2Entry> = self
+            .members
+            .iter()
+            .filter(|m| m.team == team && !m.monitor)
+            .map(|m| List2Entry {
+                id: m.id,
+                // The last source port anyone saw it use (as the reference): behind a
+                // sequential symmetric NAT the next mappings come after it.
+                endpoint: Endpoint::new(
+                    *m.endpoint.ip(),
+                    m.step.last_port.unwrap_or(m.endpoint.port()),
+                ),
+                port_step: wire_step(&m.step),
+            })
+            .collect();
+        entries.extend(
+            self.arriving
+                .iter()
+                .filter(|o| o.team == team && o.id != id && o.list2_sent)
+                .filter_map(|o| {
+                    Some(List2Entry {
+                        id: o.id,
+                        endpoint: o.endpoint()?,
+                        port_step: wire_step(&o.step),
+                    })
+                }),
+        );
+        // U2m: each monitor learns the endpoint the peer used towards it.
+        for (m, p) in monitor_ports {
+            let mut out = Vec::new();
+            encode_new_peer_at_monitor(&id, Endpoint::new(ip, p.unwrap_or(to_splitter)), &mut out);
+            self.repeat(now, m, out);
+        }
+        self.announce(
+            now,
+            team,
+            id,
+            Endpoint::new(ip, min_port),
+            wire_step(&step),
+            Some(id),
+        );
+        // List 2 last: the teammates hear of the peer before its hellos reach them.
+        let mut bytes = Vec::new();
+        if encode_list2(&entries, &mut bytes).is_ok() {
+            self.actions.push_back(NtsAction::List2 { id, bytes });
+        }
+    }
+
+    /// U2 (members) and U2i (peers being incorporated) about the new peer `id`.
+    fn announce(
+        &mut self,
+        now: Instant,
+        team: TeamId,
+        id: PeerId,
+        endpoint: Endpoint,
+        port_step: u16,
+        skip: Option<PeerId>,
+    ) {
+        // Team order: monitors first.
+        let team_members: Vec<&Member> = self
+            .members
+            .iter()
+            .filter(|m| m.team == team && m.monitor)
+            .chain(self.members.iter().filter(|m| m.team == team && !m.monitor))
+            .collect();
+        let mut sends = Vec::new();
+        for (k, m) in team_members.iter().enumerate() {
+            if m.monitor {
+                continue;
+            }
+            let np = NewPeer {
+                id,
+                endpoint,
+                port_step,
+                peer_number: u16::try_from(k + 1).unwrap_or(u16::MAX),
+                extra_port: None,
+            };
+            let mut out = Vec::new();
+            np.encode(&mut out);
+            sends.push((m.endpoint, out));
+        }
+        let count = u16::try_from(team_members.len() + 1).unwrap_or(u16::MAX);
+        for o in &self.arriving {
+            if o.team != team || Some(o.id) == skip || !o.list2_sent {
+                continue;
+            }
+            let Some(to) = o.endpoint() else { continue };
+            let np = NewPeer {
+                id,
+                endpoint,
+                port_step,
+                peer_number: count,
+                extra_port: None,
+            };
+            let mut out = Vec::new();
+            np.encode(&mut out);
+            sends.push((to, out));
+        }
+        for (to, out) in sends {
+            self.repeat(now, to, out);
+        }
+    }
+
+    /// Repeats due messages and gives up on arrivals older than
+    /// [`MAX_TOTAL_INCORPORATION_TIME`].
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut due = Vec::new();
+        self.repeats.retain_mut(|(at, left, to, data)| {
+            if now < *at {
+                return true;
+            }
+            due.push((*to, data.clone()));
+            *left -= 1;
+            *at = now + SPLITTER_REPEAT_EVERY;
+            *left > 0
+        });
+        for (to, data) in due {
+            self.actions.push_back(NtsAction::Send { to, data });
+        }
+        let mut gone = Vec::new();
+        self.arriving.retain(|a| {
+            let keep = now.saturating_duration_since(a.since) < MAX_TOTAL_INCORPORATION_TIME;
+            if !keep {
+                gone.push(a.id);
+            }
+            keep
+        });
+        for id in gone {
+            self.counters.given_up += 1;
+            self.actions.push_back(NtsAction::GiveUp { id });
+        }
+    }
+
+    /// When [`NtsSplitter::handle_timeout`] next has something to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let r = self.repeats.iter().map(|r| r.0).min();
+        let a = self
+            .arriving
+            .iter()
+            .map(|a| a.since + MAX_TOTAL_INCORPORATION_TIME)
+            .min();
+        r.into_iter().chain(a).min()
+    }
+
+    /// The next thing to do.
+    pub fn poll_action(&mut self) -> Option<NtsAction> {
+        self.actions.pop_front()
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> &NtsSplitterCounters {
+        &self.counters
+    }
+
+    /// Peers being incorporated now.
+    pub fn arriving_count(&self) -> usize {
+        self.arriving.len()
+    }
+
+    /// The port step measured for the member at `endpoint` (`None`: not a member or not
+    /// measured).
+    pub fn port_step(&self, endpoint: Endpoint) -> Option<u16> {
+        self.members
+            .iter()
+            .find(|m| m.endpoint == endpoint)
+            .and_then(|m| (m.step.step != STEP_UNKNOWN).then_some(m.step.step))
+    }
+}
