@@ -298,6 +298,24 @@ pub struct History {
 /// Samples the page charts: 10 minutes, one a second.
 pub const HISTORY_SAMPLES: usize = 600;
 
+/// `/history` from a history shared with the thread that samples it.
+pub fn history_json(h: &std::sync::Mutex<History>, since: Option<u64>) -> serde_json::Value {
+    h.lock().unwrap_or_else(|e| e.into_inner()).json(since)
+}
+
+/// Records a sample in a shared history when one is due; `sample` reads the series only then.
+pub fn history_tick(
+    h: &std::sync::Mutex<History>,
+    now: Instant,
+    sample: impl FnOnce() -> Vec<f64>,
+) {
+    let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
+    if h.due(now) {
+        let raw = sample();
+        h.record(now, &raw);
+    }
+}
+
 impl History {
     /// An empty history of `series` that keeps `capacity` samples taken `interval` apart; the
     /// first is due at `start`.

@@ -483,24 +483,17 @@ impl Exporter for PeerExporter {
     }
 
     fn history(&self, since: Option<u64>) -> Option<serde_json::Value> {
-        Some(
-            self.history
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .json(since),
-        )
+        Some(crate::metrics::history_json(&self.history, since))
     }
 
     fn tick(&self, now: Instant) {
-        let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
-        if h.due(now) {
+        crate::metrics::history_tick(&self.history, now, || {
             let d = self.counters.detail.get();
-            let raw: Vec<f64> = PEER_SERIES
+            PEER_SERIES
                 .iter()
                 .map(|s| self.read(&d, s.metric).unwrap_or(f64::NAN))
-                .collect();
-            h.record(now, &raw);
-        }
+                .collect()
+        });
     }
 }
 

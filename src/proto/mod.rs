@@ -31,3 +31,13 @@ pub mod team;
 pub mod wire;
 
 pub use std::net::SocketAddrV4 as Endpoint;
+
+/// Bytes from hex text (whitespace ignored), for the codecs' tests.
+#[cfg(test)]
+pub(crate) fn hex(s: &str) -> Vec<u8> {
+    let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}

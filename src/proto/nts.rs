@@ -621,14 +621,7 @@ impl Pending {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::proto::hex;
 
     fn id(s: &str) -> PeerId {
         PeerId::from_bytes(s.as_bytes()).unwrap()

@@ -270,14 +270,7 @@ pub fn loss_report(number: u16) -> [u8; LOSS_REPORT_LEN] {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::proto::hex;
 
     /// The configuration a C++ reference splitter sent on loopback (reference-notes Appendix A.1).
     const APPENDIX_A1: &str = "7f0000011f40 0008 746573742e6f6767 0400 0400 0100 0001 0002 \

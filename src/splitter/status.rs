@@ -786,23 +786,16 @@ impl Exporter for SplitterExporter {
     }
 
     fn history(&self, since: Option<u64>) -> Option<serde_json::Value> {
-        Some(
-            self.history
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .json(since),
-        )
+        Some(crate::metrics::history_json(&self.history, since))
     }
 
     fn tick(&self, now: Instant) {
-        let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
-        if h.due(now) {
-            let raw: Vec<f64> = SPLITTER_SERIES
+        crate::metrics::history_tick(&self.history, now, || {
+            SPLITTER_SERIES
                 .iter()
                 .map(|s| self.read(s.key).unwrap_or(f64::NAN))
-                .collect();
-            h.record(now, &raw);
-        }
+                .collect()
+        });
     }
 }
 
