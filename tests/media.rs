@@ -25,10 +25,6 @@ use support::{
 
 const MOUNT: &str = "/live.ogg";
 const PASSWORD: &str = "p2psp-test";
-/// The Ogg header pages of the stream below (Theora and Vorbis identification, comment and setup
-/// headers) measure about 6.6 KB; the splitter trims its header to whole pages, so a larger size
-/// only adds a few media pages.
-const OGG_HEADER_SIZE: &str = "16384";
 
 /// The start of every test: its turn (one at a time), icecast2 and ffmpeg (without them the test
 /// fails under CI and is skipped elsewhere, see [`tools_present`]: `None`), a fresh directory
@@ -305,8 +301,7 @@ const SPLITTER_OGG: &[&str] = &[
     "--buffer-size",
     "128",
     "--lrs",
-    "--header-size",
-    OGG_HEADER_SIZE,
+    // The default `--header-size auto`: the Ogg BOS and header pages (about 6.6 KB here).
 ];
 
 #[test]
