@@ -30,7 +30,7 @@ use support::{
 /// Seconds of media each decoder reads.
 const DECODE_SECONDS: u32 = 10;
 /// How long after the stream began the late peers join.
-const LATE: Duration = Duration::from_secs(5);
+const LATE: Duration = Duration::from_secs(20);
 
 const VIDEO: &[&str] = &["-f", "lavfi", "-i", "testsrc=size=320x240:rate=25"];
 const AUDIO: &[&str] = &["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"];
