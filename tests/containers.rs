@@ -4,7 +4,7 @@
 //!
 //! - MPEG-TS H.264 + AAC (the command of the bug report: AAC errors at start with a raw 8192-byte
 //!   header), Ogg Theora + Vorbis, Ogg Opus, WebM VP8 + Opus, MP3, AAC in ADTS;
-//! - MPEG-TS and Ogg Theora + Vorbis again with the peer joining 5 s after the stream began (well
+//! - MPEG-TS and Ogg Theora + Vorbis again with the peer joining 20 s after the stream began (well
 //!   into it: past several keyframes and Ogg pages, while the header is the one derived at the
 //!   start).
 //!
