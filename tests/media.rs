@@ -326,6 +326,76 @@ fn ogg_from_icecast_decodes_at_three_peers() {
     }
 }
 
+/// ffmpeg pushing a sine tone encoded with `codec` as `format` to `mount`.
+fn push_audio(dir: &Path, ice: &Icecast, mount: &str, codec: &[&str], format: &str) -> Proc {
+    let name = format!("pusher-{format}");
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let content_type = if format == "mp3" {
+        "audio/mpeg"
+    } else {
+        "audio/aac"
+    };
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args(["-nostdin", "-hide_banner", "-loglevel", "error", "-re"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+        .args(codec)
+        .args(["-content_type", content_type, "-f", format])
+        .arg(format!(
+            "icecast://source:{PASSWORD}@127.0.0.1:{}{mount}",
+            ice.port
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    Proc::spawn(&name, &mut cmd)
+}
+
+#[test]
+fn mp3_and_aac_from_icecast_decode_at_peers() {
+    let Some((_turn, dir)) = begin("mp3_and_aac_from_icecast_decode_at_peers", "audio") else {
+        return;
+    };
+    let ice = Icecast::start(&dir);
+    for (mount, codec, format) in [
+        (
+            "/live.mp3",
+            &["-c:a", "libmp3lame", "-b:a", "128k"][..],
+            "mp3",
+        ),
+        ("/live.aac", &["-c:a", "aac", "-b:a", "128k"][..], "adts"),
+    ] {
+        let sub = dir.join(format);
+        std::fs::create_dir_all(&sub).unwrap();
+        let _pusher = push_audio(&sub, &ice, mount, codec, format);
+        assert!(
+            wait_until(Duration::from_secs(20), || {
+                http_get(ice.port, mount, 4096)
+                    .is_some_and(|(h, b)| h.contains(" 200") && !b.is_empty())
+            }),
+            "the {format} mount never came on the air"
+        );
+        // The default --header-size auto: MP3 and ADTS need no header.
+        let url = format!("http://127.0.0.1:{}{mount}", ice.port);
+        let splitter = Splitter::start(
+            &sub,
+            &[
+                "--source",
+                &url,
+                "--chunk-size",
+                "512",
+                "--buffer-size",
+                "128",
+            ],
+            Stdio::null(),
+        );
+        let (_monitor, mut peers) = team(&sub, &splitter, 2);
+        check_decodes(&sub, &splitter, &peers, 10, "decode");
+        for (p, _) in &mut peers {
+            assert!(p.running(), "{format}: {} stopped", p.name);
+        }
+    }
+}
+
 #[test]
 fn mpeg_ts_from_stdin_decodes_at_a_peer() {
     let Some((_turn, dir)) = begin("mpeg_ts_from_stdin_decodes_at_a_peer", "ts") else {
