@@ -20,7 +20,10 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use support::{Proc, Splitter, one_at_a_time, start_peer, test_dir, wait_joined, wait_until};
+use support::{
+    Proc, Splitter, count_in, one_at_a_time, start_monitor, start_peer, test_dir, wait_joined,
+    wait_until,
+};
 
 /// 16,000 chunks/s of 1024 bytes.
 const RATE_16K: &str = "131072000";
@@ -71,13 +74,6 @@ fn input_rates(log: &str) -> Vec<f64> {
         .collect()
 }
 
-fn count_in(path: &Path, needle: &str) -> usize {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .matches(needle)
-        .count()
-}
-
 /// Waits for the first expulsion of `peer` after its join; the seconds between the two lines.
 fn time_to_expulsion(splitter: &Splitter, peer: &str, timeout: Duration) -> f64 {
     let found = wait_until(timeout, || {
@@ -119,13 +115,7 @@ fn pair(dir: &Path, extra: &[&str]) -> (Splitter, Proc, Proc, String) {
         ],
         Stdio::null(),
     );
-    let mut monitor = start_peer(
-        dir,
-        "monitor",
-        splitter.port,
-        &["--monitor", "--player-port", "0"],
-    );
-    wait_joined(dir, &mut monitor);
+    let (monitor, _) = start_monitor(dir, splitter.port);
     // The monitor measures the rate over its first second before it reports early.
     std::thread::sleep(Duration::from_millis(1500));
     let mut args = vec!["--player-port", "0"];
@@ -210,13 +200,8 @@ fn dead_peer_in_a_team_of_16(bitrate: &str) -> f64 {
         Stdio::null(),
     );
     let mut honest = Vec::new();
-    let mut monitor = start_peer(
-        &dir,
-        "monitor",
-        splitter.port,
-        &["--monitor", "--player-port", "0"],
-    );
-    honest.push(wait_joined(&dir, &mut monitor));
+    let (mut monitor, endpoint) = start_monitor(&dir, splitter.port);
+    honest.push(endpoint);
     let mut peers: Vec<Proc> = (0..14)
         .map(|i| {
             start_peer(

@@ -19,8 +19,8 @@ use std::sync::MutexGuard;
 use std::time::Duration;
 
 use support::{
-    Proc, Splitter, http_get, on_a_free_port, one_at_a_time, start_peer, start_peer_with_player,
-    test_dir, tools_present, wait_joined, wait_until,
+    Proc, Splitter, http_get, on_a_free_port, one_at_a_time, start_monitor, start_peer_with_player,
+    test_dir, tools_present, wait_until,
 };
 
 const MOUNT: &str = "/live.ogg";
@@ -262,13 +262,7 @@ fn check_decodes(
 
 /// A monitor and then `n` peers with player ports, all joined and counted by the splitter.
 fn team(dir: &Path, splitter: &Splitter, n: usize) -> (Proc, Vec<(Proc, u16)>) {
-    let mut monitor = start_peer(
-        dir,
-        "monitor",
-        splitter.port,
-        &["--monitor", "--player-port", "0"],
-    );
-    wait_joined(dir, &mut monitor);
+    let (monitor, _) = start_monitor(dir, splitter.port);
     let peers = (0..n)
         .map(|i| start_peer_with_player(dir, &format!("peer{i}"), splitter.port, &[], &[]))
         .collect();

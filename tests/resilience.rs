@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use support::{
-    Proc, Splitter, one_at_a_time, start_peer, start_peer_with_player, test_dir, wait_until,
+    Proc, Splitter, count_in, one_at_a_time, peer_log, start_peer, start_peer_with_player,
+    test_dir, wait_until,
 };
 
 /// A player on a peer's player port that reads until stopped; counts bytes and EOFs.
@@ -85,10 +86,7 @@ impl Drop for Player {
 
 /// Count of `needle` in a peer's log.
 fn count_in_log(dir: &std::path::Path, name: &str, needle: &str) -> usize {
-    std::fs::read_to_string(dir.join(format!("{name}.log")))
-        .unwrap_or_default()
-        .matches(needle)
-        .count()
+    count_in(&peer_log(dir, name), needle)
 }
 
 fn restart_with(peers: usize) {

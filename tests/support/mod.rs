@@ -366,6 +366,27 @@ pub fn wait_joined(dir: &Path, peer: &mut Proc) -> String {
     }
 }
 
+/// Starts a monitor (`--player-port 0`) named `monitor` and waits until it joined; it and its
+/// UDP endpoint.
+pub fn start_monitor(dir: &Path, splitter_port: u16) -> (Proc, String) {
+    let mut monitor = start_peer(
+        dir,
+        "monitor",
+        splitter_port,
+        &["--monitor", "--player-port", "0"],
+    );
+    let endpoint = wait_joined(dir, &mut monitor);
+    (monitor, endpoint)
+}
+
+/// How often `needle` occurs in the file at `path` (0 if it cannot be read).
+pub fn count_in(path: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .matches(needle)
+        .count()
+}
+
 /// The port of the metrics endpoint a peer started with `--metrics 127.0.0.1:0` reports.
 pub fn peer_metrics_port(dir: &Path, peer: &mut Proc) -> u16 {
     let log = peer_log(dir, &peer.name);
