@@ -115,10 +115,9 @@ struct Fate {
 impl Fate {
     /// Chunk with ordinal `ordinal` was reported lost (for the first time).
     fn lost(&mut self, ordinal: u32) {
-        let ahead = ordinal.wrapping_sub(self.judged);
-        if ahead > 0 && ahead < u32::MAX / 2 {
+        let newly = ordinal.wrapping_sub(self.judged);
+        if newly > 0 && newly < u32::MAX / 2 {
             // Every chunk given between the last judged one and this one arrived.
-            let newly = ahead;
             self.window = if newly >= 32 { 0 } else { self.window << newly } | 1;
             self.window_len = (self.window_len + newly).min(EXPULSION_WINDOW);
             // The chunks judged now arrived over the time since the last report, which may be
@@ -140,7 +139,8 @@ impl Fate {
     }
 
     fn lost_in_window(&self) -> u32 {
-        (self.window & window_mask()).count_ones()
+        // `lost` keeps the window masked to its length.
+        self.window.count_ones()
     }
 
     fn should_expel(&self, rule: &Expulsion) -> bool {
