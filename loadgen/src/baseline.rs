@@ -59,6 +59,7 @@ pub fn run(
     if let Some(c) = core {
         core_affinity::set_for_current(c);
     }
+    crate::sched::apply("baseline");
     let socket = driver::udp_socket(
         SocketAddrV4::new([127, 0, 0, 1].into(), 0),
         false,

@@ -16,6 +16,7 @@ mod peers;
 mod plan;
 mod procfs;
 mod report;
+mod sched;
 mod source;
 mod stamp;
 mod tally;
@@ -152,6 +153,11 @@ struct Args {
     /// Write an SVG plot: latency by percentile and the per-second throughput and loss.
     #[arg(long, value_name = "PATH.svg")]
     plot: Option<PathBuf>,
+    /// Scheduler slice (Linux 6.12+) of the threads that put chunks on the wire: passed to the
+    /// splitter child as its `--thread-slice`, and applied to the source's writer and to the
+    /// baseline loop, so that both kinds of run are alike (`off`: the kernel's default).
+    #[arg(long, default_value = "off", value_parser = p2psp::splitter::settings::parse_slice, value_name = "DURATION|off")]
+    thread_slice: p2psp::splitter::settings::ThreadSlice,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -302,6 +308,7 @@ impl Marks {
 }
 
 fn run(a: &Args) -> anyhow::Result<()> {
+    sched::set(a.thread_slice.0);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let plan = Plan::new(
         &PlanInput {
@@ -405,7 +412,10 @@ fn start(
                 monitors: a.monitors,
                 shards: plan.shards,
                 io: a.io.clone(),
-                extra: Vec::new(),
+                extra: match a.thread_slice.0 {
+                    Some(d) => vec!["--thread-slice".into(), format!("{}us", d.as_micros())],
+                    None => Vec::new(),
+                },
             })?)
         }
     };

@@ -80,6 +80,7 @@ impl SourceServer {
                     if let Some(c) = core {
                         core_affinity::set_for_current(c);
                     }
+                    crate::sched::apply("source");
                     write_loop(chunk_size, chunks_per_second, &clients, &stats, &stop)
                 })?
         };

@@ -51,6 +51,6 @@ pub use recv::{Datagram, MultiRecv, PollOutcome, RecvPath, RecvStats};
 pub use send::{BatchSender, EAGAIN_WAIT_BUDGET, MAX_BATCH, SendPath, SendStats};
 pub use sys::{
     DONT_FRAGMENT_MAX, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, PollFd, Waker, monotonic_ns,
-    poll, raise_nofile_limit, set_dont_fragment, set_timer_slack, tcp_listener, thread_cpu_time,
-    udp_socket, udp_socket_reuse_addr,
+    poll, raise_nofile_limit, set_dont_fragment, set_thread_slice, set_timer_slack, tcp_listener,
+    thread_cpu_time, thread_slice, udp_socket, udp_socket_reuse_addr,
 };

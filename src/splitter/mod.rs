@@ -113,6 +113,7 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
                 if let Some(core) = core {
                     core_affinity::set_for_current(core);
                 }
+                use_thread_slice(settings2.thread_slice, "shard");
                 let shard =
                     shard::Shard::new(index, &settings2, socket, ring, waker2, queues, stats2);
                 match shard {
@@ -169,10 +170,12 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         let chunk_size = settings.chunk_size;
         let first = settings.first_chunk_number;
         let signer = settings.signer.clone();
+        let slice = settings.thread_slice;
         thread::Builder::new().name("feed".into()).spawn(move || {
             if let Some(core) = spare_core {
                 core_affinity::set_for_current(core);
             }
+            use_thread_slice(slice, "feed");
             let result = feed::run(
                 source,
                 chunk_size,
@@ -362,5 +365,15 @@ struct StopOnExit<'a>(&'a AtomicBool);
 impl Drop for StopOnExit<'_> {
     fn drop(&mut self) {
         self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Applies `--thread-slice` to the calling thread; a refusal is logged, not fatal (chunks still
+/// go out, with the kernel's default slice).
+fn use_thread_slice(slice: Option<std::time::Duration>, thread: &str) {
+    if let Some(slice) = slice
+        && let Err(e) = driver::set_thread_slice(slice)
+    {
+        tracing::warn!("cannot set the {thread} thread's scheduler slice to {slice:?}: {e}");
     }
 }

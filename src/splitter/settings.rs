@@ -9,6 +9,44 @@ use crate::driver::SendPath;
 pub use crate::media::HeaderSize;
 use crate::proto::wire::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 
+/// `--thread-slice`: a scheduler slice, or `off` (the kernel's default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadSlice(pub Option<std::time::Duration>);
+
+/// Parses `--thread-slice`: `off`, or a duration in `us` or `ms` (`300us`, `0.5ms`) from 100 µs
+/// to 100 ms, the range the kernel takes.
+pub fn parse_slice(s: &str) -> Result<ThreadSlice, String> {
+    let t = s.trim();
+    if t == "off" {
+        return Ok(ThreadSlice(None));
+    }
+    let (num, ns_per_unit) = if let Some(n) = t.strip_suffix("us") {
+        (n, 1e3)
+    } else if let Some(n) = t.strip_suffix("ms") {
+        (n, 1e6)
+    } else {
+        return Err(format!(
+            "`{s}` is not a slice: give `off` or a duration such as 300us or 1ms"
+        ));
+    };
+    let v: f64 = n_or_err(num, s)?;
+    let ns = (v * ns_per_unit).round();
+    if !(100_000.0..=100_000_000.0).contains(&ns) {
+        return Err(format!(
+            "--thread-slice `{s}` must be between 100us and 100ms (or off)"
+        ));
+    }
+    Ok(ThreadSlice(Some(std::time::Duration::from_nanos(
+        ns as u64,
+    ))))
+}
+
+fn n_or_err(num: &str, s: &str) -> Result<f64, String> {
+    num.trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a slice: give `off` or a duration such as 300us or 1ms"))
+}
+
 /// Flags of `p2psp splitter`.
 #[derive(Debug, Clone, Args)]
 pub struct SplitterArgs {
@@ -54,6 +92,13 @@ pub struct SplitterArgs {
     /// UDP send path: `auto` (io_uring where the kernel allows it), `io_uring` or `sendmmsg`.
     #[arg(long = "io", default_value = "auto", value_name = "PATH")]
     pub io: String,
+    /// Scheduler time slice of the shards and the feed (Linux 6.12+ fair scheduler, 100us to
+    /// 100ms): with a slice shorter than the kernel's default (about 1.5 ms on two cores), a
+    /// shard woken by a new chunk runs at once on a busy core instead of after the running
+    /// thread's slice, so chunks leave sooner. It gives the threads no more CPU time. `off`
+    /// keeps the kernel's default (docs/operations.md, "Latency").
+    #[arg(long, default_value = "off", value_parser = parse_slice, value_name = "DURATION|off")]
+    pub thread_slice: ThreadSlice,
     /// Expel a peer when this fraction of its own chunks is reported lost, both among its last
     /// 16 judged chunks and over the last seconds (docs/recovery.md, "Expulsion"). Monitors are
     /// never expelled.
@@ -175,6 +220,8 @@ pub struct Settings {
     pub channel: String,
     /// Send path.
     pub send_path: SendPath,
+    /// Scheduler slice of the shards and the feed (`None`: the kernel's default).
+    pub thread_slice: Option<std::time::Duration>,
     /// When a peer is expelled for its losses.
     pub expulsion: crate::proto::team::Expulsion,
     /// First chunk number.
@@ -309,6 +356,7 @@ impl Settings {
             shards,
             channel,
             send_path,
+            thread_slice: a.thread_slice.0,
             expulsion: crate::proto::team::Expulsion {
                 min_lost: a.expel_min_losses,
                 fraction: a.expel_fraction,
@@ -348,6 +396,28 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thread_slice_takes_off_and_microseconds_to_milliseconds() {
+        use std::time::Duration;
+        assert_eq!(parse_slice("off"), Ok(ThreadSlice(None)));
+        assert_eq!(
+            parse_slice("100us"),
+            Ok(ThreadSlice(Some(Duration::from_micros(100))))
+        );
+        assert_eq!(
+            parse_slice("0.3ms"),
+            Ok(ThreadSlice(Some(Duration::from_micros(300))))
+        );
+        assert_eq!(
+            parse_slice("100ms"),
+            Ok(ThreadSlice(Some(Duration::from_millis(100))))
+        );
+        for bad in ["99us", "101ms", "1s", "300", "fast", "-1ms", "NaNus"] {
+            let e = parse_slice(bad).unwrap_err();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn default_args_are_the_flags_defaults() {
