@@ -307,6 +307,7 @@ fn check_to_splitter(d: &[u8]) {
         ToSplitter::Complaint { accused, number } => {
             assert_eq!(d, crate::proto::integrity::complaint(accused, number))
         }
+        ToSplitter::DigestRequest(n) => assert_eq!(d, crate::proto::digest::request(n)),
         ToSplitter::Malformed => assert!(d.len() != 2 && d != b"G"),
     }
 }

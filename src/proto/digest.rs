@@ -422,7 +422,10 @@ impl DigestGrouper {
         self.next_ext = Some(ext.wrapping_add(1));
         self.hashes.push(chunk_hash(d));
         let n = self.hashes.len();
-        n >= self.max || digest_len(n + 1) == self.chunk_len
+        // A digest never has the length of a chunk datagram, signed or not.
+        n >= self.max
+            || digest_len(n + 1) == self.chunk_len
+            || digest_len(n + 1) == self.chunk_len + SIGNATURE_LEN
     }
 
     /// Whether chunk `number` continues the open group (it can be added without closing it).
