@@ -636,9 +636,13 @@ impl Peer {
                 // A chunk from the splitter of the other kind (signed or not) than this peer's.
                 let c = CHUNK_HEADER + self.rules.chunk_size;
                 let other = if trailer == 0 { c + SIGNATURE_LEN } else { c };
-                if from == self.rules.splitter
-                    && (data.len() == other || (trailer == 0 && digest::is_digest(&data)))
-                {
+                // A digest tells a peer without a key that its team is signed, from the
+                // splitter or relayed by a neighbour (the splitter sends each digest to one or
+                // two members of a team).
+                let digest = trailer == 0
+                    && digest::is_digest(&data)
+                    && (from == self.rules.splitter || self.position(from).is_some());
+                if (from == self.rules.splitter && data.len() == other) || digest {
                     self.other_kind += 1;
                     // Only before any good chunk from the splitter, and not on one datagram: a
                     // stranger forging the splitter's address must not end a peer that plays.

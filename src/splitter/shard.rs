@@ -344,14 +344,19 @@ pub fn check_socket_buffers(socket: &UdpSocket, wanted: usize, shard: usize, sta
     }
 }
 
-/// CIS digest mode: whether the group's digest `digest` goes with chunk `number`: with the
-/// group's first chunk, and with its second too when the group has 6 chunks or more (two copies
-/// reach every peer then, for the price of at most 56 bytes per chunk; see docs/integrity.md).
-fn digest_goes_with(digest: &[u8], number: u16) -> bool {
+/// CIS digest mode: whether the group's digest `digest` goes with chunk `number` (ahead of it,
+/// to its destination, which relays it to its team). One chunk of the group, picked by a hash of
+/// the group's number so that the relaying member changes from group to group whatever the group
+/// and team sizes (a polluter that drops digests gets the job one group in N); and the chunk
+/// after it too when the group has 6 chunks or more and teams have teammates (two copies reach
+/// every peer then, for at most 56 bytes per chunk; see docs/integrity.md).
+fn digest_goes_with(digest: &[u8], number: u16, team_size: usize) -> bool {
     match crate::proto::digest::Digest::parse(digest) {
         Some(d) => {
-            let i = number.wrapping_sub(d.first as u16);
-            i == 0 || (i == 1 && d.count() >= 6)
+            let count = d.count() as u32;
+            let i = u32::from(number.wrapping_sub(d.first as u16));
+            let first = (d.first.wrapping_mul(0x9e37_79b9) >> 16) % count;
+            i == first || (count >= 6 && team_size > 2 && i == (first + 1) % count)
         }
         None => false,
     }
@@ -382,6 +387,8 @@ pub struct Shard {
     nts: bool,
     /// Digest mode: digests sent (ahead of chunks, and on request).
     digests_sent: u64,
+    /// Most peers per team.
+    team_size: usize,
     digests_resent: u64,
 }
 
@@ -445,6 +452,7 @@ impl Shard {
             nts: settings.nts,
             digests_sent: 0,
             digests_resent: 0,
+            team_size: settings.team_size,
         })
     }
 
@@ -494,7 +502,7 @@ impl Shard {
                             // CIS digest mode: the group's digest goes ahead of its first
                             // chunks, to their destinations, which relay it to their teams.
                             if let Some(d) = &chunk.digest
-                                && digest_goes_with(d, chunk.number)
+                                && digest_goes_with(d, chunk.number, self.team_size)
                             {
                                 self.sender.send_to_all(d, &dests, &mut self.send_stats);
                                 self.digests_sent += dests.len() as u64;
