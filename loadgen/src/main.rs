@@ -268,6 +268,8 @@ struct Started {
     workers: Vec<thread::JoinHandle<anyhow::Result<()>>>,
     joiners: Vec<thread::JoinHandle<()>>,
     join_start: Instant,
+    /// CIS: what a signature check and a chunk hash cost here, when the peers verify.
+    verify_costs: Option<(f64, f64)>,
 }
 
 /// Readings taken at interval starts: splitter CPU, loadgen CPU and the baseline's datagram count
@@ -695,6 +697,7 @@ fn start(
     }
     drop(join_tx);
     Ok(Started {
+        verify_costs,
         source,
         sender,
         shared,
@@ -882,6 +885,7 @@ fn finish(
         sender,
         shared,
         noise,
+        verify_costs,
         ..
     } = st;
     let (from, until) = outcome.measure;
