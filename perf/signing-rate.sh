@@ -4,7 +4,8 @@
 #
 # Runs the splitter alone (the test source, no peers: signing is measured without the fan-out
 # around it) at RATE chunks/s of 1 KiB for SECS seconds, RUNS times for each MODE, and prints per
-# run: chunks cut from the source, chunks published signed (digest mode: every one must be), the
+# run: chunks cut from the source, chunks published signed (digest mode: every one must be, give
+# or take the group open at either end), the mean chunks per signed group, the
 # CPU share of the thread that signs (the `signer` thread in digest mode, the `feed` thread, which
 # signs every chunk itself, in chunk mode; the unsigned feed thread for reference), read from
 # /proc/PID/task/*/stat; then the medians. Bounded: every run has a time limit.
@@ -47,7 +48,7 @@ hz=$(getconf CLK_TCK)
 bits=$((RATE * 1024 * 8))
 port=$((20000 + RANDOM % 20000))
 mport=$((port + 1))
-printf '%-7s %3s | %10s %10s %8s | %-7s %8s\n' mode run "chunks in" signed "in-signed" thread "CPU %"
+printf '%-7s %3s | %10s %10s %8s %7s | %-7s %8s\n' mode run "chunks in" signed "in-signed" "group" thread "CPU %"
 for mode in $MODES; do
     for ((r = 1; r <= RUNS; r++)); do
         args=(splitter --source test --bitrate "$bits" --chunk-size 1024 --header-size 0
@@ -75,11 +76,15 @@ for mode in $MODES; do
         in=$(($(metric "$work/m1" p2psp_splitter_chunks_in_total) - $(metric "$work/m0" p2psp_splitter_chunks_in_total)))
         signed=$(($(metric "$work/m1" p2psp_splitter_signed_chunks_total) - $(metric "$work/m0" p2psp_splitter_signed_chunks_total)))
         # Chunks cut but not signed within the run (still waiting in a group, at most one group).
-        lost=0
-        if [[ $mode == digest ]]; then lost=$((in - signed)); fi
+        groups=$(($(metric "$work/m1" p2psp_splitter_signed_groups_total) - $(metric "$work/m0" p2psp_splitter_signed_groups_total)))
+        lost=0 group=-
+        if [[ $mode == digest ]]; then
+            lost=$((in - signed))
+            group=$(awk -v c="$signed" -v g="$groups" 'BEGIN {printf "%.1f", g > 0 ? c / g : 0}')
+        fi
         cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$hz" -v s="$SECS" 'BEGIN {printf "%.1f", (b - a) / hz / s * 100}')
         echo "$cpu" >>"$work/cpu-$mode"
-        printf '%-7s %3s | %10s %10s %8s | %-7s %8s\n' "$mode" "$r" "$in" "$signed" "$lost" "$thread" "$cpu"
+        printf '%-7s %3s | %10s %10s %8s %7s | %-7s %8s\n' "$mode" "$r" "$in" "$signed" "$lost" "$group" "$thread" "$cpu"
     done
 done
 echo
