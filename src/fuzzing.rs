@@ -548,7 +548,9 @@ pub fn digest(data: &[u8]) {
             }
             heard.insert(t.dest);
             assert!(
-                t.payload == b"H"[..] || t.payload == b"G"[..] || from_splitter.contains(&t.payload),
+                t.payload == b"H"[..]
+                    || t.payload == b"G"[..]
+                    || from_splitter.contains(&t.payload),
                 "sent a neighbour something that is not the splitter's"
             );
         }

@@ -298,7 +298,14 @@ fn selective_polluters_are_expelled_by_a_majority_of_their_victims() {
 
 #[test]
 fn bad_mouthing_minority_expels_nobody() {
-    let totals = attack_at("bad-mouth", 5, |_, _, _| "bad-mouth".into(), "500k", 6, "digest");
+    let totals = attack_at(
+        "bad-mouth",
+        5,
+        |_, _, _| "bad-mouth".into(),
+        "500k",
+        6,
+        "digest",
+    );
     assert!(
         totals["complaints"].as_u64().unwrap() > 0,
         "the bad-mouthers' complaints arrived"

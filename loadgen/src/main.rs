@@ -482,7 +482,9 @@ fn start(
         _ => None,
     };
     if a.no_verify && a.sign_mode == "chunk" {
-        bail!("--no-verify needs --sign-mode digest (signed chunks are longer than loadgen's peers take)");
+        bail!(
+            "--no-verify needs --sign-mode digest (signed chunks are longer than loadgen's peers take)"
+        );
     }
     let verify_costs = splitter_key.map(|k| {
         let _ = peers::SPLITTER_KEY.set(k);

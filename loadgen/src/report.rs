@@ -660,7 +660,12 @@ impl Report {
             let _ = writeln!(
                 s,
                 "  Verifying  {:.2} µs CPU per chunk received ({} signatures at {:.1} µs, {} chunk hashes at {:.2} µs, over {} chunks)",
-                v.us_per_chunk, v.signatures, v.signature_us, v.hashes, v.hash_us, self.chunks.chunks
+                v.us_per_chunk,
+                v.signatures,
+                v.signature_us,
+                v.hashes,
+                v.hash_us,
+                self.chunks.chunks
             );
         }
         if let Some(m) = &self.splitter_memory {

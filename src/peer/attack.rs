@@ -269,7 +269,10 @@ mod tests {
                 "forge-digest" => {
                     let f = second.unwrap();
                     assert!(f.len() == d(2).len() && f != d(2));
-                    assert!(!s.verifier().verify_bytes(&f[..f.len() - 64], &f[f.len() - 64..]));
+                    assert!(
+                        !s.verifier()
+                            .verify_bytes(&f[..f.len() - 64], &f[f.len() - 64..])
+                    );
                 }
                 _ => assert_eq!((first, second), (Some(d(1)), Some(d(1)))),
             }

@@ -430,8 +430,7 @@ impl DigestGrouper {
 
     /// Whether chunk `number` continues the open group (it can be added without closing it).
     pub fn fits(&self, number: u16) -> bool {
-        self.hashes.is_empty()
-            || self.next_ext.is_some_and(|n| n as u16 == number)
+        self.hashes.is_empty() || self.next_ext.is_some_and(|n| n as u16 == number)
     }
 
     /// Closes the open group: its signed digest (`None` if it is empty).
@@ -477,7 +476,10 @@ mod tests {
         let d = digest_of(0x0001_fffe, 4);
         assert_eq!(d.len(), digest_len(4));
         let dg = Digest::parse(&d).unwrap();
-        assert_eq!((dg.first, dg.count(), dg.last()), (0x0001_fffe, 4, 0x0002_0001));
+        assert_eq!(
+            (dg.first, dg.count(), dg.last()),
+            (0x0001_fffe, 4, 0x0002_0001)
+        );
         assert!(dg.covers(0xfffe) && dg.covers(0xffff) && dg.covers(0) && dg.covers(1));
         assert!(!dg.covers(2) && !dg.covers(0xfffd));
         assert!(dg.verify(&key));
@@ -540,12 +542,18 @@ mod tests {
         let key = signer().verifier();
         let mut b = DigestBook::new(256);
         let old = digest_of(100, 2);
-        assert_eq!(b.check_digest(&digest_of(65536 + 100, 2), &key), DigestCheck::Good);
+        assert_eq!(
+            b.check_digest(&digest_of(65536 + 100, 2), &key),
+            DigestCheck::Good
+        );
         // Same 16-bit numbers, 65,536 chunks earlier: refused before the signature is checked.
         assert_eq!(b.check_digest(&old, &key), DigestCheck::Stale);
         assert_eq!(b.check_chunk(100, &chunk(100)), Some(true));
         // A late digest a little behind is still taken.
-        assert_eq!(b.check_digest(&digest_of(65536 + 90, 2), &key), DigestCheck::Good);
+        assert_eq!(
+            b.check_digest(&digest_of(65536 + 90, 2), &key),
+            DigestCheck::Good
+        );
     }
 
     #[test]

@@ -2066,7 +2066,10 @@ mod tests {
                 assert_eq!(payload, chunk(n).slice(CHUNK_HEADER..));
             }
             let s = p.stats();
-            assert_eq!((s.signatures_checked, s.hashes_checked, s.digests), (1, 8, 1));
+            assert_eq!(
+                (s.signatures_checked, s.hashes_checked, s.digests),
+                (1, 8, 1)
+            );
             assert_eq!((s.bad_chunks, s.digests_relayed), (0, 2));
             // The same digest again (the second copy) costs nothing and is not relayed again.
             p.handle_datagram(now, ep(1), digest(0, 8));
@@ -2203,7 +2206,10 @@ mod tests {
                 p.handle_datagram(now, ep(SPLITTER), chunk(n));
             }
             p.handle_timeout(now + Duration::from_millis(1900));
-            assert!(mismatches(&mut p).is_empty(), "not before {UNSIGNED_AFTER:?}");
+            assert!(
+                mismatches(&mut p).is_empty(),
+                "not before {UNSIGNED_AFTER:?}"
+            );
             p.handle_timeout(now + UNSIGNED_AFTER);
             assert_eq!(mismatches(&mut p), [IntegrityMismatch::Unsigned]);
             assert_eq!(p.stats().played, 0);

@@ -612,7 +612,10 @@ impl Teams {
             self.cis.stray_complaints += 1;
             return;
         };
-        let t = self.teams.get_mut(&id).expect("member index points at a team");
+        let t = self
+            .teams
+            .get_mut(&id)
+            .expect("member index points at a team");
         let Some(i) = t.position(from) else {
             return;
         };

@@ -175,9 +175,11 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
             let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(4096);
             let (ring, stats, wakers) = (ring.clone(), feed_stats.clone(), wakers.clone());
             let chunk_len = crate::proto::wire::CHUNK_HEADER + settings.chunk_size;
-            let handle = thread::Builder::new().name("signer".into()).spawn(move || {
-                signing::run_digest(&rx, &signing, chunk_len, &ring, &stats, &wakers);
-            })?;
+            let handle = thread::Builder::new()
+                .name("signer".into())
+                .spawn(move || {
+                    signing::run_digest(&rx, &signing, chunk_len, &ring, &stats, &wakers);
+                })?;
             (Some(tx), Some(handle))
         }
         None => (None, None),
