@@ -80,7 +80,7 @@ for mode in $MODES; do
         lost=0 group=-
         if [[ $mode == digest ]]; then
             lost=$((in - signed))
-            group=$(awk -v c="$signed" -v g="$groups" 'BEGIN {printf "%.1f", g > 0 ? c / g : 0}')
+            group=$(awk -v c="$signed" -v g="$groups" 'BEGIN {printf "%.1f", (g > 0 ? c / g : 0)}')
         fi
         cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$hz" -v s="$SECS" 'BEGIN {printf "%.1f", (b - a) / hz / s * 100}')
         echo "$cpu" >>"$work/cpu-$mode"

@@ -100,8 +100,9 @@ pub struct SplitterArgs {
     /// `chunk` appends a 64-byte signature to every chunk (a peer checks every one).
     #[arg(long, value_enum, default_value_t = super::signing::SignMode::Digest, requires = "sign")]
     pub sign_mode: super::signing::SignMode,
-    /// With `--sign-mode digest`: most milliseconds a chunk waits for its group to fill (the
-    /// latency digest signing adds at most).
+    /// With `--sign-mode digest`: milliseconds a group of chunks stays open for more chunks; a
+    /// group of one waits up to twice this for a second chunk (so signing adds at most twice this
+    /// to a chunk's latency).
     #[arg(long, default_value_t = 20.0, value_name = "MS")]
     pub digest_window: f64,
     /// With `--sign-mode digest`: most chunks per group (1 to 32).
