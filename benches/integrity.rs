@@ -7,9 +7,14 @@
 //!   chunk: what a peer would pay if it held chunks back to check them in groups.
 //! - `sha256` / `sha512`: hashing one chunk, the per-chunk part of a signed digest per group of
 //!   chunks (one signature per group, a hash per chunk).
-//! - `peer_round_of_16/{compat,signed}`: the whole peer core per datagram received (as
+//! - `peer_round_of_16/{compat,signed,digest}`: the whole peer core per datagram received (as
 //!   `benches/relay.rs` `round_of_16`: one chunk from the splitter, 15 from neighbours, relays and
-//!   plays), without and with `PeerRules::verify`: what verification adds to a peer's work.
+//!   plays), without and with `PeerRules::verify`, per-chunk signatures (`signed`) or one digest
+//!   per round of 16 chunks (`digest`): what verification adds to a peer's work.
+//! - `integrity/digest_verify/G`: a peer's CIS cost per chunk in digest mode with groups of G
+//!   chunks: one digest signature check per group plus one SHA-256 per chunk.
+//! - `integrity/digest_sign/G`: the splitter's cost per chunk: one SHA-256 per chunk plus one
+//!   signature per group of G.
 
 use std::hint::black_box;
 use std::net::Ipv4Addr;
@@ -22,6 +27,7 @@ use p2psp::proto::peer::{Peer, PeerRules};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use p2psp::proto::digest::{self as dg, DigestBook, DigestCheck, DigestGrouper};
 use p2psp::proto::integrity::ChunkSigner;
 use p2psp::proto::wire::encode_chunk;
 use sha2::Digest;
@@ -75,6 +81,41 @@ fn bench(c: &mut Criterion) {
     g.bench_function("sha512", |b| {
         b.iter(|| sha2::Sha512::digest(black_box(&plain)))
     });
+    for group in [1u16, 4, 8, 16, 32] {
+        g.throughput(Throughput::Elements(u64::from(group)));
+        let mut book = DigestBook::new(256);
+        let mut next = 0u32;
+        g.bench_function(format!("digest_verify/{group}"), |b| {
+            b.iter_batched(
+                || {
+                    let chunks: Vec<Vec<u8>> =
+                        (0..group).map(|i| datagram(next as u16 + i)).collect();
+                    let hashes: Vec<dg::Hash> = chunks.iter().map(|c| dg::chunk_hash(c)).collect();
+                    let d = dg::sign_digest(&signer, next, &hashes);
+                    next += u32::from(group);
+                    (d, chunks)
+                },
+                |(d, chunks)| {
+                    assert_eq!(book.check_digest(&d, &verifier), DigestCheck::Good);
+                    for c in &chunks {
+                        let n = u16::from_be_bytes([c[0], c[1]]);
+                        assert_eq!(book.check_chunk(n, c), Some(true));
+                    }
+                },
+                BatchSize::SmallInput,
+            )
+        });
+        let chunks: Vec<Vec<u8>> = (0..group).map(datagram).collect();
+        g.bench_function(format!("digest_sign/{group}"), |b| {
+            b.iter(|| {
+                let mut grouper = DigestGrouper::new(usize::from(group), 2 + CHUNK_SIZE);
+                for c in &chunks {
+                    grouper.add(c);
+                }
+                black_box(grouper.close(&signer))
+            })
+        });
+    }
     g.finish();
 }
 
@@ -88,19 +129,21 @@ fn peer_round(c: &mut Criterion) {
     let neighbours: Vec<Endpoint> = (1..TEAM).map(|i| ep(40_000 + i)).collect();
     let mut g = c.benchmark_group("integrity/peer_round_of_16");
     g.throughput(Throughput::Elements(u64::from(TEAM)));
-    for signed in [false, true] {
+    for mode in ["compat", "signed", "digest"] {
+        let signed = mode == "signed";
         let now = Instant::now();
         let mut rules = PeerRules::new(ep(8001), CHUNK_SIZE, 256);
-        if signed {
+        if mode != "compat" {
             rules.verify = Some(signer.verifier());
         }
         let mut peer = Peer::new(rules, &neighbours, 1);
         while peer.poll_transmit().is_some() {}
         let mut next = 0u16;
-        g.bench_function(if signed { "signed" } else { "compat" }, |b| {
+        let mut ext = 0u32;
+        g.bench_function(mode, |b| {
             b.iter_batched(
                 || {
-                    let round: Vec<(Endpoint, Bytes)> = (0..TEAM)
+                    let mut round: Vec<(Endpoint, Bytes)> = (0..TEAM)
                         .map(|k| {
                             let from = if k == 0 {
                                 ep(8001)
@@ -114,6 +157,14 @@ fn peer_round(c: &mut Criterion) {
                             (from, Bytes::from(d))
                         })
                         .collect();
+                    if mode == "digest" {
+                        // The round's digest, relayed by a neighbour ahead of its chunks.
+                        let hashes: Vec<dg::Hash> =
+                            round.iter().map(|(_, d)| dg::chunk_hash(d)).collect();
+                        let d = dg::sign_digest(&signer, ext, &hashes);
+                        ext += u32::from(TEAM);
+                        round.insert(0, (neighbours[0], Bytes::from(d)));
+                    }
                     next = next.wrapping_add(TEAM);
                     round
                 },

@@ -15,7 +15,11 @@
 # are printed over all pairs and over the pairs without a marked run.
 #
 # Bounded: every run has a time limit; waiting for an idle machine gives up after IDLE_WAIT s.
-# Environment: PAIRS (5), PEERS (1000), SECS (5, measured seconds per run), BITRATE (10M),
+# SIGN=1: both splitter runs sign (`loadgen --sign KEY --no-verify`: the default digest mode, one
+# signed digest per group of up to 32 chunks, peers that join the signed teams without verifying,
+# so that the splitter's cost is measured, not loadgen's). The peers then also receive one digest
+# datagram per group (about 3 % more datagrams, counted in rx like the chunks).
+# Environment: PAIRS (5), PEERS (1000), SECS (5, measured seconds per run), BITRATE (10M), SIGN (0),
 # LOADGEN (path; default: built with cargo into the workspace's target), IDLE_WAIT (30),
 # NICE (-10: as root, runs loadgen and its splitter at this niceness, so that other work on a
 # shared machine disturbs the measurement less; 0 turns it off).
@@ -27,6 +31,7 @@ SECS=${SECS:-5}
 BITRATE=${BITRATE:-10M}
 IDLE_WAIT=${IDLE_WAIT:-30}
 NICE=${NICE:--10}
+SIGN=${SIGN:-0}
 # shellcheck source=perf/common.sh
 source "$(dirname "$0")/common.sh"
 
@@ -63,6 +68,8 @@ marked() { [[ $1 == *'*' ]]
 
 clean() { if [[ -f $1 ]]; then echo "$(median <"$1") over $(wc -l <"$1") clean"; else echo "- (no clean pair)"; fi; }
 
+sign=()
+if [[ $SIGN == 1 ]]; then sign=(--sign "$work/splitter.key" --no-verify); fi
 printf '%-4s %5s | %-18s | %-18s | %-18s | %9s %9s %9s\n' pair idle "baseline rx drop%" \
     "spl. io_uring" "spl. sendmmsg" "spl/base" "uring/mm" "mm/base"
 echo "(the idle column is the machine's idle share before the pair, waited for up to ${IDLE_WAIT} s)"
@@ -70,8 +77,8 @@ start=$SECONDS
 for ((p = 1; p <= PAIRS; p++)); do
     idle=$(wait_idle)
     read -r brx bd < <(run "base$p" --baseline sendmmsg)
-    read -r urx ud < <(run "uring$p" --io io_uring)
-    read -r mrx md < <(run "mmsg$p" --io sendmmsg)
+    read -r urx ud < <(run "uring$p" --io io_uring "${sign[@]}")
+    read -r mrx md < <(run "mmsg$p" --io sendmmsg "${sign[@]}")
     r1=$(ratio "$urx" "$brx")
     r2=$(ratio "$urx" "$mrx")
     r3=$(ratio "$mrx" "$brx")
@@ -85,7 +92,7 @@ for ((p = 1; p <= PAIRS; p++)); do
         "$p" "$idle" "$brx" "$bd" "$urx" "$ud" "$mrx" "$md" "$r1" "$r2" "$r3"
 done
 echo
-echo "median over $PAIRS pairs (datagrams/s received by the peers; $PEERS peers, team size 1, 1 KiB chunks, $BITRATE offered, ${SECS} s each, $((SECONDS - start)) s in all):"
+echo "median over $PAIRS pairs (datagrams/s received by the peers; $PEERS peers, team size 1, 1 KiB chunks, $BITRATE offered, ${SECS} s each, $((SECONDS - start)) s in all$([[ $SIGN == 1 ]] && echo ", the splitter signing digests")):"
 echo "  splitter(io_uring)/baseline(sendmmsg) = $(median <"$work/r1")   [$(clean "$work/c1")]   (target >= 0.95)"
 echo "  splitter io_uring/sendmmsg            = $(median <"$work/r2")   [$(clean "$work/c2")]   (target >= 1)"
 echo "  splitter(sendmmsg)/baseline(sendmmsg) = $(median <"$work/r3")   [$(clean "$work/c3")]"

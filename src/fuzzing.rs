@@ -307,6 +307,7 @@ fn check_to_splitter(d: &[u8]) {
         ToSplitter::Complaint { accused, number } => {
             assert_eq!(d, crate::proto::integrity::complaint(accused, number))
         }
+        ToSplitter::DigestRequest(n) => assert_eq!(d, crate::proto::digest::request(n)),
         ToSplitter::Malformed => assert!(d.len() != 2 && d != b"G"),
     }
 }
@@ -417,6 +418,149 @@ pub fn udp_peer(data: &[u8]) {
                 // After jumps (each under half the number space) order is relative again.
                 PeerEvent::Skipped { .. } => last_played = None,
                 _ => {}
+            }
+        }
+    }
+}
+
+/// CIS digest mode (`proto::digest`): the digest and request decoders never panic and agree with
+/// the encoders; then the bytes drive a verifying peer (a little program: valid digests from the
+/// splitter, true and polluted chunks, forged and replayed digests, arbitrary datagrams, time).
+/// Checks: every chunk played is the splitter's byte for byte (never a polluted one); a peer
+/// sends neighbours only datagrams the splitter sent (chunks and digests, unchanged), hellos and
+/// goodbyes, and the splitter only goodbyes, loss reports, complaints and digest requests.
+pub fn digest(data: &[u8]) {
+    use crate::proto::digest::{self as dg, DigestBook, DigestCheck};
+    use crate::proto::integrity::{COMPLAINT_LEN, ChunkSigner};
+    let signer = ChunkSigner::from_secret(&[5; 32]);
+    let key = signer.verifier();
+    // The decoders, on the raw bytes.
+    if let Some(d) = dg::Digest::parse(data) {
+        assert_eq!(data.len(), dg::digest_len(d.count()));
+        assert!(d.covers(d.first as u16));
+        assert_eq!(d.last().wrapping_sub(d.first) as usize, d.count() - 1);
+    }
+    if let Some(n) = dg::parse_request(data) {
+        assert_eq!(data, dg::request(n));
+    }
+    let mut book = DigestBook::new(64);
+    let check = book.check_digest(data, &key);
+    assert_eq!(
+        check == DigestCheck::Malformed,
+        dg::Digest::parse(data).is_none()
+    );
+    assert_ne!(check, DigestCheck::Good, "only the splitter's key signs");
+
+    // The peer program.
+    const C: usize = 64;
+    let content = |n: u16| -> Vec<u8> {
+        let mut d = Vec::new();
+        encode_chunk(n, &[n as u8 ^ 0xa5; C], &mut d);
+        d
+    };
+    let mut input = Input::new(data);
+    let splitter = ep(8001);
+    let mut rules = PeerRules::new(splitter, C, 1 << (1 + input.byte() % 7));
+    rules.verify = Some(key);
+    let listed = [ep(1), ep(2), ep(3)];
+    let mut peer = Peer::new(rules, &listed, 0);
+    let mut heard: HashSet<Endpoint> = listed.iter().copied().collect();
+    let mut from_splitter: HashSet<Bytes> = HashSet::new();
+    let mut digests: Vec<Bytes> = Vec::new();
+    let mut next: u32 = u32::from(input.u16());
+    let mut now = Instant::now();
+    while !input.done() {
+        let from = match input.byte() % 3 {
+            0 => splitter,
+            n => ep(u16::from(n)),
+        };
+        match input.byte() % 8 {
+            0 => {
+                // The splitter's next group.
+                let n = 1 + u32::from(input.byte() % 8);
+                let hashes: Vec<dg::Hash> = (0..n)
+                    .map(|i| dg::chunk_hash(&content(next.wrapping_add(i) as u16)))
+                    .collect();
+                let d = Bytes::from(dg::sign_digest(&signer, next, &hashes));
+                next = next.wrapping_add(n);
+                from_splitter.insert(d.clone());
+                digests.push(d.clone());
+                peer.handle_datagram(now, splitter, d);
+            }
+            1 | 2 => {
+                // A true chunk near the newest group.
+                let n = (next as u16).wrapping_sub(u16::from(input.byte() % 16));
+                let d = Bytes::from(content(n));
+                if from == splitter {
+                    from_splitter.insert(d.clone());
+                }
+                peer.handle_datagram(now, from, d);
+            }
+            3 => {
+                // A polluted chunk.
+                let n = (next as u16).wrapping_sub(u16::from(input.byte() % 16));
+                let mut d = content(n);
+                let at = CHUNK_HEADER + usize::from(input.byte()) % C;
+                d[at] ^= 1 | input.byte();
+                peer.handle_datagram(now, from, Bytes::from(d));
+            }
+            4 => {
+                // A forged digest: random hashes, no valid signature.
+                let n = usize::from(1 + input.byte() % 4);
+                let mut d = dg::DIGEST_TAG.to_vec();
+                d.extend_from_slice(&next.wrapping_sub(u32::from(input.byte())).to_be_bytes());
+                d.push(n as u8);
+                d.extend_from_slice(input.take(dg::HASH_LEN * n + 64));
+                d.resize(dg::digest_len(n), 0);
+                peer.handle_datagram(now, from, Bytes::from(d));
+            }
+            5 => {
+                // A replayed digest.
+                if !digests.is_empty() {
+                    let i = usize::from(input.byte()) % digests.len();
+                    peer.handle_datagram(now, from, digests[i].clone());
+                }
+            }
+            6 => {
+                let len = usize::from(input.u16() % 700);
+                let d = Bytes::copy_from_slice(input.take(len));
+                if from == splitter {
+                    from_splitter.insert(d.clone());
+                }
+                peer.handle_datagram(now, from, d);
+            }
+            _ => {
+                now += Duration::from_millis(u64::from(input.byte()) * 10);
+                peer.handle_timeout(now);
+            }
+        }
+        while let Some(t) = peer.poll_transmit() {
+            if t.dest == splitter {
+                let p = &t.payload[..];
+                assert!(
+                    p == b"G"
+                        || p.len() == 2
+                        || p.len() == COMPLAINT_LEN
+                        || dg::parse_request(p).is_some(),
+                    "sent the splitter {p:?}"
+                );
+                continue;
+            }
+            heard.insert(t.dest);
+            assert!(
+                t.payload == b"H"[..]
+                    || t.payload == b"G"[..]
+                    || from_splitter.contains(&t.payload),
+                "sent a neighbour something that is not the splitter's"
+            );
+        }
+        while let Some(e) = peer.poll_event() {
+            if let PeerEvent::Play { number, payload } = e {
+                assert_eq!(
+                    payload[..],
+                    content(number)[CHUNK_HEADER..],
+                    "played a chunk {number} that is not the splitter's"
+                );
             }
         }
     }

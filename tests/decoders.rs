@@ -160,6 +160,40 @@ proptest! {
     fn udp_peer_mutated(data in mutated("udp_peer")) {
         fuzzing::udp_peer(&data);
     }
+
+    #[test]
+    fn digest_random(data in bytes(1024)) {
+        fuzzing::digest(&data);
+    }
+
+    #[test]
+    fn digest_mutated(data in mutated("digest")) {
+        fuzzing::digest(&data);
+    }
+
+    #[test]
+    fn digest_round_trip(
+        first in any::<u32>(),
+        hashes in proptest::collection::vec(any::<[u8; 16]>(), 1..=32),
+        flip in any::<usize>(),
+    ) {
+        use p2psp::proto::digest::{Digest, digest_len, sign_digest};
+        let signer = p2psp::proto::integrity::ChunkSigner::from_secret(&[6; 32]);
+        let d = sign_digest(&signer, first, &hashes);
+        prop_assert_eq!(d.len(), digest_len(hashes.len()));
+        let g = Digest::parse(&d).unwrap();
+        prop_assert_eq!((g.first, g.count()), (first, hashes.len()));
+        for (i, h) in hashes.iter().enumerate() {
+            prop_assert_eq!(g.entry(i), (first.wrapping_add(i as u32), *h));
+            prop_assert!(g.covers(first.wrapping_add(i as u32) as u16));
+        }
+        prop_assert!(g.verify(&signer.verifier()));
+        // Any one changed byte: not a digest, or not the splitter's.
+        let mut bad = d.clone();
+        let at = flip % bad.len();
+        bad[at] ^= 0x20;
+        prop_assert!(Digest::parse(&bad).is_none_or(|g| !g.verify(&signer.verifier())));
+    }
 }
 
 /// Every seed as it is (the real captures must of course pass).
@@ -184,5 +218,10 @@ fn seeds_pass() {
     }
     for s in seeds("config_file") {
         fuzzing::config_file(&s);
+    }
+    let digests = seeds("digest");
+    assert!(!digests.is_empty());
+    for s in digests {
+        fuzzing::digest(&s);
     }
 }

@@ -3,6 +3,11 @@
 //! attack model of `p2psp peer --pollute`). Every honest peer's played stream must be the test
 //! pattern byte for byte (the stream header, then contiguous chunks), each polluter must be
 //! expelled within 2 s of its first bad chunk, and no honest peer may be expelled.
+//!
+//! Every attack runs against the default `--sign-mode digest` (a signed digest per group of
+//! chunks); the collaborative attack runs against `--sign-mode chunk` too, and the digest mode's
+//! own attacks (digests dropped, forged or replayed by a relaying polluter) have a test of their
+//! own.
 
 mod support;
 
@@ -39,7 +44,7 @@ struct Member {
 }
 
 impl Team {
-    fn start(name: &str, bitrate: &str) -> Team {
+    fn start_mode(name: &str, bitrate: &str, sign_mode: &str) -> Team {
         let turn = one_at_a_time();
         let dir = test_dir(&format!("integrity-{name}"));
         let key_file = dir.join("splitter.key");
@@ -59,6 +64,8 @@ impl Team {
                 "--lrs",
                 "--sign",
                 key_file.to_str().unwrap(),
+                "--sign-mode",
+                sign_mode,
                 "--metrics",
                 "127.0.0.1:0",
             ],
@@ -150,11 +157,26 @@ type Mode = fn(usize, &str, &[String]) -> String;
 /// relay honestly) was expelled within 2 s of its first bad chunk, and that no honest peer was
 /// expelled.
 fn attack(name: &str, polluters: usize, mode: Mode) {
-    attack_at(name, polluters, mode, "500k", 6)
+    attack_at(name, polluters, mode, "500k", 6, "digest");
 }
 
-fn attack_at(name: &str, polluters: usize, mode: Mode, bitrate: &str, secs: u64) {
-    let mut team = Team::start(name, bitrate);
+/// Whether a polluter of this `--pollute` mode sends anything that fails a check (and so must be
+/// expelled): bad-mouthers relay honestly, and a dropped or replayed (valid) digest proves
+/// nothing against its relayer.
+fn detectable(mode: &str) -> bool {
+    !matches!(mode, "bad-mouth" | "drop-digest" | "replay-digest")
+}
+
+/// Runs the attack; returns the splitter's `/status` totals at the end.
+fn attack_at(
+    name: &str,
+    polluters: usize,
+    mode: Mode,
+    bitrate: &str,
+    secs: u64,
+    sign_mode: &str,
+) -> serde_json::Value {
+    let mut team = Team::start_mode(name, bitrate, sign_mode);
     let monitor = team.peer("monitor", &[]);
     let honest: Vec<Member> = (1..TEAM - polluters)
         .map(|_| team.peer("honest", &[]))
@@ -163,7 +185,7 @@ fn attack_at(name: &str, polluters: usize, mode: Mode, bitrate: &str, secs: u64)
     let mut bad: Vec<(Member, bool, Option<Instant>, Option<Instant>)> = (0..polluters)
         .map(|i| {
             let m = mode(i, &monitor.endpoint, &honest_eps);
-            let pollutes = m != "bad-mouth";
+            let pollutes = detectable(&m);
             (
                 team.peer("polluter", &["--pollute", &m]),
                 pollutes,
@@ -222,7 +244,6 @@ fn attack_at(name: &str, polluters: usize, mode: Mode, bitrate: &str, secs: u64)
     assert!(expelled >= expect_expelled, "{expelled}");
     if expect_expelled == 0 {
         assert_eq!(expelled, 0);
-        assert!(complaints > 0, "the bad-mouthers' complaints arrived");
     }
     for (mut p, ..) in bad {
         p.proc.kill();
@@ -239,7 +260,9 @@ fn attack_at(name: &str, polluters: usize, mode: Mode, bitrate: &str, secs: u64)
         played.push(n);
     }
     eprintln!("{name}: honest peers played {played:?} chunks, all byte-exact");
+    let totals = status["totals"].clone();
     assert!(team.splitter.proc.stop(Duration::from_secs(10)));
+    totals
 }
 
 #[test]
@@ -275,7 +298,18 @@ fn selective_polluters_are_expelled_by_a_majority_of_their_victims() {
 
 #[test]
 fn bad_mouthing_minority_expels_nobody() {
-    attack("bad-mouth", 5, |_, _, _| "bad-mouth".into());
+    let totals = attack_at(
+        "bad-mouth",
+        5,
+        |_, _, _| "bad-mouth".into(),
+        "500k",
+        6,
+        "digest",
+    );
+    assert!(
+        totals["complaints"].as_u64().unwrap() > 0,
+        "the bad-mouthers' complaints arrived"
+    );
 }
 
 /// One polluter of each model at once (the collaborative attack).
@@ -294,17 +328,59 @@ fn every_attack_model_at_once() {
     attack("mixed", 5, mixed);
 }
 
-/// Larger: the mixed attack at 4 Mbit/s for 30 s (`cargo test --release --test integrity --
-/// --ignored`).
+/// The same against a signature per chunk (`--sign-mode chunk`).
+#[test]
+fn every_attack_model_at_once_with_a_signature_per_chunk() {
+    attack_at("mixed-chunk", 5, mixed, "500k", 6, "chunk");
+}
+
+/// The digest mode's own failure cases, from relaying polluters: digests dropped (the team asks
+/// the splitter for them), forged (the signature fails: the relayer is expelled) and replayed
+/// (an old valid digest instead of the new one: ignored, the team gets the new one from the
+/// second copy or the splitter). Not one honest peer may miss a byte or be expelled.
+#[test]
+fn digests_dropped_forged_or_replayed_by_relayers() {
+    let totals = attack_at(
+        "digest-attacks",
+        5,
+        |i, _, _| ["drop-digest", "forge-digest", "replay-digest"][i % 3].into(),
+        "500k",
+        6,
+        "digest",
+    );
+    let resent = totals["digests_resent"].as_u64().unwrap();
+    eprintln!("digest-attacks: the splitter sent {resent} digests on request");
+    assert!(resent > 0, "dropped digests were asked for");
+}
+
+/// Larger: the mixed attack at 4 Mbit/s for 30 s, in both signing modes (`cargo test --release
+/// --test integrity -- --ignored`).
 #[test]
 #[ignore]
 fn every_attack_model_at_once_at_4_mbits_for_30_s() {
-    attack_at("mixed-4M", 5, mixed, "4M", 30);
+    attack_at("mixed-4M", 5, mixed, "4M", 30, "digest");
+    attack_at("mixed-4M-chunk", 5, mixed, "4M", 30, "chunk");
 }
 
 #[test]
 fn signing_mismatches_stop_the_peer_with_one_line() {
-    let mut team = Team::start("mismatch", "500k");
+    let mut team = Team::start_mode("mismatch", "500k", "chunk");
+    let _monitor = team.peer("monitor", &[]);
+    let splitter = format!("127.0.0.1:{}", team.splitter.port);
+    let base = ["peer", "--splitter", &splitter, "--player-port", "0", "-q"];
+    let line = one_line_exit_2(&base);
+    assert!(line.contains("--splitter-key"), "{line}");
+    let other = p2psp::proto::integrity::ChunkSigner::from_secret(&[9; 32]).public_hex();
+    let mut args = base.to_vec();
+    args.extend_from_slice(&["--splitter-key", &other]);
+    let line = one_line_exit_2(&args);
+    assert!(line.contains("do not verify"), "{line}");
+    assert!(team.splitter.proc.stop(Duration::from_secs(10)));
+}
+
+#[test]
+fn digest_signing_mismatches_stop_the_peer_with_one_line() {
+    let mut team = Team::start_mode("mismatch-digest", "500k", "digest");
     let _monitor = team.peer("monitor", &[]);
     let splitter = format!("127.0.0.1:{}", team.splitter.port);
     let base = ["peer", "--splitter", &splitter, "--player-port", "0", "-q"];

@@ -158,6 +158,24 @@ struct Args {
     /// baseline loop, so that both kinds of run are alike (`off`: the kernel's default).
     #[arg(long, default_value = "off", value_parser = p2psp::splitter::settings::parse_slice, value_name = "DURATION|off")]
     thread_slice: p2psp::splitter::settings::ThreadSlice,
+    /// CIS (docs/integrity.md): start the splitter child with `--sign KEYFILE` (created on first
+    /// use); the peers verify with the key it prints (unless --no-verify), and the report shows
+    /// what verifying cost them.
+    #[arg(long, value_name = "KEYFILE", conflicts_with = "splitter")]
+    sign: Option<PathBuf>,
+    /// With --sign: the child's `--sign-mode` (`digest`: one signed digest per group of chunks;
+    /// `chunk`: a signature per chunk).
+    #[arg(long, default_value = "digest", value_name = "MODE", value_parser = ["digest", "chunk"])]
+    sign_mode: String,
+    /// The peers verify with this splitter key (64 hex digits, as `p2psp splitter --sign`
+    /// prints it), for a splitter started by hand with `--sign`.
+    #[arg(long, value_name = "HEX", value_parser = p2psp::proto::integrity::ChunkVerifier::from_hex)]
+    splitter_key: Option<p2psp::proto::integrity::ChunkVerifier>,
+    /// With --sign --sign-mode digest: the peers join the signed team without verifying
+    /// (digests are counted and ignored): the splitter's cost alone, as perf/fanout-ratio.sh
+    /// measures it.
+    #[arg(long, requires = "sign")]
+    no_verify: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -256,6 +274,8 @@ struct Started {
     workers: Vec<thread::JoinHandle<anyhow::Result<()>>>,
     joiners: Vec<thread::JoinHandle<()>>,
     join_start: Instant,
+    /// CIS: what a signature check and a chunk hash cost here, when the peers verify.
+    verify_costs: Option<(f64, f64)>,
 }
 
 /// Readings taken at interval starts: splitter CPU, loadgen CPU and the baseline's datagram count
@@ -305,6 +325,34 @@ impl Marks {
             }
         }
     }
+}
+
+/// CIS: what one signature check and one chunk hash (1 KiB) cost on this thread, µs: the best of
+/// 3 timings of 200 and 2,000 of them (a loaded machine only makes the figures larger).
+fn verify_costs() -> (f64, f64) {
+    use p2psp::proto::digest;
+    use p2psp::proto::integrity::ChunkSigner;
+    let signer = ChunkSigner::from_secret(&[7; 32]);
+    let key = signer.verifier();
+    let chunk = vec![0x5au8; 1026];
+    let d = digest::sign_digest(&signer, 0, &[digest::chunk_hash(&chunk); 16]);
+    let parsed = digest::Digest::parse(&d).expect("a digest");
+    let best = |n: u32, f: &dyn Fn()| {
+        (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                for _ in 0..n {
+                    f();
+                }
+                t.elapsed().as_secs_f64() * 1e6 / f64::from(n)
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let sig = best(200, &|| assert!(std::hint::black_box(parsed).verify(&key)));
+    let hash = best(2000, &|| {
+        std::hint::black_box(digest::chunk_hash(std::hint::black_box(&chunk)));
+    });
+    (sig, hash)
 }
 
 fn run(a: &Args) -> anyhow::Result<()> {
@@ -412,13 +460,49 @@ fn start(
                 monitors: a.monitors,
                 shards: plan.shards,
                 io: a.io.clone(),
-                extra: match a.thread_slice.0 {
-                    Some(d) => vec!["--thread-slice".into(), format!("{}us", d.as_micros())],
-                    None => Vec::new(),
+                extra: {
+                    let mut extra: Vec<String> = Vec::new();
+                    if let Some(d) = a.thread_slice.0 {
+                        extra.extend(["--thread-slice".into(), format!("{}us", d.as_micros())]);
+                    }
+                    if let Some(key) = &a.sign {
+                        extra.extend([
+                            "--sign".into(),
+                            key.display().to_string(),
+                            "--sign-mode".into(),
+                            a.sign_mode.clone(),
+                        ]);
+                    }
+                    extra
                 },
             })?)
         }
     };
+    // CIS: the key the peers verify with: given, or printed by the signing child.
+    let splitter_key = match (&sender, a.splitter_key) {
+        (_, Some(k)) => Some(k),
+        (Sender::Child(c), None) if a.sign.is_some() && !a.no_verify => {
+            let log = c.log_text();
+            let hex = log
+                .lines()
+                .find_map(|l| l.split("--splitter-key ").nth(1))
+                .ok_or_else(|| anyhow::anyhow!("the signing splitter printed no key:\n{log}"))?;
+            Some(
+                p2psp::proto::integrity::ChunkVerifier::from_hex(hex)
+                    .map_err(|e| anyhow::anyhow!("the splitter's key: {e}"))?,
+            )
+        }
+        _ => None,
+    };
+    if a.no_verify && a.sign_mode == "chunk" {
+        bail!(
+            "--no-verify needs --sign-mode digest (signed chunks are longer than loadgen's peers take)"
+        );
+    }
+    let verify_costs = splitter_key.map(|k| {
+        let _ = peers::SPLITTER_KEY.set(k);
+        verify_costs()
+    });
     let splitter_addr = sender.splitter_addr();
     if let Some(addr) = splitter_addr
         && plan.sockets == SocketMode::Shared
@@ -518,6 +602,11 @@ fn start(
             recv_path,
             send_path,
             chunk_size: a.chunk_size,
+            trailer: if a.sign.is_some() && a.sign_mode == "chunk" {
+                p2psp::proto::integrity::SIGNATURE_LEN
+            } else {
+                0
+            },
             core: core(plan.worker_core(w, pin)),
             nap: a.recv_nap.map_or(
                 if a.team_size == 1 {
@@ -623,6 +712,7 @@ fn start(
     }
     drop(join_tx);
     Ok(Started {
+        verify_costs,
         source,
         sender,
         shared,
@@ -810,6 +900,7 @@ fn finish(
         sender,
         shared,
         noise,
+        verify_costs,
         ..
     } = st;
     let (from, until) = outcome.measure;
@@ -906,6 +997,7 @@ fn finish(
         joined: shared.joined.load(Ordering::Relaxed),
         join_failed: shared.join_failed.load(Ordering::Relaxed),
         sender_rss: marks.sender_rss,
+        verify_costs,
     };
     let scheduled = outcome.total_hist.scheduled.clone();
     let report = Report::build(config, outcome, facts);

@@ -273,6 +273,8 @@ pub struct WorkerOptions {
     pub send_path: SendPath,
     /// Chunk payload bytes.
     pub chunk_size: usize,
+    /// Bytes after the payload: 64 when the splitter signs every chunk (`--sign-mode chunk`).
+    pub trailer: usize,
     /// Core to pin the worker to.
     pub core: Option<core_affinity::CoreId>,
     /// Shared socket read with recvmmsg: nap after a read that emptied it ([`RECV_NAP`]).
@@ -315,7 +317,7 @@ pub fn run_worker(
     if let Some(core) = opts.core {
         core_affinity::set_for_current(core);
     }
-    let datagram = CHUNK_HEADER + opts.chunk_size;
+    let datagram = CHUNK_HEADER + opts.chunk_size + opts.trailer;
     let buf_size = (datagram as u32).next_power_of_two().max(2048);
     // Enough buffers for a few ms of arrivals at a few hundred thousand datagrams/s; bigger
     // chunks get fewer (the ring's memory is buf_count * buf_size).
@@ -436,16 +438,19 @@ pub fn run_worker(
                 Slot::Live { socket, core, left } => {
                     let is_chunk = d.data.len() == datagram;
                     let before = Seen::of(core.stats());
+                    let checks = (core.stats().signatures_checked, core.stats().hashes_checked);
                     let data = if is_chunk {
                         cache.get(d.data, &mut arena)
                     } else {
                         arena.copy(d.data)
                     };
                     core.handle_datagram(now, d.from, data);
+                    tally.signatures += core.stats().signatures_checked - checks.0;
+                    tally.hashes += core.stats().hashes_checked - checks.1;
                     if is_chunk {
                         let after = Seen::of(core.stats());
                         tally::account_chunk(
-                            &d.data[CHUNK_HEADER..],
+                            &d.data[CHUNK_HEADER..CHUNK_HEADER + opts.chunk_size],
                             recv_ns,
                             before,
                             after,
@@ -770,6 +775,11 @@ pub fn join_virtual(
     })
 }
 
+/// CIS: the splitter's key the peers verify with (`--splitter-key`, or the key of the child
+/// started with `--sign`); set once before the joins start.
+pub static SPLITTER_KEY: std::sync::OnceLock<p2psp::proto::integrity::ChunkVerifier> =
+    std::sync::OnceLock::new();
+
 /// The join over `tcp` (bound to the peer's endpoint): role byte, join message, header, hellos
 /// (through `send`), ready byte.
 fn join_on(
@@ -796,6 +806,7 @@ fn join_on(
     p2psp::peer::join::fetch_header(source, &config.channel, usize::from(config.header_size))?;
     let mut rules = PeerRules::new(splitter, usize::from(config.chunk_size), config.buffer_size);
     rules.monitor = monitor;
+    rules.verify = SPLITTER_KEY.get().copied();
     let mut core = Peer::new(rules, &config.peers, config.monitors);
     // Hellos first, then the ready byte: the splitter adds us to the team on that byte.
     while let Some(t) = core.poll_transmit() {

@@ -278,6 +278,24 @@ pub struct Own {
     pub rss_mib: f64,
     /// Peak resident memory, MiB.
     pub rss_peak_mib: f64,
+    /// CIS: what verifying cost the peers, when they verify (`--sign` or `--splitter-key`).
+    pub verify: Option<VerifyCost>,
+}
+
+/// CIS: the peers' verification cost: the signatures and hashes they checked, priced at what one
+/// of each cost on this machine when loadgen started (timed on one thread, best of 3).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct VerifyCost {
+    /// µs of CPU per chunk received spent verifying.
+    pub us_per_chunk: f64,
+    /// Signatures checked (of chunks with `--sign-mode chunk`, of digests with `digest`).
+    pub signatures: u64,
+    /// Chunks checked against a digest's hash.
+    pub hashes: u64,
+    /// One signature check, µs.
+    pub signature_us: f64,
+    /// One chunk hash, µs.
+    pub hash_us: f64,
 }
 
 /// The splitter's send lag (from its feed's reading a chunk to its last send of it, worst shard)
@@ -429,6 +447,8 @@ pub struct Facts {
     pub join_failed: usize,
     /// The splitter child's resident memory (now, peak) at the end of the measured seconds.
     pub sender_rss: Option<(u64, u64)>,
+    /// CIS: what one signature check and one chunk hash cost here, µs (when the peers verify).
+    pub verify_costs: Option<(f64, f64)>,
 }
 
 impl Report {
@@ -493,6 +513,14 @@ impl Report {
                 recv_errors: rs.iter().map(|r| r.errors).sum(),
                 rss_mib: f.rss.0 as f64 / (1 << 20) as f64,
                 rss_peak_mib: f.rss.1 as f64 / (1 << 20) as f64,
+                verify: f.verify_costs.map(|(sig, hash)| VerifyCost {
+                    us_per_chunk: (total.signatures as f64 * sig + total.hashes as f64 * hash)
+                        / total.chunks.max(1) as f64,
+                    signatures: total.signatures,
+                    hashes: total.hashes,
+                    signature_us: sig,
+                    hash_us: hash,
+                }),
             },
             source_lag_ms: f.source_lag_ms,
             splitter_send_lag_ms: f.splitter_send_lag_ms,
@@ -628,6 +656,18 @@ impl Report {
             o.rss_mib,
             o.rss_peak_mib
         );
+        if let Some(v) = &o.verify {
+            let _ = writeln!(
+                s,
+                "  Verifying  {:.2} µs CPU per chunk received ({} signatures at {:.1} µs, {} chunk hashes at {:.2} µs, over {} chunks)",
+                v.us_per_chunk,
+                v.signatures,
+                v.signature_us,
+                v.hashes,
+                v.hash_us,
+                self.chunks.chunks
+            );
+        }
         if let Some(m) = &self.splitter_memory {
             let _ = writeln!(
                 s,

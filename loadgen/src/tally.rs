@@ -79,6 +79,10 @@ pub struct Tally {
     pub send_dropped: u64,
     /// `--sockets shared`: datagrams to an address that is no peer of the worker (dropped).
     pub unknown_dest: u64,
+    /// CIS: signatures the peers checked (of chunks, or of digests).
+    pub signatures: u64,
+    /// CIS digest mode: chunks the peers checked against a digest's hash.
+    pub hashes: u64,
 }
 
 impl Tally {
@@ -96,6 +100,8 @@ impl Tally {
         self.sent += o.sent;
         self.send_dropped += o.send_dropped;
         self.unknown_dest += o.unknown_dest;
+        self.signatures += o.signatures;
+        self.hashes += o.hashes;
     }
 
     /// Lost chunks over chunks due (played + lost); 0 when none were due.
@@ -382,11 +388,14 @@ mod tests {
             sent: 10,
             send_dropped: 11,
             unknown_dest: 12,
+            signatures: 13,
+            hashes: 14,
         };
         let mut b = a;
         b.add(&a);
         assert_eq!(b.send_dropped, 22);
         assert_eq!(b.unknown_dest, 24);
+        assert_eq!((b.signatures, b.hashes), (26, 28));
         assert_eq!(b.datagrams, 2);
         assert_eq!(Tally::default().loss_ratio(), 0.0);
     }

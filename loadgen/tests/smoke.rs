@@ -123,3 +123,79 @@ fn two_hundred_peers_for_three_seconds_lose_nothing() {
     let _ = std::fs::remove_file(&json);
     let _ = std::fs::remove_file(&hgrm);
 }
+
+/// CIS: 32 verifying peers in teams of 16 join a signing splitter child, in each signing mode, for
+/// 2 s: nothing lost or left unplayed, every chunk checked (by a hash against a digest, or by its
+/// own signature), and the report prices the checks (`loadgen.verify`, the `Verifying` line).
+#[test]
+fn verifying_peers_of_a_signing_splitter_lose_nothing_and_report_the_cost() {
+    let loadgen = Path::new(env!("CARGO_BIN_EXE_loadgen"));
+    let p2psp = p2psp_next_to(loadgen);
+    for mode in ["digest", "chunk"] {
+        let tag = format!("loadgen-signed-{mode}-{}", std::process::id());
+        let json = std::env::temp_dir().join(format!("{tag}.json"));
+        let key = std::env::temp_dir().join(format!("{tag}.key"));
+        let mut child = Command::new(loadgen)
+            .args(["--peers", "32", "--team-size", "16", "--bitrate", "1M"])
+            .args([
+                "--duration",
+                "2",
+                "--no-progress",
+                "--no-pin",
+                "--sign-mode",
+                mode,
+            ])
+            .arg("--sign")
+            .arg(&key)
+            .arg("--splitter-bin")
+            .arg(&p2psp)
+            .arg("--json")
+            .arg(&json)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("loadgen starts");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("loadgen did not finish within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let _ = std::fs::remove_file(&key);
+        assert!(
+            out.status.success(),
+            "{mode}: loadgen failed:\n{stdout}\n{stderr}"
+        );
+        assert!(stdout.contains("Verifying"), "{mode}:\n{stdout}");
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).expect("JSON report written"))
+                .expect("valid JSON");
+        let _ = std::fs::remove_file(&json);
+        let num = |p: &str| {
+            report
+                .pointer(p)
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or_else(|| panic!("{mode}: {p} missing in {report}"))
+        };
+        let ctx = format!("{mode}:\n{stdout}");
+        assert_eq!(num("/joins/ok"), 32.0, "{ctx}");
+        assert_eq!(num("/chunks/lost"), 0.0, "{ctx}");
+        assert!(num("/chunks/played") > 0.0, "{ctx}");
+        let chunks = num("/chunks/chunks");
+        let (sigs, hashes) = (num("/chunks/signatures"), num("/chunks/hashes"));
+        if mode == "digest" {
+            // Every chunk by one hash; one signature per group (groups of 2 or more here).
+            assert!(hashes >= 0.95 * chunks, "{ctx}");
+            assert!(sigs > 0.0 && sigs <= 0.6 * chunks, "{ctx}");
+        } else {
+            assert!(sigs >= 0.95 * chunks && hashes == 0.0, "{ctx}");
+        }
+        assert!(num("/loadgen/verify/us_per_chunk") > 0.0, "{ctx}");
+        assert!(num("/loadgen/verify/signature_us") > 1.0, "{ctx}");
+    }
+}

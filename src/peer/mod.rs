@@ -68,12 +68,14 @@ pub struct PeerArgs {
     #[arg(long)]
     pub free_ride: bool,
     /// The splitter's public key (64 hex digits, printed by `p2psp splitter --sign`): verify
-    /// every chunk and drop, ban and report peers that send bad ones (docs/integrity.md). The
+    /// every chunk and drop, ban and report peers that send bad ones (docs/integrity.md); the
+    /// splitter's `--sign-mode` (a signature per chunk, or a digest per group) is recognised. The
     /// peer stops with an error if the splitter does not sign, or signs with another key.
     #[arg(long, value_name = "HEX", value_parser = crate::proto::integrity::ChunkVerifier::from_hex)]
     pub splitter_key: Option<crate::proto::integrity::ChunkVerifier>,
     /// Testing: attack the team (docs/integrity.md): `persistent`, `on-off`,
-    /// `selective:ADDR:PORT,...`, `replay` or `bad-mouth`.
+    /// `selective:ADDR:PORT,...`, `replay` or `bad-mouth`; against digest signing also
+    /// `drop-digest`, `forge-digest` or `replay-digest`.
     #[arg(long, value_name = "MODE")]
     pub pollute: Option<attack::Pollute>,
     /// Rejoin when no chunk arrived for this long (`500ms`, `3s`, ...) [default: a quarter of
@@ -440,13 +442,8 @@ fn session(
     rules.request_lost = opts.lrs;
     rules.relay = !opts.faults.free_ride;
     rules.verify = opts.splitter_key;
-    let trailer = if opts.splitter_key.is_some() {
-        crate::proto::integrity::SIGNATURE_LEN
-    } else {
-        0
-    };
     let mut polluter = opts.pollute.clone().map(|m| {
-        let len = crate::proto::wire::CHUNK_HEADER + usize::from(config.chunk_size) + trailer;
+        let len = crate::proto::wire::CHUNK_HEADER + usize::from(config.chunk_size);
         attack::Polluter::new(m, Instant::now(), len)
     });
     let mut drops = Xorshift::new(opts.faults.seed);
@@ -546,10 +543,12 @@ fn session(
                     }
                     d
                 }
-                None => t.payload,
+                None => Some(t.payload),
             };
             // A neighbour that vanished answers with ICMP; that is the debt rule's job.
-            let _ = socket.send_to(&payload, t.dest);
+            if let Some(payload) = payload {
+                let _ = socket.send_to(&payload, t.dest);
+            }
         }
         if let Some(p) = &mut polluter {
             let first = p.first_bad.is_none();

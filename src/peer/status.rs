@@ -254,6 +254,54 @@ const PEER_METRICS: &[PeerMetric] = &[
         |s, _| s.complaints,
     ),
     PeerMetric::counter(
+        "digests",
+        "p2psp_peer_digests_total",
+        "Signed digests of chunk groups verified (CIS digest mode).",
+        |s, _| s.digests,
+    ),
+    PeerMetric::counter(
+        "bad_digests",
+        "p2psp_peer_bad_digests_total",
+        "Digests with a bad signature, dropped; the sender blamed (CIS digest mode).",
+        |s, _| s.bad_digests,
+    ),
+    PeerMetric::counter(
+        "stale_digests",
+        "p2psp_peer_stale_digests_total",
+        "Digests older than the peer keeps (replays), dropped unchecked (CIS digest mode).",
+        |s, _| s.stale_digests,
+    ),
+    PeerMetric::counter(
+        "digests_relayed",
+        "p2psp_peer_digests_relayed_total",
+        "Digests from the splitter relayed to neighbours (CIS digest mode).",
+        |s, _| s.digests_relayed,
+    ),
+    PeerMetric::counter(
+        "digest_requests",
+        "p2psp_peer_digest_requests_total",
+        "Digests asked for from the splitter after a chunk waited for one (CIS digest mode).",
+        |s, _| s.digest_requests,
+    ),
+    PeerMetric::counter(
+        "unverified_dropped",
+        "p2psp_peer_unverified_dropped_total",
+        "Chunks dropped because no digest came for them in time, never played (CIS digest mode).",
+        |s, _| s.unverified_dropped,
+    ),
+    PeerMetric::counter(
+        "signatures_checked",
+        "p2psp_peer_signatures_checked_total",
+        "Ed25519 signatures checked, of chunks or digests (CIS).",
+        |s, _| s.signatures_checked,
+    ),
+    PeerMetric::counter(
+        "hashes_checked",
+        "p2psp_peer_hashes_checked_total",
+        "Chunks checked against a digest's hash (CIS digest mode).",
+        |s, _| s.hashes_checked,
+    ),
+    PeerMetric::counter(
         "player_overruns",
         "p2psp_peer_player_overruns_total",
         "Played chunks the player thread could not take in time.",
@@ -527,13 +575,21 @@ mod tests {
             forged: 119,
             from_polluters: 120,
             complaints: 121,
+            digests: 122,
+            bad_digests: 123,
+            stale_digests: 124,
+            digests_relayed: 125,
+            digest_requests: 126,
+            unverified_dropped: 127,
+            signatures_checked: 128,
+            hashes_checked: 129,
         };
         let c = PeerCounters::default();
         let mut p = Prom::new();
         counters(&mut p, &s, &c);
         let text = p.finish();
         let totals = totals(&s, &c);
-        for v in 101..=121u64 {
+        for v in 101..=129u64 {
             assert!(text.contains(&format!(" {v}\n")), "{v} not in\n{text}");
             assert!(totals.as_object().unwrap().values().any(|t| *t == v), "{v}");
         }

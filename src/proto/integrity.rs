@@ -58,6 +58,11 @@ impl ChunkSigner {
         hex(self.0.verifying_key().as_bytes())
     }
 
+    /// The signature of `bytes` (a digest, `super::digest`).
+    pub fn sign_bytes(&self, bytes: &[u8]) -> [u8; SIGNATURE_LEN] {
+        self.0.sign(bytes).to_bytes()
+    }
+
     /// Appends the signature of `datagram` (a compat chunk datagram) to it.
     pub fn sign_datagram(&self, datagram: &mut Vec<u8>) {
         let sig = self.0.sign(datagram);
@@ -87,6 +92,14 @@ impl ChunkVerifier {
         let (signed, sig) = datagram.split_at(at);
         let sig = Signature::from_bytes(sig.try_into().expect("split at SIGNATURE_LEN"));
         self.0.verify(signed, &sig).is_ok()
+    }
+
+    /// Whether `sig` is a valid signature of the splitter over `signed`.
+    pub fn verify_bytes(&self, signed: &[u8], sig: &[u8]) -> bool {
+        let Ok(sig) = <&[u8; SIGNATURE_LEN]>::try_from(sig) else {
+            return false;
+        };
+        self.0.verify(signed, &Signature::from_bytes(sig)).is_ok()
     }
 
     /// The public key as 64 hex digits.

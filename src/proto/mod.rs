@@ -13,12 +13,14 @@
 //! - [`directory`]: the splitter's control-plane view: which team a joining peer goes to.
 //! - [`peer`]: the DBS peer (relaying, debts, playout buffer, loss reports, polite goodbye).
 //! - [`integrity`]: CIS, signed chunks and complaints about polluters (`docs/integrity.md`).
+//! - [`digest`]: CIS digest mode, one signed digest per group of chunks.
 //! - [`nts`]: NTS, the NAT Traversal Set (§6.4): its messages, acknowledgement by echo, port-step
 //!   estimation and port prediction.
 //! - [`nts_splitter`], [`nts_peer`]: the NTS state machines of the splitter and of a peer.
 //! - [`rejoin`]: peer liveness: when the stream has stalled, why, and the backoff to join again.
 #![forbid(unsafe_code)]
 
+pub mod digest;
 pub mod directory;
 pub mod integrity;
 pub mod nts;

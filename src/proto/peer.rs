@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::Endpoint;
+use super::digest::{self, DigestBook, DigestCheck};
 use super::integrity::{ChunkVerifier, SIGNATURE_LEN, complaint};
 use super::seq;
 use super::wire::{CHUNK_HEADER, GOODBYE, HELLO, ToPeer, loss_report};
@@ -238,6 +239,23 @@ pub struct PeerStats {
     pub from_polluters: u64,
     /// CIS: complaints about polluters sent to the splitter.
     pub complaints: u64,
+    /// CIS digest mode: digests whose signature verified.
+    pub digests: u64,
+    /// CIS digest mode: digests with a bad signature (dropped; the sender blamed as for a chunk).
+    pub bad_digests: u64,
+    /// CIS digest mode: digests older than the book keeps (replays): dropped unchecked.
+    pub stale_digests: u64,
+    /// CIS digest mode: digests relayed to neighbours (those from the splitter, once verified).
+    pub digests_relayed: u64,
+    /// CIS digest mode: digests asked for from the splitter (a chunk waited too long for one).
+    pub digest_requests: u64,
+    /// CIS digest mode: chunks dropped unverified because no digest came for them in time (or
+    /// the pending set was full); never played or relayed.
+    pub unverified_dropped: u64,
+    /// CIS: Ed25519 signatures checked (per chunk, or per digest).
+    pub signatures_checked: u64,
+    /// CIS digest mode: chunks checked against a digest's hash.
+    pub hashes_checked: u64,
 }
 
 impl std::ops::Add for PeerStats {
@@ -267,6 +285,14 @@ impl std::ops::Add for PeerStats {
             forged: self.forged + o.forged,
             from_polluters: self.from_polluters + o.from_polluters,
             complaints: self.complaints + o.complaints,
+            digests: self.digests + o.digests,
+            bad_digests: self.bad_digests + o.bad_digests,
+            stale_digests: self.stale_digests + o.stale_digests,
+            digests_relayed: self.digests_relayed + o.digests_relayed,
+            digest_requests: self.digest_requests + o.digest_requests,
+            unverified_dropped: self.unverified_dropped + o.unverified_dropped,
+            signatures_checked: self.signatures_checked + o.signatures_checked,
+            hashes_checked: self.hashes_checked + o.hashes_checked,
         }
     }
 }
@@ -408,7 +434,16 @@ pub struct Peer {
     mismatch: bool,
     /// CIS: chunk-like datagrams from the splitter of the other kind (signed or not).
     other_kind: u32,
+    /// CIS digest mode: verified digests and the chunks waiting for theirs.
+    book: Option<DigestBook>,
+    /// CIS: when the first chunk from the splitter arrived (a key holder whose splitter signs
+    /// nothing finds out from the time that passes without any valid signature).
+    first_from_splitter: Option<Instant>,
 }
+
+/// CIS: a peer with a key that has had chunks from the splitter for this long and not one valid
+/// signature or digest stops ([`IntegrityMismatch::Unsigned`]).
+pub const UNSIGNED_AFTER: Duration = Duration::from_secs(2);
 
 /// CIS: how many chunks from the splitter of the wrong kind (or that fail with this peer's key),
 /// and none good, make a [`PeerEvent::IntegrityMismatch`].
@@ -461,6 +496,8 @@ impl Peer {
             splitter_verified: 0,
             mismatch: false,
             other_kind: 0,
+            book: rules.verify.map(|_| DigestBook::new(b)),
+            first_from_splitter: None,
         };
         let m = usize::from(monitors).min(peers.len());
         for (i, &p) in peers
@@ -556,6 +593,25 @@ impl Peer {
         } else {
             0
         };
+        if self.rules.verify.is_some() {
+            // CIS digest mode: compat-sized chunks are checked against digests, and digests
+            // (never the length of a chunk of either kind) are verified and stored.
+            let c = CHUNK_HEADER + self.rules.chunk_size;
+            if from == self.rules.splitter
+                && self.first_from_splitter.is_none()
+                && (data.len() == c || data.len() == c + SIGNATURE_LEN)
+            {
+                self.first_from_splitter = Some(now);
+            }
+            if data.len() == c {
+                self.on_digest_chunk(now, from, data);
+                return;
+            }
+            if data.len() != c + SIGNATURE_LEN && digest::is_digest(&data) {
+                self.on_digest(from, data);
+                return;
+            }
+        }
         match ToPeer::parse(&data, self.rules.chunk_size + trailer) {
             ToPeer::Chunk { number, .. } => {
                 // A chunk from a neighbour or stranger that far off is dropped by `on_chunk`
@@ -580,11 +636,21 @@ impl Peer {
                 // A chunk from the splitter of the other kind (signed or not) than this peer's.
                 let c = CHUNK_HEADER + self.rules.chunk_size;
                 let other = if trailer == 0 { c + SIGNATURE_LEN } else { c };
-                if from == self.rules.splitter && data.len() == other {
+                // A digest tells a peer without a key that its team is signed, from the
+                // splitter or relayed by a neighbour (the splitter sends each digest to one or
+                // two members of a team).
+                let digest = trailer == 0
+                    && digest::is_digest(&data)
+                    && (from == self.rules.splitter || self.position(from).is_some());
+                if (from == self.rules.splitter && data.len() == other) || digest {
                     self.other_kind += 1;
                     // Only before any good chunk from the splitter, and not on one datagram: a
                     // stranger forging the splitter's address must not end a peer that plays.
-                    let good = if trailer == 0 {
+                    // Digests are the exception: a digest-signing splitter sends compat-sized
+                    // chunks, which a peer without a key plays unchecked.
+                    let good = if digest::is_digest(&data) {
+                        false
+                    } else if trailer == 0 {
                         self.stats.from_splitter > 0
                     } else {
                         self.splitter_verified > 0
@@ -616,25 +682,41 @@ impl Peer {
             self.stats.from_polluters += 1;
             return false;
         }
+        self.stats.signatures_checked += 1;
         if self.rules.verify.is_some_and(|v| v.verify(data)) {
             if from == self.rules.splitter {
                 self.splitter_verified += 1;
             }
             return true;
         }
+        self.reject(from, number);
+        false
+    }
+
+    /// CIS: chunk `number` from `from` failed its check (a bad signature or hash): counted; its
+    /// sender (unless it has the splitter's address) dropped, banned and complained about.
+    fn reject(&mut self, from: Endpoint, number: u16) {
         self.stats.bad_chunks += 1;
+        self.blame(from, number);
+    }
+
+    /// CIS: `from` sent something that failed its check (a chunk numbered `number`, or a digest).
+    fn blame(&mut self, from: Endpoint, number: u16) {
         if from == self.rules.splitter {
             self.stats.forged += 1;
             // Not one chunk from the splitter verified: the key is wrong, not a forger.
             if self.splitter_verified == 0 && self.stats.forged >= u64::from(MISMATCH_AFTER) {
                 self.mismatch(IntegrityMismatch::WrongKey);
             }
-            return false;
+            return;
         }
         if self.splitter_verified == 0 {
             // Until a chunk from the splitter verified, a failure may be this peer's wrong key:
             // nobody is blamed yet (the chunk is dropped all the same).
-            return false;
+            return;
+        }
+        if self.banned.contains(&from) {
+            return;
         }
         if self.banned_order.len() >= MAX_BANNED
             && let Some(old) = self.banned_order.pop_front()
@@ -653,7 +735,95 @@ impl Peer {
             self.rules.splitter,
             Bytes::copy_from_slice(&complaint(from, number)),
         );
-        false
+    }
+
+    /// CIS digest mode: a compat-sized chunk, checked against its digest, or held until that
+    /// arrives (never played or relayed before).
+    fn on_digest_chunk(&mut self, now: Instant, from: Endpoint, data: Bytes) {
+        let number = u16::from_be_bytes([data[0], data[1]]);
+        if self.banned.contains(&from) {
+            self.stats.from_polluters += 1;
+            return;
+        }
+        if from != self.rules.splitter && !self.in_window(number) {
+            // Dropped by `on_chunk` without effect: not worth a check.
+            self.on_chunk(from, number, data);
+            return;
+        }
+        let Some(book) = &mut self.book else { return };
+        match book.check_chunk(number, &data) {
+            Some(ok) => self.judge(from, number, data, ok),
+            None => {
+                if book.hold(from, number, data, now).is_some() {
+                    self.stats.unverified_dropped += 1;
+                }
+            }
+        }
+    }
+
+    /// CIS digest mode: a chunk checked against its digest's hash: played and relayed as usual
+    /// if it matches, rejected if not.
+    fn judge(&mut self, from: Endpoint, number: u16, data: Bytes, ok: bool) {
+        self.stats.hashes_checked += 1;
+        if ok {
+            if from == self.rules.splitter {
+                self.splitter_verified += 1;
+            }
+            self.on_chunk(from, number, data);
+        } else if !self.banned.contains(&from) {
+            self.reject(from, number);
+        } else {
+            self.stats.from_polluters += 1;
+        }
+    }
+
+    /// CIS digest mode: a digest datagram. A good one from the splitter is relayed to every
+    /// neighbour; the chunks waiting for it are then judged.
+    fn on_digest(&mut self, from: Endpoint, data: Bytes) {
+        if self.banned.contains(&from) {
+            self.stats.from_polluters += 1;
+            return;
+        }
+        let (Some(book), Some(key)) = (&mut self.book, &self.rules.verify) else {
+            return;
+        };
+        match book.check_digest(&data, key) {
+            DigestCheck::Malformed => self.stats.malformed += 1,
+            DigestCheck::Stale => self.stats.stale_digests += 1,
+            DigestCheck::Duplicate => {}
+            DigestCheck::Bad => {
+                self.stats.signatures_checked += 1;
+                self.stats.bad_digests += 1;
+                let first = digest::Digest::parse(&data).map_or(0, |d| d.first as u16);
+                self.blame(from, first);
+            }
+            DigestCheck::Good => {
+                self.stats.signatures_checked += 1;
+                self.stats.digests += 1;
+                if from == self.rules.splitter {
+                    self.splitter_verified += 1;
+                    if self.rules.relay && self.membership == Membership::Member {
+                        for i in 0..self.neighbours.len() {
+                            let dest = self.neighbours[i].endpoint;
+                            self.send(dest, data.clone());
+                            self.stats.digests_relayed += 1;
+                        }
+                    }
+                }
+                let mut released = Vec::new();
+                if let Some(book) = &mut self.book {
+                    book.release(&mut released);
+                }
+                for h in released {
+                    let ok = self
+                        .book
+                        .as_ref()
+                        .and_then(|b| b.check_chunk(h.number, &h.data))
+                        .unwrap_or(false);
+                    self.judge(h.from, h.number, h.data, ok);
+                }
+            }
+        }
     }
 
     fn on_goodbye(&mut self, from: Endpoint) {
@@ -1090,9 +1260,14 @@ impl Peer {
 
     /// When [`Peer::handle_timeout`] next has work to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match self.membership {
+        let leaving = match self.membership {
             Membership::Leaving { deadline } => Some(deadline),
             _ => None,
+        };
+        let digest = self.book.as_ref().and_then(|b| b.next_deadline());
+        match (leaving, digest) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -1102,6 +1277,31 @@ impl Peer {
             && now >= deadline
         {
             self.farewell(false);
+        }
+        self.digest_timeouts(now);
+    }
+
+    /// CIS digest mode: asks the splitter for the digests chunks have waited too long for, drops
+    /// chunks that waited for good, and names a splitter that signs nothing.
+    fn digest_timeouts(&mut self, now: Instant) {
+        let Some(book) = &mut self.book else { return };
+        self.stats.unverified_dropped += book.expire(now) as u64;
+        if self.membership != Membership::Left {
+            for n in book.due_requests(now, 8) {
+                self.stats.digest_requests += 1;
+                self.transmits.push_back(Transmit {
+                    dest: self.rules.splitter,
+                    payload: Bytes::copy_from_slice(&digest::request(n)),
+                });
+            }
+        }
+        if self.splitter_verified == 0
+            && !book.anchored()
+            && self
+                .first_from_splitter
+                .is_some_and(|t| now.saturating_duration_since(t) >= UNSIGNED_AFTER)
+        {
+            self.mismatch(IntegrityMismatch::Unsigned);
         }
     }
 
@@ -1729,6 +1929,18 @@ mod tests {
             r
         }
 
+        /// The splitter's digest of chunks `first .. first + n` (as `chunk` makes them).
+        fn digest(first: u16, n: u16) -> Bytes {
+            digest_ext(u32::from(first), n)
+        }
+
+        fn digest_ext(first: u32, n: u16) -> Bytes {
+            let hashes: Vec<digest::Hash> = (0..n)
+                .map(|i| digest::chunk_hash(&chunk((first as u16).wrapping_add(i))))
+                .collect();
+            Bytes::from(digest::sign_digest(&signer(), first, &hashes))
+        }
+
         fn played(ev: &[PeerEvent]) -> Vec<(u16, Bytes)> {
             ev.iter()
                 .filter_map(|e| match e {
@@ -1836,6 +2048,129 @@ mod tests {
         }
 
         #[test]
+        fn digest_mode_checks_one_signature_per_group_and_relays_the_digest_first() {
+            let now = Instant::now();
+            let mut p = Peer::new(signed_rules(8), &[ep(1), ep(2)], 0);
+            sends(&mut p);
+            p.handle_datagram(now, ep(SPLITTER), digest(0, 8));
+            assert_eq!(sends(&mut p), [(1, digest(0, 8)), (2, digest(0, 8))]);
+            p.handle_datagram(now, ep(SPLITTER), chunk(0));
+            assert_eq!(sends(&mut p), [(1, chunk(0))]);
+            for n in 1..8u16 {
+                p.handle_datagram(now, ep(1 + n % 2), chunk(n));
+            }
+            assert_eq!(sends(&mut p), [(2, chunk(0))]);
+            let got = played(&events(&mut p));
+            assert_eq!(got.len(), 4);
+            for (n, payload) in got {
+                assert_eq!(payload, chunk(n).slice(CHUNK_HEADER..));
+            }
+            let s = p.stats();
+            assert_eq!(
+                (s.signatures_checked, s.hashes_checked, s.digests),
+                (1, 8, 1)
+            );
+            assert_eq!((s.bad_chunks, s.digests_relayed), (0, 2));
+            // The same digest again (the second copy) costs nothing and is not relayed again.
+            p.handle_datagram(now, ep(1), digest(0, 8));
+            assert!(sends(&mut p).is_empty());
+            assert_eq!(p.stats().signatures_checked, 1);
+        }
+
+        #[test]
+        fn a_chunk_waits_for_its_digest_and_is_never_relayed_before() {
+            let now = Instant::now();
+            let mut p = Peer::new(signed_rules(8), &[ep(1), ep(2)], 0);
+            sends(&mut p);
+            p.handle_datagram(now, ep(SPLITTER), chunk(0));
+            p.handle_datagram(now, ep(1), chunk(1));
+            assert!(sends(&mut p).is_empty(), "nothing relayed unverified");
+            assert!(played(&events(&mut p)).is_empty());
+            // The digest comes from a neighbour: checked, not relayed, the chunks go on.
+            p.handle_datagram(now, ep(1), digest(0, 2));
+            assert_eq!(sends(&mut p), [(1, chunk(0)), (2, chunk(0))]);
+            assert_eq!(p.stats().hashes_checked, 2);
+            assert_eq!(p.stats().digests_relayed, 0);
+        }
+
+        #[test]
+        fn a_lost_digest_is_asked_for_and_its_chunks_dropped_if_it_never_comes() {
+            let now = Instant::now();
+            let mut p = Peer::new(signed_rules(8), &[ep(1)], 0);
+            sends(&mut p);
+            p.handle_datagram(now, ep(SPLITTER), digest(0, 1));
+            p.handle_datagram(now, ep(SPLITTER), chunk(0));
+            sends(&mut p);
+            p.handle_datagram(now, ep(1), chunk(1));
+            assert_eq!(p.poll_timeout(), Some(now + digest::FETCH_AFTER));
+            p.handle_timeout(now + digest::FETCH_AFTER);
+            assert_eq!(
+                sends(&mut p),
+                [(SPLITTER, Bytes::copy_from_slice(&digest::request(1)))]
+            );
+            // Answered: the chunk goes on.
+            p.handle_datagram(now, ep(SPLITTER), digest(1, 1));
+            assert_eq!(p.stats().hashes_checked, 2);
+            // Chunk 2's digest never comes: asked for again, then dropped unplayed.
+            p.handle_datagram(now, ep(1), chunk(2));
+            let t = now + digest::FETCH_AFTER;
+            p.handle_timeout(t);
+            p.handle_timeout(t + digest::FETCH_AFTER);
+            assert_eq!(p.stats().digest_requests, 3);
+            p.handle_timeout(now + digest::HOLD_LIMIT);
+            assert_eq!(p.stats().unverified_dropped, 1);
+            let ev = events(&mut p);
+            assert!(played(&ev).iter().all(|(n, _)| *n < 2));
+        }
+
+        #[test]
+        fn forged_digests_and_bad_chunks_blame_the_sender_replays_cost_nothing() {
+            let now = Instant::now();
+            let mut p = Peer::new(signed_rules(8), &[ep(1), ep(2), ep(3)], 0);
+            sends(&mut p);
+            p.handle_datagram(now, ep(SPLITTER), digest_ext(65536, 4));
+            p.handle_datagram(now, ep(SPLITTER), chunk(0));
+            sends(&mut p);
+            events(&mut p);
+            // Neighbour 2 forges a digest: its signature fails, 2 is banned and reported.
+            let mut forged = digest_ext(65536 + 4, 4).to_vec();
+            forged[8] ^= 1;
+            p.handle_datagram(now, ep(2), Bytes::from(forged));
+            assert_eq!(p.stats().bad_digests, 1);
+            let ev = events(&mut p);
+            assert!(ev.contains(&PeerEvent::Polluter {
+                peer: ep(2),
+                number: 4
+            }));
+            assert_eq!(
+                sends(&mut p),
+                [(SPLITTER, Bytes::copy_from_slice(&complaint(ep(2), 4)))]
+            );
+            // Neighbour 3 replays a valid digest of the same numbers from 65,536 chunks ago:
+            // stale, dropped before its signature is checked, nobody blamed.
+            let checked = p.stats().signatures_checked;
+            p.handle_datagram(now, ep(3), digest(0, 4));
+            assert_eq!(p.stats().stale_digests, 1);
+            assert_eq!(p.stats().signatures_checked, checked);
+            // Neighbour 1 pollutes chunk 1: its hash fails, 1 is banned, the chunk never played.
+            let mut bad = chunk(1).to_vec();
+            bad[CHUNK_HEADER + 3] ^= 0xff;
+            p.handle_datagram(now, ep(1), Bytes::from(bad));
+            assert_eq!(p.stats().bad_chunks, 1);
+            let ev = events(&mut p);
+            assert!(ev.contains(&PeerEvent::Polluter {
+                peer: ep(1),
+                number: 1
+            }));
+            // Neighbour 3 sends the real chunk 1: taken.
+            let (hashes, bad) = (p.stats().hashes_checked, p.stats().bad_chunks);
+            p.handle_datagram(now, ep(3), chunk(1));
+            assert_eq!(p.stats().hashes_checked, hashes + 1);
+            assert_eq!(p.stats().bad_chunks, bad);
+            assert!(events(&mut p).is_empty() || p.stats().complaints == 2);
+        }
+
+        #[test]
         fn signing_mismatches_are_named_once() {
             let now = Instant::now();
             let mismatches = |p: &mut Peer| -> Vec<IntegrityMismatch> {
@@ -1858,12 +2193,26 @@ mod tests {
             }
             assert_eq!(mismatches(&mut p), [IntegrityMismatch::Signed]);
             assert_eq!(p.stats().chunks_received, 0);
-            // A key, a compat splitter.
+            // No key, a digest-signing splitter.
+            let mut p = Peer::new(rules(8), &[], 0);
+            for n in 0..4 {
+                p.handle_datagram(now, ep(SPLITTER), digest(n * 2, 2));
+                p.handle_datagram(now, ep(SPLITTER), chunk(n * 2));
+            }
+            assert_eq!(mismatches(&mut p), [IntegrityMismatch::Signed]);
+            // A key, a compat splitter: compat-sized chunks wait for a digest that never comes.
             let mut p = Peer::new(signed_rules(8), &[], 0);
             for n in 0..4 {
                 p.handle_datagram(now, ep(SPLITTER), chunk(n));
             }
+            p.handle_timeout(now + Duration::from_millis(1900));
+            assert!(
+                mismatches(&mut p).is_empty(),
+                "not before {UNSIGNED_AFTER:?}"
+            );
+            p.handle_timeout(now + UNSIGNED_AFTER);
             assert_eq!(mismatches(&mut p), [IntegrityMismatch::Unsigned]);
+            assert_eq!(p.stats().played, 0);
             // A peer that plays is not ended by forgeries with the splitter's address.
             let mut p = Peer::new(signed_rules(8), &[], 0);
             p.handle_datagram(now, ep(SPLITTER), signed(0));

@@ -221,6 +221,10 @@ pub struct CisCounters {
     pub stray_complaints: u64,
     /// Peers expelled as polluters.
     pub polluters_expelled: u64,
+    /// Digest mode: digest requests granted.
+    pub digest_requests: u64,
+    /// Digest mode: digest requests refused (the member's budget was used up).
+    pub digest_requests_refused: u64,
 }
 
 /// What the splitter-side protocol counted. Nothing a peer sends is dropped without a count.
@@ -461,6 +465,7 @@ pub struct Teams {
     counters: TeamCounters,
     goodbyes: VecDeque<(Endpoint, &'static [u8])>,
     resends: VecDeque<(u16, Endpoint)>,
+    digest_requests: VecDeque<(u16, Endpoint)>,
     events: VecDeque<TeamEvent>,
     next_halving: Option<Instant>,
     /// The last peers that left after a goodbye, oldest first, to confirm a repeated goodbye.
@@ -484,6 +489,7 @@ impl Teams {
             counters: TeamCounters::default(),
             goodbyes: VecDeque::new(),
             resends: VecDeque::new(),
+            digest_requests: VecDeque::new(),
             events: VecDeque::new(),
             next_halving: None,
             recently_left: VecDeque::new(),
@@ -589,8 +595,43 @@ impl Teams {
             ToSplitter::Goodbye => self.on_goodbye(from),
             ToSplitter::LossReport(n) => self.on_loss_report(from, n),
             ToSplitter::Complaint { accused, .. } => self.on_complaint(from, accused),
+            ToSplitter::DigestRequest(n) => self.on_digest_request(from, n),
             ToSplitter::Malformed => self.counters.malformed += 1,
         }
+    }
+
+    /// CIS digest mode: a member asks for the digest of chunk `n`. Granted within the member's
+    /// resend budget (shared with LRS), in signed teams only.
+    fn on_digest_request(&mut self, from: Endpoint, n: u16) {
+        let max = self.rules.max_resends;
+        if !self.rules.complaints {
+            self.counters.malformed += 1;
+            return;
+        }
+        let Some(&id) = self.members.get(&from) else {
+            self.cis.stray_complaints += 1;
+            return;
+        };
+        let t = self
+            .teams
+            .get_mut(&id)
+            .expect("member index points at a team");
+        let Some(i) = t.position(from) else {
+            return;
+        };
+        let m = &mut t.members[i];
+        if m.resends < max {
+            m.resends += 1;
+            self.cis.digest_requests += 1;
+            self.digest_requests.push_back((n, from));
+        } else {
+            self.cis.digest_requests_refused += 1;
+        }
+    }
+
+    /// CIS digest mode: the next digest to send: the chunk number it covers and who asked.
+    pub fn poll_digest_request(&mut self) -> Option<(u16, Endpoint)> {
+        self.digest_requests.pop_front()
     }
 
     /// CIS: `from` says `accused` sent it a chunk with a bad signature. A monitor's or trusted

@@ -201,6 +201,9 @@ pub enum ToSplitter {
         /// Its chunk number.
         number: u16,
     },
+    /// A peer of a digest-signed team asks for the digest that covers this chunk (CIS digest
+    /// mode, [`super::digest`]).
+    DigestRequest(u16),
     /// Anything else.
     Malformed,
 }
@@ -213,7 +216,10 @@ impl ToSplitter {
             GOODBYE => ToSplitter::Goodbye,
             _ => match super::integrity::parse_complaint(d) {
                 Some((accused, number)) => ToSplitter::Complaint { accused, number },
-                None => ToSplitter::Malformed,
+                None => match super::digest::parse_request(d) {
+                    Some(number) => ToSplitter::DigestRequest(number),
+                    None => ToSplitter::Malformed,
+                },
             },
         }
     }

@@ -28,6 +28,9 @@ pub struct Chunk {
     /// When the writer published it (given by the writer: the ring reads no clock). Shards
     /// measure their send lag from it.
     pub published: Instant,
+    /// CIS digest mode: the signed digest of the chunk's group (shared by every chunk of the
+    /// group), sent ahead of the group's first chunks and to peers that ask for it.
+    pub digest: Option<Bytes>,
 }
 
 /// What a reader finds at a sequence number.
@@ -80,6 +83,17 @@ impl ChunkRing {
 
     /// Publishes a chunk at `now` (only one thread may publish). Returns its sequence number.
     pub fn publish(&self, number: u16, datagram: Bytes, now: Instant) -> u64 {
+        self.publish_with(number, datagram, None, now)
+    }
+
+    /// [`ChunkRing::publish`] with the digest of the chunk's group (CIS digest mode).
+    pub fn publish_with(
+        &self,
+        number: u16,
+        datagram: Bytes,
+        digest: Option<Bytes>,
+        now: Instant,
+    ) -> u64 {
         let seq = self.head.load(Ordering::Relaxed);
         let old = {
             let mut slot = self.slot(seq).lock().unwrap_or_else(|e| e.into_inner());
@@ -88,6 +102,7 @@ impl ChunkRing {
                 number,
                 datagram,
                 published: now,
+                digest,
             })
         };
         self.head.store(seq + 1, Ordering::Release);

@@ -176,6 +176,21 @@ pub struct FeedStats {
     pub reconnects: AtomicU64,
     /// Set when the feed has ended.
     pub ended: AtomicBool,
+    /// CIS digest mode: groups signed.
+    pub signed_groups: AtomicU64,
+    /// CIS digest mode: chunks published with a digest.
+    pub signed_chunks: AtomicU64,
+    /// CIS digest mode: time the signer thread spent hashing and signing, in nanoseconds.
+    pub signing_busy_ns: AtomicU64,
+}
+
+/// Where the feed's chunks go: straight to the ring, signed there or not (compat and
+/// `--sign-mode chunk`), or to the signer thread (`--sign-mode digest`).
+pub enum Output<'a> {
+    /// Published to the ring by the feed, signed first if there is a signer.
+    Ring(Option<&'a crate::proto::integrity::ChunkSigner>),
+    /// Handed to the digest signer thread, which publishes them.
+    Digest(crossbeam_channel::Sender<Vec<u8>>),
 }
 
 /// Reads `source` until it ends or `stop` is raised.
@@ -184,7 +199,7 @@ pub fn run(
     mut source: Box<dyn Source>,
     chunk_size: usize,
     first_number: u16,
-    signer: Option<&crate::proto::integrity::ChunkSigner>,
+    output: Output<'_>,
     ring: &ChunkRing,
     header: &HeaderCell,
     stats: &FeedStats,
@@ -237,19 +252,31 @@ pub fn run(
                             &mut chunk,
                             Vec::with_capacity(CHUNK_HEADER + chunk_size + SIGNATURE_LEN),
                         );
-                        // CIS: signed once here for every team of every shard.
-                        if let Some(signer) = signer {
-                            signer.sign_datagram(&mut full);
+                        match &output {
+                            Output::Ring(signer) => {
+                                // CIS: signed once here for every team of every shard.
+                                if let Some(signer) = signer {
+                                    signer.sign_datagram(&mut full);
+                                }
+                                ring.publish(number, Bytes::from(full), Instant::now());
+                            }
+                            Output::Digest(tx) => {
+                                // The signer thread publishes it with its group's digest.
+                                if tx.send(full).is_err() {
+                                    break;
+                                }
+                            }
                         }
-                        ring.publish(number, Bytes::from(full), Instant::now());
                         header.chunks.fetch_add(1, Ordering::Relaxed);
                         number = number.wrapping_add(1);
                         stats.chunks.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 // One wake per read, not per chunk: a read of many chunks is one batch.
-                for w in wakers {
-                    w.wake();
+                if matches!(output, Output::Ring(_)) {
+                    for w in wakers {
+                        w.wake();
+                    }
                 }
             }
             SourceItem::End => break Ok(()),

@@ -160,6 +160,33 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
     let control_stats = Arc::new(control::ControlStats::default());
 
     let wakers: Vec<Waker> = shard_links.iter().map(|l| l.waker.clone()).collect();
+    // CIS digest mode: a signer thread groups the feed's chunks, signs each group's digest and
+    // publishes them (the feed then hands its chunks over instead of publishing them).
+    let digest_signing = match (&settings.signer, settings.sign_mode) {
+        (Some(signer), signing::SignMode::Digest) => Some(signing::Signing {
+            signer: signer.clone(),
+            mode: signing::SignMode::Digest,
+            window: settings.digest_window,
+            max_group: settings.digest_max,
+        }),
+        _ => None,
+    };
+    let (digest_tx, signer_handle) = match digest_signing {
+        Some(signing) => {
+            let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(4096);
+            let (ring, stats, wakers) = (ring.clone(), feed_stats.clone(), wakers.clone());
+            let chunk_len = crate::proto::wire::CHUNK_HEADER + settings.chunk_size;
+            let slice = settings.thread_slice;
+            let handle = thread::Builder::new()
+                .name("signer".into())
+                .spawn(move || {
+                    use_thread_slice(slice, "signer");
+                    signing::run_digest(&rx, &signing, chunk_len, &ring, &stats, &wakers);
+                })?;
+            (Some(tx), Some(handle))
+        }
+        None => (None, None),
+    };
     let feed_handle = {
         let (ring, header, stats, stop) = (
             ring.clone(),
@@ -176,16 +203,12 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
                 core_affinity::set_for_current(core);
             }
             use_thread_slice(slice, "feed");
+            let output = match digest_tx {
+                Some(tx) => feed::Output::Digest(tx),
+                None => feed::Output::Ring(signer.as_ref()),
+            };
             let result = feed::run(
-                source,
-                chunk_size,
-                first,
-                signer.as_ref(),
-                &ring,
-                &header,
-                &stats,
-                &wakers,
-                &stop,
+                source, chunk_size, first, output, &ring, &header, &stats, &wakers, &stop,
             );
             // The source ended or failed for good: the splitter stops with it.
             stop.store(true, Ordering::SeqCst);
@@ -195,11 +218,20 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
             result
         })?
     };
+    let _signer_handle = signer_handle;
 
     if let Some(signer) = &settings.signer {
         // On stderr whatever the log level: the peers need it.
         eprintln!(
-            "p2psp splitter: signing chunks; peers join with --splitter-key {}",
+            "p2psp splitter: signing chunks ({}); peers join with --splitter-key {}",
+            match settings.sign_mode {
+                signing::SignMode::Chunk => "a signature per chunk".to_string(),
+                signing::SignMode::Digest => format!(
+                    "a signed digest per group of up to {} chunks within {} ms",
+                    settings.digest_max,
+                    settings.digest_window.as_secs_f64() * 1e3
+                ),
+            },
             signer.public_hex()
         );
     }

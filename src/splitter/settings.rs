@@ -135,11 +135,24 @@ pub struct SplitterArgs {
     /// Seconds a connection may take to join or to fetch the stream header.
     #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
     pub join_timeout: f64,
-    /// Sign every chunk with the Ed25519 key in this file (CIS, docs/integrity.md), created with
+    /// Sign the stream with the Ed25519 key in this file (CIS, docs/integrity.md), created with
     /// mode 0600 on first use; the public key is printed on stderr for the peers'
-    /// `--splitter-key`. Chunks grow by 64 bytes; peers without the key cannot join.
+    /// `--splitter-key`. Peers without the key cannot join.
     #[arg(long, value_name = "KEYFILE")]
     pub sign: Option<std::path::PathBuf>,
+    /// With `--sign`: `digest` signs one digest per group of chunks (a 16-byte hash per chunk,
+    /// sent ahead of the group; chunks stay compat-sized; a peer checks one signature per group),
+    /// `chunk` appends a 64-byte signature to every chunk (a peer checks every one).
+    #[arg(long, value_enum, default_value_t = super::signing::SignMode::Digest, requires = "sign")]
+    pub sign_mode: super::signing::SignMode,
+    /// With `--sign-mode digest`: milliseconds a group of chunks stays open for more chunks; a
+    /// group of one waits up to twice this for a second chunk (so signing adds at most twice this
+    /// to a chunk's latency).
+    #[arg(long, default_value_t = 20.0, value_name = "MS")]
+    pub digest_window: f64,
+    /// With `--sign-mode digest`: most chunks per group (1 to 32).
+    #[arg(long, default_value_t = 32, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=32))]
+    pub digest_max: u8,
     /// With `--sign`: a peer whose complaints about a polluter expel it at once (STrPe), as
     /// monitors' do; others need a majority of the team. Repeat for more.
     #[arg(long, value_name = "ADDR:PORT", requires = "sign")]
@@ -250,6 +263,12 @@ pub struct Settings {
     pub signer: Option<crate::proto::integrity::ChunkSigner>,
     /// CIS: peers whose complaints expel at once.
     pub trusted: Vec<SocketAddrV4>,
+    /// CIS: per chunk or per group (`--sign-mode`).
+    pub sign_mode: super::signing::SignMode,
+    /// CIS digest mode: `--digest-window`.
+    pub digest_window: std::time::Duration,
+    /// CIS digest mode: `--digest-max`.
+    pub digest_max: usize,
 }
 
 /// Largest stream header: the join message carries its size (plus the HTTP head the splitter
@@ -389,6 +408,17 @@ impl Settings {
                 None => None,
             },
             trusted: a.trusted.clone(),
+            sign_mode: a.sign_mode,
+            digest_window: {
+                if !(0.0..=1000.0).contains(&a.digest_window) {
+                    return Err(format!(
+                        "--digest-window {} ms: give 0 to 1000 ms",
+                        a.digest_window
+                    ));
+                }
+                std::time::Duration::from_secs_f64(a.digest_window / 1000.0)
+            },
+            digest_max: usize::from(a.digest_max),
         })
     }
 }

@@ -220,6 +220,12 @@ shard_metrics! {
     StrayComplaints = ShardMetricInfo::counter("stray_complaints", "p2psp_splitter_stray_complaints_total");
     /// Peers expelled as polluters, on a trusted complaint or a majority of their teammates.
     PollutersExpelled = ShardMetricInfo::counter("polluters_expelled", "p2psp_splitter_polluters_expelled_total");
+    /// Digest mode: digests sent ahead of a group's first chunks (one or two members per team).
+    DigestsSent = ShardMetricInfo::counter("digests_sent", "p2psp_splitter_digests_sent_total");
+    /// Digest mode: digests sent to members that asked for them.
+    DigestsResent = ShardMetricInfo::counter("digests_resent", "p2psp_splitter_digests_resent_total");
+    /// Digest mode: digest requests refused (the member's resend budget was used up).
+    DigestRequestsRefused = ShardMetricInfo::counter("digest_requests_refused", "p2psp_splitter_digest_requests_refused_total");
     /// Datagrams from members that are neither a goodbye nor a loss report.
     Malformed = ShardMetricInfo::counter("malformed", "p2psp_splitter_malformed_datagrams_total").team(|c| &mut c.malformed);
     /// Datagrams ignored: from strangers or non-monitors, or malformed.
@@ -338,6 +344,24 @@ pub fn check_socket_buffers(socket: &UdpSocket, wanted: usize, shard: usize, sta
     }
 }
 
+/// CIS digest mode: whether the group's digest `digest` goes with chunk `number` (ahead of it,
+/// to its destination, which relays it to its team). One chunk of the group, picked by a hash of
+/// the group's number so that the relaying member changes from group to group whatever the group
+/// and team sizes (a polluter that drops digests gets the job one group in N); and the chunk
+/// after it too when the group has 6 chunks or more and teams have teammates (two copies reach
+/// every peer then, for at most 56 bytes per chunk; see docs/integrity.md).
+fn digest_goes_with(digest: &[u8], number: u16, team_size: usize) -> bool {
+    match crate::proto::digest::Digest::parse(digest) {
+        Some(d) => {
+            let count = d.count() as u32;
+            let i = u32::from(number.wrapping_sub(d.first as u16));
+            let first = (d.first.wrapping_mul(0x9e37_79b9) >> 16) % count;
+            i == first || (count >= 6 && team_size > 2 && i == (first + 1) % count)
+        }
+        None => false,
+    }
+}
+
 /// Capacity of the queues between a shard and the control plane for datagrams (each way).
 pub const DATAGRAM_QUEUE: usize = 1024;
 
@@ -361,6 +385,11 @@ pub struct Shard {
     send_lag: Histogram<u64>,
     /// NTS: datagrams of NTS sizes go to the control plane, members' too.
     nts: bool,
+    /// Digest mode: digests sent (ahead of chunks, and on request).
+    digests_sent: u64,
+    /// Most peers per team.
+    team_size: usize,
+    digests_resent: u64,
 }
 
 /// The queues a shard reads and writes.
@@ -421,6 +450,9 @@ impl Shard {
             detail_due: Instant::now(),
             send_lag: send_lag_histogram(),
             nts: settings.nts,
+            digests_sent: 0,
+            digests_resent: 0,
+            team_size: settings.team_size,
         })
     }
 
@@ -467,6 +499,14 @@ impl Shard {
                         dests.clear();
                         self.teams.on_chunk(chunk.number, &mut dests);
                         if !dests.is_empty() {
+                            // CIS digest mode: the group's digest goes ahead of its first
+                            // chunks, to their destinations, which relay it to their teams.
+                            if let Some(d) = &chunk.digest
+                                && digest_goes_with(d, chunk.number, self.team_size)
+                            {
+                                self.sender.send_to_all(d, &dests, &mut self.send_stats);
+                                self.digests_sent += dests.len() as u64;
+                            }
                             self.sender
                                 .send_to_all(&chunk.datagram, &dests, &mut self.send_stats);
                             let lag = chunk.published.elapsed().as_micros() as u64;
@@ -500,8 +540,23 @@ impl Shard {
         Ok(())
     }
 
-    /// LRS: resends reported chunks (still in the ring) to the members that reported them.
+    /// LRS: resends reported chunks (still in the ring) to the members that reported them; digest
+    /// mode: sends asked-for digests.
     fn resend(&mut self, last: Option<(u64, u16)>) {
+        while let Some((number, to)) = self.teams.poll_digest_request() {
+            let Some((seq, newest)) = last else { continue };
+            let back = crate::proto::seq::diff(newest, number);
+            if back < 0 || back as u64 > seq {
+                continue;
+            }
+            if let Read::Chunk(c) = self.ring.read(seq - back as u64)
+                && c.number == number
+                && let Some(d) = &c.digest
+            {
+                self.sender.send_to_all(d, &[to], &mut self.send_stats);
+                self.digests_resent += 1;
+            }
+        }
         while let Some((number, to)) = self.teams.poll_resend() {
             let Some((seq, newest)) = last else { continue };
             let back = crate::proto::seq::diff(newest, number);
@@ -605,6 +660,9 @@ impl Shard {
         s.set(M::Complaints, cis.complaints);
         s.set(M::StrayComplaints, cis.stray_complaints);
         s.set(M::PollutersExpelled, cis.polluters_expelled);
+        s.set(M::DigestRequestsRefused, cis.digest_requests_refused);
+        s.set(M::DigestsSent, self.digests_sent);
+        s.set(M::DigestsResent, self.digests_resent);
         s.set(
             M::Ignored,
             c.stray_goodbyes + c.stray_loss_reports + c.unattributed_loss_reports + c.malformed,

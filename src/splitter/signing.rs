@@ -6,8 +6,120 @@
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
+use super::feed::FeedStats;
+use crate::driver::Waker;
+use crate::proto::digest::{DigestGrouper, MAX_GROUP};
 use crate::proto::integrity::{ChunkSigner, hex, unhex};
+use crate::ring::ChunkRing;
+
+/// How the splitter signs (`--sign-mode`, `docs/integrity.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SignMode {
+    /// A 64-byte Ed25519 signature appended to every chunk.
+    Chunk,
+    /// One signed digest per group of chunks, sent ahead of them (chunks stay compat).
+    #[default]
+    Digest,
+}
+
+/// What `--sign` and its companions configure.
+#[derive(Debug, Clone)]
+pub struct Signing {
+    /// The key.
+    pub signer: ChunkSigner,
+    /// Per chunk or per group.
+    pub mode: SignMode,
+    /// Digest mode: most time a chunk waits for its group to close.
+    pub window: Duration,
+    /// Digest mode: most chunks per group.
+    pub max_group: usize,
+}
+
+/// Digest mode: the signer thread. Takes the feed's compat chunk datagrams from `chunks`, groups
+/// those that arrive within `window` of a group's first chunk (at most `max_group`), hashes each,
+/// signs the group's digest once and publishes the chunks with it to the ring (this thread is then
+/// the ring's only writer). A group that has only one chunk when its window ends waits up to a
+/// second window for another (a digest of one chunk costs 88 bytes on the wire and a whole
+/// signature check per chunk; of two, 52 bytes and half a check), so no chunk waits longer than
+/// two windows. Ends when the feed drops its end of the channel.
+pub fn run_digest(
+    chunks: &crossbeam_channel::Receiver<Vec<u8>>,
+    signing: &Signing,
+    chunk_len: usize,
+    ring: &ChunkRing,
+    stats: &FeedStats,
+    wakers: &[Waker],
+) {
+    let mut grouper = DigestGrouper::new(signing.max_group.min(MAX_GROUP), chunk_len);
+    let mut group: Vec<Vec<u8>> = Vec::with_capacity(MAX_GROUP);
+    let mut opened = Instant::now();
+    let mut deadline = opened;
+    let mut busy = Duration::ZERO;
+    let flush = |grouper: &mut DigestGrouper, group: &mut Vec<Vec<u8>>, busy: &mut Duration| {
+        let t0 = Instant::now();
+        let Some(digest) = grouper.close(&signing.signer) else {
+            return;
+        };
+        let digest = Bytes::from(digest);
+        *busy += t0.elapsed();
+        let now = Instant::now();
+        let n = group.len() as u64;
+        for d in group.drain(..) {
+            let number = u16::from_be_bytes([d[0], d[1]]);
+            ring.publish_with(number, Bytes::from(d), Some(digest.clone()), now);
+        }
+        for w in wakers {
+            w.wake();
+        }
+        stats.signed_groups.fetch_add(1, Ordering::Relaxed);
+        stats.signed_chunks.fetch_add(n, Ordering::Relaxed);
+        stats
+            .signing_busy_ns
+            .store(busy.as_nanos() as u64, Ordering::Relaxed);
+    };
+    loop {
+        let item = if group.is_empty() {
+            chunks.recv_timeout(Duration::from_millis(100))
+        } else {
+            chunks.recv_deadline(deadline)
+        };
+        match item {
+            Ok(d) => {
+                let number = u16::from_be_bytes([d[0], d[1]]);
+                if !grouper.fits(number) {
+                    flush(&mut grouper, &mut group, &mut busy);
+                }
+                if group.is_empty() {
+                    opened = Instant::now();
+                    deadline = opened + signing.window;
+                }
+                let t0 = Instant::now();
+                let full = grouper.add(&d);
+                busy += t0.elapsed();
+                group.push(d);
+                if full {
+                    flush(&mut grouper, &mut group, &mut busy);
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if group.len() == 1 && deadline < opened + 2 * signing.window {
+                    deadline = opened + 2 * signing.window;
+                } else {
+                    flush(&mut grouper, &mut group, &mut busy);
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                flush(&mut grouper, &mut group, &mut busy);
+                return;
+            }
+        }
+    }
+}
 
 /// Reads the key in `path`, or creates it. Returns the signer and whether it was created.
 pub fn load_or_create(path: &Path) -> Result<(ChunkSigner, bool), String> {

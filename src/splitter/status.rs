@@ -112,7 +112,9 @@ impl StatusLine {
         let ignored = sum(&[M::Ignored, M::Truncated, M::ForeignDropped]) + plane.ignored;
         let lag_p99 = max(shards.clone(), M::SendLagP99) as f64 / 1e3;
         let lag_max = max(shards.clone(), M::SendLagMax) as f64 / 1e3;
-        let line = format!(
+        let complaints = sum(&[M::Complaints]);
+        let polluters = sum(&[M::PollutersExpelled]);
+        let mut line = format!(
             "splitter: {} peers in {} teams | in {:.0} chunks/s | out {:.0} datagrams/s {:.2} Mbit/s | send lag p99 {:.2} ms max {:.2} ms | losses {:.0}/s ({} total) expelled {} | send drops {} | ignored {}",
             plane.peers,
             plane.teams,
@@ -127,6 +129,12 @@ impl StatusLine {
             dropped,
             ignored,
         );
+        if complaints + polluters > 0 {
+            // CIS: shown once a signed team has had any.
+            line.push_str(&format!(
+                " | pollution: {complaints} complaints, {polluters} polluters expelled"
+            ));
+        }
         let source_bytes = feed.bytes.load(Ordering::Relaxed);
         self.rates = Rates {
             chunks_in_per_second: (chunks - self.chunks) as f64 / dt,
@@ -617,6 +625,21 @@ impl Exporter for SplitterExporter {
             "p2psp_splitter_source_partial_dropped_bytes_total",
             "Bytes of an unfinished chunk dropped because the source restarted.",
             f.partial_dropped.load(Ordering::Relaxed),
+        );
+        p.counter(
+            "p2psp_splitter_signed_groups_total",
+            "CIS digest mode: groups of chunks whose digest was signed.",
+            f.signed_groups.load(Ordering::Relaxed),
+        );
+        p.counter(
+            "p2psp_splitter_signed_chunks_total",
+            "CIS digest mode: chunks published with a signed digest.",
+            f.signed_chunks.load(Ordering::Relaxed),
+        );
+        p.counter(
+            "p2psp_splitter_signing_busy_microseconds_total",
+            "CIS digest mode: time the signer thread spent hashing chunks and signing digests.",
+            f.signing_busy_ns.load(Ordering::Relaxed) / 1000,
         );
         p.gauge(
             "p2psp_splitter_stream_generation",
