@@ -76,6 +76,16 @@ pub struct SplitterArgs {
     /// `--nts` too (the wire cannot announce it; a peer with the wrong profile stops and says so).
     #[arg(long)]
     pub nts: bool,
+    /// IP multicast for a LAN team (IMS, reference-notes §6.1), as the reference's IMS build:
+    /// every chunk goes once to this IPv4 multicast group and port (`239.0.0.1:8001`; the
+    /// reference's default is 224.0.0.1:8001), whatever the number of peers; peers join with
+    /// `p2psp peer --ims`, listen to the group and relay nothing. Uses one shard, no monitors
+    /// and no loss reports; chunks leave by the interface of `--bind` (or the route to the group).
+    #[arg(long, value_name = "GROUP:PORT", value_parser = crate::proto::ims::parse_group)]
+    pub ims: Option<SocketAddrV4>,
+    /// With `--ims`: the multicast TTL (hops), 1 to keep the chunks on the LAN.
+    #[arg(long, default_value_t = crate::proto::ims::DEFAULT_TTL, value_name = "HOPS")]
+    pub ims_ttl: u32,
     /// Most peers over all teams; a join over the limit is refused (the connection is closed
     /// before the configuration, and the splitter logs why). 0: no limit.
     #[arg(long, default_value_t = 100_000)]
@@ -203,6 +213,17 @@ pub struct Settings {
     pub signer: Option<crate::proto::integrity::ChunkSigner>,
     /// CIS: peers whose complaints expel at once.
     pub trusted: Vec<SocketAddrV4>,
+    /// IMS (`--ims`): the group every chunk goes to, and its TTL.
+    pub ims: Option<Ims>,
+}
+
+/// IMS settings (`--ims`, `--ims-ttl`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ims {
+    /// The multicast group and port.
+    pub group: SocketAddrV4,
+    /// Multicast TTL.
+    pub ttl: u32,
 }
 
 /// Largest stream header: the join message carries its size (plus the HTTP head the splitter
@@ -279,6 +300,12 @@ impl Settings {
         if shards == 0 || shards > 256 {
             return Err(format!("--shards {shards} must be between 1 and 256"));
         }
+        let ims = match a.ims {
+            Some(group) => Some(check_ims(a, group)?),
+            None => None,
+        };
+        // IMS: one datagram per chunk needs one sender (each shard would send every chunk).
+        let shards = if ims.is_some() { 1 } else { shards };
         let send_path = match a.io.as_str() {
             "auto" => SendPath::detect(),
             other => other.parse().map_err(|e| format!("--io {other}: {e}"))?,
@@ -305,7 +332,8 @@ impl Settings {
             buffer_size: a.buffer_size as u16,
             header_size: a.header_size,
             team_size: a.team_size,
-            monitors: a.monitors,
+            // IMS peers send no loss reports: a monitor would be a peer like the others.
+            monitors: if ims.is_some() { 0 } else { a.monitors },
             shards,
             channel,
             send_path,
@@ -341,8 +369,38 @@ impl Settings {
                 None => None,
             },
             trusted: a.trusted.clone(),
+            ims,
         })
     }
+}
+
+/// Checks `--ims` against the other flags (the group itself was checked when parsed).
+fn check_ims(a: &SplitterArgs, group: SocketAddrV4) -> Result<Ims, String> {
+    crate::proto::ims::check_group(group).map_err(|e| format!("--ims {e}"))?;
+    if !(1..=255).contains(&a.ims_ttl) {
+        return Err(format!(
+            "--ims-ttl {} must be between 1 and 255 (1 keeps the chunks on the LAN)",
+            a.ims_ttl
+        ));
+    }
+    for (on, flag, why) in [
+        (a.nts, "--nts", "IMS peers are on the splitter's LAN"),
+        (a.lrs, "--lrs", "IMS peers send no loss reports"),
+        (a.acs, "--acs", "IMS peers relay nothing"),
+        (
+            a.shards.is_some_and(|s| s > 1),
+            "--shards over 1",
+            "IMS sends each chunk once, from one shard",
+        ),
+    ] {
+        if on {
+            return Err(format!("--ims cannot be used with {flag}: {why}"));
+        }
+    }
+    Ok(Ims {
+        group,
+        ttl: a.ims_ttl,
+    })
 }
 
 #[cfg(test)]

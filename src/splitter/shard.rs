@@ -174,6 +174,8 @@ shard_metrics! {
     Submissions = ShardMetricInfo::counter("submissions", "p2psp_splitter_send_submissions_total").by_path();
     /// Chunks a shard took from the ring and scheduled to its teams.
     Chunks = ShardMetricInfo::counter("chunks", "p2psp_splitter_chunks_out_total");
+    /// Chunks sent to the IMS multicast group (`--ims`): one datagram per chunk, whatever the number of peers.
+    ImsChunks = ShardMetricInfo::counter("ims_chunks", "p2psp_splitter_ims_group_chunks_total");
     /// Chunks a shard skipped because it fell a whole ring behind.
     RingMissed = ShardMetricInfo::counter("ring_missed", "p2psp_splitter_ring_missed_chunks_total");
     /// Sends that found the socket buffer full (EAGAIN) and were retried.
@@ -361,6 +363,8 @@ pub struct Shard {
     send_lag: Histogram<u64>,
     /// NTS: datagrams of NTS sizes go to the control plane, members' too.
     nts: bool,
+    /// IMS: every chunk goes once to this multicast group instead of to the teams.
+    ims: Option<Endpoint>,
 }
 
 /// The queues a shard reads and writes.
@@ -421,6 +425,7 @@ impl Shard {
             detail_due: Instant::now(),
             send_lag: send_lag_histogram(),
             nts: settings.nts,
+            ims: settings.ims.map(|i| i.group),
         })
     }
 
@@ -466,6 +471,13 @@ impl Shard {
                         self.stats.add(ShardMetric::Chunks, 1);
                         dests.clear();
                         self.teams.on_chunk(chunk.number, &mut dests);
+                        if let Some(group) = self.ims {
+                            // IMS: the teams only count members (their rounds still pace
+                            // goodbyes); the chunk goes once to the group.
+                            dests.clear();
+                            dests.push(group);
+                            self.stats.add(ShardMetric::ImsChunks, 1);
+                        }
                         if !dests.is_empty() {
                             self.sender
                                 .send_to_all(&chunk.datagram, &dests, &mut self.send_stats);
