@@ -109,7 +109,7 @@ impl ImsConfig {
     /// Checks what a peer of this project needs, with a message naming the problem. A splitter
     /// that is not an IMS splitter (its monitor count and peer list read as a group) fails here.
     pub fn check_usable(&self) -> Result<(), String> {
-        check_group(self.group).map_err(|e| format!("its configuration names {e}"))?;
+        check_group(self.group).map_err(|e| format!("the group in its configuration, {e}"))?;
         self.as_join_config().check_usable()
     }
 
@@ -132,11 +132,11 @@ impl ImsConfig {
 pub fn check_group(group: SocketAddrV4) -> Result<(), String> {
     if !group.ip().is_multicast() {
         return Err(format!(
-            "{group}, whose address is not an IPv4 multicast address (224.0.0.0 to 239.255.255.255)"
+            "{group}: not an IPv4 multicast address (224.0.0.0 to 239.255.255.255)"
         ));
     }
     if group.port() == 0 {
-        return Err(format!("{group}, whose port is 0"));
+        return Err(format!("{group}: the port is 0"));
     }
     Ok(())
 }
@@ -147,7 +147,7 @@ pub fn parse_group(s: &str) -> Result<SocketAddrV4, String> {
         .trim()
         .parse()
         .map_err(|_| format!("`{s}` is not an IPv4 GROUP:PORT (try 239.0.0.1:8001)"))?;
-    check_group(group).map_err(|e| format!("`{s}` is {e}"))?;
+    check_group(group)?;
     Ok(group)
 }
 

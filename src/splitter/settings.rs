@@ -81,8 +81,8 @@ pub struct SplitterArgs {
     /// reference's default is 224.0.0.1:8001), whatever the number of peers; peers join with
     /// `p2psp peer --ims`, listen to the group and relay nothing. Uses one shard, no monitors
     /// and no loss reports; chunks leave by the interface of `--bind` (or the route to the group).
-    #[arg(long, value_name = "GROUP:PORT", value_parser = crate::proto::ims::parse_group)]
-    pub ims: Option<SocketAddrV4>,
+    #[arg(long, value_name = "GROUP:PORT")]
+    pub ims: Option<String>,
     /// With `--ims`: the multicast TTL (hops), 1 to keep the chunks on the LAN.
     #[arg(long, default_value_t = crate::proto::ims::DEFAULT_TTL, value_name = "HOPS")]
     pub ims_ttl: u32,
@@ -300,7 +300,7 @@ impl Settings {
         if shards == 0 || shards > 256 {
             return Err(format!("--shards {shards} must be between 1 and 256"));
         }
-        let ims = match a.ims {
+        let ims = match &a.ims {
             Some(group) => Some(check_ims(a, group)?),
             None => None,
         };
@@ -374,9 +374,9 @@ impl Settings {
     }
 }
 
-/// Checks `--ims` against the other flags (the group itself was checked when parsed).
-fn check_ims(a: &SplitterArgs, group: SocketAddrV4) -> Result<Ims, String> {
-    crate::proto::ims::check_group(group).map_err(|e| format!("--ims {e}"))?;
+/// Checks `--ims` and its use with the other flags.
+fn check_ims(a: &SplitterArgs, group: &str) -> Result<Ims, String> {
+    let group = crate::proto::ims::parse_group(group).map_err(|e| format!("--ims {e}"))?;
     if !(1..=255).contains(&a.ims_ttl) {
         return Err(format!(
             "--ims-ttl {} must be between 1 and 255 (1 keeps the chunks on the LAN)",
