@@ -187,6 +187,12 @@ fn twenty_ims_peers_on_a_bridge_play_byte_exact_from_one_datagram_per_chunk() {
             let name = format!("peer{i}");
             let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
             let out = dir.join(format!("{name}.out"));
+            // The first peer shows its mode on /metrics.
+            let metrics: &[&str] = if i == 0 {
+                &["--metrics", "127.0.0.1:9191"]
+            } else {
+                &[]
+            };
             let p = Proc::spawn(
                 &name,
                 hosts[i % HOSTS]
@@ -195,6 +201,7 @@ fn twenty_ims_peers_on_a_bridge_play_byte_exact_from_one_datagram_per_chunk() {
                     .args(["peer", "--ims", "--splitter", &splitter_arg])
                     .args(["--player-port", "0", "--stall-timeout", "30s", "--output"])
                     .arg(&out)
+                    .args(metrics)
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(log),
@@ -233,6 +240,20 @@ fn twenty_ims_peers_on_a_bridge_play_byte_exact_from_one_datagram_per_chunk() {
     assert_eq!(wire_group, CHUNKS, "one datagram per chunk on the wire");
     assert_eq!(wire_bytes, CHUNKS * WIRE);
     assert_eq!(wire_unicast, 0, "no unicast datagram from the splitter");
+    assert!(
+        metrics.contains("p2psp_splitter_ims{group=\"239.0.0.1:9100\",ttl=\"1\"} 1"),
+        "the splitter's /metrics shows IMS"
+    );
+    let peer = http_get_in(&hosts[0], 9191, "/metrics").expect("peer0's /metrics");
+    let peer = String::from_utf8_lossy(&peer);
+    assert_eq!(
+        metric(&peer, "p2psp_peer_ims"),
+        1,
+        "peer0's /metrics shows IMS"
+    );
+    assert!(metric(&peer, "p2psp_peer_ims_group_chunks_total") > 0);
+    assert_eq!(metric(&peer, "p2psp_peer_ims_dropped_total"), 0);
+    assert_eq!(metric(&peer, "p2psp_peer_chunks_relayed_total"), 0);
 
     // Everyone leaves at once (nothing paces the goodbyes' confirmations now: they may go
     // unanswered, and the peers leave anyway).
