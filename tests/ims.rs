@@ -146,6 +146,18 @@ fn twenty_ims_peers_on_a_bridge_play_byte_exact_from_one_datagram_per_chunk() {
         count_udp_out(h, &dir, "ip daddr != 198.18.0.1");
     }
 
+    // Without --bind there is no route to the group in the lab (no default route): one line.
+    let out = origin
+        .command(BIN)
+        .args(["splitter", "--ims", GROUP, "--port", "8001"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("splitter");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("no route to the group"), "{err}");
+
     let log = std::fs::File::create(dir.join("splitter.log")).unwrap();
     let ip = origin.ip().to_string();
     let header = HEADER.to_string();

@@ -506,24 +506,21 @@ fn session(
     // Under systemd (`Type=notify`): joined.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(name) = &opts.status {
+        let team = match &ims {
+            Some(i) => format!("multicast group {}, relaying nothing", i.group),
+            None => format!("team of {}", config.peers.len() + 1),
+        };
         eprintln!(
-            "{name} {me}: joined {} as {} (team of {}, chunk {} B, buffer {} chunks)",
+            "{name} {me}: joined {} as {} ({team}, chunk {} B, buffer {} chunks)",
             opts.splitter,
             match (&ims, opts.monitor) {
                 (Some(_), _) => "IMS peer",
                 (None, true) => "monitor",
                 (None, false) => "peer",
             },
-            config.peers.len() + 1,
             config.chunk_size,
             config.buffer_size
         );
-        if let Some(i) = &ims {
-            eprintln!(
-                "{name} {me}: IMS, listening to the multicast group {} (relaying nothing)",
-                i.group
-            );
-        }
         if let Some(n) = &nts {
             let c = n.counters();
             eprintln!(

@@ -7,7 +7,7 @@
 //! peer sends no role byte, so a join connection that stays silent for [`SILENT_JOIN`] is taken
 //! for one.
 
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -31,5 +31,21 @@ pub fn configure_socket(socket: &UdpSocket, bind: Ipv4Addr, ims: Ims) -> anyhow:
         s.set_multicast_if_v4(&bind)
             .with_context(|| format!("cannot send multicast from the interface of {bind}"))?;
     }
+    Ok(())
+}
+
+/// Checks at start that the group can be reached from `bind` (a UDP `connect` looks the route
+/// up), so that a host without a route for multicast fails with one line instead of counting
+/// every chunk as a send drop.
+pub fn check_route(bind: Ipv4Addr, ims: Ims) -> anyhow::Result<()> {
+    let probe = UdpSocket::bind(SocketAddrV4::new(bind, 0))
+        .with_context(|| format!("cannot bind a UDP socket to {bind}"))?;
+    configure_socket(&probe, bind, ims)?;
+    probe.connect(ims.group).map_err(|e| {
+        anyhow::anyhow!(
+            "--ims {}: no route to the group from {bind} ({e}): pass --bind with the LAN interface's address, or add a route (ip route add 224.0.0.0/4 dev IFACE)",
+            ims.group
+        )
+    })?;
     Ok(())
 }

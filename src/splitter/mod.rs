@@ -56,6 +56,9 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
     let source = source::open(&settings.source, settings.bitrate, stop.clone())
         .with_context(|| format!("cannot open the source {}", settings.source_text))?;
 
+    if let Some(ims) = settings.ims {
+        ims::check_route(*settings.bind.ip(), ims)?;
+    }
     let ring = Arc::new(ChunkRing::new(settings.ring_slots));
     let header = Arc::new(feed::HeaderCell::new(settings.header_size));
     let feed_stats = Arc::new(feed::FeedStats::default());
