@@ -251,12 +251,22 @@ fn lab_run(CHUNKS: u64, PACE: Duration, buffer: &str, at_least: usize) {
         assert!(line.contains("as IMS peer"), "{line}");
     }
     let _stdin = feeder.join().expect("feeder");
-    // Let the last chunks go out; nothing new comes after.
-    std::thread::sleep(Duration::from_millis(1500));
-
-    let metrics = http_get_in(&origin, 9090, "/metrics").expect("the splitter's /metrics");
-    let metrics = String::from_utf8_lossy(&metrics);
-    let chunks_in = metrics_value(&metrics, "p2psp_splitter_chunks_in_total");
+    // Let the last chunks go out (nothing new comes after): the counters reach CHUNKS and stay.
+    let read = || {
+        let m = http_get_in(&origin, 9090, "/metrics").expect("the splitter's /metrics");
+        String::from_utf8_lossy(&m).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut metrics = read();
+    while metric(&metrics, "p2psp_splitter_datagrams_sent_total") < CHUNKS
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+        metrics = read();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let metrics = read();
+    let chunks_in = metric(&metrics, "p2psp_splitter_chunks_in_total");
     let to_group = metric(&metrics, "p2psp_splitter_ims_group_chunks_total");
     let datagrams = metric(&metrics, "p2psp_splitter_datagrams_sent_total");
     let members = metric(&metrics, "p2psp_splitter_peers");
@@ -328,15 +338,11 @@ fn lab_run(CHUNKS: u64, PACE: Duration, buffer: &str, at_least: usize) {
     assert!(splitter.stop(Duration::from_secs(10)), "splitter stop");
 }
 
-/// A single-valued metric.
-fn metrics_value(text: &str, family: &str) -> u64 {
-    metric(text, family)
-}
-
 /// Joins an IMS splitter as the reference IMS peer does: connects and says nothing. It gets
 /// exactly the core configuration and the group, then its ready byte completes the join.
 #[test]
 fn a_silent_connection_gets_the_reference_ims_join() {
+    let _turn = one_at_a_time();
     let dir = test_dir("ims-silent");
     let splitter = Splitter::start(
         &dir,
@@ -389,12 +395,29 @@ fn a_silent_connection_gets_the_reference_ims_join() {
 /// Each peer of the wrong profile stops within seconds with one line saying what to do.
 #[test]
 fn peers_of_the_wrong_profile_stop_with_one_line() {
-    let dir = test_dir("ims-wrong-profile");
-    let dbs = Splitter::start(&dir, &["--bitrate", "200k"], Stdio::null());
-    let ims = Splitter::start(&dir, &["--bitrate", "200k", "--ims", GROUP], Stdio::null());
+    let _turn = one_at_a_time();
+    // Each splitter logs to splitter.log in its own directory.
+    let dbs = Splitter::start(
+        &test_dir("ims-wrong-profile-dbs"),
+        &["--bitrate", "200k"],
+        Stdio::null(),
+    );
+    let ims = Splitter::start(
+        &test_dir("ims-wrong-profile-ims"),
+        &["--bitrate", "200k", "--ims", GROUP],
+        Stdio::null(),
+    );
+    // Its group's low 16 bits are 0: a DBS decoder reads a whole message with no peers in it.
+    let ims0 = Splitter::start(
+        &test_dir("ims-wrong-profile-ims0"),
+        &["--bitrate", "200k", "--ims", "239.1.0.0:9100"],
+        Stdio::null(),
+    );
     for (port, flags, says) in [
         (dbs.port, vec!["--ims"], "does not run IMS"),
         (ims.port, vec![], "runs IMS"),
+        (ims.port, vec!["--nts"], "runs IMS"),
+        (ims0.port, vec![], "runs IMS"),
     ] {
         let splitter = format!("127.0.0.1:{port}");
         let mut args = vec!["peer", "--splitter", &splitter, "--player-port", "0"];

@@ -136,6 +136,11 @@ pub fn join_profile(
             }
         }
     } else {
+        if let Some(group) = crate::proto::ims::dbs_reads_ims(&config, &rest) {
+            bail!(
+                "the splitter at {splitter} runs IMS (its configuration ends with the multicast group {group}): run this peer with --ims, or the splitter without it"
+            );
+        }
         super::nts::refuse_nts_splitter(&mut tcp, &rest, splitter)?;
         None
     };

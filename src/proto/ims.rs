@@ -161,6 +161,19 @@ pub fn looks_like_ims(buf: &[u8]) -> Option<SocketAddrV4> {
     }
 }
 
+/// Whether a DBS peer's decoding of a join message as `config`, followed by the bytes `rest`, is
+/// in fact an IMS configuration (a group whose low 16 bits are 0 reads as "no peers", and its
+/// port is left over): the group, if so.
+pub fn dbs_reads_ims(config: &JoinConfig, rest: &[u8]) -> Option<SocketAddrV4> {
+    if !config.peers.is_empty() {
+        return None;
+    }
+    let mut all = Vec::with_capacity(config.encoded_len() + rest.len());
+    config.encode(&mut all).ok()?;
+    all.extend_from_slice(rest);
+    looks_like_ims(&all)
+}
+
 /// Where an IMS peer received a datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
@@ -299,6 +312,20 @@ mod tests {
         let e = c.check_usable().unwrap_err();
         assert!(e.contains("not an IPv4 multicast address"), "{e}");
         assert_eq!(looks_like_ims(&dbs), None);
+    }
+
+    #[test]
+    fn a_group_that_reads_as_an_empty_dbs_team_is_told_apart() {
+        let c = ImsConfig {
+            group: "239.1.0.0:9100".parse().unwrap(),
+            ..sample()
+        };
+        let mut out = Vec::new();
+        c.encode(&mut out).unwrap();
+        let (dbs, used) = JoinConfig::decode(&out).unwrap().unwrap();
+        assert_eq!((dbs.monitors, dbs.peers.len()), (0xef01, 0));
+        assert_eq!(dbs_reads_ims(&dbs, &out[used..]), Some(c.group));
+        assert_eq!(dbs_reads_ims(&dbs, &[]), None);
     }
 
     #[test]
