@@ -128,6 +128,66 @@ pub fn join_config(data: &[u8]) {
     }
 }
 
+/// An IMS join message (`proto::ims`, reference-notes §3.2), then the same bytes as datagrams
+/// through an IMS peer's filter: never panics; a decoded message re-encodes to exactly its
+/// bytes and every shorter prefix asks for more; the filter hands the core only the splitter's
+/// endpoint, and a group datagram only when it is chunk-sized and from the splitter's address
+/// (or 0.0.0.0).
+pub fn ims_config(data: &[u8]) {
+    use crate::proto::ims::{ImsConfig, ImsFilter, Via};
+    match ImsConfig::decode(data) {
+        Ok(Some((config, used))) => {
+            assert!(used <= data.len());
+            assert_eq!(used, config.encoded_len());
+            let mut out = Vec::new();
+            config
+                .encode(&mut out)
+                .expect("a decoded configuration encodes");
+            assert_eq!(out, &data[..used], "re-encoding gives the same bytes");
+            assert_eq!(ImsConfig::decode(&data[..used - 1]), Ok(None));
+            if config.check_usable().is_ok() {
+                assert!(config.group.ip().is_multicast() && config.group.port() != 0);
+                let join = config.as_join_config();
+                assert!(join.peers.is_empty() && join.monitors == 0);
+            }
+        }
+        Ok(None) => {}
+        Err(_) => assert!(data.len() >= 8),
+    }
+    let splitter = Endpoint::new([198, 18, 0, 1].into(), 8001);
+    let mut filter = ImsFilter::new(splitter, CHUNK_HEADER + 64);
+    let mut admitted = 0;
+    for d in data.chunks(7) {
+        if d.len() < 7 {
+            break;
+        }
+        let from = Endpoint::new(
+            [d[0], d[1], d[2], d[3]].into(),
+            u16::from_be_bytes([d[4], d[5]]),
+        );
+        let via = if d[6] & 1 == 0 {
+            Via::Group
+        } else {
+            Via::Unicast
+        };
+        let len = usize::from(d[6] >> 1) * 2;
+        if let Some(as_from) = filter.admit(via, from, len) {
+            admitted += 1;
+            assert_eq!(as_from, splitter);
+            match via {
+                Via::Group => {
+                    assert_eq!(len, CHUNK_HEADER + 64);
+                    assert!(from.ip() == splitter.ip() || from.ip().is_unspecified());
+                }
+                Via::Unicast => assert_eq!(from, splitter),
+            }
+        }
+    }
+    let c = filter.counters();
+    assert_eq!(c.group_chunks + c.dropped(), admitted + c.dropped());
+    assert!(c.group_chunks <= admitted);
+}
+
 /// What a connection to the splitter's port asks for (its first bytes): never panics, decided by
 /// the first byte for a join, and a prefix never decides differently from the whole.
 pub fn join_request(data: &[u8]) {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use p2psp::fuzzing;
 use p2psp::proto::Endpoint;
+use p2psp::proto::ims::ImsConfig;
 use p2psp::proto::wire::JoinConfig;
 use proptest::prelude::*;
 
@@ -91,6 +92,47 @@ proptest! {
         prop_assert_eq!(used, config.encoded_len());
         prop_assert_eq!(decoded, config);
         fuzzing::join_config(&out);
+    }
+
+    #[test]
+    fn ims_config_random(data in bytes(256)) {
+        fuzzing::ims_config(&data);
+    }
+
+    #[test]
+    fn ims_config_mutated(data in mutated("ims_config")) {
+        fuzzing::ims_config(&data);
+    }
+
+    #[test]
+    fn ims_config_round_trip(
+        source in endpoint(),
+        channel in "[a-z0-9./_-]{0,40}",
+        sizes in any::<[u16; 3]>(),
+        group in endpoint(),
+        trailing in bytes(8),
+    ) {
+        let config = ImsConfig {
+            source,
+            channel,
+            header_size: sizes[0],
+            chunk_size: sizes[1],
+            buffer_size: sizes[2],
+            group,
+        };
+        let mut out = Vec::new();
+        config.encode(&mut out).unwrap();
+        prop_assert_eq!(out.len(), config.encoded_len());
+        // A DBS peer reading exactly these bytes before the splitter closes tells it is IMS.
+        prop_assert_eq!(
+            p2psp::proto::ims::looks_like_ims(&out),
+            p2psp::proto::ims::check_group(group).is_ok().then_some(group)
+        );
+        out.extend_from_slice(&trailing);
+        let (decoded, used) = ImsConfig::decode(&out).unwrap().unwrap();
+        prop_assert_eq!(used, config.encoded_len());
+        prop_assert_eq!(decoded, config);
+        fuzzing::ims_config(&out);
     }
 
     #[test]
@@ -202,6 +244,11 @@ fn seeds_pass() {
     for s in seeds("join_config") {
         fuzzing::join_config(&s);
         assert!(JoinConfig::decode(&s).unwrap().is_some());
+    }
+    for s in seeds("ims_config") {
+        fuzzing::ims_config(&s);
+        let (c, _) = ImsConfig::decode(&s).unwrap().unwrap();
+        c.check_usable().unwrap();
     }
     for s in seeds("join_request") {
         fuzzing::join_request(&s);

@@ -30,9 +30,33 @@ pub struct Joined {
     tcp: TcpStream,
     /// NTS (`--nts`): the incorporated peer's NTS state.
     pub nts: Option<super::nts::NtsSession>,
+    /// IMS (`--ims`): the multicast group's socket.
+    pub ims: Option<super::ims::ImsSocket>,
 }
 
 impl Joined {
+    /// An IMS join ([`super::ims::join`]): `config` has no peers.
+    pub(super) fn with_ims(
+        config: JoinConfig,
+        socket: UdpSocket,
+        local: SocketAddrV4,
+        header: FetchedHeader,
+        header_source: SocketAddrV4,
+        tcp: TcpStream,
+        ims: super::ims::ImsSocket,
+    ) -> Joined {
+        Joined {
+            config,
+            socket,
+            local,
+            header,
+            header_source,
+            tcp,
+            nts: None,
+            ims: Some(ims),
+        }
+    }
+
     /// Sends the ready byte and closes the join connection. Call it after the hellos went out:
     /// our splitter adds the peer to its team (and so starts sending it chunks) on this byte, so
     /// every teammate already knows the newcomer when its first chunk is relayed. The reference
@@ -112,6 +136,11 @@ pub fn join_profile(
             }
         }
     } else {
+        if let Some(group) = crate::proto::ims::dbs_reads_ims(&config, &rest) {
+            bail!(
+                "the splitter at {splitter} runs IMS (its configuration ends with the multicast group {group}): run this peer with --ims, or the splitter without it"
+            );
+        }
         super::nts::refuse_nts_splitter(&mut tcp, &rest, splitter)?;
         None
     };
@@ -150,6 +179,7 @@ pub fn join_profile(
         header_source: source,
         tcp,
         nts: None,
+        ims: None,
     };
     if let Some(id) = nts_id {
         let session = super::nts::incorporate(
@@ -194,9 +224,16 @@ pub fn read_config_rest(
         }
         let mut chunk = [0u8; 4096];
         match tcp.read(&mut chunk) {
-            Ok(0) => bail!(
-                "the splitter at {splitter} closed the connection before sending its configuration: it refused the join (it may be full, see its --max-peers, or too busy)"
-            ),
+            Ok(0) => {
+                if let Some(group) = crate::proto::ims::looks_like_ims(&buf) {
+                    bail!(
+                        "the splitter at {splitter} runs IMS (its configuration ends with the multicast group {group}): run this peer with --ims, or the splitter without it"
+                    );
+                }
+                bail!(
+                    "the splitter at {splitter} closed the connection before sending its configuration: it refused the join (it may be full, see its --max-peers, or too busy)"
+                )
+            }
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) if is_transient(&e) => {}
             Err(e) => return Err(e).context("reading the splitter's configuration"),

@@ -6,6 +6,7 @@
 //! io_uring driver instead). A second thread serves players over HTTP and writes `--output`.
 
 pub mod attack;
+pub mod ims;
 pub mod join;
 pub mod nts;
 pub mod player;
@@ -48,6 +49,12 @@ pub struct PeerArgs {
     /// once and says so.
     #[arg(long)]
     pub nts: bool,
+    /// IP multicast (IMS, reference-notes §6.1): for a splitter started with `--ims GROUP:PORT`
+    /// on this LAN (or the reference's IMS build). The peer reads the group from the join,
+    /// listens to it on the interface it reaches the splitter by, plays, and relays nothing.
+    /// With the wrong profile for its splitter the peer stops within seconds and says so.
+    #[arg(long, conflicts_with_all = ["nts", "monitor", "lrs", "pollute"])]
+    pub ims: bool,
     /// Drop a neighbour that is owed more than this many chunks.
     #[arg(long, default_value_t = 128)]
     pub max_debt: i32,
@@ -157,6 +164,8 @@ pub struct PeerOptions {
     pub pollute: Option<attack::Pollute>,
     /// NTS (`--nts`).
     pub nts: bool,
+    /// IMS (`--ims`).
+    pub ims: bool,
 }
 
 /// Counters a running peer publishes.
@@ -192,6 +201,10 @@ pub struct PeerCounters {
     pub rejoin_attempt: AtomicU64,
     /// Times the peer joined a team again after its team session ended.
     pub rejoins: AtomicU64,
+    /// IMS: the multicast group of the current session, once joined.
+    pub ims_group: Mutex<Option<SocketAddrV4>>,
+    /// IMS: what the peer's filter counted, over all sessions.
+    pub ims: Mutex<crate::proto::ims::ImsCounters>,
 }
 
 impl PeerOptions {
@@ -213,6 +226,7 @@ impl PeerOptions {
             splitter_key: None,
             pollute: None,
             nts: false,
+            ims: false,
         }
     }
 
@@ -258,6 +272,7 @@ impl PeerOptions {
             splitter_key: a.splitter_key,
             pollute: a.pollute.clone(),
             nts: a.nts,
+            ims: a.ims,
         })
     }
 }
@@ -311,8 +326,7 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             eprintln!("p2psp peer metrics on http://{bound}/");
         }
     }
-    let mut joined = join::join_profile(opts.splitter, opts.monitor, JOIN_TIMEOUT, opts.nts)
-        .map_err(SetupError::wrap)?;
+    let mut joined = join_any(&opts, JOIN_TIMEOUT).map_err(SetupError::wrap)?;
     let refetch = player::Refetch {
         source: joined.header_source,
         channel: joined.config.channel.clone(),
@@ -355,6 +369,20 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     stop.store(true, Ordering::SeqCst);
     let _ = player.join();
     outcome
+}
+
+/// Joins as `opts` says: IMS or DBS (with or without NTS).
+fn join_any(opts: &PeerOptions, timeout: Duration) -> anyhow::Result<join::Joined> {
+    if opts.ims {
+        let trailer = if opts.splitter_key.is_some() {
+            crate::proto::integrity::SIGNATURE_LEN
+        } else {
+            0
+        };
+        ims::join(opts.splitter, timeout, trailer)
+    } else {
+        join::join_profile(opts.splitter, opts.monitor, timeout, opts.nts)
+    }
 }
 
 /// How long the splitter may take to answer the first join.
@@ -405,7 +433,7 @@ fn rejoin_with_backoff(
         if let Some(name) = &opts.status {
             eprintln!("{name}: rejoining (attempt {attempt})");
         }
-        match join::join_profile(opts.splitter, opts.monitor, REJOIN_TIMEOUT, opts.nts) {
+        match join_any(opts, REJOIN_TIMEOUT) {
             Ok(j) => break Ok(Some(j)),
             Err(e) => {
                 if let Some(name) = &opts.status {
@@ -442,6 +470,19 @@ fn session(
     rules.request_lost = opts.lrs;
     rules.relay = !opts.faults.free_ride;
     rules.verify = opts.splitter_key;
+    let mut ims = joined.ims.take();
+    if ims.is_some() {
+        // IMS: chunks come from the group; nobody is relayed to (the filter lets no neighbour in).
+        rules.relay = false;
+        rules.monitor = false;
+        rules.request_lost = false;
+    }
+    let ims_before = *opts.counters.ims.lock().unwrap_or_else(|e| e.into_inner());
+    *opts
+        .counters
+        .ims_group
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = ims.as_ref().map(|i| i.group);
     let mut polluter = opts.pollute.clone().map(|m| {
         let len = crate::proto::wire::CHUNK_HEADER + usize::from(config.chunk_size);
         attack::Polluter::new(m, Instant::now(), len)
@@ -462,11 +503,18 @@ fn session(
     // Under systemd (`Type=notify`): joined.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(name) = &opts.status {
+        let team = match &ims {
+            Some(i) => format!("multicast group {}, relaying nothing", i.group),
+            None => format!("team of {}", config.peers.len() + 1),
+        };
         eprintln!(
-            "{name} {me}: joined {} as {} (team of {}, chunk {} B, buffer {} chunks)",
+            "{name} {me}: joined {} as {} ({team}, chunk {} B, buffer {} chunks)",
             opts.splitter,
-            if opts.monitor { "monitor" } else { "peer" },
-            config.peers.len() + 1,
+            match (&ims, opts.monitor) {
+                (Some(_), _) => "IMS peer",
+                (None, true) => "monitor",
+                (None, false) => "peer",
+            },
             config.chunk_size,
             config.buffer_size
         );
@@ -501,7 +549,15 @@ fn session(
         if stop.load(Ordering::Relaxed) {
             core.leave(now);
         }
-        match socket.recv_from(&mut buf) {
+        let received = match &mut ims {
+            Some(i) => i.recv(&socket, &mut buf, Duration::from_millis(10)),
+            None => socket.recv_from(&mut buf),
+        };
+        if let Some(i) = &ims {
+            *opts.counters.ims.lock().unwrap_or_else(|e| e.into_inner()) =
+                ims_before + i.counters();
+        }
+        match received {
             Ok((_, SocketAddr::V4(_)))
                 if opts.faults.drop_rate > 0.0 && drops.next_f64() < opts.faults.drop_rate =>
             {
@@ -645,7 +701,7 @@ fn session(
             });
             if let Some(name) = &opts.status {
                 eprintln!(
-                    "{name} {me}: {} | played {} (+{}) lost {} late {} dup {} | received {} relayed {} | {} neighbours | player overruns {}",
+                    "{name} {me}: {} | played {} (+{}) lost {} late {} dup {} | received {} relayed {} | {} neighbours | player overruns {}{}",
                     if core.is_playing() {
                         "playing"
                     } else {
@@ -660,6 +716,15 @@ fn session(
                     s.relayed,
                     core.neighbours().count(),
                     c.player_overruns.load(Ordering::Relaxed),
+                    ims.as_ref().map_or(String::new(), |i| {
+                        let k = ims_before + i.counters();
+                        format!(
+                            " | IMS {}: {} chunks, dropped {}",
+                            i.group,
+                            k.group_chunks,
+                            k.dropped()
+                        )
+                    }),
                 );
             }
             last = s;

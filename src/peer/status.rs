@@ -331,6 +331,18 @@ const PEER_METRICS: &[PeerMetric] = &[
         "0 in a team; k while trying to join again for the k-th time in a row.",
         |_, c| c.rejoin_attempt.load(Ordering::Relaxed),
     ),
+    PeerMetric::counter(
+        "ims_group_chunks",
+        "p2psp_peer_ims_group_chunks_total",
+        "IMS (--ims): chunks taken from the multicast group.",
+        |_, c| c.ims.lock().unwrap_or_else(|e| e.into_inner()).group_chunks,
+    ),
+    PeerMetric::counter(
+        "ims_dropped",
+        "p2psp_peer_ims_dropped_total",
+        "IMS (--ims): datagrams dropped: on the group from others than the splitter or not chunks, on the unicast socket from others than the splitter.",
+        |_, c| c.ims.lock().unwrap_or_else(|e| e.into_inner()).dropped(),
+    ),
     PeerMetric::gauge(
         "stream_generation",
         "p2psp_peer_stream_generation",
@@ -457,6 +469,11 @@ impl Exporter for PeerExporter {
             format!("{:.3}", self.started.elapsed().as_secs_f64()),
         );
         p.gauge(
+            "p2psp_peer_ims",
+            "1 for an IMS peer (--ims): chunks from a multicast group, nothing relayed.",
+            u8::from(self.opts.ims),
+        );
+        p.gauge(
             "p2psp_peer_playing",
             "1 once playout has started.",
             u8::from(d.playing),
@@ -512,6 +529,8 @@ impl Exporter for PeerExporter {
             "config": {
                 "splitter": self.opts.splitter.to_string(),
                 "monitor": self.opts.monitor,
+                "ims": self.opts.ims,
+                "ims_group": c.ims_group.lock().unwrap_or_else(|e| e.into_inner()).map(|g| g.to_string()),
                 "player": self.opts.player.map(|p| p.to_string()),
                 "max_debt": self.opts.max_debt,
                 "chunk_size": d.chunk_size,

@@ -17,11 +17,14 @@
 //! - [`nts`]: NTS, the NAT Traversal Set (§6.4): its messages, acknowledgement by echo, port-step
 //!   estimation and port prediction.
 //! - [`nts_splitter`], [`nts_peer`]: the NTS state machines of the splitter and of a peer.
+//! - [`ims`]: IMS, the IP Multicast Set (§6.1): its join message and what a peer takes from the
+//!   group.
 //! - [`rejoin`]: peer liveness: when the stream has stalled, why, and the backoff to join again.
 #![forbid(unsafe_code)]
 
 pub mod digest;
 pub mod directory;
+pub mod ims;
 pub mod integrity;
 pub mod nts;
 pub mod nts_peer;

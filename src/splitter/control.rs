@@ -261,7 +261,17 @@ impl Control {
             };
             let shards = self.shards.iter().map(|l| &*l.stats);
             if let Some(line) = status.tick(now, &self.feed, shards, plane) {
-                eprintln!("{line}");
+                match self.settings.ims {
+                    Some(ims) => eprintln!(
+                        "{line} | IMS to {}: {} chunks",
+                        ims.group,
+                        super::status::sum(
+                            self.shards.iter().map(|l| &*l.stats),
+                            super::shard::ShardMetric::ImsChunks
+                        )
+                    ),
+                    None => eprintln!("{line}"),
+                }
                 self.publish(status.rates());
             }
             if self.feed.ended.load(Ordering::Relaxed) {
@@ -379,6 +389,13 @@ impl Control {
             match &c.state {
                 State::Hello => {
                     if !ready {
+                        // IMS: a reference IMS peer sends nothing before the configuration.
+                        if self.settings.ims.is_some()
+                            && now.duration_since(c.accepted) >= super::ims::SILENT_JOIN
+                        {
+                            c.state = State::JoinWaitHeader { monitor: false };
+                            continue;
+                        }
                         return self.timeout(c, now);
                     }
                     let mut b = [0u8; 1];
@@ -432,7 +449,20 @@ impl Control {
                         config.peers = nts.core.monitors(placement.team);
                         config.monitors = config.peers.len() as u16;
                     }
-                    if config.encode(&mut c.output).is_err() {
+                    let encoded = match self.settings.ims {
+                        // IMS (§3.2): the core configuration and the group, no peer list.
+                        Some(ims) => crate::proto::ims::ImsConfig {
+                            source: config.source,
+                            channel: config.channel.clone(),
+                            header_size,
+                            chunk_size: config.chunk_size,
+                            buffer_size: config.buffer_size,
+                            group: ims.group,
+                        }
+                        .encode(&mut c.output),
+                        None => config.encode(&mut c.output),
+                    };
+                    if encoded.is_err() {
                         self.directory.remove(c.remote);
                         return Step::Fail;
                     }

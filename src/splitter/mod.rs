@@ -12,6 +12,7 @@
 
 pub mod control;
 pub mod feed;
+pub mod ims;
 pub mod settings;
 pub mod shard;
 pub mod signing;
@@ -55,6 +56,9 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
     let source = source::open(&settings.source, settings.bitrate, stop.clone())
         .with_context(|| format!("cannot open the source {}", settings.source_text))?;
 
+    if let Some(ims) = settings.ims {
+        ims::check_route(*settings.bind.ip(), ims)?;
+    }
     let ring = Arc::new(ChunkRing::new(settings.ring_slots));
     let header = Arc::new(feed::HeaderCell::new(settings.header_size));
     let feed_stats = Arc::new(feed::FeedStats::default());
@@ -83,6 +87,9 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         .with_context(|| format!("cannot bind UDP {udp_addr}"))?;
         if settings.nts && index == 0 {
             nts_socket = Some(socket.try_clone()?);
+        }
+        if let Some(ims) = settings.ims {
+            ims::configure_socket(&socket, *settings.bind.ip(), ims)?;
         }
         // A tuning knob: chunks still go out without it.
         let datagram = crate::proto::wire::CHUNK_HEADER + settings.chunk_size;
@@ -257,6 +264,12 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         eprintln!("p2psp splitter metrics on http://{addr}/");
     }
     eprintln!("p2psp splitter listening on {}:{port}", settings.bind.ip());
+    if let Some(ims) = settings.ims {
+        eprintln!(
+            "p2psp splitter: IMS, every chunk once to the multicast group {} (TTL {}); peers join with --ims",
+            ims.group, ims.ttl
+        );
+    }
 
     let control = control::Control::new(
         &settings,

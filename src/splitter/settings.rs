@@ -121,6 +121,16 @@ pub struct SplitterArgs {
     /// `--nts` too (the wire cannot announce it; a peer with the wrong profile stops and says so).
     #[arg(long)]
     pub nts: bool,
+    /// IP multicast for a LAN team (IMS, reference-notes §6.1), as the reference's IMS build:
+    /// every chunk goes once to this IPv4 multicast group and port (`239.0.0.1:8001`; the
+    /// reference's default is 224.0.0.1:8001), whatever the number of peers; peers join with
+    /// `p2psp peer --ims`, listen to the group and relay nothing. Uses one shard, no monitors
+    /// and no loss reports; chunks leave by the interface of `--bind` (or the route to the group).
+    #[arg(long, value_name = "GROUP:PORT")]
+    pub ims: Option<String>,
+    /// With `--ims`: the multicast TTL (hops), 1 to keep the chunks on the LAN.
+    #[arg(long, default_value_t = crate::proto::ims::DEFAULT_TTL, value_name = "HOPS")]
+    pub ims_ttl: u32,
     /// Most peers over all teams; a join over the limit is refused (the connection is closed
     /// before the configuration, and the splitter logs why). 0: no limit.
     #[arg(long, default_value_t = 100_000)]
@@ -269,6 +279,17 @@ pub struct Settings {
     pub digest_window: std::time::Duration,
     /// CIS digest mode: `--digest-max`.
     pub digest_max: usize,
+    /// IMS (`--ims`): the group every chunk goes to, and its TTL.
+    pub ims: Option<Ims>,
+}
+
+/// IMS settings (`--ims`, `--ims-ttl`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ims {
+    /// The multicast group and port.
+    pub group: SocketAddrV4,
+    /// Multicast TTL.
+    pub ttl: u32,
 }
 
 /// Largest stream header: the join message carries its size (plus the HTTP head the splitter
@@ -345,6 +366,12 @@ impl Settings {
         if shards == 0 || shards > 256 {
             return Err(format!("--shards {shards} must be between 1 and 256"));
         }
+        let ims = match &a.ims {
+            Some(group) => Some(check_ims(a, group)?),
+            None => None,
+        };
+        // IMS: one datagram per chunk needs one sender (each shard would send every chunk).
+        let shards = if ims.is_some() { 1 } else { shards };
         let send_path = match a.io.as_str() {
             "auto" => SendPath::detect(),
             other => other.parse().map_err(|e| format!("--io {other}: {e}"))?,
@@ -371,7 +398,8 @@ impl Settings {
             buffer_size: a.buffer_size as u16,
             header_size: a.header_size,
             team_size: a.team_size,
-            monitors: a.monitors,
+            // IMS peers send no loss reports: a monitor would be a peer like the others.
+            monitors: if ims.is_some() { 0 } else { a.monitors },
             shards,
             channel,
             send_path,
@@ -419,8 +447,43 @@ impl Settings {
                 std::time::Duration::from_secs_f64(a.digest_window / 1000.0)
             },
             digest_max: usize::from(a.digest_max),
+            ims,
         })
     }
+}
+
+/// Checks `--ims` and its use with the other flags.
+fn check_ims(a: &SplitterArgs, group: &str) -> Result<Ims, String> {
+    let group = crate::proto::ims::parse_group(group).map_err(|e| format!("--ims {e}"))?;
+    if !(1..=255).contains(&a.ims_ttl) {
+        return Err(format!(
+            "--ims-ttl {} must be between 1 and 255 (1 keeps the chunks on the LAN)",
+            a.ims_ttl
+        ));
+    }
+    for (on, flag, why) in [
+        (a.nts, "--nts", "IMS peers are on the splitter's LAN"),
+        (a.lrs, "--lrs", "IMS peers send no loss reports"),
+        (a.acs, "--acs", "IMS peers relay nothing"),
+        (
+            a.shards.is_some_and(|s| s > 1),
+            "--shards over 1",
+            "IMS sends each chunk once, from one shard",
+        ),
+        (
+            a.sign.is_some() && a.sign_mode == super::signing::SignMode::Digest,
+            "--sign-mode digest",
+            "IMS peers relay nothing, so no digest would reach the group (use --sign-mode chunk)",
+        ),
+    ] {
+        if on {
+            return Err(format!("--ims cannot be used with {flag}: {why}"));
+        }
+    }
+    Ok(Ims {
+        group,
+        ttl: a.ims_ttl,
+    })
 }
 
 #[cfg(test)]

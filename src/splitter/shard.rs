@@ -174,6 +174,8 @@ shard_metrics! {
     Submissions = ShardMetricInfo::counter("submissions", "p2psp_splitter_send_submissions_total").by_path();
     /// Chunks a shard took from the ring and scheduled to its teams.
     Chunks = ShardMetricInfo::counter("chunks", "p2psp_splitter_chunks_out_total");
+    /// Chunks sent to the IMS multicast group (`--ims`): one datagram per chunk, whatever the number of peers.
+    ImsChunks = ShardMetricInfo::counter("ims_chunks", "p2psp_splitter_ims_group_chunks_total");
     /// Chunks a shard skipped because it fell a whole ring behind.
     RingMissed = ShardMetricInfo::counter("ring_missed", "p2psp_splitter_ring_missed_chunks_total");
     /// Sends that found the socket buffer full (EAGAIN) and were retried.
@@ -390,6 +392,8 @@ pub struct Shard {
     /// Most peers per team.
     team_size: usize,
     digests_resent: u64,
+    /// IMS: every chunk goes once to this multicast group instead of to the teams.
+    ims: Option<Endpoint>,
 }
 
 /// The queues a shard reads and writes.
@@ -453,6 +457,7 @@ impl Shard {
             digests_sent: 0,
             digests_resent: 0,
             team_size: settings.team_size,
+            ims: settings.ims.map(|i| i.group),
         })
     }
 
@@ -498,6 +503,13 @@ impl Shard {
                         self.stats.add(ShardMetric::Chunks, 1);
                         dests.clear();
                         self.teams.on_chunk(chunk.number, &mut dests);
+                        if let Some(group) = self.ims {
+                            // IMS: the teams only count members (their rounds still pace
+                            // goodbyes); the chunk goes once to the group.
+                            dests.clear();
+                            dests.push(group);
+                            self.stats.add(ShardMetric::ImsChunks, 1);
+                        }
                         if !dests.is_empty() {
                             // CIS digest mode: the group's digest goes ahead of its first
                             // chunks, to their destinations, which relay it to their teams.

@@ -690,6 +690,22 @@ impl Exporter for SplitterExporter {
             "Datagrams from endpoints that are not members of any team.",
             control.foreign_datagrams,
         );
+        p.family(
+            "p2psp_splitter_ims",
+            "gauge",
+            "1 with --ims: every chunk goes once to the multicast group named in the labels.",
+        );
+        match self.settings.ims {
+            Some(ims) => p.sample(
+                "p2psp_splitter_ims",
+                &[
+                    ("group", &ims.group.to_string()),
+                    ("ttl", &ims.ttl.to_string()),
+                ],
+                1,
+            ),
+            None => p.sample("p2psp_splitter_ims", &[], 0),
+        }
         let path = self.settings.send_path.name();
         for (&m, info) in ShardMetric::ALL.iter().zip(SHARD_METRICS) {
             p.family(info.name, info.kind.name(), info.help());
@@ -777,6 +793,8 @@ impl Exporter for SplitterExporter {
                 "expel_fraction": s.expulsion.fraction,
                 "expel_min_losses": s.expulsion.min_lost,
                 "lrs": s.lrs,
+                "ims_group": s.ims.map(|i| i.group.to_string()),
+                "ims_ttl": s.ims.map(|i| i.ttl),
             },
             "stream": {
                 "generation": header.generation,
