@@ -16,9 +16,11 @@
 //! - [`nts`]: NTS, the NAT Traversal Set (§6.4): its messages, acknowledgement by echo, port-step
 //!   estimation and port prediction.
 //! - [`nts_splitter`], [`nts_peer`]: the NTS state machines of the splitter and of a peer.
+//! - [`choice`]: which of several splitters a peer joins, and where it fails over to.
 //! - [`rejoin`]: peer liveness: when the stream has stalled, why, and the backoff to join again.
 #![forbid(unsafe_code)]
 
+pub mod choice;
 pub mod directory;
 pub mod integrity;
 pub mod nts;
