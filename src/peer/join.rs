@@ -201,7 +201,7 @@ pub fn probe_load(splitter: SocketAddrV4, timeout: Duration) -> anyhow::Result<L
             ProbeAnswer::NeedMore => {}
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || closed {
+        if left.is_zero() || closed || input.len() > 1 << 16 {
             bail!("the splitter at {splitter} did not answer the load probe within {timeout:?}");
         }
         tcp.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;

@@ -82,7 +82,7 @@ impl ProbeAnswer {
                     Some(load) if head.status() == 200 => ProbeAnswer::Ours(load),
                     _ => ProbeAnswer::Bad,
                 },
-                Ok(None) if !closed && input.len() < 8192 => ProbeAnswer::NeedMore,
+                Ok(None) if !closed => ProbeAnswer::NeedMore,
                 _ => ProbeAnswer::Bad,
             };
         }
