@@ -80,6 +80,17 @@ wait_mount() {
     return 1
 }
 
+# Waits up to $3 s until icecast2 at $2 answers, seen from namespace $1.
+wait_listening() {
+    local i
+    for ((i = 0; i < $3 * 10; i++)); do
+        ip netns exec "$1" curl -sf -m 1 -o /dev/null "http://$2:8000/status-json.xsl" && return 0
+        sleep 0.1
+    done
+    echo "scaleout.sh: icecast2 at $2 not up after $3 s (see $dir/*.log and $dir/*/error.log)" >&2
+    return 1
+}
+
 # Starts icecast2 in host $1 on address $2, relaying origin when $3 is "relay".
 icecast() {
     local host=$1 addr=$2 d="$dir/$1" relay=""
@@ -120,6 +131,7 @@ icecast() {
 EOF
     ip netns exec "$prefix-$host" setsid icecast2 -c "$d/icecast.xml" </dev/null >>"$dir/$host.log" 2>&1 &
     echo $! >"$dir/$host.pid"
+    disown
 }
 
 splitter() {  # N: splitter N on relay $relay_of
@@ -128,6 +140,7 @@ splitter() {  # N: splitter N on relay $relay_of
         --source "http://198.18.0.1$relay:8000/stream" --metrics "198.18.0.2$n:9000" \
         "${splitter_args[@]}" </dev/null >>"$dir/split$n.log" 2>&1 &
     echo $! >"$dir/split$n.pid"
+    disown
 }
 
 up() {
@@ -139,6 +152,7 @@ up() {
     reap_stale
     prefix="scaleout-${owner:-$PPID}"
     mkdir -p "$dir"
+    chmod a+x "$dir"  # icecast2 runs as nobody and writes its logs below
     echo "$prefix" >"$dir/prefix"
     ip netns add "$prefix-switch"
     ip -n "$prefix-switch" link set lo up
@@ -155,12 +169,13 @@ up() {
         ip -n "$prefix-$host" link set eth0 up
     done
     icecast origin 198.18.0.10
-    sleep 0.5
+    wait_listening "$prefix-origin" 198.18.0.10 10
     ip netns exec "$prefix-origin" setsid ffmpeg -nostdin -hide_banner -loglevel error -re \
         -f lavfi -i sine=frequency=440:sample_rate=44100 -c:a libmp3lame -b:a 32k \
         -content_type audio/mpeg -f mp3 "icecast://source:$password@198.18.0.10:8000/stream" \
         </dev/null >>"$dir/ffmpeg.log" 2>&1 &
     echo $! >"$dir/ffmpeg.pid"
+    disown
     wait_mount "$prefix-origin" 198.18.0.10 20
     icecast relay1 198.18.0.11 relay
     icecast relay2 198.18.0.12 relay
@@ -205,6 +220,7 @@ case $cmd in
             ip netns exec "$prefix-peers$h" setsid "$p2psp" peer --splitter "$SCALEOUT_SPLITTERS" \
                 --player-port $((10000 + i)) --metrics "127.0.0.1:$((11000 + i))" -q \
                 </dev/null >>"$dir/peer$i.log" 2>&1 &
+            disown
             sleep 0.05
         done
         echo "scaleout.sh: lab $prefix up (logs in $dir); $peers peers" >&2
