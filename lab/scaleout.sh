@@ -6,6 +6,7 @@
 #   lab/scaleout.sh [--dir DIR] [--owner PID] up     build it and start the servers; keep it
 #   lab/scaleout.sh --dir DIR down                   stop everything in it and delete it
 #   lab/scaleout.sh --dir DIR kill-splitter N        kill -9 splitter N (1 to 3)
+#   lab/scaleout.sh --dir DIR start-splitter N       start splitter N again
 #   lab/scaleout.sh --dir DIR restart-relay N        stop Icecast relay N (1 or 2) and start it again
 #   lab/scaleout.sh [--dir DIR] [--peers N] run [-- COMMAND...]
 #       up, start N peers (default 0) spread over the peer hosts, run COMMAND (default: a shell)
@@ -134,7 +135,20 @@ EOF
     disown
 }
 
-splitter() {  # N: splitter N on relay $relay_of
+# Waits up to 20 s until splitter $1 takes joins (it listens once its source answered): it
+# answers the load probe.
+wait_splitter() {
+    local i
+    for ((i = 0; i < 200; i++)); do
+        ip netns exec "$prefix-split$1" curl -sf -m 1 -o /dev/null "http://198.18.0.2$1:8001/.p2psp/load" &&
+            return 0
+        sleep 0.1
+    done
+    echo "scaleout.sh: splitter $1 not listening after 20 s (see $dir/split$1.log)" >&2
+    return 1
+}
+
+splitter() {  # N: splitter N on relay 1, 2, 1
     local n=$1 relay=$(( $1 == 2 ? 2 : 1 ))
     ip netns exec "$prefix-split$n" setsid "$p2psp" splitter --bind "198.18.0.2$n" \
         --source "http://198.18.0.1$relay:8000/stream" --metrics "198.18.0.2$n:9000" \
@@ -182,6 +196,7 @@ up() {
     wait_mount "$prefix-relay1" 198.18.0.11 20
     wait_mount "$prefix-relay2" 198.18.0.12 20
     for i in 1 2 3; do splitter $i; done
+    for i in 1 2 3; do wait_splitter $i; done
     cat >"$dir/lab.env" <<EOF
 SCALEOUT_PREFIX=$prefix
 SCALEOUT_SPLITTERS=198.18.0.21:8001,198.18.0.22:8001,198.18.0.23:8001
@@ -201,6 +216,11 @@ case $cmd in
     kill-splitter)
         n=${1:?splitter number}
         kill -9 "$(cat "$dir/split$n.pid")" ;;
+    start-splitter)
+        n=${1:?splitter number}
+        prefix=$(cat "$dir/prefix")
+        splitter "$n"
+        wait_splitter "$n" ;;
     restart-relay)
         n=${1:?relay number}
         prefix=$(cat "$dir/prefix")

@@ -286,6 +286,40 @@ fn all_players_advance(peers: &[LabPeer], before: &[u64], within: Duration) -> O
     .then(|| t0.elapsed())
 }
 
+/// Kills splitter `n` and waits until each of `victims` (its peers) plays again on another; the
+/// times from the kill, sorted (ms).
+fn kill_and_time(lab: &Lab, peers: &[LabPeer], n: usize, victims: &[usize]) -> Vec<u64> {
+    let killed_at = unix_ms();
+    lab.script(&["kill-splitter", &n.to_string()]);
+    let resumed = |i: usize| {
+        let p = &peers[i];
+        match p.get("p2psp_peer_last_failover_resumed_unix_milliseconds") {
+            Some(t) if t as u64 > killed_at => Some(t as u64 - killed_at),
+            _ => None,
+        }
+    };
+    let mut times = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(12), || {
+            times = victims.iter().filter_map(|&i| resumed(i)).collect();
+            times.len() == victims.len()
+        }),
+        "only {} of the {} peers of killed splitter {n} play again: {times:?}",
+        times.len(),
+        victims.len()
+    );
+    times.sort_unstable();
+    times
+}
+
+/// Every peer's splitter.
+fn splitters_of(peers: &[LabPeer]) -> Vec<String> {
+    peers
+        .iter()
+        .map(|p| p.splitter().expect("a peer's splitter"))
+        .collect()
+}
+
 #[test]
 fn sixty_peers_spread_over_three_splitters_and_fail_over_with_their_players() {
     let test = "sixty_peers_spread_over_three_splitters_and_fail_over_with_their_players";
@@ -324,10 +358,7 @@ fn sixty_peers_spread_over_three_splitters_and_fail_over_with_their_players() {
         counts()
     );
     let spread: Vec<u64> = counts().iter().map(|c| c.unwrap() as u64).collect();
-    let on: Vec<String> = peers
-        .iter()
-        .map(|p| p.splitter().expect("a peer's splitter"))
-        .collect();
+    let on = splitters_of(&peers);
     for (n, &count) in spread.iter().enumerate() {
         let said = on
             .iter()
@@ -358,29 +389,7 @@ fn sixty_peers_spread_over_three_splitters_and_fail_over_with_their_players() {
     for p in &peers {
         p.player.reset_gap();
     }
-    let killed_at = unix_ms();
-    lab.script(&["kill-splitter", "1"]);
-    let resumed = |i: usize| {
-        let p = &peers[i];
-        match (
-            p.get("p2psp_peer_failovers_total"),
-            p.get("p2psp_peer_last_failover_resumed_unix_milliseconds"),
-        ) {
-            (Some(f), Some(t)) if f >= 1.0 && t as u64 > killed_at => Some(t as u64 - killed_at),
-            _ => None,
-        }
-    };
-    let mut times = Vec::new();
-    assert!(
-        wait_until(Duration::from_secs(12), || {
-            times = victims.iter().filter_map(|&i| resumed(i)).collect();
-            times.len() == victims.len()
-        }),
-        "only {} of the {} peers of the killed splitter play again: {times:?}",
-        times.len(),
-        victims.len()
-    );
-    times.sort_unstable();
+    let times = kill_and_time(&lab, &peers, 1, &victims);
     let after_kill: Vec<u64> = peers.iter().map(|p| p.player.bytes()).collect();
     assert!(
         all_players_advance(&peers, &after_kill, Duration::from_secs(10)).is_some(),
@@ -458,6 +467,227 @@ fn sixty_peers_spread_over_three_splitters_and_fail_over_with_their_players() {
         times[times.len() - 1] <= 5000,
         "failover took more than 5 s: {times:?}"
     );
+    drop(peers);
+    drop(lab);
+}
+
+/// A splitter look-alike that says it is empty when probed and refuses every join (it closes the
+/// connection before the configuration, as a full splitter does): what a peer meets when a
+/// splitter fills up between its probe and its join. Counts probes and joins.
+struct Refuser {
+    port: u16,
+    probes: Arc<AtomicU64>,
+    joins: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Refuser {
+    fn start() -> Refuser {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (probes, joins, stop) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (p, j, s) = (probes.clone(), joins.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut first = [0u8; 64];
+                let n = conn.read(&mut first).unwrap_or(0);
+                if first[..n].starts_with(b"GET /.p2psp/load ") {
+                    p.fetch_add(1, Ordering::Relaxed);
+                    use std::io::Write;
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 200 OK\r\nX-P2PSP-Load: 0 0\r\nContent-Length: 0\r\n\r\n",
+                    );
+                } else if first[..n].starts_with(b"P") {
+                    j.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        Refuser {
+            port,
+            probes,
+            joins,
+            stop,
+        }
+    }
+}
+
+impl Drop for Refuser {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_peer_passes_over_splitters_that_are_down_silent_or_refuse() {
+    let _turn = support::one_at_a_time();
+    let dir = test_dir("scaleout-choice");
+    // The splitter that works, with one peer already: the refuser (load 0) looks better.
+    let good = support::Splitter::start(
+        &dir,
+        &["--bitrate", "256k", "--metrics", "127.0.0.1:0"],
+        Stdio::null(),
+    );
+    let mut first = support::start_peer(&dir, "first", good.port, &["--player-port", "0"]);
+    support::wait_joined(&dir, &mut first);
+    let refuser = Refuser::start();
+    // Accepts connections (the kernel does) but never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Nothing listens there.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let list = format!(
+        "{dead},{},127.0.0.1:{},127.0.0.1:{}",
+        silent.local_addr().unwrap(),
+        refuser.port,
+        good.port
+    );
+    let log = support::peer_log(&dir, "chooser");
+    let mut peer = Proc::spawn(
+        "chooser",
+        Command::new(support::BIN)
+            .env("RUST_LOG", "p2psp=info")
+            .args(["peer", "--splitter", &list, "--player-port", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    let joined = support::wait_joined(&dir, &mut peer);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let on_good = format!("joined 127.0.0.1:{} ", good.port);
+    assert!(
+        text.contains(&on_good),
+        "{joined}: not on the good splitter:\n{text}"
+    );
+    assert!(refuser.probes.load(Ordering::Relaxed) >= 1, "never probed");
+    assert_eq!(
+        refuser.joins.load(Ordering::Relaxed),
+        1,
+        "the least loaded is tried first, once"
+    );
+    // The status line says where it is; the good splitter counted the probe.
+    assert!(
+        wait_until(Duration::from_secs(5), || std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(&format!(
+                "| splitter 127.0.0.1:{}, 0 failovers",
+                good.port
+            ))),
+        "no status line naming the splitter"
+    );
+    let (_, body) = support::http_get(good.metrics.unwrap(), "/metrics", 1 << 20).unwrap();
+    let probes = metric(
+        &String::from_utf8_lossy(&body),
+        "p2psp_splitter_load_probes_total",
+    );
+    assert!(probes >= Some(1.0), "load probes counted: {probes:?}");
+    drop(silent);
+}
+
+#[test]
+fn splitter_lists_that_cannot_work_are_one_line_errors() {
+    let dead: Vec<String> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let line =
+        support::one_line_exit_2(&["peer", "--player-port", "0", "--splitter", &dead.join(",")]);
+    assert!(
+        line.contains("none of the 2 splitters took the peer"),
+        "{line}"
+    );
+    let line = support::one_line_exit_2(&["peer", "--splitter", "127.0.0.1:8001,,127.0.0.1:8002"]);
+    assert!(line.contains("an empty entry"), "{line}");
+}
+
+/// The longer variant (`cargo test --release --test scaleout -- --ignored`, about 90 s): every
+/// splitter in turn is killed and started again, then each relay is restarted; after each kill
+/// the killed splitter's peers play again within 5 s, and no player ever reconnects.
+#[test]
+#[ignore = "about 90 s: run with --ignored"]
+fn every_splitter_killed_in_turn_and_every_relay_restarted() {
+    let test = "every_splitter_killed_in_turn_and_every_relay_restarted";
+    if !lab_possible(test)
+        || !tools_present(
+            test,
+            &[
+                ("icecast2", "-v"),
+                ("ffmpeg", "-version"),
+                ("curl", "--version"),
+            ],
+        )
+    {
+        return;
+    }
+    let _turn = support::one_at_a_time();
+    let dir = test_dir("scaleout-long");
+    let lab = Lab::up(&dir);
+    let peers = start_peers(&lab, &dir);
+    let mut all = Vec::new();
+    for n in 1..=3 {
+        // Wait until every peer is settled on a splitter that is up.
+        std::thread::sleep(Duration::from_secs(3));
+        let on = splitters_of(&peers);
+        let victims: Vec<usize> = (0..PEERS)
+            .filter(|&i| on[i] == format!("198.18.0.2{n}:8001"))
+            .collect();
+        let times = kill_and_time(&lab, &peers, n, &victims);
+        eprintln!(
+            "scaleout: splitter {n} killed: {} peers play again after p50 {} ms, max {} ms",
+            victims.len(),
+            if times.is_empty() {
+                0
+            } else {
+                percentile(&times, 50)
+            },
+            times.last().copied().unwrap_or(0)
+        );
+        all.extend(times);
+        lab.script(&["start-splitter", &n.to_string()]);
+    }
+    for n in 1..=2 {
+        let mark: Vec<u64> = peers.iter().map(|p| p.player.bytes()).collect();
+        lab.script(&["restart-relay", &n.to_string()]);
+        assert!(
+            all_players_advance(&peers, &mark, Duration::from_secs(20)).is_some(),
+            "not every player plays after relay {n} restarted"
+        );
+    }
+    all.sort_unstable();
+    for p in &peers {
+        assert!(!p.player.closed.load(Ordering::Relaxed), "{}", p.proc.name);
+        assert_eq!(
+            p.get("p2psp_peer_player_connects_total"),
+            Some(1.0),
+            "{}",
+            p.proc.name
+        );
+    }
+    eprintln!(
+        "scaleout: {} failovers after kills: p50 {} ms, max {} ms; player reconnects 0",
+        all.len(),
+        percentile(&all, 50),
+        all[all.len() - 1]
+    );
+    assert!(all[all.len() - 1] <= 5000, "failover over 5 s: {all:?}");
     drop(peers);
     drop(lab);
 }
