@@ -467,6 +467,20 @@ fn sixty_peers_spread_over_three_splitters_and_fail_over_with_their_players() {
         times[times.len() - 1] <= 5000,
         "failover took more than 5 s: {times:?}"
     );
+    // A player that connects after a failover gets the header from the peer's new splitter (the
+    // old one is dead): it plays, and the peer did not have to fall back.
+    let moved = &peers[victims[0]];
+    let late = Player::connect(&moved.host, 10000 + victims[0] as u16).expect("a new player");
+    assert!(
+        wait_until(Duration::from_secs(5), || late.bytes() > 0),
+        "a player connecting after the failover gets nothing"
+    );
+    let log = std::fs::read_to_string(dir.join(format!("{}.log", moved.proc.name))).unwrap();
+    assert!(
+        !log.contains("cannot fetch the stream header again"),
+        "the header came from the old splitter:\n{log}"
+    );
+    drop(late);
     drop(peers);
     drop(lab);
 }

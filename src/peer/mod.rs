@@ -378,16 +378,19 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         join_best(&opts, &mut choice, JOIN_TIMEOUT, &mut rng).map_err(SetupError::wrap)?;
     choice.on_joined(at);
     opts.counters.set_splitter(at);
-    let refetch = player::Refetch {
-        source: joined.header_source,
-        channel: joined.config.channel.clone(),
-        size: usize::from(joined.config.header_size),
+    // Where players that connect get the stream header: the current splitter's header endpoint
+    // (updated when the peer joins another).
+    let refetch_of = |j: &join::Joined| player::Refetch {
+        source: j.header_source,
+        channel: j.config.channel.clone(),
+        size: usize::from(j.config.header_size),
     };
+    let refetch = Arc::new(Mutex::new(refetch_of(&joined)));
     let (tx, player) = player::spawn(
         player_listener,
         opts.output.clone(),
         std::mem::take(&mut joined.header),
-        Some(refetch),
+        Some(refetch.clone()),
         opts.counters.clone(),
         stop.clone(),
     )?;
@@ -428,6 +431,7 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 }
                 at = a;
                 opts.counters.set_splitter(a);
+                *refetch.lock().unwrap_or_else(|e| e.into_inner()) = refetch_of(&j);
                 joined = j;
                 let header = std::mem::take(&mut joined.header);
                 let _ = tx.send(player::ToPlayer::Rejoined(header));
