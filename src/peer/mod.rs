@@ -325,28 +325,24 @@ pub fn resolve_all_v4(s: &str) -> Result<Vec<SocketAddrV4>, String> {
         if part.is_empty() {
             return Err("an empty entry in the list".to_owned());
         }
-        let addrs = part
+        let v4: Vec<SocketAddrV4> = part
             .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve {part}: {e}"))?;
-        let before = out.len();
-        for a in addrs {
-            if let SocketAddr::V4(v4) = a
-                && !out.contains(&v4)
-            {
-                out.push(v4);
-            }
-        }
-        if out.len() == before && !addrs_known(&out, part) {
+            .map_err(|e| format!("cannot resolve {part}: {e}"))?
+            .filter_map(|a| match a {
+                SocketAddr::V4(v4) => Some(v4),
+                SocketAddr::V6(_) => None,
+            })
+            .collect();
+        if v4.is_empty() {
             return Err(format!("{part}: no IPv4 address (P2PSP is IPv4 only)"));
+        }
+        for a in v4 {
+            if !out.contains(&a) {
+                out.push(a);
+            }
         }
     }
     Ok(out)
-}
-
-/// Whether `part` resolves only to addresses already in `out` (a duplicate entry).
-fn addrs_known(out: &[SocketAddrV4], part: &str) -> bool {
-    part.to_socket_addrs()
-        .is_ok_and(|mut a| a.any(|a| matches!(a, SocketAddr::V4(v4) if out.contains(&v4))))
 }
 
 /// Joins the splitter and runs until `stop` (then leaves politely) or an error. When the stream
@@ -922,7 +918,23 @@ impl Xorshift {
 
 #[cfg(test)]
 mod tests {
-    use super::Xorshift;
+    use super::{Xorshift, resolve_all_v4};
+
+    #[test]
+    fn splitter_lists_resolve_in_order_without_duplicates() {
+        let l = resolve_all_v4("127.0.0.1:8001, 127.0.0.2:8001,127.0.0.1:8001").unwrap();
+        assert_eq!(
+            l.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            ["127.0.0.1:8001", "127.0.0.2:8001"]
+        );
+        assert!(
+            resolve_all_v4("127.0.0.1:8001,")
+                .unwrap_err()
+                .contains("empty")
+        );
+        assert!(resolve_all_v4("[::1]:8001").unwrap_err().contains("IPv4"));
+        assert!(resolve_all_v4("127.0.0.1").is_err(), "no port");
+    }
 
     #[test]
     fn drop_choices_are_seeded_and_near_the_rate() {
