@@ -12,7 +12,8 @@
 //! request: it takes it for a join and sends its configuration, whose team list gives its load
 //! just as well (the prober then says goodbye). Splitters that are full, refused the last join,
 //! did not answer, or that the peer just left because its stream stopped are tried last, for
-//! [`AVOID_FOR`].
+//! [`AVOID_FOR`]. A peer failing over is one of a herd (every peer of the stopped splitter), so its
+//! first choice is drawn with weights that even the loads out instead (see [`Choice::order`]).
 
 use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
@@ -117,6 +118,8 @@ pub struct Choice {
     splitters: Vec<Known>,
     current: Option<usize>,
     failovers: u64,
+    /// The peer's splitter stalled and it has not joined another yet: it is one of a herd.
+    herd: bool,
 }
 
 impl Choice {
@@ -136,6 +139,7 @@ impl Choice {
             splitters,
             current: None,
             failovers: 0,
+            herd: false,
         }
     }
 
@@ -187,6 +191,7 @@ impl Choice {
         self.failovers += u64::from(failover);
         self.current = Some(i);
         self.splitters[i].avoid_until = None;
+        self.herd = false;
         failover
     }
 
@@ -197,6 +202,7 @@ impl Choice {
             && self.splitters.len() > 1
         {
             self.splitters[i].avoid_until = Some(now + AVOID_FOR);
+            self.herd = true;
         }
     }
 
@@ -243,7 +249,46 @@ impl Choice {
             })
             .collect();
         keyed.sort_by_key(|&(key, _)| key);
-        keyed.into_iter().map(|(_, a)| a).collect()
+        let mut order: Vec<SocketAddrV4> = keyed.iter().map(|&(_, a)| a).collect();
+        if self.herd {
+            // All the peers of a splitter that stopped probe at about the same moment and see
+            // the same loads: were each to take the least loaded, they would all land on it.
+            // Instead the first choice is drawn with weights that, over the herd (about as many
+            // peers as the others have on average), even the loads out.
+            let live: Vec<(usize, u32)> = keyed
+                .iter()
+                .enumerate()
+                .filter(|(_, ((rank, _, _), _))| *rank == 0)
+                .map(|(i, ((_, load, _), _))| (i, *load as u32))
+                .collect();
+            if live.len() > 1 {
+                let sum: u64 = live.iter().map(|&(_, l)| u64::from(l)).sum();
+                let n = live.len() as u64;
+                let target = (sum + sum / n).div_ceil(n);
+                let weights: Vec<u64> = live
+                    .iter()
+                    .map(|&(_, l)| target.saturating_sub(u64::from(l)).max(1))
+                    .collect();
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let mut draw = rng % weights.iter().sum::<u64>();
+                let pick = weights
+                    .iter()
+                    .position(|&w| {
+                        if draw < w {
+                            true
+                        } else {
+                            draw -= w;
+                            false
+                        }
+                    })
+                    .unwrap_or(0);
+                let chosen = order.remove(live[pick].0);
+                order.insert(0, chosen);
+            }
+        }
+        order
     }
 }
 
@@ -402,6 +447,37 @@ mod tests {
             },
         );
         assert_eq!(u.order(t0, 7), vec![ep(1), ep(3), ep(2)]);
+    }
+
+    #[test]
+    fn a_herd_from_a_stopped_splitter_evens_the_others_out() {
+        let t0 = Instant::now();
+        let mut c = Choice::new(&[ep(1), ep(2), ep(3)]);
+        c.on_joined(ep(1));
+        c.on_stalled(t0);
+        for (i, n) in [(2, 18), (3, 22)] {
+            c.on_load(
+                ep(i),
+                Load {
+                    peers: n,
+                    max: None,
+                },
+            );
+        }
+        // About 20 peers arrive at once: 12 to the one with 18 and 8 to the other make 30/30, so
+        // weights 12:8 (60 %), not all of them to the least loaded.
+        let draws = 10_000;
+        let to_2 = (0..draws)
+            .filter(|&r| c.order(t0, r * 0x9e37_79b9_7f4a_7c15 + 1)[0] == ep(2))
+            .count();
+        assert!((5700..6300).contains(&to_2), "{to_2}");
+        // Every splitter still in the order, the stopped one last.
+        let o = c.order(t0, 5);
+        assert_eq!(o.len(), 3);
+        assert_eq!(o[2], ep(1));
+        // Once joined, arrivals take the least loaded again.
+        c.on_joined(ep(3));
+        assert!((0..100).all(|r| c.order(t0, r)[0] == ep(2)));
     }
 
     #[test]
