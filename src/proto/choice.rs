@@ -216,7 +216,9 @@ impl Choice {
     /// The order in which to try the splitters at `now`: first those not avoided and not full,
     /// least loaded first (a splitter whose load is unknown counts as loaded as the average of
     /// the known ones), equals in an order drawn from `random`; then the full ones; then the
-    /// avoided ones, the one avoided longest ago first. Every splitter is in the list.
+    /// avoided ones, the one avoided longest ago first. Every splitter is in the list. After a
+    /// stall (until the next join) the first is instead drawn among those not avoided and not
+    /// full, with weights that even their loads out over a herd of the average load's size.
     pub fn order(&self, now: Instant, random: u64) -> Vec<SocketAddrV4> {
         let known: Vec<u32> = self
             .splitters
