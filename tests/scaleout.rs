@@ -632,11 +632,11 @@ fn splitter_lists_that_cannot_work_are_one_line_errors() {
     assert!(line.contains("an empty entry"), "{line}");
 }
 
-/// The longer variant (`cargo test --release --test scaleout -- --ignored`, about 90 s): every
+/// The longer variant (`cargo test --release --test scaleout -- --ignored`, about 45 s): every
 /// splitter in turn is killed and started again, then each relay is restarted; after each kill
 /// the killed splitter's peers play again within 5 s, and no player ever reconnects.
 #[test]
-#[ignore = "about 90 s: run with --ignored"]
+#[ignore = "about 45 s: run with --ignored"]
 fn every_splitter_killed_in_turn_and_every_relay_restarted() {
     let test = "every_splitter_killed_in_turn_and_every_relay_restarted";
     if !lab_possible(test)
