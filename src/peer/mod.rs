@@ -493,6 +493,15 @@ fn probe_all(choice: &mut Choice) {
     }
 }
 
+/// Joins `splitter` with the profile `opts` says (DBS, with or without NTS).
+fn join_at(
+    opts: &PeerOptions,
+    splitter: SocketAddrV4,
+    timeout: Duration,
+) -> anyhow::Result<join::Joined> {
+    join::join_profile(splitter, opts.monitor, timeout, opts.nts)
+}
+
 /// Joins a splitter of `choice`: with one, that one; with several, the least loaded, then the
 /// others in [`Choice::order`] until one takes the peer. Each may take `timeout`.
 fn join_best(
@@ -502,13 +511,13 @@ fn join_best(
     rng: &mut Xorshift,
 ) -> anyhow::Result<(SocketAddrV4, join::Joined)> {
     if !choice.has_alternatives() {
-        let j = join::join_profile(opts.splitter, opts.monitor, timeout, opts.nts)?;
+        let j = join_at(opts, opts.splitter, timeout)?;
         return Ok((opts.splitter, j));
     }
     probe_all(choice);
     let mut errors = Vec::new();
     for a in choice.order(Instant::now(), rng.next_u64()) {
-        match join::join_profile(a, opts.monitor, timeout, opts.nts) {
+        match join_at(opts, a, timeout) {
             Ok(j) => return Ok((a, j)),
             Err(e) => {
                 tracing::info!("joining {a}: {e:#}");
