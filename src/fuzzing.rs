@@ -681,3 +681,59 @@ pub fn nts(data: &[u8]) {
         assert_eq!(out, &d[..used]);
     }
 }
+
+/// A splitter's answer to the load probe (`proto::choice`): never panics, a closed connection
+/// always decides, a prefix that decides decides as the whole does, and [`load_response`]
+/// decodes to what it encodes. The bytes also drive a [`Choice`] whose order is always every
+/// splitter once.
+///
+/// [`load_response`]: crate::proto::choice::load_response
+/// [`Choice`]: crate::proto::choice::Choice
+pub fn load_probe(data: &[u8]) {
+    use crate::proto::choice::{Choice, Load, ProbeAnswer, load_response};
+    let whole = ProbeAnswer::decode(data, false);
+    assert_ne!(ProbeAnswer::decode(data, true), ProbeAnswer::NeedMore);
+    for cut in [data.len() / 2, data.len().saturating_sub(1)] {
+        let p = ProbeAnswer::decode(&data[..cut], false);
+        if p != ProbeAnswer::NeedMore {
+            assert_eq!(p, whole, "the first {cut} bytes decided otherwise");
+        }
+    }
+    let mut input = Input::new(data);
+    let (peers, max) = (u32::from(input.u16()), u32::from(input.u16()));
+    let answer = ProbeAnswer::decode(&load_response(peers as usize, max as usize), false);
+    let load = Load {
+        peers,
+        max: (max > 0).then_some(max),
+    };
+    assert_eq!(answer, ProbeAnswer::Ours(load));
+    let list: Vec<Endpoint> = (0..(input.byte() % 6) + 1)
+        .map(|_| ep(u16::from(input.byte() % 8)))
+        .collect();
+    let mut choice = Choice::new(&list);
+    let t0 = Instant::now();
+    let mut now = t0;
+    while !input.done() {
+        let at = ep(u16::from(input.byte() % 8));
+        match input.byte() % 5 {
+            0 => choice.on_load(
+                at,
+                Load {
+                    peers: u32::from(input.byte()),
+                    max: Some(u32::from(input.byte())).filter(|&m| m > 0),
+                },
+            ),
+            1 => choice.on_failed(now, at),
+            2 => {
+                choice.on_joined(at);
+            }
+            3 => choice.on_stalled(now),
+            _ => now += Duration::from_millis(u64::from(input.u16())),
+        }
+        let mut order = choice.order(now, u64::from(input.u16()));
+        assert_eq!(order.len(), choice.splitters().count());
+        order.sort();
+        order.dedup();
+        assert_eq!(order.len(), choice.splitters().count(), "a splitter twice");
+    }
+}

@@ -146,6 +146,16 @@ proptest! {
     }
 
     #[test]
+    fn load_probe_random(data in bytes(512)) {
+        fuzzing::load_probe(&data);
+    }
+
+    #[test]
+    fn load_probe_mutated(data in mutated("load_probe")) {
+        fuzzing::load_probe(&data);
+    }
+
+    #[test]
     fn http_response_random(data in bytes(512)) {
         fuzzing::http_response(&data);
     }

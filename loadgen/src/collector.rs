@@ -49,6 +49,27 @@ struct Agg {
     hist: Latencies,
     peers: usize,
     cpu: Duration,
+    /// The same by splitter (`Report::group`).
+    groups: BTreeMap<usize, Group>,
+}
+
+/// One splitter's share of the measured seconds (`--splitter a,b,c`): every worker serves one
+/// splitter's peers, so these add up to the totals exactly.
+#[derive(Default, Clone)]
+pub struct Group {
+    /// Counters.
+    pub tally: Tally,
+    /// Latencies.
+    pub hist: Latencies,
+    /// Peers its workers had in the last measured second.
+    pub peers: usize,
+}
+
+impl Group {
+    fn add(&mut self, tally: &Tally, hist: &Latencies) {
+        self.tally.add(tally);
+        self.hist.add(hist);
+    }
 }
 
 impl Default for Agg {
@@ -59,6 +80,7 @@ impl Default for Agg {
             hist: Latencies::default(),
             peers: 0,
             cpu: Duration::ZERO,
+            groups: BTreeMap::new(),
         }
     }
 }
@@ -132,6 +154,7 @@ pub struct Collector {
     next_print: u64,
     total_hist: Latencies,
     total: Tally,
+    groups: BTreeMap<usize, Group>,
     worker_cpu: Duration,
     measured: u64,
     join_hist: Histogram<u64>,
@@ -150,6 +173,8 @@ pub struct Outcome {
     pub total: Tally,
     /// Latencies over the measured seconds.
     pub total_hist: Latencies,
+    /// The same by splitter, in `--splitter` order (one entry with one splitter).
+    pub groups: Vec<Group>,
     /// Worker CPU over the measured seconds.
     pub worker_cpu: Duration,
     /// Measured intervals accounted.
@@ -179,6 +204,7 @@ impl Collector {
             next_print: interval_of(s.epoch, now),
             total_hist: Latencies::default(),
             total: Tally::default(),
+            groups: BTreeMap::new(),
             worker_cpu: Duration::ZERO,
             measured: 0,
             join_hist: latency_histogram(),
@@ -231,6 +257,9 @@ impl Collector {
         agg.hist.add(&r.hist);
         agg.peers += r.peers;
         agg.cpu += r.cpu;
+        let g = agg.groups.entry(r.group).or_default();
+        g.add(&r.tally, &r.hist);
+        g.peers += r.peers;
     }
 
     /// Closes every interval all workers reported, or that is 2 s overdue, in order, and returns
@@ -270,6 +299,11 @@ impl Collector {
                 self.total_hist.add(&agg.hist);
                 self.worker_cpu += agg.cpu;
                 self.measured += 1;
+                for (k, g) in &agg.groups {
+                    let total = self.groups.entry(*k).or_default();
+                    total.add(&g.tally, &g.hist);
+                    total.peers = g.peers;
+                }
             }
             self.intervals.push(iv);
         }
@@ -358,15 +392,24 @@ impl Collector {
             self.total.add(&r.tally);
             self.total_hist.add(&r.hist);
             self.worker_cpu += r.cpu;
+            self.groups
+                .entry(r.group)
+                .or_default()
+                .add(&r.tally, &r.hist);
         }
     }
 
     /// What was gathered; `None` if the run never reached its measurement.
-    pub fn finish(self) -> Option<Outcome> {
+    pub fn finish(mut self) -> Option<Outcome> {
         let measure = self.measure?;
+        let n = self.groups.keys().max().map_or(0, |k| k + 1);
+        let groups = (0..n)
+            .map(|k| self.groups.remove(&k).unwrap_or_default())
+            .collect();
         Some(Outcome {
             total: self.total,
             total_hist: self.total_hist,
+            groups,
             worker_cpu: self.worker_cpu,
             measured: self.measured,
             join_hist: self.join_hist,
@@ -414,6 +457,7 @@ mod tests {
             cpu: Duration::from_millis(10),
             last,
             recv: p2psp::driver::RecvStats::default(),
+            group: 0,
         }
     }
 
@@ -454,8 +498,12 @@ mod tests {
             0,
             "one worker only"
         );
+        // The second worker serves the second splitter's peers.
         for k in 0..6 {
-            c.on_report(report(k, 50, false));
+            c.on_report(Report {
+                group: 1,
+                ..report(k, 50, false)
+            });
         }
         let lines: Vec<(u64, &str)> = c
             .close_intervals(at(epoch, 6100), &|k| Some(k as f64))
@@ -507,6 +555,15 @@ mod tests {
         assert_eq!(o.join_hist.len(), 1);
         assert!((o.join_seconds - 1.2).abs() < 1e-9);
         assert_eq!(o.recv_stats.len(), 3);
+        // By splitter: the totals split exactly.
+        assert_eq!(o.groups.len(), 2);
+        assert_eq!(o.groups[0].tally.datagrams, 3 * 100 + 7);
+        assert_eq!(o.groups[1].tally.datagrams, 3 * 50);
+        assert_eq!(
+            o.groups[0].tally.played + o.groups[1].tally.played,
+            o.total.played
+        );
+        assert_eq!((o.groups[0].peers, o.groups[1].peers), (5, 5));
     }
 
     #[test]

@@ -79,11 +79,14 @@ struct Args {
     /// Joins started per second.
     #[arg(long, default_value_t = 1000.0)]
     join_rate: f64,
-    /// Target a splitter started by hand instead of starting one.
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Target a splitter started by hand instead of starting one. Several, comma-separated
+    /// (`a:8001,b:8001,c:8001`): peer i joins the (i mod n)-th, each worker thread serves one
+    /// splitter's peers, and the report gives the figures by splitter beside the totals.
+    #[arg(long, value_name = "HOST:PORT[,...]")]
     splitter: Option<String>,
-    /// With --splitter: serve the timestamped source here, for that splitter's
-    /// `--source http://ADDR/loadgen` (start loadgen first; the splitter connects at start).
+    /// With --splitter: serve the timestamped source here, for that splitter's (or those
+    /// splitters') `--source http://ADDR/loadgen` (start loadgen first; a splitter connects at
+    /// start).
     #[arg(long, value_name = "ADDR", requires = "splitter")]
     source_listen: Option<SocketAddrV4>,
     /// The `p2psp` binary to start [default: next to loadgen's own executable].
@@ -238,7 +241,7 @@ fn check(a: &Args) -> Result<(), String> {
 /// What sends the chunks.
 enum Sender {
     Child(SplitterChild),
-    Manual(SocketAddrV4),
+    Manual(Vec<SocketAddrV4>),
     Baseline {
         stats: Arc<baseline::BaselineStats>,
         stop: Arc<AtomicBool>,
@@ -251,8 +254,16 @@ impl Sender {
     fn splitter_addr(&self) -> Option<SocketAddrV4> {
         match self {
             Sender::Child(c) => Some(c.addr),
-            Sender::Manual(addr) => Some(*addr),
+            Sender::Manual(addrs) => addrs.first().copied(),
             Sender::Baseline { .. } => None,
+        }
+    }
+
+    /// Every splitter the peers join.
+    fn splitter_addrs(&self) -> Vec<SocketAddrV4> {
+        match self {
+            Sender::Manual(addrs) => addrs.clone(),
+            _ => self.splitter_addr().into_iter().collect(),
         }
     }
 
@@ -358,6 +369,12 @@ fn verify_costs() -> (f64, f64) {
 fn run(a: &Args) -> anyhow::Result<()> {
     sched::set(a.thread_slice.0);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let splitters = match (&a.splitter, &a.baseline) {
+        (Some(s), None) => p2psp::peer::resolve_all_v4(s)
+            .map_err(|e| anyhow::anyhow!("--splitter {s}: {e}"))?
+            .len(),
+        _ => 1,
+    };
     let plan = Plan::new(
         &PlanInput {
             peers: a.peers,
@@ -371,6 +388,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
             chunk_size: a.chunk_size,
             sockets: a.sockets,
             rcvbuf: a.rcvbuf,
+            splitters,
         },
         cores.len(),
         procfs::local_port_range(),
@@ -443,7 +461,8 @@ fn start(
             end: None,
         },
         (None, Some(addr)) => Sender::Manual(
-            p2psp::peer::resolve_v4(addr).map_err(|e| anyhow::anyhow!("--splitter {addr}: {e}"))?,
+            p2psp::peer::resolve_all_v4(addr)
+                .map_err(|e| anyhow::anyhow!("--splitter {addr}: {e}"))?,
         ),
         (None, None) => {
             let binary = match &a.splitter_bin {
@@ -504,9 +523,9 @@ fn start(
         verify_costs()
     });
     let splitter_addr = sender.splitter_addr();
-    if let Some(addr) = splitter_addr
+    let splitter_addrs = sender.splitter_addrs();
+    if let Some(addr) = splitter_addrs.iter().find(|a| !a.ip().is_loopback())
         && plan.sockets == SocketMode::Shared
-        && !addr.ip().is_loopback()
     {
         bail!(
             "--sockets shared gives peers 127.x.y.z addresses, which a splitter at {addr} \
@@ -519,6 +538,16 @@ fn start(
         (Sender::Child(_), Some(addr)) => format!(
             "splitter {addr} (child, {} shard(s), --io {})",
             plan.shards, a.io
+        ),
+        (Sender::Manual(addrs), Some(_)) if addrs.len() > 1 => format!(
+            "{} splitters {} (started by hand; peer i joins splitter i mod {})",
+            addrs.len(),
+            addrs
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            addrs.len()
         ),
         (Sender::Manual(_), Some(addr)) => format!("splitter {addr} (started by hand)"),
         _ => "baseline sendmmsg fan-out loop".to_owned(),
@@ -548,18 +577,21 @@ fn start(
     );
 
     // A splitter started by hand may not be up yet (it needs our source first): wait for it.
-    if let (Sender::Manual(addr), Some(src)) = (&sender, &source) {
-        eprintln!(
-            "loadgen: serving the source at {}; waiting up to 120 s for the splitter at {addr}",
-            src.url()
-        );
+    if let (Sender::Manual(addrs), Some(src)) = (&sender, &source) {
         let deadline = Instant::now() + Duration::from_secs(120);
-        while std::net::TcpStream::connect_timeout(&(*addr).into(), Duration::from_secs(1)).is_err()
-        {
-            if Instant::now() > deadline {
-                bail!("no splitter answered at {addr} within 120 s");
+        for addr in addrs {
+            eprintln!(
+                "loadgen: serving the source at {}; waiting up to 120 s for the splitter at {addr}",
+                src.url()
+            );
+            while std::net::TcpStream::connect_timeout(&(*addr).into(), Duration::from_secs(1))
+                .is_err()
+            {
+                if Instant::now() > deadline {
+                    bail!("no splitter answered at {addr} within 120 s");
+                }
+                thread::sleep(Duration::from_millis(200));
             }
-            thread::sleep(Duration::from_millis(200));
         }
         // Let it read a few records (its source connects before it listens).
         thread::sleep(Duration::from_millis(500));
@@ -608,6 +640,7 @@ fn start(
                 0
             },
             core: core(plan.worker_core(w, pin)),
+            group: w % splitter_addrs.len().max(1),
             nap: a.recv_nap.map_or(
                 if a.team_size == 1 {
                     peers::RECV_NAP
@@ -643,9 +676,9 @@ fn start(
     let (join_tx, join_rx) = crossbeam_channel::unbounded::<JoinResult>();
     let mut joiners = Vec::new();
     let join_start = Instant::now();
-    if let Some(splitter) = splitter_addr {
+    if splitter_addr.is_some() {
         let opts = JoinOptions {
-            splitter,
+            splitters: splitter_addrs.clone(),
             ips: plan.ips.clone(),
             peers: a.peers,
             rate: a.join_rate,
@@ -909,9 +942,14 @@ fn finish(
     let child = matches!(sender, Sender::Child(_));
     let config = report::Config {
         mode: plan.mode.to_owned(),
-        splitter: sender
-            .splitter_addr()
-            .map_or_else(|| "-".to_owned(), |s| s.to_string()),
+        splitter: match sender.splitter_addrs() {
+            addrs if addrs.is_empty() => "-".to_owned(),
+            addrs => addrs
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        },
         splitter_child: child,
         peers: a.peers,
         team_size: a.team_size,

@@ -260,6 +260,8 @@ pub struct Report {
     pub cpu: Duration,
     /// The worker's last report: it has stopped.
     pub last: bool,
+    /// Which splitter the worker's peers joined (index in `--splitter a,b,c`).
+    pub group: usize,
     /// The receive ring's counters so far.
     pub recv: p2psp::driver::RecvStats,
 }
@@ -279,6 +281,18 @@ pub struct WorkerOptions {
     pub core: Option<core_affinity::CoreId>,
     /// Shared socket read with recvmmsg: nap after a read that emptied it ([`RECV_NAP`]).
     pub nap: Duration,
+    /// Which splitter its peers join ([`worker_for`]).
+    pub group: usize,
+}
+
+/// The worker of peer `i` when `workers` workers serve the peers of `splitters` splitters: peer
+/// `i` joins splitter `i % splitters`, and worker `w` serves only the peers of splitter
+/// `w % splitters` (so every report is one splitter's), in turn.
+pub fn worker_for(i: usize, splitters: usize, workers: usize) -> usize {
+    let n = splitters.max(1);
+    let g = i % n;
+    let of_group = (workers.saturating_sub(g)).div_ceil(n).max(1);
+    g + n * ((i / n) % of_group)
 }
 
 /// A live peer's endpoint: its own socket, or its address on the worker's shared socket.
@@ -542,6 +556,7 @@ pub fn run_worker(
                 peers: slots.len(),
                 cpu: cpu.saturating_sub(cpu_mark),
                 last: stop,
+                group: opts.group,
                 recv: recv.stats(),
             };
             hist.reset();
@@ -556,6 +571,7 @@ pub fn run_worker(
                     peers: slots.len(),
                     cpu: Duration::ZERO,
                     last: false,
+                    group: opts.group,
                     recv: recv.stats(),
                 });
             }
@@ -598,8 +614,8 @@ fn drain_events(core: &mut Peer, tally: &mut Tally, left: &mut bool, shared: &Sh
 /// How peers join.
 #[derive(Debug, Clone)]
 pub struct JoinOptions {
-    /// The splitter.
-    pub splitter: SocketAddrV4,
+    /// The splitters: peer `i` joins the `i % n`-th.
+    pub splitters: Vec<SocketAddrV4>,
     /// Local addresses to spread peers over.
     pub ips: Vec<Ipv4Addr>,
     /// Peers to join.
@@ -664,29 +680,24 @@ pub fn run_joiner(
         }
         let monitor = i % opts.team_size.max(1) < opts.monitors;
         let t = Instant::now();
-        let w = i % workers.len();
+        let w = worker_for(i, opts.splitters.len(), workers.len());
+        let splitter = opts.splitters[i % opts.splitters.len()];
         let joined = match opts.shared.get(w) {
-            Some(socket) => {
-                join_virtual(opts.splitter, virtual_ip(i), socket, monitor).map(|core| {
-                    NewPeer::Virtual {
-                        index: i,
-                        core: Box::new(core),
-                    }
-                })
-            }
-            None => join_one(
-                opts.splitter,
-                opts.ips[i % opts.ips.len()],
-                monitor,
-                opts.rcvbuf,
-            )
-            .map(|(socket, core)| {
-                let _ = driver::set_dont_fragment(&socket, opts.datagram);
-                NewPeer::Live {
-                    socket,
+            Some(socket) => join_virtual(splitter, virtual_ip(i), socket, monitor).map(|core| {
+                NewPeer::Virtual {
+                    index: i,
                     core: Box::new(core),
                 }
             }),
+            None => join_one(splitter, opts.ips[i % opts.ips.len()], monitor, opts.rcvbuf).map(
+                |(socket, core)| {
+                    let _ = driver::set_dont_fragment(&socket, opts.datagram);
+                    NewPeer::Live {
+                        socket,
+                        core: Box::new(core),
+                    }
+                },
+            ),
         };
         match joined {
             Ok(peer) => {
@@ -826,6 +837,28 @@ pub fn bare_socket(ip: Ipv4Addr, rcvbuf: usize) -> anyhow::Result<UdpSocket> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_serves_one_splitters_peers_and_all_workers_get_peers() {
+        for (splitters, workers) in [(1, 1), (1, 4), (3, 3), (3, 4), (3, 7), (2, 5)] {
+            let mut used = vec![0usize; workers];
+            for i in 0..1000 {
+                let w = worker_for(i, splitters, workers);
+                assert!(w < workers, "{splitters} {workers}: {i} -> {w}");
+                assert_eq!(w % splitters, i % splitters, "a worker mixes splitters");
+                used[w] += 1;
+            }
+            assert!(
+                used.iter().all(|&u| u > 0),
+                "{splitters} {workers}: {used:?}"
+            );
+        }
+        // One splitter: round robin as before.
+        assert_eq!(
+            (0..6).map(|i| worker_for(i, 1, 3)).collect::<Vec<_>>(),
+            [0, 1, 2, 0, 1, 2]
+        );
+    }
 
     #[test]
     fn join_schedule_is_paced_jittered_and_repeatable() {

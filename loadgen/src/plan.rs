@@ -58,6 +58,9 @@ pub struct PlanInput {
     pub sockets: Option<SocketMode>,
     /// `--rcvbuf`.
     pub rcvbuf: usize,
+    /// Splitters driven (`--splitter a,b,c`; 1 otherwise): each worker serves the peers of one,
+    /// so there are at least as many workers.
+    pub splitters: usize,
 }
 
 /// The local addresses `127.0.0.1 … 127.0.0.n`.
@@ -80,6 +83,13 @@ impl Plan {
         } else {
             (ncores / 2).max(1)
         });
+        if threads < a.splitters && a.threads.is_some() {
+            return Err(format!(
+                "--threads {threads}: each worker serves one splitter's peers, so at least {} for {} splitters",
+                a.splitters, a.splitters
+            ));
+        }
+        let threads = threads.max(a.splitters.max(1));
         let shards = a.shards.unwrap_or((ncores.saturating_sub(threads)).max(1));
         let chunks_per_second = a.bitrate as f64 / (8.0 * a.chunk_size as f64);
         let mode = if a.baseline {
@@ -169,7 +179,33 @@ mod tests {
             chunk_size: 1024,
             sockets: None,
             rcvbuf: 256 * 1024,
+            splitters: 1,
         }
+    }
+
+    #[test]
+    fn each_splitter_gets_a_worker() {
+        let p = Plan::new(
+            &PlanInput {
+                splitters: 3,
+                ..input()
+            },
+            2,
+            (32768, 60999),
+        )
+        .unwrap();
+        assert_eq!(p.threads, 3);
+        let err = Plan::new(
+            &PlanInput {
+                splitters: 3,
+                threads: Some(2),
+                ..input()
+            },
+            2,
+            (32768, 60999),
+        )
+        .unwrap_err();
+        assert!(err.contains("at least 3"), "{err}");
     }
 
     #[test]

@@ -155,7 +155,7 @@ pub fn group(v: u64) -> String {
 pub struct Config {
     /// `splitter` or `baseline-sendmmsg`.
     pub mode: String,
-    /// Where peers joined (or the baseline's destinations' first address).
+    /// Where peers joined, comma-separated when several (or the baseline's destinations' first address).
     pub splitter: String,
     /// Whether loadgen started the splitter itself.
     pub splitter_child: bool,
@@ -378,6 +378,27 @@ pub struct SplitterMemory {
     pub rss_per_peer_kib: f64,
 }
 
+/// One splitter's figures over the measured seconds (`--splitter a,b,c`; one entry otherwise).
+/// Each is measured by the workers that serve only that splitter's peers, so counters, sample
+/// counts and rates add up to the totals.
+#[derive(Debug, Clone, Serialize)]
+pub struct PerSplitter {
+    /// The splitter.
+    pub splitter: String,
+    /// Peers its workers ran in the last measured second.
+    pub peers: usize,
+    /// Counters.
+    pub chunks: Tally,
+    /// lost / (played + lost).
+    pub loss_ratio: f64,
+    /// Source-to-peer latency, from the source's schedule.
+    pub latency_ms: Latency,
+    /// Datagrams its peers received per second.
+    pub rx_datagrams_per_s: f64,
+    /// Datagrams its peers sent per second (relays and control).
+    pub peer_tx_datagrams_per_s: f64,
+}
+
 /// The whole report (`--json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -399,6 +420,8 @@ pub struct Report {
     pub latency_from_write_ms: Latency,
     /// Fan-out.
     pub fanout: Fanout,
+    /// The same figures by splitter; they add up to the totals.
+    pub splitters: Vec<PerSplitter>,
     /// Splitter process CPU (child only), or the baseline loop's thread.
     pub sender_cpu: Option<Cpu>,
     /// loadgen's own costs.
@@ -466,6 +489,21 @@ impl Report {
             (!tx_rates.is_empty()).then(|| tx_rates.iter().sum::<f64>() / tx_rates.len() as f64);
         let datagram_bytes = (config.chunk_size + p2psp::proto::wire::CHUNK_HEADER) as f64;
         let rs = &o.recv_stats;
+        let names: Vec<&str> = config.splitter.split(',').collect();
+        let splitters = o
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(k, g)| PerSplitter {
+                splitter: names.get(k).copied().unwrap_or("-").to_owned(),
+                peers: g.peers,
+                chunks: g.tally,
+                loss_ratio: g.tally.loss_ratio(),
+                latency_ms: Latency::of(&g.hist.scheduled),
+                rx_datagrams_per_s: g.tally.datagrams as f64 / measured_s,
+                peer_tx_datagrams_per_s: g.tally.sent as f64 / measured_s,
+            })
+            .collect();
         Report {
             loadgen_version: env!("CARGO_PKG_VERSION"),
             config,
@@ -493,6 +531,7 @@ impl Report {
                 tx_gbit_per_s: tx_datagrams_per_s.map(|d| d * datagram_bytes * 8.0 / 1e9),
                 tx_drops: f.tx_drops,
             },
+            splitters,
             sender_cpu: f.sender_cpu,
             splitter_memory: f.sender_rss.map(|(rss, hwm)| SplitterMemory {
                 rss_mib: rss as f64 / (1 << 20) as f64,
@@ -628,6 +667,25 @@ impl Report {
             }
             _ => {
                 let _ = writeln!(s);
+            }
+        }
+        if self.splitters.len() > 1 {
+            let _ = writeln!(s, "  By splitter (adding up to the figures above)");
+            for p in &self.splitters {
+                let _ = writeln!(
+                    s,
+                    "   {:<21} {} peers  played {}  lost {} ({:.4} %)  rx {} dgram/s  tx {} dgram/s  latency p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+                    p.splitter,
+                    p.peers,
+                    group(p.chunks.played),
+                    group(p.chunks.lost),
+                    p.loss_ratio * 100.0,
+                    group(p.rx_datagrams_per_s.round() as u64),
+                    group(p.peer_tx_datagrams_per_s.round() as u64),
+                    p.latency_ms.p50,
+                    p.latency_ms.p99,
+                    p.latency_ms.max
+                );
             }
         }
         if let Some(cpu) = &self.sender_cpu {
@@ -982,6 +1040,18 @@ mod tests {
             latency_ms: Latency::of(&h),
             latency_from_write_ms: Latency::of(&h),
             fanout: Fanout::default(),
+            splitters: ["127.0.0.1:1", "127.0.0.1:2"]
+                .iter()
+                .map(|s| PerSplitter {
+                    splitter: s.to_string(),
+                    peers: 5,
+                    chunks: t,
+                    loss_ratio: t.loss_ratio(),
+                    latency_ms: Latency::of(&h),
+                    rx_datagrams_per_s: 50.0,
+                    peer_tx_datagrams_per_s: 0.0,
+                })
+                .collect(),
             sender_cpu: Some(Cpu::default()),
             splitter_memory: None,
             loadgen: Own::default(),
@@ -1027,12 +1097,23 @@ mod tests {
             "/loadgen/rss_peak_mib",
             "/intervals/0/loss_pct",
             "/intervals/0/p99_ms",
+            "/splitters/1/splitter",
+            "/splitters/1/peers",
+            "/splitters/1/chunks/played",
+            "/splitters/1/loss_ratio",
+            "/splitters/1/latency_ms/p99",
+            "/splitters/1/rx_datagrams_per_s",
         ] {
             assert!(v.pointer(path).is_some(), "missing {path}");
         }
         assert_eq!(v.pointer("/chunks/lost").unwrap(), 1);
         let text = r.summary();
         assert!(text.contains("99.990%"));
+        assert!(text.contains("By splitter"), "{text}");
+        assert!(
+            text.contains("   127.0.0.1:2           5 peers  played 99  lost 1"),
+            "{text}"
+        );
         assert!(text.contains("From write p50"));
         assert!(text.contains(
             "Send lag   p99 2.000 ms (median second), 3.000 ms (worst second)  max 9.000 ms"

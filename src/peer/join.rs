@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 
 use crate::driver;
 use crate::io_util::is_transient;
+use crate::proto::choice::{LOAD_PATH, Load, ProbeAnswer};
 use crate::proto::wire::{JoinConfig, READY, ROLE_MONITOR, ROLE_PEER, STREAM_HEADER};
 
 /// How long the splitter may take to answer.
@@ -193,6 +194,55 @@ pub fn join_profile(
         joined.nts = Some(session);
     }
     Ok(joined)
+}
+
+/// Asks `splitter` for its load (docs/scale-out.md), giving it `timeout` in all.
+///
+/// A reference splitter takes the probe for a join and sends its configuration: its team list
+/// gives the load, and the prober says goodbye from the UDP port the splitter now counts as a
+/// member's, so that it stops sending there.
+pub fn probe_load(splitter: SocketAddrV4, timeout: Duration) -> anyhow::Result<Load> {
+    let deadline = Instant::now() + timeout;
+    let mut tcp = TcpStream::connect_timeout(&splitter.into(), timeout)
+        .with_context(|| format!("cannot connect to the splitter at {splitter}"))?;
+    let SocketAddr::V4(local) = tcp.local_addr()? else {
+        bail!("not an IPv4 connection")
+    };
+    let udp = driver::udp_socket(local, false, None, None).ok();
+    let request = format!("GET {LOAD_PATH} HTTP/1.0\r\nHost: {splitter}\r\n\r\n");
+    tcp.write_all(request.as_bytes())?;
+    let mut input = Vec::new();
+    let mut closed = false;
+    loop {
+        match ProbeAnswer::decode(&input, closed) {
+            ProbeAnswer::Ours(load) => return Ok(load),
+            ProbeAnswer::Reference(load) => {
+                drop(tcp);
+                if let Some(u) = &udp {
+                    for _ in 0..3 {
+                        let _ = u.send_to(crate::proto::wire::GOODBYE, splitter);
+                    }
+                }
+                return Ok(load);
+            }
+            ProbeAnswer::Bad => {
+                bail!("the splitter at {splitter} answered the load probe with something else")
+            }
+            ProbeAnswer::NeedMore => {}
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || closed || input.len() > 1 << 16 {
+            bail!("the splitter at {splitter} did not answer the load probe within {timeout:?}");
+        }
+        tcp.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+        let mut chunk = [0u8; 4096];
+        match tcp.read(&mut chunk) {
+            Ok(0) => closed = true,
+            Ok(n) => input.extend_from_slice(&chunk[..n]),
+            Err(e) if is_transient(&e) => {}
+            Err(e) => return Err(e).with_context(|| format!("probing the splitter at {splitter}")),
+        }
+    }
 }
 
 /// Reads the splitter's join message from `tcp` (after the role byte was sent), waiting at most

@@ -24,14 +24,18 @@ use bytes::Bytes;
 use clap::Args;
 
 use crate::io_util::is_transient;
+use crate::proto::choice::Choice;
 use crate::proto::peer::{Peer, PeerEvent, PeerRules, PeerStats, Removal};
 use crate::proto::rejoin::{self, Backoff, Stall, Watchdog};
 
 /// Flags of `p2psp peer`.
 #[derive(Debug, Clone, Args)]
 pub struct PeerArgs {
-    /// The splitter to join.
-    #[arg(long, default_value = "127.0.0.1:8001", value_name = "HOST:PORT")]
+    /// The splitter to join. Several, comma-separated (`a:8001,b:8001,c:8001`), or a host name
+    /// with several addresses: the peer asks each for its load and joins the least loaded, tries
+    /// the next when one refuses or does not answer, and when its splitter stops it joins another
+    /// (players stay connected; see docs/scale-out.md).
+    #[arg(long, default_value = "127.0.0.1:8001", value_name = "HOST:PORT[,...]")]
     pub splitter: String,
     /// TCP port where players (VLC, mpv, ffplay) get the stream over HTTP, on 127.0.0.1;
     /// 0 turns the player endpoint off.
@@ -86,8 +90,9 @@ pub struct PeerArgs {
     #[arg(long, value_name = "MODE")]
     pub pollute: Option<attack::Pollute>,
     /// Rejoin when no chunk arrived for this long (`500ms`, `3s`, ...) [default: a quarter of
-    /// the buffer's duration, between 3 s and 10 s]. The peer says why in one line and joins
-    /// again with exponential backoff; players stay connected.
+    /// the buffer's duration, between 3 s and 10 s; at most 2 s with several splitters]. The
+    /// peer says why in one line and joins again with exponential backoff (another splitter
+    /// first, when it knows several); players stay connected.
     #[arg(long, value_parser = crate::config::parse_duration, value_name = "TIME")]
     pub stall_timeout: Option<Duration>,
     /// Exit (code 1) when rejoining has not succeeded for this long [default: never give up].
@@ -136,8 +141,10 @@ pub struct Liveness {
 /// Checked peer options.
 #[derive(Debug, Clone)]
 pub struct PeerOptions {
-    /// The splitter.
+    /// The splitter (the first of several).
     pub splitter: SocketAddrV4,
+    /// More splitters to choose from and fail over to (`--splitter a,b,c`).
+    pub more_splitters: Vec<SocketAddrV4>,
     /// Player endpoint, if any.
     pub player: Option<SocketAddrV4>,
     /// Output file, if any.
@@ -205,6 +212,28 @@ pub struct PeerCounters {
     pub ims_group: Mutex<Option<SocketAddrV4>>,
     /// IMS: what the peer's filter counted, over all sessions.
     pub ims: Mutex<crate::proto::ims::ImsCounters>,
+    /// Times the peer joined another splitter than the one it was on.
+    pub failovers: AtomicU64,
+    /// The splitter of its team now (see [`PeerCounters::splitter`]).
+    splitter: AtomicU64,
+    /// The playout gap of the last failover: from the last chunk played on the old splitter
+    /// to the first played on the new one, in milliseconds.
+    pub failover_gap_ms: AtomicU64,
+    /// When the last failover's first chunk played (Unix time, milliseconds).
+    pub failover_resumed_ms: AtomicU64,
+}
+
+impl PeerCounters {
+    /// The splitter of the team the peer is in (or was in last).
+    pub fn splitter(&self) -> Option<SocketAddrV4> {
+        let v = self.splitter.load(Ordering::Relaxed);
+        (v != 0).then(|| SocketAddrV4::new(((v >> 16) as u32).into(), v as u16))
+    }
+
+    fn set_splitter(&self, s: SocketAddrV4) {
+        let v = (u64::from(u32::from(*s.ip())) << 16) | u64::from(s.port());
+        self.splitter.store(v, Ordering::Relaxed);
+    }
 }
 
 impl PeerOptions {
@@ -213,6 +242,7 @@ impl PeerOptions {
     pub fn new(splitter: SocketAddrV4) -> PeerOptions {
         PeerOptions {
             splitter,
+            more_splitters: Vec::new(),
             player: None,
             output: None,
             monitor: false,
@@ -232,8 +262,8 @@ impl PeerOptions {
 
     /// Checks the flags.
     pub fn from_args(a: &PeerArgs) -> Result<PeerOptions, String> {
-        let splitter =
-            resolve_v4(&a.splitter).map_err(|e| format!("--splitter {}: {e}", a.splitter))?;
+        let splitters =
+            resolve_all_v4(&a.splitter).map_err(|e| format!("--splitter {}: {e}", a.splitter))?;
         if a.max_debt < 1 {
             return Err(format!("--max-debt {} must be at least 1", a.max_debt));
         }
@@ -244,7 +274,8 @@ impl PeerOptions {
             ));
         }
         Ok(PeerOptions {
-            splitter,
+            splitter: splitters[0],
+            more_splitters: splitters[1..].to_vec(),
             player: (a.player_port != 0)
                 .then(|| SocketAddrV4::new([127, 0, 0, 1].into(), a.player_port)),
             output: a.output.as_ref().map(|p| {
@@ -303,6 +334,34 @@ pub fn resolve_v4(s: &str) -> Result<SocketAddrV4, String> {
         .ok_or_else(|| "no IPv4 address (P2PSP is IPv4 only)".to_owned())
 }
 
+/// Resolves a comma-separated list of `host:port`, each host to all its IPv4 addresses, in
+/// order, without duplicates; at least one.
+pub fn resolve_all_v4(s: &str) -> Result<Vec<SocketAddrV4>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        if part.is_empty() {
+            return Err("an empty entry in the list".to_owned());
+        }
+        let v4: Vec<SocketAddrV4> = part
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve {part}: {e}"))?
+            .filter_map(|a| match a {
+                SocketAddr::V4(v4) => Some(v4),
+                SocketAddr::V6(_) => None,
+            })
+            .collect();
+        if v4.is_empty() {
+            return Err(format!("{part}: no IPv4 address (P2PSP is IPv4 only)"));
+        }
+        for a in v4 {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Joins the splitter and runs until `stop` (then leaves politely) or an error. When the stream
 /// stalls (the splitter stopped, restarted, or removed this peer) it says why, joins again with
 /// backoff and keeps its players connected, until `--give-up-after`.
@@ -326,24 +385,41 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             eprintln!("p2psp peer metrics on http://{bound}/");
         }
     }
-    let mut joined = join_any(&opts, JOIN_TIMEOUT).map_err(SetupError::wrap)?;
-    let refetch = player::Refetch {
-        source: joined.header_source,
-        channel: joined.config.channel.clone(),
-        size: usize::from(joined.config.header_size),
+    let mut rng = Xorshift::new(opts.faults.seed ^ u64::from(std::process::id()));
+    let mut choice = Choice::new(&opts.splitters());
+    let (mut at, mut joined) =
+        join_best(&opts, &mut choice, JOIN_TIMEOUT, &mut rng).map_err(SetupError::wrap)?;
+    choice.on_joined(at);
+    opts.counters.set_splitter(at);
+    // Where players that connect get the stream header: the current splitter's header endpoint
+    // (updated when the peer joins another).
+    let refetch_of = |j: &join::Joined| player::Refetch {
+        source: j.header_source,
+        channel: j.config.channel.clone(),
+        size: usize::from(j.config.header_size),
     };
+    let refetch = Arc::new(Mutex::new(refetch_of(&joined)));
     let (tx, player) = player::spawn(
         player_listener,
         opts.output.clone(),
         std::mem::take(&mut joined.header),
-        Some(refetch),
+        Some(refetch.clone()),
         opts.counters.clone(),
         stop.clone(),
     )?;
-    let mut rng = Xorshift::new(opts.faults.seed ^ u64::from(std::process::id()));
     let mut totals = PeerStats::default();
+    let mut playout = Playout::default();
     let outcome = loop {
-        let end = session(&opts, joined, &tx, &stop, &mut totals);
+        let end = session(
+            &opts,
+            at,
+            choice.has_alternatives(),
+            joined,
+            &tx,
+            &stop,
+            &mut totals,
+            &mut playout,
+        );
         let stall = match end {
             Ok(SessionEnd::Left) => break Ok(()),
             Ok(SessionEnd::Stalled(stall)) => stall,
@@ -354,8 +430,21 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         } else {
             tracing::warn!("{}; joining again", stall.describe());
         }
-        match rejoin_with_backoff(&opts, &stop, &mut rng) {
-            Ok(Some(j)) => {
+        choice.on_stalled(Instant::now());
+        match rejoin_with_backoff(&opts, &mut choice, &stop, &mut rng) {
+            Ok(Some((a, j))) => {
+                if choice.on_joined(a) {
+                    opts.counters.failovers.fetch_add(1, Ordering::Relaxed);
+                    playout.failover_from = Some(playout.last_play.unwrap_or_else(Instant::now));
+                    if let Some(name) = &opts.status {
+                        eprintln!("{name}: failed over from {at} to {a}");
+                    } else {
+                        tracing::warn!("failed over from splitter {at} to {a}");
+                    }
+                }
+                at = a;
+                opts.counters.set_splitter(a);
+                *refetch.lock().unwrap_or_else(|e| e.into_inner()) = refetch_of(&j);
                 joined = j;
                 let header = std::mem::take(&mut joined.header);
                 let _ = tx.send(player::ToPlayer::Rejoined(header));
@@ -371,22 +460,105 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     outcome
 }
 
-/// Joins as `opts` says: IMS or DBS (with or without NTS).
-fn join_any(opts: &PeerOptions, timeout: Duration) -> anyhow::Result<join::Joined> {
+/// How long the splitter may take to answer the first join.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a splitter may take to answer the load probe.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
+
+/// The longest stall timeout when the peer has other splitters to go to: a failover must be
+/// over within 5 s (docs/scale-out.md).
+const FAILOVER_STALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl PeerOptions {
+    /// Every splitter the peer may join, the first first.
+    pub fn splitters(&self) -> Vec<SocketAddrV4> {
+        std::iter::once(self.splitter)
+            .chain(self.more_splitters.iter().copied())
+            .collect()
+    }
+}
+
+/// Playout across team sessions, to time failovers.
+#[derive(Debug, Default)]
+struct Playout {
+    /// When the last chunk played.
+    last_play: Option<Instant>,
+    /// Set after a failover: when playout stopped on the old splitter.
+    failover_from: Option<Instant>,
+}
+
+/// Asks every splitter of `choice` for its load at once and tells `choice` the answers.
+fn probe_all(choice: &mut Choice) {
+    let list: Vec<SocketAddrV4> = choice.splitters().collect();
+    choice.forget_loads();
+    let answers: Vec<_> = std::thread::scope(|s| {
+        let probes: Vec<_> = list
+            .iter()
+            .map(|&a| s.spawn(move || (a, join::probe_load(a, PROBE_TIMEOUT))))
+            .collect();
+        probes.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    for (a, answer) in answers {
+        match answer {
+            Ok(load) => choice.on_load(a, load),
+            Err(e) => {
+                tracing::info!("load probe: {e:#}");
+                choice.on_failed(Instant::now(), a);
+            }
+        }
+    }
+}
+
+/// Joins `splitter` with the profile `opts` says (DBS, with or without NTS).
+fn join_at(
+    opts: &PeerOptions,
+    splitter: SocketAddrV4,
+    timeout: Duration,
+) -> anyhow::Result<join::Joined> {
     if opts.ims {
+        // Signed IMS teams sign each chunk (`--ims` refuses digests): the chunks are longer.
         let trailer = if opts.splitter_key.is_some() {
             crate::proto::integrity::SIGNATURE_LEN
         } else {
             0
         };
-        ims::join(opts.splitter, timeout, trailer)
+        ims::join(splitter, timeout, trailer)
     } else {
-        join::join_profile(opts.splitter, opts.monitor, timeout, opts.nts)
+        join::join_profile(splitter, opts.monitor, timeout, opts.nts)
     }
 }
 
-/// How long the splitter may take to answer the first join.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Joins a splitter of `choice`: with one, that one; with several, the least loaded, then the
+/// others in [`Choice::order`] until one takes the peer. Each may take `timeout`.
+fn join_best(
+    opts: &PeerOptions,
+    choice: &mut Choice,
+    timeout: Duration,
+    rng: &mut Xorshift,
+) -> anyhow::Result<(SocketAddrV4, join::Joined)> {
+    if !choice.has_alternatives() {
+        let j = join_at(opts, opts.splitter, timeout)?;
+        return Ok((opts.splitter, j));
+    }
+    probe_all(choice);
+    let mut errors = Vec::new();
+    for a in choice.order(Instant::now(), rng.next_u64()) {
+        match join_at(opts, a, timeout) {
+            Ok(j) => return Ok((a, j)),
+            Err(e) => {
+                tracing::info!("joining {a}: {e:#}");
+                choice.on_failed(Instant::now(), a);
+                errors.push(format!("{e:#}"));
+            }
+        }
+    }
+    anyhow::bail!(
+        "none of the {} splitters took the peer: {}",
+        errors.len(),
+        errors.join("; ")
+    )
+}
 
 /// How a team session ended.
 enum SessionEnd {
@@ -400,9 +572,10 @@ enum SessionEnd {
 /// stop meanwhile. Fails after `--give-up-after`.
 fn rejoin_with_backoff(
     opts: &PeerOptions,
+    choice: &mut Choice,
     stop: &AtomicBool,
     rng: &mut Xorshift,
-) -> anyhow::Result<Option<join::Joined>> {
+) -> anyhow::Result<Option<(SocketAddrV4, join::Joined)>> {
     /// A rejoin attempt that takes longer is abandoned for the next one.
     const REJOIN_TIMEOUT: Duration = Duration::from_secs(3);
     let backoff = Backoff::default();
@@ -413,7 +586,13 @@ fn rejoin_with_backoff(
         opts.counters
             .rejoin_attempt
             .store(u64::from(attempt), Ordering::Relaxed);
-        let wake = Instant::now() + backoff.delay(attempt, rng.next_f64());
+        // With other splitters to go to, the first attempt goes at once.
+        let delay = if attempt == 1 && choice.has_alternatives() {
+            Duration::ZERO
+        } else {
+            backoff.delay(attempt, rng.next_f64())
+        };
+        let wake = Instant::now() + delay;
         while Instant::now() < wake {
             if stop.load(Ordering::Relaxed) {
                 return Ok(None);
@@ -427,13 +606,17 @@ fn rejoin_with_backoff(
                 "gave up: no team for {:.0?} after {} attempts to join {} again (--give-up-after)",
                 since.elapsed(),
                 attempt - 1,
-                opts.splitter
+                choice
+                    .splitters()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
             ));
         }
         if let Some(name) = &opts.status {
             eprintln!("{name}: rejoining (attempt {attempt})");
         }
-        match join_any(opts, REJOIN_TIMEOUT) {
+        match join_best(opts, choice, REJOIN_TIMEOUT, rng) {
             Ok(j) => break Ok(Some(j)),
             Err(e) => {
                 if let Some(name) = &opts.status {
@@ -448,12 +631,16 @@ fn rejoin_with_backoff(
 
 /// One team session: from a completed join until the peer leaves or the stream stalls. Counters
 /// of earlier sessions are in `totals` (this one's are added when it ends).
+#[allow(clippy::too_many_arguments)]
 fn session(
     opts: &PeerOptions,
+    splitter: SocketAddrV4,
+    alternatives: bool,
     mut joined: join::Joined,
     tx: &crossbeam_channel::Sender<player::ToPlayer>,
     stop: &AtomicBool,
     totals: &mut PeerStats,
+    playout: &mut Playout,
 ) -> anyhow::Result<SessionEnd> {
     let config = joined.config.clone();
     let me = joined.local;
@@ -464,7 +651,7 @@ fn session(
     // The playout ring must be a power of two so that `chunk number % size` stays continuous at
     // the 65535 → 0 wrap; a reference splitter may announce any size, so round it up.
     let buffer = config.buffer_size.next_power_of_two();
-    let mut rules = PeerRules::new(opts.splitter, usize::from(config.chunk_size), buffer);
+    let mut rules = PeerRules::new(splitter, usize::from(config.chunk_size), buffer);
     rules.monitor = opts.monitor;
     rules.max_debt = opts.max_debt;
     rules.request_lost = opts.lrs;
@@ -509,7 +696,7 @@ fn session(
         };
         eprintln!(
             "{name} {me}: joined {} as {} ({team}, chunk {} B, buffer {} chunks)",
-            opts.splitter,
+            splitter,
             match (&ims, opts.monitor) {
                 (Some(_), _) => "IMS peer",
                 (None, true) => "monitor",
@@ -532,11 +719,19 @@ fn session(
             );
         }
     }
+    // With other splitters to go to, a stalled peer goes there sooner.
+    let cap = |t: Duration| {
+        if alternatives {
+            t.min(FAILOVER_STALL_TIMEOUT)
+        } else {
+            t
+        }
+    };
     let mut watchdog = Watchdog::new(
         Instant::now(),
         opts.liveness
             .stall_timeout
-            .unwrap_or_else(|| rejoin::stall_timeout(0.0, buffer)),
+            .unwrap_or_else(|| cap(rejoin::stall_timeout(0.0, buffer))),
     );
 
     let mut buf = vec![0u8; 65536];
@@ -609,7 +804,7 @@ fn session(
         if let Some(p) = &mut polluter {
             let first = p.first_bad.is_none();
             for c in p.bad_mouth(now, core.neighbours().map(|n| n.0)) {
-                let _ = socket.send_to(&c, opts.splitter);
+                let _ = socket.send_to(&c, splitter);
             }
             if first && p.first_bad.is_some() {
                 eprintln!("{me}: pollute: first false complaints");
@@ -624,6 +819,17 @@ fn session(
                 // already have let it go).
                 PeerEvent::Play { .. } if stop.load(Ordering::Relaxed) => {}
                 PeerEvent::Play { number, payload } => {
+                    let now = Instant::now();
+                    if let Some(from) = playout.failover_from.take() {
+                        let c = &opts.counters;
+                        let gap = now.saturating_duration_since(from).as_millis() as u64;
+                        c.failover_gap_ms.store(gap, Ordering::Relaxed);
+                        let unix = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as u64);
+                        c.failover_resumed_ms.store(unix, Ordering::Relaxed);
+                    }
+                    playout.last_play = Some(now);
                     let overrun = tx
                         .try_send(player::ToPlayer::Chunk(player::Played { number, payload }))
                         .is_err();
@@ -683,7 +889,7 @@ fn session(
             // the second it begins in, and must not lengthen the timeout that detects it.
             if opts.liveness.stall_timeout.is_none() && rate > peak_rate {
                 peak_rate = rate;
-                watchdog.set_timeout(rejoin::stall_timeout(rate, buffer));
+                watchdog.set_timeout(cap(rejoin::stall_timeout(rate, buffer)));
             }
             opts.counters.detail.publish(status::PeerDetail {
                 me: Some(me),
@@ -701,7 +907,7 @@ fn session(
             });
             if let Some(name) = &opts.status {
                 eprintln!(
-                    "{name} {me}: {} | played {} (+{}) lost {} late {} dup {} | received {} relayed {} | {} neighbours | player overruns {}{}",
+                    "{name} {me}: {} | played {} (+{}) lost {} late {} dup {} | received {} relayed {} | {} neighbours | player overruns {}{} | splitter {splitter}, {} failovers",
                     if core.is_playing() {
                         "playing"
                     } else {
@@ -725,6 +931,7 @@ fn session(
                             k.dropped()
                         )
                     }),
+                    c.failovers.load(Ordering::Relaxed),
                 );
             }
             last = s;
@@ -745,7 +952,7 @@ fn session(
     if let Ok(SessionEnd::Stalled(_)) = end {
         // If the splitter is still there (it removed us, or lost us), its old entry for us goes
         // at its next round boundary instead of waiting for loss reports.
-        let _ = socket.send_to(crate::proto::wire::GOODBYE, opts.splitter);
+        let _ = socket.send_to(crate::proto::wire::GOODBYE, splitter);
     }
     drop::<UdpSocket>(socket);
     drop(joined);
@@ -761,6 +968,14 @@ impl Xorshift {
         Xorshift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
     }
 
+    /// Uniform over u64.
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
     /// Uniform in [0, 1).
     fn next_f64(&mut self) -> f64 {
         self.0 ^= self.0 >> 12;
@@ -773,7 +988,23 @@ impl Xorshift {
 
 #[cfg(test)]
 mod tests {
-    use super::Xorshift;
+    use super::{Xorshift, resolve_all_v4};
+
+    #[test]
+    fn splitter_lists_resolve_in_order_without_duplicates() {
+        let l = resolve_all_v4("127.0.0.1:8001, 127.0.0.2:8001,127.0.0.1:8001").unwrap();
+        assert_eq!(
+            l.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            ["127.0.0.1:8001", "127.0.0.2:8001"]
+        );
+        assert!(
+            resolve_all_v4("127.0.0.1:8001,")
+                .unwrap_err()
+                .contains("empty")
+        );
+        assert!(resolve_all_v4("[::1]:8001").unwrap_err().contains("IPv4"));
+        assert!(resolve_all_v4("127.0.0.1").is_err(), "no port");
+    }
 
     #[test]
     fn drop_choices_are_seeded_and_near_the_rate() {

@@ -145,7 +145,7 @@ pub fn spawn(
     listener: Option<TcpListener>,
     output: Option<Output>,
     header: FetchedHeader,
-    refetch: Option<Refetch>,
+    refetch: Option<Arc<std::sync::Mutex<Refetch>>>,
     counters: Arc<PeerCounters>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<(Sender<ToPlayer>, JoinHandle<()>)> {
@@ -171,7 +171,7 @@ pub fn spawn(
         let stop = stop.clone();
         std::thread::Builder::new()
             .name("player-accept".into())
-            .spawn(move || greet(&l, refetch.as_ref(), &greet_tx, &stop))?;
+            .spawn(move || greet(&l, refetch.as_deref(), &greet_tx, &stop))?;
     } else {
         drop(greet_tx);
     }
@@ -184,10 +184,11 @@ pub fn spawn(
     Ok((tx, handle))
 }
 
-/// Accepts players, reads their request and fetches the current header for each.
+/// Accepts players, reads their request and fetches the current header for each, from where the
+/// peer's current splitter says (the peer updates `refetch` when it joins another).
 fn greet(
     listener: &TcpListener,
-    refetch: Option<&Refetch>,
+    refetch: Option<&std::sync::Mutex<Refetch>>,
     tx: &Sender<Greeted>,
     stop: &AtomicBool,
 ) {
@@ -212,6 +213,7 @@ fn greet(
         let mut req = [0u8; 4096];
         let _ = stream.read(&mut req);
         let header = refetch.and_then(|r| {
+            let r = r.lock().unwrap_or_else(|e| e.into_inner()).clone();
             match fetch_header_within(r.source, &r.channel, r.size, REFETCH_TIMEOUT) {
                 Ok(h) => Some(h),
                 Err(e) => {

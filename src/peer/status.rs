@@ -343,6 +343,24 @@ const PEER_METRICS: &[PeerMetric] = &[
         "IMS (--ims): datagrams dropped: on the group from others than the splitter or not chunks, on the unicast socket from others than the splitter.",
         |_, c| c.ims.lock().unwrap_or_else(|e| e.into_inner()).dropped(),
     ),
+    PeerMetric::counter(
+        "failovers",
+        "p2psp_peer_failovers_total",
+        "Times the peer joined another splitter than the one it was on (--splitter a,b,c).",
+        |_, c| c.failovers.load(Ordering::Relaxed),
+    ),
+    PeerMetric::gauge(
+        "failover_gap_ms",
+        "p2psp_peer_last_failover_gap_milliseconds",
+        "Playout gap of the last failover: last chunk played on the old splitter to first on the new.",
+        |_, c| c.failover_gap_ms.load(Ordering::Relaxed),
+    ),
+    PeerMetric::gauge(
+        "failover_resumed_ms",
+        "p2psp_peer_last_failover_resumed_unix_milliseconds",
+        "When the first chunk played after the last failover (Unix time, ms; 0: none yet).",
+        |_, c| c.failover_resumed_ms.load(Ordering::Relaxed),
+    ),
     PeerMetric::gauge(
         "stream_generation",
         "p2psp_peer_stream_generation",
@@ -485,6 +503,18 @@ impl Exporter for PeerExporter {
         );
         counters(p, s, c);
         p.family(
+            "p2psp_peer_splitter_info",
+            "gauge",
+            "The splitter of the peer's team (label splitter).",
+        );
+        if let Some(at) = c.splitter() {
+            p.sample(
+                "p2psp_peer_splitter_info",
+                &[("splitter", &at.to_string())],
+                1,
+            );
+        }
+        p.family(
             "p2psp_peer_buffered_chunks",
             "gauge",
             "Chunks in the playout buffer (received, not yet played).",
@@ -526,8 +556,10 @@ impl Exporter for PeerExporter {
             "uptime_seconds": self.started.elapsed().as_secs_f64(),
             "me": d.me.map(|m| m.to_string()),
             "state": state,
+            "splitter": c.splitter().map(|s| s.to_string()),
             "config": {
                 "splitter": self.opts.splitter.to_string(),
+                "splitters": self.opts.splitters().iter().map(|s| s.to_string()).collect::<Vec<_>>(),
                 "monitor": self.opts.monitor,
                 "ims": self.opts.ims,
                 "ims_group": c.ims_group.lock().unwrap_or_else(|e| e.into_inner()).map(|g| g.to_string()),

@@ -17,11 +17,13 @@
 //! - [`nts`]: NTS, the NAT Traversal Set (§6.4): its messages, acknowledgement by echo, port-step
 //!   estimation and port prediction.
 //! - [`nts_splitter`], [`nts_peer`]: the NTS state machines of the splitter and of a peer.
+//! - [`choice`]: which of several splitters a peer joins, and where it fails over to.
 //! - [`ims`]: IMS, the IP Multicast Set (§6.1): its join message and what a peer takes from the
 //!   group.
 //! - [`rejoin`]: peer liveness: when the stream has stalled, why, and the backoff to join again.
 #![forbid(unsafe_code)]
 
+pub mod choice;
 pub mod digest;
 pub mod directory;
 pub mod ims;

@@ -125,6 +125,8 @@ pub struct ControlStats {
     pub bad_requests: AtomicU64,
     /// Stream headers served.
     pub header_requests: AtomicU64,
+    /// Load probes answered (peers that know several splitters, docs/scale-out.md).
+    pub load_probes: AtomicU64,
     /// Datagrams from endpoints that are no member of any team (counted, dropped).
     pub foreign_datagrams: AtomicU64,
     /// Datagrams for a member of another shard dropped because that shard's queue was full.
@@ -602,11 +604,23 @@ impl Control {
                             return Step::Fail;
                         }
                     }
-                    let Some(header) = self.header.get() else {
-                        return self.timeout(c, now);
-                    };
-                    bump(&self.stats.header_requests);
-                    c.output = header_response(&header, self.header.chunks_in_stream());
+                    let probe = crate::http::RequestHead::parse(&c.input).is_ok_and(|h| {
+                        h.is_some_and(|(h, _)| h.path() == crate::proto::choice::LOAD_PATH)
+                    });
+                    if probe {
+                        // A peer that knows several splitters asks which is least loaded.
+                        bump(&self.stats.load_probes);
+                        c.output = crate::proto::choice::load_response(
+                            self.directory.peer_count(),
+                            self.settings.max_peers,
+                        );
+                    } else {
+                        let Some(header) = self.header.get() else {
+                            return self.timeout(c, now);
+                        };
+                        bump(&self.stats.header_requests);
+                        c.output = header_response(&header, self.header.chunks_in_stream());
+                    }
                     c.state = State::HttpResponse;
                 }
                 State::HttpResponse => {
@@ -874,6 +888,7 @@ impl Control {
                 timeouts: get(&c.timeouts),
                 bad_requests: get(&c.bad_requests),
                 header_requests: get(&c.header_requests),
+                load_probes: get(&c.load_probes),
                 foreign_datagrams: get(&c.foreign_datagrams),
             },
             rates,

@@ -341,6 +341,8 @@ pub struct SplitterStats {
     pub bad_requests: u64,
     /// Stream headers served.
     pub header_requests: u64,
+    /// Load probes answered.
+    pub load_probes: u64,
     /// Connections in progress.
     pub pending: u64,
 }
@@ -373,6 +375,7 @@ impl Splitter {
         out.abandoned = get(&c.abandoned);
         out.bad_requests = get(&c.bad_requests);
         out.header_requests = get(&c.header_requests);
+        out.load_probes = get(&c.load_probes);
         out.foreign_datagrams = get(&c.foreign_datagrams);
         out.forward_dropped = get(&c.forward_dropped);
         out.pending = get(&c.pending);

@@ -165,6 +165,8 @@ pub struct ControlCounters {
     pub bad_requests: u64,
     /// Stream header requests answered.
     pub header_requests: u64,
+    /// Load probes answered (peers choosing among several splitters).
+    pub load_probes: u64,
     /// Datagrams from endpoints that are no member anywhere.
     pub foreign_datagrams: u64,
 }
@@ -686,6 +688,11 @@ impl Exporter for SplitterExporter {
             control.header_requests,
         );
         p.counter(
+            "p2psp_splitter_load_probes_total",
+            "Load probes answered (peers choosing among several splitters).",
+            control.load_probes,
+        );
+        p.counter(
             "p2psp_splitter_foreign_datagrams_total",
             "Datagrams from endpoints that are not members of any team.",
             control.foreign_datagrams,
@@ -766,6 +773,7 @@ impl Exporter for SplitterExporter {
             "join_timeouts": control.timeouts,
             "bad_requests": control.bad_requests,
             "header_requests": control.header_requests,
+            "load_probes": control.load_probes,
             "peers_with_losses": peers_with_losses,
             "max_losses": max_losses,
             "team_count": team_count,
