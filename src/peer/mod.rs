@@ -643,10 +643,19 @@ fn session(
                     (s.relayed - last.relayed) as f64 / dt,
                     (s.lost - last.lost) as f64 / dt,
                 ],
+                nts: nts.as_ref().map(|n| n.detail()),
             });
             if let Some(name) = &opts.status {
+                // NTS: how the teammates are reached.
+                let nts_part = nts.as_ref().map_or(String::new(), |n| {
+                    let mut t = format!(" | NTS teammates: {}", n.detail().summary());
+                    if s.forwarded > 0 {
+                        t += &format!(", {} chunks forwarded", s.forwarded);
+                    }
+                    t
+                });
                 eprintln!(
-                    "{name} {me}: {} | played {} (+{}) lost {} late {} dup {} | received {} relayed {} | {} neighbours | player overruns {}",
+                    "{name} {me}: {} | played {} (+{}) lost {} late {} dup {} | received {} relayed {} | {} neighbours | player overruns {}{nts_part}",
                     if core.is_playing() {
                         "playing"
                     } else {

@@ -16,12 +16,14 @@
 //! - [`nts`]: NTS, the NAT Traversal Set (§6.4): its messages, acknowledgement by echo, port-step
 //!   estimation and port prediction.
 //! - [`nts_splitter`], [`nts_peer`]: the NTS state machines of the splitter and of a peer.
+//! - [`nts_forward`]: the forwarding fallback for teammates no NAT traversal connects.
 //! - [`rejoin`]: peer liveness: when the stream has stalled, why, and the backoff to join again.
 #![forbid(unsafe_code)]
 
 pub mod directory;
 pub mod integrity;
 pub mod nts;
+pub mod nts_forward;
 pub mod nts_peer;
 pub mod nts_splitter;
 pub mod peer;

@@ -238,6 +238,9 @@ pub struct PeerStats {
     pub from_polluters: u64,
     /// CIS: complaints about polluters sent to the splitter.
     pub complaints: u64,
+    /// Forwarding fallback (`nts_forward`): chunks the splitter forwarded for teammates this peer
+    /// cannot hear from (played, never relayed).
+    pub forwarded: u64,
 }
 
 impl std::ops::Add for PeerStats {
@@ -267,6 +270,7 @@ impl std::ops::Add for PeerStats {
             forged: self.forged + o.forged,
             from_polluters: self.from_polluters + o.from_polluters,
             complaints: self.complaints + o.complaints,
+            forwarded: self.forwarded + o.forwarded,
         }
     }
 }
@@ -556,6 +560,16 @@ impl Peer {
         } else {
             0
         };
+        if from == self.rules.splitter
+            && let Some(chunk) = super::nts_forward::parse_forwarded(
+                &data,
+                CHUNK_HEADER + self.rules.chunk_size + trailer,
+            )
+        {
+            let chunk = data.slice(..chunk.len());
+            self.on_forwarded(from, chunk);
+            return;
+        }
         match ToPeer::parse(&data, self.rules.chunk_size + trailer) {
             ToPeer::Chunk { number, .. } => {
                 // A chunk from a neighbour or stranger that far off is dropped by `on_chunk`
@@ -750,6 +764,23 @@ impl Peer {
             let d = seq::diff(number, next);
             (-b..b).contains(&d)
         })
+    }
+
+    /// A chunk the splitter forwarded for a teammate this peer cannot hear from: played like a
+    /// neighbour's relay, but nobody's debt changes and nothing is relayed.
+    fn on_forwarded(&mut self, from: Endpoint, data: Bytes) {
+        let number = u16::from_be_bytes([data[0], data[1]]);
+        self.stats.forwarded += 1;
+        if !self.in_window(number) {
+            self.stats.out_of_window += 1;
+            return;
+        }
+        if self.rules.verify.is_some() && !self.verified(from, number, &data) {
+            return;
+        }
+        self.stats.chunks_received += 1;
+        self.since_from_splitter += 1;
+        self.store(number, data, false);
     }
 
     fn on_chunk(&mut self, from: Endpoint, number: u16, data: Bytes) {

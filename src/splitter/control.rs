@@ -726,6 +726,22 @@ impl Control {
                         c.nts_done = Some(endpoint);
                     }
                 }
+                NtsAction::Forward { origin, to } | NtsAction::Unforward { origin, to } => {
+                    let cmd = if matches!(a, NtsAction::Forward { .. }) {
+                        Command::Forward { origin, to }
+                    } else {
+                        Command::Unforward { origin, to }
+                    };
+                    // The receiver's shard: a new origin may still be placed under its TCP
+                    // endpoint, the receiver is a member.
+                    if let Some((_, shard)) = self.directory.lookup(to) {
+                        let link = &self.shards[shard];
+                        if link.datagrams.try_send(cmd).is_err() {
+                            bump(&self.stats.forward_dropped);
+                        }
+                        link.waker.wake();
+                    }
+                }
                 NtsAction::GiveUp { id } => {
                     if let Some(c) = nts.conns.remove(&id).and_then(|k| self.conns.remove(&k)) {
                         bump(&self.stats.timeouts);
@@ -848,6 +864,9 @@ impl Control {
             },
             rates,
         );
+        if let Some(nts) = &self.nts {
+            self.board.publish_nts(nts_view(&nts.core));
+        }
         let status = format!(
             "{} peers in {} teams, {:.2} Mbit/s out",
             self.directory.peer_count(),
@@ -856,4 +875,40 @@ impl Control {
         );
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
     }
+}
+
+/// Most NTS members `/status` lists.
+const NTS_STATUS_PEERS: usize = 1000;
+
+/// The splitter's NTS view for `/status`: its counters and, per member (at most
+/// [`NTS_STATUS_PEERS`]), its ID, the port step measured for its NAT and how it is served
+/// (`direct`, or `forwarded` when the splitter forwards it some teammates' chunks).
+fn nts_view(core: &NtsSplitter) -> serde_json::Value {
+    let c = core.counters();
+    let views = core.member_views();
+    let peers: Vec<serde_json::Value> = views
+        .iter()
+        .take(NTS_STATUS_PEERS)
+        .map(|(id, endpoint, monitor, step, forwarded_from)| {
+            serde_json::json!({
+                "id": id.to_string(),
+                "endpoint": endpoint.to_string(),
+                "monitor": monitor,
+                "port_step": step,
+                "served": if *forwarded_from > 0 { "forwarded" } else { "direct" },
+                "forwarded_from": forwarded_from,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "members": views.len(),
+        "arriving": core.arriving_count(),
+        "incorporated": c.incorporated,
+        "given_up": c.given_up,
+        "ignored": c.ignored,
+        "port_reports": c.port_reports,
+        "forward_requests": c.forward_requests,
+        "forward_refused": c.forward_refused,
+        "peers": peers,
+    })
 }

@@ -168,6 +168,8 @@ pub struct Board {
     /// The control plane's live counters, for the history's joins (sampled on a grid of its
     /// own: the once-a-second copy would alias into 0, 2, 1, ...).
     live: std::sync::OnceLock<Arc<super::control::ControlStats>>,
+    /// NTS (`--nts`): the splitter's view of its NTS members, for `/status`.
+    nts: Mutex<Option<serde_json::Value>>,
 }
 
 impl Board {
@@ -187,6 +189,16 @@ impl Board {
     /// Publishes the control plane's counters and the last second's rates.
     pub fn publish(&self, counters: ControlCounters, rates: Rates) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = (counters, rates);
+    }
+
+    /// Publishes the NTS view (`--nts`): counters and, per member, its port step and how it is
+    /// served.
+    pub fn publish_nts(&self, v: serde_json::Value) {
+        *self.nts.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
+    }
+
+    fn nts(&self) -> Option<serde_json::Value> {
+        self.nts.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn get(&self) -> (ControlCounters, Rates) {
@@ -736,7 +748,7 @@ impl Exporter for SplitterExporter {
                 totals[info.key] = self.sum(m).into();
             }
         }
-        json!({
+        let mut doc = json!({
             "role": "splitter",
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": self.started.elapsed().as_secs_f64(),
@@ -774,7 +786,28 @@ impl Exporter for SplitterExporter {
                 "the {} lossiest of {team_count}; all at /status/teams, peers at /status/peers",
                 teams.len()
             ),
-        })
+        });
+        if let Some(mut nts) = self.board.nts() {
+            // The chunks each member got forwarded, as its shard counted them.
+            let forwarded: std::collections::HashMap<String, u64> = snapshots
+                .iter()
+                .flat_map(|(_, ts)| ts.iter())
+                .flat_map(|t| t.forwarded.iter())
+                .map(|(e, n)| (e.to_string(), *n))
+                .collect();
+            if let Some(peers) = nts["peers"].as_array_mut() {
+                for p in peers {
+                    let n = p["endpoint"]
+                        .as_str()
+                        .and_then(|e| forwarded.get(e))
+                        .copied()
+                        .unwrap_or(0);
+                    p["forwarded_chunks"] = n.into();
+                }
+            }
+            doc["nts"] = nts;
+        }
+        doc
     }
 
     fn document(&self, path: &str, query: &Query) -> Option<Result<serde_json::Value, String>> {
@@ -916,7 +949,11 @@ mod tests {
                     }
                 })
                 .collect();
-            shards[(t % 2) as usize].publish_teams(vec![TeamSnapshot { id: t, members }]);
+            shards[(t % 2) as usize].publish_teams(vec![TeamSnapshot {
+                id: t,
+                members,
+                forwarded: Vec::new(),
+            }]);
         }
         // Publish a second team on shard 0 next to the last one (publish_teams replaces).
         let extra: Vec<TeamSnapshot> = shards[0].snapshot().iter().cloned().collect();
@@ -928,6 +965,7 @@ mod tests {
                 monitor: false,
                 losses: 50,
             }],
+            forwarded: Vec::new(),
         });
         shards[0].publish_teams(all);
         let e = exporter(shards);
