@@ -496,6 +496,10 @@ pub fn nts_forward(data: &[u8]) {
         encode_forwarded(c, &mut out);
         assert_eq!(out, d);
     }
+    // EMS (`proto::nts_ems`): the 7-byte join re-encodes to its bytes.
+    if let Ok(Some(j)) = crate::proto::nts_ems::EmsJoin::decode(d) {
+        assert_eq!(&j.encode()[..], &d[..crate::proto::nts_ems::EMS_JOIN_LEN]);
+    }
     // A peer with one neighbour, chunks of 64 bytes: a forwarded chunk (67 bytes) from the
     // splitter is never relayed.
     let now = Instant::now();

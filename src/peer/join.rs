@@ -68,6 +68,19 @@ pub fn join_profile(
     timeout: Duration,
     nts: bool,
 ) -> anyhow::Result<Joined> {
+    join_profile_with(splitter, monitor, timeout, nts, false)
+}
+
+/// [`join_profile`], with EMS (`ems`, reference-notes §6.5): the join starts with this peer's
+/// private endpoint (its TCP source address and UDP port) and role, 7 bytes, instead of the
+/// role byte.
+pub fn join_profile_with(
+    splitter: SocketAddrV4,
+    monitor: bool,
+    timeout: Duration,
+    nts: bool,
+    ems: bool,
+) -> anyhow::Result<Joined> {
     let mut attempts = 0;
     let (mut tcp, socket, local) = loop {
         attempts += 1;
@@ -96,7 +109,15 @@ pub fn join_profile(
         }
     };
     socket.set_nonblocking(false)?;
-    tcp.write_all(&[if monitor { ROLE_MONITOR } else { ROLE_PEER }])?;
+    if ems {
+        let join = crate::proto::nts_ems::EmsJoin {
+            private: local,
+            monitor,
+        };
+        tcp.write_all(&join.encode())?;
+    } else {
+        tcp.write_all(&[if monitor { ROLE_MONITOR } else { ROLE_PEER }])?;
+    }
 
     let (config, rest) = read_config_rest(&mut tcp, splitter, timeout)?;
     let nts_id = if nts {

@@ -48,6 +48,11 @@ pub struct PeerArgs {
     /// once and says so.
     #[arg(long)]
     pub nts: bool,
+    /// EMS (reference-notes §6.5, needs `--nts`): join with this peer's private endpoint, so that
+    /// teammates behind the same NAT reach it over the LAN (no hair-pinning needed). For a
+    /// splitter started with `--ems`.
+    #[arg(long, requires = "nts")]
+    pub ems: bool,
     /// Drop a neighbour that is owed more than this many chunks.
     #[arg(long, default_value_t = 128)]
     pub max_debt: i32,
@@ -155,6 +160,8 @@ pub struct PeerOptions {
     pub pollute: Option<attack::Pollute>,
     /// NTS (`--nts`).
     pub nts: bool,
+    /// EMS (`--ems`).
+    pub ems: bool,
 }
 
 /// Counters a running peer publishes.
@@ -211,6 +218,7 @@ impl PeerOptions {
             splitter_key: None,
             pollute: None,
             nts: false,
+            ems: false,
         }
     }
 
@@ -256,6 +264,7 @@ impl PeerOptions {
             splitter_key: a.splitter_key,
             pollute: a.pollute.clone(),
             nts: a.nts,
+            ems: a.ems,
         })
     }
 }
@@ -309,8 +318,14 @@ pub fn run(opts: PeerOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             eprintln!("p2psp peer metrics on http://{bound}/");
         }
     }
-    let mut joined = join::join_profile(opts.splitter, opts.monitor, JOIN_TIMEOUT, opts.nts)
-        .map_err(SetupError::wrap)?;
+    let mut joined = join::join_profile_with(
+        opts.splitter,
+        opts.monitor,
+        JOIN_TIMEOUT,
+        opts.nts,
+        opts.ems,
+    )
+    .map_err(SetupError::wrap)?;
     let refetch = player::Refetch {
         source: joined.header_source,
         channel: joined.config.channel.clone(),
@@ -403,7 +418,13 @@ fn rejoin_with_backoff(
         if let Some(name) = &opts.status {
             eprintln!("{name}: rejoining (attempt {attempt})");
         }
-        match join::join_profile(opts.splitter, opts.monitor, REJOIN_TIMEOUT, opts.nts) {
+        match join::join_profile_with(
+            opts.splitter,
+            opts.monitor,
+            REJOIN_TIMEOUT,
+            opts.nts,
+            opts.ems,
+        ) {
             Ok(j) => break Ok(Some(j)),
             Err(e) => {
                 if let Some(name) = &opts.status {

@@ -17,12 +17,14 @@
 //!   estimation and port prediction.
 //! - [`nts_splitter`], [`nts_peer`]: the NTS state machines of the splitter and of a peer.
 //! - [`nts_forward`]: the forwarding fallback for teammates no NAT traversal connects.
+//! - [`nts_ems`]: EMS (§6.5), the 7-byte join and the rewriting for peers behind one NAT.
 //! - [`rejoin`]: peer liveness: when the stream has stalled, why, and the backoff to join again.
 #![forbid(unsafe_code)]
 
 pub mod directory;
 pub mod integrity;
 pub mod nts;
+pub mod nts_ems;
 pub mod nts_forward;
 pub mod nts_peer;
 pub mod nts_splitter;

@@ -158,6 +158,8 @@ pub struct NtsSplitter {
     /// (reporter, heard): U4 reports, so that a new member's chunks are forwarded at once to
     /// the capable teammates that did not hear it during its incorporation.
     heard: std::collections::HashSet<(PeerId, PeerId)>,
+    /// EMS: the private endpoint each peer joined with.
+    privates: std::collections::HashMap<PeerId, Endpoint>,
 }
 
 /// Most (reporter, heard) pairs the splitter remembers.
@@ -235,8 +237,19 @@ impl NtsSplitter {
         true
     }
 
+    /// EMS: the arriving peer `id` joined with the private endpoint `private` (its 7-byte join
+    /// message). Teammates behind the same NAT (same public address) are told of it by this
+    /// endpoint. Only the peer's NAT-mates ever see it, so a forged one costs at most hellos
+    /// inside that LAN.
+    pub fn set_private(&mut self, id: PeerId, private: Endpoint) {
+        if self.arriving.iter().any(|a| a.id == id) {
+            self.privates.insert(id, private);
+        }
+    }
+
     /// Forgets the arriving peer `id` (its join connection closed).
     pub fn abandon(&mut self, id: &PeerId) {
+        self.privates.remove(id);
         self.arriving.retain(|a| a.id != *id);
     }
 
@@ -245,6 +258,7 @@ impl NtsSplitter {
         if let Some(gone) = self.members.iter().find(|m| m.endpoint == endpoint) {
             let id = gone.id;
             self.capable.remove(&id);
+            self.privates.remove(&id);
             self.heard.retain(|(a, b)| *a != id && *b != id);
             self.forwarding.remove(&id);
             self.forwarding.retain(|_, o| {
@@ -337,7 +351,22 @@ impl NtsSplitter {
                 self.echo(from, data);
                 self.counters.port_reports += 1;
                 self.on_heard(from, id);
-                if let Some(a) = self.arriving.iter_mut().find(|a| a.id == id) {
+                // A NAT-mate's report (EMS: it heard the peer over their LAN) says nothing of
+                // the NAT's ports.
+                let mate = self
+                    .arriving
+                    .iter()
+                    .find(|a| a.id == id)
+                    .map(|a| a.ip)
+                    .or_else(|| {
+                        self.members
+                            .iter()
+                            .find(|m| m.id == id)
+                            .map(|m| *m.endpoint.ip())
+                    })
+                    == Some(*from.ip());
+                if mate {
+                } else if let Some(a) = self.arriving.iter_mut().find(|a| a.id == id) {
                     if let Some(p) = a.to_splitter {
                         a.step.observe(p, port);
                     }
@@ -458,6 +487,8 @@ impl NtsSplitter {
             wire_step(&step),
             Some(id),
         );
+        // EMS: NAT-mates by their private endpoints.
+        super::nts_ems::rewrite_list2(&mut entries, ip, |i| self.privates.get(i).copied());
         // List 2 last: the teammates hear of the peer before its hellos reach them.
         let mut bytes = Vec::new();
         if encode_list2(&entries, &mut bytes).is_ok() {
@@ -487,13 +518,18 @@ impl NtsSplitter {
             if m.monitor {
                 continue;
             }
-            let np = NewPeer {
+            let mut np = NewPeer {
                 id,
                 endpoint,
                 port_step,
                 peer_number: u16::try_from(k + 1).unwrap_or(u16::MAX),
                 extra_port: None,
             };
+            super::nts_ems::rewrite_new_peer(
+                &mut np,
+                *m.endpoint.ip(),
+                self.privates.get(&id).copied(),
+            );
             let mut out = Vec::new();
             np.encode(&mut out);
             sends.push((m.endpoint, out));
@@ -504,13 +540,14 @@ impl NtsSplitter {
                 continue;
             }
             let Some(to) = o.endpoint() else { continue };
-            let np = NewPeer {
+            let mut np = NewPeer {
                 id,
                 endpoint,
                 port_step,
                 peer_number: count,
                 extra_port: None,
             };
+            super::nts_ems::rewrite_new_peer(&mut np, o.ip, self.privates.get(&id).copied());
             let mut out = Vec::new();
             np.encode(&mut out);
             sends.push((to, out));
@@ -545,6 +582,7 @@ impl NtsSplitter {
             keep
         });
         for id in gone {
+            self.privates.remove(&id);
             self.counters.given_up += 1;
             self.actions.push_back(NtsAction::GiveUp { id });
         }

@@ -92,6 +92,8 @@ struct Conn {
     nts_done: Option<Endpoint>,
     /// NTS: the peer closed its side (a reference peer does so before its `Y`).
     eof: bool,
+    /// EMS: the private endpoint of its 7-byte join message.
+    ems_private: Option<Endpoint>,
 }
 
 /// NTS at the control plane: the sans-IO core, the socket its datagrams go out on, and which
@@ -305,6 +307,7 @@ impl Control {
                             nts_id: None,
                             nts_done: None,
                             eof: false,
+                            ems_private: None,
                         },
                     );
                 }
@@ -377,6 +380,39 @@ impl Control {
     fn step(&mut self, c: &mut Conn, ready: bool, now: Instant) -> Step {
         loop {
             match &c.state {
+                State::Hello if self.settings.ems => {
+                    // EMS: a join is 7 bytes (private endpoint, role); `GET ` is a header
+                    // request.
+                    if !ready {
+                        return self.timeout(c, now);
+                    }
+                    let mut b = [0u8; crate::proto::nts_ems::EMS_JOIN_LEN];
+                    let want = crate::proto::nts_ems::EMS_JOIN_LEN.saturating_sub(c.input.len());
+                    match c.stream.read(&mut b[..want.max(1)]) {
+                        Ok(0) => return Step::Fail,
+                        Ok(n) => c.input.extend_from_slice(&b[..n]),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                            return self.timeout(c, now);
+                        }
+                        Err(_) => return Step::Fail,
+                    }
+                    if c.input.len() >= 4 && c.input.starts_with(b"GET ") {
+                        c.state = State::HttpRequest;
+                        continue;
+                    }
+                    match crate::proto::nts_ems::EmsJoin::decode(&c.input) {
+                        Ok(None) => return self.timeout(c, now),
+                        Ok(Some(j)) => {
+                            c.ems_private = Some(j.private);
+                            c.input.clear();
+                            c.state = State::JoinWaitHeader { monitor: j.monitor };
+                        }
+                        Err(()) => {
+                            bump(&self.stats.bad_requests);
+                            return Step::Fail;
+                        }
+                    }
+                }
                 State::Hello => {
                     if !ready {
                         return self.timeout(c, now);
@@ -452,6 +488,9 @@ impl Control {
                         {
                             self.directory.remove(c.remote);
                             return Step::Fail;
+                        }
+                        if let Some(p) = c.ems_private {
+                            nts.core.set_private(id, p);
                         }
                         nts.conns.insert(id, c.key);
                         c.nts_id = Some(id);
