@@ -231,6 +231,99 @@ mod tests {
         assert_eq!(t.forwarded(ep(3)), None);
     }
 
+    /// A splitter core with members `A` and `B` (no monitors) in team 0 and `X` in team 1.
+    fn splitter_with_members() -> (crate::proto::nts_splitter::NtsSplitter, std::time::Instant) {
+        use crate::proto::nts_splitter::NtsSplitter;
+        let t = std::time::Instant::now();
+        let mut s = NtsSplitter::new(8);
+        for (name, team, port) in [("AAAAAAA", 0, 1), ("BBBBBBB", 0, 2), ("XXXXXXX", 1, 3)] {
+            let i = id(name);
+            assert!(s.arrive(t, team, i, ep(port + 100), false));
+            assert!(s.handle_datagram(t, ep(port), i.as_bytes()));
+            let mut y = i.as_bytes().to_vec();
+            y.push(b'Y');
+            assert!(s.handle_datagram(t, ep(port), &y));
+        }
+        while s.poll_action().is_some() {}
+        (s, t)
+    }
+
+    fn request(me: &str, origin: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        ForwardRequest {
+            me: id(me),
+            origin: id(origin),
+        }
+        .encode(&mut out);
+        out
+    }
+
+    fn actions(s: &mut crate::proto::nts_splitter::NtsSplitter) -> Vec<String> {
+        std::iter::from_fn(|| s.poll_action())
+            .map(|a| format!("{a:?}"))
+            .collect()
+    }
+
+    #[test]
+    fn splitter_takes_requests_only_from_members_about_teammates() {
+        let (mut s, t) = splitter_with_members();
+        // A stranger, a forged sender, another team's peer, an unknown origin: nothing.
+        for (from, bytes) in [
+            (ep(9), request("AAAAAAA", "BBBBBBB")),
+            (ep(2), request("AAAAAAA", "BBBBBBB")),
+            (ep(1), request("AAAAAAA", "XXXXXXX")),
+            (ep(1), request("AAAAAAA", "ZZZZZZZ")),
+        ] {
+            assert!(s.handle_datagram(t, from, &bytes));
+            assert!(actions(&mut s).is_empty(), "{bytes:?} from {from}");
+        }
+        assert_eq!(s.counters().forward_refused, 4);
+        // A asks for B's chunks: echoed, and the data plane is told (once).
+        let r = request("AAAAAAA", "BBBBBBB");
+        s.handle_datagram(t, ep(1), &r);
+        let a = actions(&mut s);
+        assert_eq!(a.len(), 2, "{a:?}");
+        assert!(a[1].contains("Forward") && a[1].contains(":2") && a[1].contains(":1"));
+        s.handle_datagram(t, ep(1), &r);
+        assert_eq!(actions(&mut s).len(), 1, "a repeat is only echoed");
+        assert_eq!(s.counters().forward_requests, 1);
+        let views = s.member_views();
+        let a_view = views.iter().find(|v| v.0 == id("AAAAAAA")).unwrap();
+        assert_eq!(a_view.4, 1, "A is served one teammate forwarded");
+    }
+
+    #[test]
+    fn a_newcomer_is_forwarded_at_once_to_capable_teammates_that_missed_it() {
+        let (mut s, t) = splitter_with_members();
+        // A takes forwarded chunks; B does not say so.
+        s.handle_datagram(t, ep(1), &request("AAAAAAA", "AAAAAAA"));
+        assert_eq!(actions(&mut s).len(), 1, "echo only");
+        // C arrives; B hears it (U4), A does not.
+        let c = id("CCCCCCC");
+        assert!(s.arrive(t, 0, c, ep(104), false));
+        s.handle_datagram(t, ep(4), c.as_bytes());
+        let mut u4 = c.as_bytes().to_vec();
+        u4.extend_from_slice(&4u16.to_be_bytes());
+        s.handle_datagram(t, ep(2), &u4);
+        let mut y = c.as_bytes().to_vec();
+        y.push(b'Y');
+        s.handle_datagram(t, ep(4), &y);
+        let a = actions(&mut s);
+        let fwd: Vec<&String> = a.iter().filter(|x| x.starts_with("Forward")).collect();
+        assert_eq!(fwd.len(), 1, "{a:?}");
+        assert!(
+            fwd[0].contains(":4") && fwd[0].contains(":1"),
+            "C's chunks to A"
+        );
+        // A hears C after all: forwarding stops.
+        s.handle_datagram(t, ep(1), &u4);
+        let a = actions(&mut s);
+        assert!(a.iter().any(|x| x.starts_with("Unforward")), "{a:?}");
+        // C leaves: nothing is left of it.
+        s.remove(ep(4));
+        assert!(s.member_views().iter().all(|v| v.4 == 0));
+    }
+
     mod properties {
         use super::super::*;
         use proptest::prelude::*;

@@ -259,7 +259,10 @@ impl Control {
                 peers: self.directory.peer_count(),
                 teams: self.directory.team_count(),
                 ignored: self.stats.foreign_datagrams.load(Ordering::Relaxed)
-                    + self.stats.forward_dropped.load(Ordering::Relaxed),
+                    + self.stats.forward_dropped.load(Ordering::Relaxed)
+                    + self.nts.as_ref().map_or(0, |n| {
+                        n.core.counters().ignored + n.core.counters().forward_refused
+                    }),
             };
             let shards = self.shards.iter().map(|l| &*l.stats);
             if let Some(line) = status.tick(now, &self.feed, shards, plane) {

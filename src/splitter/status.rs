@@ -112,7 +112,8 @@ impl StatusLine {
         let ignored = sum(&[M::Ignored, M::Truncated, M::ForeignDropped]) + plane.ignored;
         let lag_p99 = max(shards.clone(), M::SendLagP99) as f64 / 1e3;
         let lag_max = max(shards.clone(), M::SendLagMax) as f64 / 1e3;
-        let line = format!(
+        let forwarded = sum(&[M::Forwarded]);
+        let mut line = format!(
             "splitter: {} peers in {} teams | in {:.0} chunks/s | out {:.0} datagrams/s {:.2} Mbit/s | send lag p99 {:.2} ms max {:.2} ms | losses {:.0}/s ({} total) expelled {} | send drops {} | ignored {}",
             plane.peers,
             plane.teams,
@@ -127,6 +128,10 @@ impl StatusLine {
             dropped,
             ignored,
         );
+        if forwarded > 0 {
+            // NTS forwarding fallback.
+            line += &format!(" | forwarded {forwarded}");
+        }
         let source_bytes = feed.bytes.load(Ordering::Relaxed);
         self.rates = Rates {
             chunks_in_per_second: (chunks - self.chunks) as f64 / dt,
@@ -610,6 +615,32 @@ impl Exporter for SplitterExporter {
             "Teams.",
             self.sum(ShardMetric::Teams),
         );
+        if let Some(nts) = self.board.nts() {
+            let n = |k: &str| nts[k].as_u64().unwrap_or(0);
+            p.counter(
+                "p2psp_splitter_nts_ignored_total",
+                "NTS-sized datagrams ignored (unknown IDs, wrong senders).",
+                n("ignored"),
+            );
+            p.counter(
+                "p2psp_splitter_nts_forward_pairs_total",
+                "Forwarding fallback: (origin, receiver) pairs set up, on request or for a newcomer's teammates that missed its hellos.",
+                n("forward_requests"),
+            );
+            p.counter(
+                "p2psp_splitter_nts_forward_refused_total",
+                "Forward requests refused: from strangers, forged, naming non-members or other teams' peers, or over the bound.",
+                n("forward_refused"),
+            );
+            let forwarded = nts["peers"].as_array().map_or(0, |a| {
+                a.iter().filter(|p| p["served"] == "forwarded").count()
+            });
+            p.gauge(
+                "p2psp_splitter_nts_members_forwarded",
+                "NTS members the splitter forwards some teammates' chunks to (the rest are served direct).",
+                forwarded,
+            );
+        }
         p.counter(
             "p2psp_splitter_chunks_in_total",
             "Chunks cut from the source stream.",
