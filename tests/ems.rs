@@ -80,6 +80,23 @@ fn two_peers_behind_one_nat_without_hairpinning_reach_each_other_over_their_lan(
     {
         return;
     }
+    two_mates(true);
+}
+
+/// The same without `--ems`, for comparison: the NAT-mates try each other's public endpoints,
+/// which end at the NAT (no hair-pinning), never connect, and get each other's chunks through
+/// the forwarding fallback.
+/// `cargo test --release --test ems without_ems -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn without_ems_nat_mates_need_the_forwarding_fallback() {
+    if !lab_possible("without_ems_nat_mates_need_the_forwarding_fallback") {
+        return;
+    }
+    two_mates(false);
+}
+
+fn two_mates(ems: bool) {
     let _one = support::one_at_a_time();
     let dir = support::test_dir("nat-ems");
     let mut lab = Lab::new();
@@ -114,30 +131,28 @@ fn two_peers_behind_one_nat_without_hairpinning_reach_each_other_over_their_lan(
     let splitter_at = format!("{}:8001", public.ip());
     let metrics = format!("127.0.0.1:{METRICS_PORT}");
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
-    let mut splitter = spawn_in(
-        &public,
-        &dir,
+    let mut splitter_args = s(&[
         "splitter",
-        &s(&[
-            "splitter",
-            "--nts",
-            "--ems",
-            "--source",
-            "test",
-            "--header-size",
-            &HEADER.to_string(),
-            "--bind",
-            &public.ip().to_string(),
-            "--port",
-            "8001",
-            "--bitrate",
-            "500k",
-            "--buffer-size",
-            "64",
-            "--shards",
-            "1",
-        ]),
-    );
+        "--nts",
+        "--source",
+        "test",
+        "--header-size",
+        &HEADER.to_string(),
+        "--bind",
+        &public.ip().to_string(),
+        "--port",
+        "8001",
+        "--bitrate",
+        "500k",
+        "--buffer-size",
+        "64",
+        "--shards",
+        "1",
+    ]);
+    if ems {
+        splitter_args.push("--ems".into());
+    }
+    let mut splitter = spawn_in(&public, &dir, "splitter", &splitter_args);
     support::wait_for_line(
         &mut splitter,
         &support::peer_log(&dir, "splitter"),
@@ -150,7 +165,6 @@ fn two_peers_behind_one_nat_without_hairpinning_reach_each_other_over_their_lan(
         let mut v = s(&[
             "peer",
             "--nts",
-            "--ems",
             "--splitter",
             &splitter_at,
             "--player-port",
@@ -162,6 +176,9 @@ fn two_peers_behind_one_nat_without_hairpinning_reach_each_other_over_their_lan(
         ]);
         if monitor {
             v.push("--monitor".into());
+        }
+        if ems {
+            v.push("--ems".into());
         }
         v
     };
@@ -208,6 +225,18 @@ fn two_peers_behind_one_nat_without_hairpinning_reach_each_other_over_their_lan(
     }
     drop(monitor);
     splitter.kill();
+    if !ems {
+        for (k, st) in statuses.iter().enumerate() {
+            assert_eq!(st["totals"]["lost"], 0, "mate{k} lost chunks");
+            assert!(st["totals"]["forwarded"].as_u64().unwrap_or(0) > 50);
+        }
+        assert!(
+            ab == 0 && ba == 0,
+            "relays over the LAN without EMS: {ab}, {ba}"
+        );
+        assert!(hairpin > 0, "no hellos to the NAT's public address");
+        return;
+    }
     for (k, st) in statuses.iter().enumerate() {
         let other = mates[1 - k].ip().to_string();
         let mate = st["nts"]["teammates"]
