@@ -188,9 +188,22 @@ fn random_symmetric_peers_play_byte_exact_through_the_forwarding_fallback() {
     for ((name, s), h) in names.iter().zip(&statuses).zip(&homes) {
         let t = &s["totals"];
         let served = at_splitter(h)["served"].as_str().unwrap_or("?").to_owned();
+        let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        let how: Vec<String> = s["nts"]["reached"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter(|(_, c)| n(c) > 0)
+                    .map(|(w, c)| format!("{w} {}", n(c)))
+                    .collect()
+            })
+            .unwrap_or_default();
         eprintln!(
             "{name:<8} {:>7} {:>7} {:>5} {served:>9}  {}",
-            t["played"], t["lost"], t["forwarded"], s["nts"]["reached"]
+            n(&t["played"]),
+            n(&t["lost"]),
+            n(&t["forwarded"]),
+            how.join(", ")
         );
     }
     eprintln!(
