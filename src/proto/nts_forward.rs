@@ -287,6 +287,29 @@ mod tests {
         s.handle_datagram(t, ep(1), &r);
         assert_eq!(actions(&mut s).len(), 1, "a repeat is only echoed");
         assert_eq!(s.counters().forward_requests, 1);
+        // A flood of forged and stranger requests, and of U4 reports naming made-up IDs:
+        // nothing for the members changes.
+        let before = s.member_views();
+        for k in 0..10_000u64 {
+            let fake = PeerId::from_random(k);
+            let mut r = Vec::new();
+            ForwardRequest {
+                me: fake,
+                origin: id("BBBBBBB"),
+            }
+            .encode(&mut r);
+            s.handle_datagram(t, ep(1 + (k % 3) as u16), &r);
+            s.handle_datagram(t, ep(9), &request("AAAAAAA", "BBBBBBB"));
+            let mut u4 = fake.as_bytes().to_vec();
+            u4.extend_from_slice(&1u16.to_be_bytes());
+            s.handle_datagram(t, ep(1), &u4);
+        }
+        assert!(
+            actions(&mut s).iter().all(|a| a.starts_with("Send")),
+            "echoes of U4 only"
+        );
+        assert_eq!(s.member_views(), before);
+        assert_eq!(s.counters().forward_refused, 4 + 20_000);
         let views = s.member_views();
         let a_view = views.iter().find(|v| v.0 == id("AAAAAAA")).unwrap();
         assert_eq!(a_view.4, 1, "A is served one teammate forwarded");

@@ -640,18 +640,25 @@ impl NtsSplitter {
     /// A U4 from `from`: it heard `id`. Remembered, and forwarding of `id`'s chunks to it, if
     /// any, stops.
     fn on_heard(&mut self, from: Endpoint, id: PeerId) {
-        let reporter = self
-            .members
-            .iter()
-            .find(|m| m.endpoint == from)
-            .map(|m| m.id)
-            .or_else(|| {
-                self.arriving
+        let team_of =
+            |s: &NtsSplitter, f: &dyn Fn(&Member) -> bool, g: &dyn Fn(&Arriving) -> bool| {
+                s.members
                     .iter()
-                    .find(|a| a.endpoint() == Some(from))
-                    .map(|a| a.id)
-            });
-        let Some(reporter) = reporter else { return };
+                    .find(|m| f(m))
+                    .map(|m| (m.id, m.team))
+                    .or_else(|| s.arriving.iter().find(|a| g(a)).map(|a| (a.id, a.team)))
+            };
+        let reporter = team_of(self, &|m| m.endpoint == from, &|a| {
+            a.endpoint() == Some(from)
+        });
+        let reported = team_of(self, &|m| m.id == id, &|a| a.id == id);
+        // Only facts about a teammate are kept: a member naming made-up IDs fills nothing.
+        let (Some((reporter, team)), Some((_, t))) = (reporter, reported) else {
+            return;
+        };
+        if t != team {
+            return;
+        }
         if self.heard.len() < MAX_HEARD {
             self.heard.insert((reporter, id));
         }
