@@ -145,7 +145,7 @@ fn two_mates(ems: bool) {
         "--bitrate",
         "500k",
         "--buffer-size",
-        "64",
+        "128",
         "--shards",
         "1",
     ]);
@@ -257,4 +257,34 @@ fn two_mates(ems: bool) {
     }
     assert!(ab > 50 && ba > 50, "relays over the LAN: {ab}, {ba}");
     assert_eq!(hairpin, 0, "datagrams to the NAT's public address");
+}
+
+/// The wire cannot announce EMS: a peer of the other profile stops within seconds with one line
+/// that says what to change (on loopback, no lab needed).
+#[test]
+fn a_peer_of_the_other_ems_profile_stops_within_seconds_saying_so() {
+    for splitter_ems in [true, false] {
+        let dir = support::test_dir(&format!("ems_wrong_profile_{splitter_ems}"));
+        let mut args = vec!["--nts", "--bitrate", "200k"];
+        if splitter_ems {
+            args.push("--ems");
+        }
+        let mut splitter = support::Splitter::start(&dir, &args, std::process::Stdio::null());
+        let at = format!("127.0.0.1:{}", splitter.port);
+        let mut peer = vec!["peer", "--nts", "--splitter", &at, "--player-port", "0"];
+        if !splitter_ems {
+            peer.push("--ems");
+        }
+        let t0 = std::time::Instant::now();
+        let line = support::one_line_exit_2(&peer);
+        let hint = if splitter_ems {
+            "run this peer with --ems"
+        } else {
+            "run the peer without --ems"
+        };
+        assert!(line.contains(hint), "{line}");
+        // An EMS splitter waits for the rest of a 7-byte join until its 5 s join timeout.
+        assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+        splitter.proc.stop(Duration::from_secs(5));
+    }
 }

@@ -108,7 +108,7 @@ fn random_symmetric_peers_play_byte_exact_through_the_forwarding_fallback() {
             "--bitrate",
             "500k",
             "--buffer-size",
-            "64",
+            "128",
             "--shards",
             "1",
             "--metrics",

@@ -119,7 +119,20 @@ pub fn join_profile_with(
         tcp.write_all(&[if monitor { ROLE_MONITOR } else { ROLE_PEER }])?;
     }
 
-    let (config, rest) = read_config_rest(&mut tcp, splitter, timeout)?;
+    let (config, rest) = read_config_rest(&mut tcp, splitter, timeout).map_err(|e| {
+        // EMS changes the join's first bytes, which the wire cannot announce: a splitter of the
+        // other profile closes the connection (without --ems, at once) or waits for the rest
+        // of a 7-byte join until its --join-timeout (with --ems).
+        match (nts, ems) {
+            (true, true) => anyhow::anyhow!(
+                "{e:#} (this peer runs --ems: if the splitter does not, run the peer without --ems)"
+            ),
+            (true, false) => {
+                anyhow::anyhow!("{e:#} (if the splitter runs --ems, run this peer with --ems too)")
+            }
+            _ => e,
+        }
+    })?;
     let nts_id = if nts {
         match super::nts::read_id(&mut tcp, rest, splitter) {
             Ok(id) => Some(id),
