@@ -776,11 +776,11 @@ impl Control {
                     };
                     // The receiver's shard: a new origin may still be placed under its TCP
                     // endpoint, the receiver is a member.
+                    // On the commands queue, as joins: the requester is not asked again once
+                    // echoed, so this must not be dropped (the control plane waits instead).
                     if let Some((_, shard)) = self.directory.lookup(to) {
                         let link = &self.shards[shard];
-                        if link.datagrams.try_send(cmd).is_err() {
-                            bump(&self.stats.forward_dropped);
-                        }
+                        let _ = link.commands.send(cmd);
                         link.waker.wake();
                     }
                 }
