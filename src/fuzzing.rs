@@ -737,3 +737,55 @@ pub fn load_probe(data: &[u8]) {
         assert_eq!(order.len(), choice.splitters().count(), "a splitter twice");
     }
 }
+
+/// The forwarding fallback's decoders (`proto::nts_forward`): a forward request and a forwarded
+/// chunk re-encode to their bytes; a forwarded chunk from the splitter is played but never
+/// relayed; a forward request from a stranger changes nothing at an NTS splitter.
+pub fn nts_forward(data: &[u8]) {
+    use crate::proto::nts_forward::{ForwardRequest, encode_forwarded, parse_forwarded};
+    use crate::proto::nts_splitter::NtsSplitter;
+    let Some((&selector, d)) = data.split_first() else {
+        return;
+    };
+    let mut out = Vec::new();
+    if let Some(r) = ForwardRequest::parse(d) {
+        r.encode(&mut out);
+        assert_eq!(out, d, "{r:?} re-encodes to its bytes");
+    }
+    if let Some(c) = parse_forwarded(d, usize::from(selector)) {
+        encode_forwarded(c, &mut out);
+        assert_eq!(out, d);
+    }
+    // EMS (`proto::nts_ems`): the 7-byte join re-encodes to its bytes.
+    if let Ok(Some(j)) = crate::proto::nts_ems::EmsJoin::decode(d) {
+        assert_eq!(&j.encode()[..], &d[..crate::proto::nts_ems::EMS_JOIN_LEN]);
+    }
+    // A peer with one neighbour, chunks of 64 bytes: a forwarded chunk (67 bytes) from the
+    // splitter is never relayed.
+    let now = Instant::now();
+    let splitter = Endpoint::new(std::net::Ipv4Addr::new(198, 18, 0, 1), 8001);
+    let neighbour = Endpoint::new(std::net::Ipv4Addr::new(198, 18, 0, 2), 4000);
+    let mut peer = Peer::new(PeerRules::new(splitter, 64, 16), &[neighbour], 0);
+    while peer.poll_transmit().is_some() {}
+    let before = peer.stats().relayed;
+    peer.handle_datagram(now, splitter, Bytes::copy_from_slice(d));
+    if parse_forwarded(d, CHUNK_HEADER + 64).is_some() {
+        assert_eq!(peer.stats().forwarded, 1);
+        assert_eq!(
+            peer.stats().relayed,
+            before,
+            "a forwarded chunk is never relayed"
+        );
+        assert!(peer.poll_transmit().is_none());
+    }
+    // An NTS splitter without members: nothing is taken, nothing sent.
+    let mut s = NtsSplitter::new(4);
+    s.handle_datagram(now, neighbour, d);
+    if ForwardRequest::parse(d).is_some() {
+        assert!(
+            s.poll_action().is_none(),
+            "a stranger's forward request is not echoed"
+        );
+        assert_eq!(s.counters().forward_requests, 0);
+    }
+}

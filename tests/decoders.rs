@@ -57,6 +57,16 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
     #[test]
+    fn nts_forward_random(data in bytes(80)) {
+        fuzzing::nts_forward(&data);
+    }
+
+    #[test]
+    fn nts_forward_mutated(data in mutated("nts_forward")) {
+        fuzzing::nts_forward(&data);
+    }
+
+    #[test]
     fn join_config_random(data in bytes(256)) {
         fuzzing::join_config(&data);
     }

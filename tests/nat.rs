@@ -697,6 +697,19 @@ fn nts_team_survives_a_source_outage_longer_than_the_nat_timeout() {
         .stderr(log);
     let mut splitter = support::Proc::spawn("splitter", &mut cmd);
     let mut source = splitter.child.stdin.take().unwrap();
+    // Joins before the splitter listens are refused (seen on a loaded machine).
+    support::wait_for_line(
+        &mut splitter,
+        &support::peer_log(&dir, "splitter"),
+        Duration::from_secs(10),
+        |l| l.starts_with("p2psp splitter listening on"),
+    )
+    .unwrap_or_else(|log| {
+        panic!(
+            "the splitter did not start:
+{log}"
+        )
+    });
     let feeding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (f2, s2) = (feeding.clone(), stop.clone());
@@ -738,19 +751,23 @@ fn nts_team_survives_a_source_outage_longer_than_the_nat_timeout() {
         procs.push(p);
     }
     std::thread::sleep(Duration::from_secs(5));
-    let counts = |what: &str| -> Vec<(u64, u64)> {
+    // (from the splitter, rejoins, from teammates: relayed or forwarded)
+    let counts = |what: &str| -> Vec<(u64, u64, u64)> {
         homes
             .iter()
             .map(|h| {
                 let t = &peer_status(&h.host)["totals"];
+                let n = |k: &str| t[k].as_u64().unwrap_or(0);
                 let v = (
-                    t["from_splitter"].as_u64().unwrap_or(0),
-                    t["rejoins"].as_u64().unwrap_or(0),
+                    n("from_splitter"),
+                    n("rejoins"),
+                    n("chunks_received").saturating_sub(n("from_splitter")),
                 );
                 eprintln!(
-                    "{what}: {:<21} from splitter {:>6}, rejoins {}",
+                    "{what}: {:<21} from splitter {:>6}, from teammates {:>6}, rejoins {}",
                     h.nat.kind.name(),
                     v.0,
+                    v.2,
                     v.1
                 );
                 v
@@ -777,5 +794,11 @@ fn nts_team_survives_a_source_outage_longer_than_the_nat_timeout() {
             h.nat.kind
         );
         assert_eq!(after[i].1, 0, "{}: rejoined", h.nat.kind);
+        // The teammates' mappings survived too: their relays come in again.
+        assert!(
+            after[i].2 > before[i].2 + 50,
+            "{}: teammates' relays lost",
+            h.nat.kind
+        );
     }
 }

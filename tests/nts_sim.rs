@@ -194,6 +194,8 @@ impl Sim {
                     self.members.insert(id, endpoint);
                 }
                 NtsAction::GiveUp { id } => panic!("splitter gave up on {id}"),
+                // The forwarding fallback is the data plane's (tests/nat_fallback.rs).
+                NtsAction::Forward { .. } | NtsAction::Unforward { .. } => {}
             }
         }
     }

@@ -275,7 +275,11 @@ fn synthetic_splitter(shards: usize, peers: u32) -> SplitterExporter {
                 }
             })
             .collect();
-        teams[id as usize % shards].push(TeamSnapshot { id, members });
+        teams[id as usize % shards].push(TeamSnapshot {
+            id,
+            members,
+            forwarded: Vec::new(),
+        });
         id += 1;
     }
     for (s, t) in stats.iter().zip(teams) {

@@ -93,6 +93,19 @@ pub fn join_profile(
     timeout: Duration,
     nts: bool,
 ) -> anyhow::Result<Joined> {
+    join_profile_with(splitter, monitor, timeout, nts, false)
+}
+
+/// [`join_profile`], with EMS (`ems`, reference-notes §6.5): the join starts with this peer's
+/// private endpoint (its TCP source address and UDP port) and role, 7 bytes, instead of the
+/// role byte.
+pub fn join_profile_with(
+    splitter: SocketAddrV4,
+    monitor: bool,
+    timeout: Duration,
+    nts: bool,
+    ems: bool,
+) -> anyhow::Result<Joined> {
     let mut attempts = 0;
     let (mut tcp, socket, local) = loop {
         attempts += 1;
@@ -121,9 +134,30 @@ pub fn join_profile(
         }
     };
     socket.set_nonblocking(false)?;
-    tcp.write_all(&[if monitor { ROLE_MONITOR } else { ROLE_PEER }])?;
+    if ems {
+        let join = crate::proto::nts_ems::EmsJoin {
+            private: local,
+            monitor,
+        };
+        tcp.write_all(&join.encode())?;
+    } else {
+        tcp.write_all(&[if monitor { ROLE_MONITOR } else { ROLE_PEER }])?;
+    }
 
-    let (config, rest) = read_config_rest(&mut tcp, splitter, timeout)?;
+    let (config, rest) = read_config_rest(&mut tcp, splitter, timeout).map_err(|e| {
+        // EMS changes the join's first bytes, which the wire cannot announce: a splitter of the
+        // other profile closes the connection (without --ems, at once) or waits for the rest
+        // of a 7-byte join until its --join-timeout (with --ems).
+        match (nts, ems) {
+            (true, true) => anyhow::anyhow!(
+                "{e:#} (this peer runs --ems: if the splitter does not, run the peer without --ems)"
+            ),
+            (true, false) => {
+                anyhow::anyhow!("{e:#} (if the splitter runs --ems, run this peer with --ems too)")
+            }
+            _ => e,
+        }
+    })?;
     let nts_id = if nts {
         match super::nts::read_id(&mut tcp, rest, splitter) {
             Ok(id) => Some(id),

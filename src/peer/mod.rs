@@ -59,6 +59,11 @@ pub struct PeerArgs {
     /// With the wrong profile for its splitter the peer stops within seconds and says so.
     #[arg(long, conflicts_with_all = ["nts", "monitor", "lrs", "pollute"])]
     pub ims: bool,
+    /// EMS (reference-notes §6.5, needs `--nts`): join with this peer's private endpoint, so that
+    /// teammates behind the same NAT reach it over the LAN (no hair-pinning needed). For a
+    /// splitter started with `--ems`.
+    #[arg(long, requires = "nts")]
+    pub ems: bool,
     /// Drop a neighbour that is owed more than this many chunks.
     #[arg(long, default_value_t = 128)]
     pub max_debt: i32,
@@ -173,6 +178,8 @@ pub struct PeerOptions {
     pub nts: bool,
     /// IMS (`--ims`).
     pub ims: bool,
+    /// EMS (`--ems`).
+    pub ems: bool,
 }
 
 /// Counters a running peer publishes.
@@ -257,6 +264,7 @@ impl PeerOptions {
             pollute: None,
             nts: false,
             ims: false,
+            ems: false,
         }
     }
 
@@ -304,6 +312,7 @@ impl PeerOptions {
             pollute: a.pollute.clone(),
             nts: a.nts,
             ims: a.ims,
+            ems: a.ems,
         })
     }
 }
@@ -525,7 +534,7 @@ fn join_at(
         };
         ims::join(splitter, timeout, trailer)
     } else {
-        join::join_profile(splitter, opts.monitor, timeout, opts.nts)
+        join::join_profile_with(splitter, opts.monitor, timeout, opts.nts, opts.ems)
     }
 }
 
@@ -904,10 +913,19 @@ fn session(
                     (s.relayed - last.relayed) as f64 / dt,
                     (s.lost - last.lost) as f64 / dt,
                 ],
+                nts: nts.as_ref().map(|n| n.detail()),
             });
             if let Some(name) = &opts.status {
+                // NTS: how the teammates are reached.
+                let nts_part = nts.as_ref().map_or(String::new(), |n| {
+                    let mut t = format!(" | NTS teammates: {}", n.detail().summary());
+                    if s.forwarded > 0 {
+                        t += &format!(", {} chunks forwarded", s.forwarded);
+                    }
+                    t
+                });
                 eprintln!(
-                    "{name} {me}: {} | played {} (+{}) lost {} late {} dup {} | received {} relayed {} | {} neighbours | player overruns {}{} | splitter {splitter}, {} failovers",
+                    "{name} {me}: {} | played {} (+{}) lost {} late {} dup {} | received {} relayed {} | {} neighbours | player overruns {}{}{nts_part} | splitter {splitter}, {} failovers",
                     if core.is_playing() {
                         "playing"
                     } else {

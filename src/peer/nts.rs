@@ -239,6 +239,20 @@ impl NtsSession {
         });
     }
 
+    /// How each teammate is reached, for status pages.
+    pub fn detail(&self) -> super::status::NtsDetail {
+        super::status::NtsDetail {
+            id: self.core.id().to_string(),
+            teammates: self
+                .core
+                .teammates()
+                .into_iter()
+                .map(|(id, ep, how, step)| (id.to_string(), ep, how.map(Reached::name), step))
+                .collect(),
+            forward_requests: self.core.counters().forward_requests,
+        }
+    }
+
     /// Counters of the NTS core.
     pub fn counters(&self) -> &NtsPeerCounters {
         self.core.counters()

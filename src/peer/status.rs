@@ -30,6 +30,64 @@ pub struct PeerDetail {
     pub neighbours: Vec<(Endpoint, i32)>,
     /// Per-second rates: played, received, relayed, lost chunks.
     pub rates: [f64; 4],
+    /// NTS (`--nts`): how each teammate is reached.
+    pub nts: Option<NtsDetail>,
+}
+
+/// How an NTS peer reaches its teammates (`/status`, `/metrics`, the status line).
+#[derive(Debug, Clone, Default)]
+pub struct NtsDetail {
+    /// Our NTS ID.
+    pub id: String,
+    /// Per teammate: ID, the endpoint it is reached at (`None`: never heard from), how
+    /// (`direct`, `predicted`, `probed`, `announced`, `forwarded`; `None`: not yet), and the
+    /// port step the splitter announced for its NAT.
+    pub teammates: Vec<(String, Option<Endpoint>, Option<&'static str>, u16)>,
+    /// Forward requests sent (teammates never heard from).
+    pub forward_requests: u64,
+}
+
+/// The ways a teammate can be reached, as `/metrics` labels them (`unreached`: not yet, or
+/// never and no fallback).
+pub const REACHED: &[&str] = &[
+    "direct",
+    "predicted",
+    "probed",
+    "announced",
+    "forwarded",
+    "unreached",
+];
+
+impl NtsDetail {
+    /// Teammates reached each way, in the order of [`REACHED`].
+    pub fn counts(&self) -> Vec<(&'static str, usize)> {
+        REACHED
+            .iter()
+            .map(|&w| {
+                let n = self
+                    .teammates
+                    .iter()
+                    .filter(|t| t.2.unwrap_or("unreached") == w)
+                    .count();
+                (w, n)
+            })
+            .collect()
+    }
+
+    /// For the status line: `2 direct, 1 forwarded` (the ways with at least one teammate).
+    pub fn summary(&self) -> String {
+        let parts: Vec<String> = self
+            .counts()
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(w, n)| format!("{n} {w}"))
+            .collect();
+        if parts.is_empty() {
+            "no teammates".to_owned()
+        } else {
+            parts.join(", ")
+        }
+    }
 }
 
 /// Shared between the peer's loop and its exporter.
@@ -302,6 +360,12 @@ const PEER_METRICS: &[PeerMetric] = &[
         |s, _| s.hashes_checked,
     ),
     PeerMetric::counter(
+        "forwarded",
+        "p2psp_peer_forwarded_chunks_total",
+        "Chunks the splitter forwarded for teammates this peer cannot reach (NTS forwarding fallback).",
+        |s, _| s.forwarded,
+    ),
+    PeerMetric::counter(
         "player_overruns",
         "p2psp_peer_player_overruns_total",
         "Played chunks the player thread could not take in time.",
@@ -522,6 +586,31 @@ impl Exporter for PeerExporter {
         if let Some(n) = c.detail.buffered() {
             p.sample("p2psp_peer_buffered_chunks", &[], n);
         }
+        if let Some(n) = &d.nts {
+            p.family(
+                "p2psp_peer_nts_teammates",
+                "gauge",
+                "NTS teammates by how they are reached (direct, predicted, probed, announced, forwarded by the splitter, unreached).",
+            );
+            for (how, count) in n.counts() {
+                p.sample("p2psp_peer_nts_teammates", &[("how", how)], count);
+            }
+            p.gauge(
+                "p2psp_peer_nts_max_port_step",
+                "Largest NAT port step the splitter announced for a teammate (0: all cone or port-preserving).",
+                n.teammates.iter().map(|t| t.3).max().unwrap_or(0),
+            );
+            p.family(
+                "p2psp_peer_nts_forward_requests_total",
+                "counter",
+                "Teammates never heard from whose chunks this peer asked the splitter to forward.",
+            );
+            p.sample(
+                "p2psp_peer_nts_forward_requests_total",
+                &[],
+                n.forward_requests,
+            );
+        }
         p.gauge(
             "p2psp_peer_buffer_chunks",
             "Playout buffer size in chunks (from the join).",
@@ -550,6 +639,31 @@ impl Exporter for PeerExporter {
             (Some(_), false) => "buffering".to_owned(),
             (Some(_), true) => "playing".to_owned(),
         };
+        let nts = d.nts.as_ref().map(|n| {
+            let teammates: Vec<serde_json::Value> = n
+                .teammates
+                .iter()
+                .map(|(id, ep, how, step)| {
+                    json!({
+                        "id": id,
+                        "endpoint": ep.map(|e| e.to_string()),
+                        "how": how.unwrap_or("unreached"),
+                        "port_step": step,
+                    })
+                })
+                .collect();
+            let counts: serde_json::Map<String, serde_json::Value> = n
+                .counts()
+                .into_iter()
+                .map(|(w, c)| (w.to_owned(), c.into()))
+                .collect();
+            json!({
+                "id": n.id,
+                "reached": counts,
+                "forward_requests": n.forward_requests,
+                "teammates": teammates,
+            })
+        });
         json!({
             "role": if self.opts.monitor { "monitor" } else { "peer" },
             "version": env!("CARGO_PKG_VERSION"),
@@ -578,6 +692,7 @@ impl Exporter for PeerExporter {
             },
             "neighbours": neighbours,
             "buffered": c.detail.buffered(),
+            "nts": nts,
         })
     }
 
@@ -634,6 +749,8 @@ mod tests {
             unverified_dropped: 127,
             signatures_checked: 128,
             hashes_checked: 129,
+
+            forwarded: 130,
         };
         let c = PeerCounters::default();
         let mut p = Prom::new();

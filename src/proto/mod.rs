@@ -20,6 +20,8 @@
 //! - [`choice`]: which of several splitters a peer joins, and where it fails over to.
 //! - [`ims`]: IMS, the IP Multicast Set (§6.1): its join message and what a peer takes from the
 //!   group.
+//! - [`nts_forward`]: the forwarding fallback for teammates no NAT traversal connects.
+//! - [`nts_ems`]: EMS (§6.5), the 7-byte join and the rewriting for peers behind one NAT.
 //! - [`rejoin`]: peer liveness: when the stream has stalled, why, and the backoff to join again.
 #![forbid(unsafe_code)]
 
@@ -29,6 +31,8 @@ pub mod directory;
 pub mod ims;
 pub mod integrity;
 pub mod nts;
+pub mod nts_ems;
+pub mod nts_forward;
 pub mod nts_peer;
 pub mod nts_splitter;
 pub mod peer;

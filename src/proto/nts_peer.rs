@@ -69,6 +69,20 @@ pub enum Reached {
     Predicted,
     /// Announced by the splitter to a monitor (U2m).
     Announced,
+    /// Never heard from: the splitter forwards its chunks (`nts_forward`).
+    Forwarded,
+}
+
+impl Reached {
+    /// Its name on status pages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reached::Direct => "direct",
+            Reached::Predicted => "predicted",
+            Reached::Announced => "announced",
+            Reached::Forwarded => "forwarded",
+        }
+    }
 }
 
 /// Counters of an NTS peer.
@@ -90,6 +104,8 @@ pub struct NtsPeerCounters {
     pub refused: u64,
     /// Keep-alive rounds sent.
     pub keepalives: u64,
+    /// Teammates never heard from whose chunks this peer asked the splitter to forward.
+    pub forward_requests: u64,
 }
 
 /// The NTS state of one peer session.
@@ -119,6 +135,20 @@ pub struct NtsPeer {
     next_keepalive: Option<Instant>,
     /// The monitors of the join message.
     monitors: Vec<Endpoint>,
+    /// Forwarding fallback: when each teammate was announced (list 2 or U2), its port step, and
+    /// how it is reached (for status pages).
+    fallback: Fallback,
+}
+
+/// What the forwarding fallback and the status pages need to know of each teammate.
+#[derive(Debug, Default)]
+struct Fallback {
+    told_at: HashMap<PeerId, Instant>,
+    steps: HashMap<PeerId, u16>,
+    how: HashMap<PeerId, Reached>,
+    asked: HashSet<PeerId>,
+    /// Whether the splitter was told that we take forwarded chunks.
+    said_capable: bool,
 }
 
 impl NtsPeer {
@@ -151,6 +181,7 @@ impl NtsPeer {
             counters: NtsPeerCounters::default(),
             next_keepalive: (!monitor).then_some(now + KEEPALIVE_EVERY),
             monitors: monitors.to_vec(),
+            fallback: Fallback::default(),
         };
         if !monitor {
             p.pending.send(now, me.as_bytes(), splitter, &[]);
@@ -186,6 +217,8 @@ impl NtsPeer {
                     .collect()
             };
             self.announced.insert(e.id, base);
+            self.fallback.told_at.insert(e.id, now);
+            self.fallback.steps.insert(e.id, e.port_step);
             if !self.known.contains_key(&e.id) {
                 initial.insert(e.id);
             }
@@ -205,6 +238,11 @@ impl NtsPeer {
     /// Handles a datagram from `from`; false when it is not NTS (the DBS peer takes it).
     pub fn handle_datagram(&mut self, now: Instant, from: Endpoint, data: &[u8]) -> bool {
         let from_splitter = from == self.splitter;
+        if from_splitter && data.len() == super::nts_forward::FORWARD_REQUEST_LEN {
+            // The echo of a forward request.
+            self.pending.acknowledge(data, from);
+            return true;
+        }
         match ToPeer::parse(data, from_splitter, &self.me, self.monitor) {
             ToPeer::Ack(d) => {
                 if self.pending.acknowledge(d, from)
@@ -213,6 +251,7 @@ impl NtsPeer {
                     && d[ID_LEN] == b'Y'
                 {
                     self.y_acked = true;
+                    self.ask_forwarding(now);
                 }
             }
             ToPeer::Hello { id, .. } if self.monitor && id == self.me => {
@@ -280,6 +319,15 @@ impl NtsPeer {
             None => {}
         }
         self.known.insert(id, from);
+        if self.fallback.how.len() < MAX_KNOWN || self.fallback.how.contains_key(&id) {
+            self.fallback.how.insert(
+                id,
+                match self.announced.get(&id) {
+                    Some(&p) if p != from.port() => Reached::Predicted,
+                    _ => Reached::Direct,
+                },
+            );
+        }
         // Hello back to where it came from: when our hellos to the announced and predicted ports
         // all miss its NAT's mapping (other traffic used the predicted ports up), this one
         // still gets through, since its NAT has just sent to us from there.
@@ -321,6 +369,8 @@ impl NtsPeer {
             return;
         }
         self.announced.insert(np.id, np.endpoint.port());
+        self.fallback.told_at.insert(np.id, now);
+        self.fallback.steps.insert(np.id, np.port_step);
         if let Some(x) = np.extra_port {
             let to = Endpoint::new(*self.splitter.ip(), x);
             self.pending.send(now, self.me.as_bytes(), to, &[]);
@@ -388,10 +438,102 @@ impl NtsPeer {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.flush(now);
         self.check_incorporated(now);
+        self.ask_forwarding(now);
         if self.incorporated && self.next_keepalive.is_some_and(|t| now >= t) {
             self.next_keepalive = Some(now + KEEPALIVE_EVERY);
             self.keepalive();
         }
+    }
+
+    /// Forwarding fallback: once a member, asks the splitter to forward the chunks of every
+    /// teammate it was told of [`FORWARD_AFTER`](super::nts_forward::FORWARD_AFTER) ago and
+    /// has not heard from.
+    fn ask_forwarding(&mut self, now: Instant) {
+        if self.monitor || !self.y_acked {
+            return;
+        }
+        if !self.fallback.said_capable {
+            // A forward request naming ourselves: "we take forwarded chunks", so that the
+            // splitter forwards a newcomer's chunks to us at once if we did not hear its hellos.
+            self.fallback.said_capable = true;
+            let mut out = Vec::new();
+            super::nts_forward::ForwardRequest {
+                me: self.me,
+                origin: self.me,
+            }
+            .encode(&mut out);
+            self.pending.send(now, &out, self.splitter, &[]);
+        }
+        let due: Vec<PeerId> = self
+            .fallback
+            .told_at
+            .iter()
+            .filter(|(id, t)| {
+                now.saturating_duration_since(**t) >= super::nts_forward::FORWARD_AFTER
+                    && !self.known.contains_key(id)
+                    && !self.fallback.asked.contains(id)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for origin in due {
+            let mut out = Vec::new();
+            super::nts_forward::ForwardRequest {
+                me: self.me,
+                origin,
+            }
+            .encode(&mut out);
+            if !self.pending.send(now, &out, self.splitter, &[]) {
+                self.counters.refused += 1;
+                continue;
+            }
+            self.fallback.asked.insert(origin);
+            self.fallback.how.insert(origin, Reached::Forwarded);
+            self.counters.forward_requests += 1;
+        }
+        self.flush(now);
+    }
+
+    /// When the next forward request may be due.
+    fn next_forward_check(&self) -> Option<Instant> {
+        if self.monitor || !self.y_acked {
+            return None;
+        }
+        self.fallback
+            .told_at
+            .iter()
+            .filter(|(id, _)| !self.known.contains_key(id) && !self.fallback.asked.contains(id))
+            .map(|(_, t)| *t + super::nts_forward::FORWARD_AFTER)
+            .min()
+    }
+
+    /// Every teammate this peer was told of or heard from: its ID, the endpoint it is reached at
+    /// (`None`: never heard from), how, and the port step the splitter announced for its NAT.
+    pub fn teammates(&self) -> Vec<(PeerId, Option<Endpoint>, Option<Reached>, u16)> {
+        let mut ids: Vec<PeerId> = self
+            .known
+            .keys()
+            .chain(
+                self.fallback
+                    .told_at
+                    .keys()
+                    .filter(|i| !self.known.contains_key(i)),
+            )
+            .copied()
+            .collect();
+        ids.sort();
+        ids.into_iter()
+            .map(|id| {
+                let how = self.fallback.how.get(&id).copied().or_else(|| {
+                    (self.monitor && self.known.contains_key(&id)).then_some(Reached::Announced)
+                });
+                (
+                    id,
+                    self.known.get(&id).copied(),
+                    how,
+                    self.fallback.steps.get(&id).copied().unwrap_or(0),
+                )
+            })
+            .collect()
     }
 
     /// One keep-alive round: our ID, once (not resent), to the splitter, the monitors and every
@@ -424,6 +566,7 @@ impl NtsPeer {
             .into_iter()
             .chain(d)
             .chain(self.next_keepalive.filter(|_| self.incorporated))
+            .chain(self.next_forward_check())
             .min()
     }
 

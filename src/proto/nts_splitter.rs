@@ -32,6 +32,7 @@ pub const SPLITTER_REPEAT_EVERY: Duration = Duration::from_millis(50);
 /// N-fwd): the splitter's DBS rules never take these lengths.
 pub fn is_nts_size(len: usize) -> bool {
     (super::nts::ID_LEN..=super::nts::ID_LEN + 3).contains(&len)
+        || len == super::nts_forward::FORWARD_REQUEST_LEN
 }
 
 /// What the caller does for the NTS splitter.
@@ -65,6 +66,21 @@ pub enum NtsAction {
         /// The peer.
         id: PeerId,
     },
+    /// Forwarding fallback: from now on send `to` a forwarded copy of every chunk sent to
+    /// `origin` (`nts_forward`).
+    Forward {
+        /// The member whose chunks are copied.
+        origin: Endpoint,
+        /// The member that cannot hear from it.
+        to: Endpoint,
+    },
+    /// Forwarding fallback: `to` heard from `origin` after all; stop forwarding.
+    Unforward {
+        /// The member whose chunks were copied.
+        origin: Endpoint,
+        /// The member that now hears from it.
+        to: Endpoint,
+    },
 }
 
 /// Counters of the NTS splitter.
@@ -84,6 +100,11 @@ pub struct NtsSplitterCounters {
     pub port_reports: u64,
     /// Retries (`N`) taken.
     pub retries: u64,
+    /// Forward requests taken (a new pair each).
+    pub forward_requests: u64,
+    /// Forward requests refused: from strangers, naming non-members or members of other teams,
+    /// or over the bound.
+    pub forward_refused: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -129,7 +150,20 @@ pub struct NtsSplitter {
     counters: NtsSplitterCounters,
     /// Most peers arriving at once; more are refused by [`NtsSplitter::arrive`].
     pub max_arriving: usize,
+    /// Forwarding fallback: by receiver, the origins whose chunks it gets forwarded.
+    forwarding: std::collections::HashMap<PeerId, Vec<PeerId>>,
+    /// Members that take forwarded chunks (they said so with a forward request naming
+    /// themselves).
+    capable: std::collections::HashSet<PeerId>,
+    /// (reporter, heard): U4 reports, so that a new member's chunks are forwarded at once to
+    /// the capable teammates that did not hear it during its incorporation.
+    heard: std::collections::HashSet<(PeerId, PeerId)>,
+    /// EMS: the private endpoint each peer joined with.
+    privates: std::collections::HashMap<PeerId, Endpoint>,
 }
+
+/// Most (reporter, heard) pairs the splitter remembers.
+const MAX_HEARD: usize = 1 << 20;
 
 impl NtsSplitter {
     /// An NTS splitter with no peers, at most `max_arriving` peers being incorporated at once.
@@ -203,13 +237,35 @@ impl NtsSplitter {
         true
     }
 
+    /// EMS: the arriving peer `id` joined with the private endpoint `private` (its 7-byte join
+    /// message). Teammates behind the same NAT (same public address) are told of it by this
+    /// endpoint. Only the peer's NAT-mates ever see it, so a forged one costs at most hellos
+    /// inside that LAN.
+    pub fn set_private(&mut self, id: PeerId, private: Endpoint) {
+        if self.arriving.iter().any(|a| a.id == id) {
+            self.privates.insert(id, private);
+        }
+    }
+
     /// Forgets the arriving peer `id` (its join connection closed).
     pub fn abandon(&mut self, id: &PeerId) {
+        self.privates.remove(id);
         self.arriving.retain(|a| a.id != *id);
     }
 
     /// Forgets the member at `endpoint` (it left or was expelled).
     pub fn remove(&mut self, endpoint: Endpoint) {
+        if let Some(gone) = self.members.iter().find(|m| m.endpoint == endpoint) {
+            let id = gone.id;
+            self.capable.remove(&id);
+            self.privates.remove(&id);
+            self.heard.retain(|(a, b)| *a != id && *b != id);
+            self.forwarding.remove(&id);
+            self.forwarding.retain(|_, o| {
+                o.retain(|x| *x != id);
+                !o.is_empty()
+            });
+        }
         self.members.retain(|m| m.endpoint != endpoint);
         for a in &mut self.arriving {
             a.to_monitors.retain(|(m, _)| *m != endpoint);
@@ -238,6 +294,10 @@ impl NtsSplitter {
     /// Handles a datagram from `from`; false when it is not NTS (a loss report, a goodbye, or
     /// malformed: the DBS rules take it).
     pub fn handle_datagram(&mut self, now: Instant, from: Endpoint, data: &[u8]) -> bool {
+        if let Some(f) = super::nts_forward::ForwardRequest::parse(data) {
+            self.on_forward_request(from, data, f);
+            return true;
+        }
         let from_monitor = self.members.iter().any(|m| m.monitor && m.endpoint == from);
         let msg = ToSplitter::parse(data, from_monitor);
         let arriving = |s: &NtsSplitter, id: &PeerId| {
@@ -290,7 +350,23 @@ impl NtsSplitter {
                 }
                 self.echo(from, data);
                 self.counters.port_reports += 1;
-                if let Some(a) = self.arriving.iter_mut().find(|a| a.id == id) {
+                self.on_heard(from, id);
+                // A NAT-mate's report (EMS: it heard the peer over their LAN) says nothing of
+                // the NAT's ports.
+                let mate = self
+                    .arriving
+                    .iter()
+                    .find(|a| a.id == id)
+                    .map(|a| a.ip)
+                    .or_else(|| {
+                        self.members
+                            .iter()
+                            .find(|m| m.id == id)
+                            .map(|m| *m.endpoint.ip())
+                    })
+                    == Some(*from.ip());
+                if mate {
+                } else if let Some(a) = self.arriving.iter_mut().find(|a| a.id == id) {
                     if let Some(p) = a.to_splitter {
                         a.step.observe(p, port);
                     }
@@ -315,6 +391,7 @@ impl NtsSplitter {
                     self.counters.incorporated += 1;
                     self.actions
                         .push_back(NtsAction::Incorporate { id, endpoint: from });
+                    self.forward_new_member(id);
                 } else if self
                     .members
                     .iter()
@@ -410,6 +487,8 @@ impl NtsSplitter {
             wire_step(&step),
             Some(id),
         );
+        // EMS: NAT-mates by their private endpoints.
+        super::nts_ems::rewrite_list2(&mut entries, ip, |i| self.privates.get(i).copied());
         // List 2 last: the teammates hear of the peer before its hellos reach them.
         let mut bytes = Vec::new();
         if encode_list2(&entries, &mut bytes).is_ok() {
@@ -439,13 +518,18 @@ impl NtsSplitter {
             if m.monitor {
                 continue;
             }
-            let np = NewPeer {
+            let mut np = NewPeer {
                 id,
                 endpoint,
                 port_step,
                 peer_number: u16::try_from(k + 1).unwrap_or(u16::MAX),
                 extra_port: None,
             };
+            super::nts_ems::rewrite_new_peer(
+                &mut np,
+                *m.endpoint.ip(),
+                self.privates.get(&id).copied(),
+            );
             let mut out = Vec::new();
             np.encode(&mut out);
             sends.push((m.endpoint, out));
@@ -456,13 +540,14 @@ impl NtsSplitter {
                 continue;
             }
             let Some(to) = o.endpoint() else { continue };
-            let np = NewPeer {
+            let mut np = NewPeer {
                 id,
                 endpoint,
                 port_step,
                 peer_number: count,
                 extra_port: None,
             };
+            super::nts_ems::rewrite_new_peer(&mut np, o.ip, self.privates.get(&id).copied());
             let mut out = Vec::new();
             np.encode(&mut out);
             sends.push((to, out));
@@ -497,9 +582,146 @@ impl NtsSplitter {
             keep
         });
         for id in gone {
+            self.privates.remove(&id);
             self.counters.given_up += 1;
             self.actions.push_back(NtsAction::GiveUp { id });
         }
+    }
+
+    /// A forward request (`nts_forward`): taken only from the member holding `f.me`, at its
+    /// endpoint, about a member of its team; echoed (the requester resends until it is).
+    fn on_forward_request(
+        &mut self,
+        from: Endpoint,
+        data: &[u8],
+        f: super::nts_forward::ForwardRequest,
+    ) {
+        let me = self
+            .members
+            .iter()
+            .find(|m| m.id == f.me && m.endpoint == from);
+        if me.is_some() && f.origin == f.me {
+            // "I take forwarded chunks."
+            self.echo(from, data);
+            self.capable.insert(f.me);
+            return;
+        }
+        let origin = me.and_then(|me| {
+            self.members
+                .iter()
+                .find(|m| m.id == f.origin && m.team == me.team && m.id != me.id)
+        });
+        let (Some(_), Some(origin)) = (me, origin) else {
+            if me.is_some() && self.arriving.iter().any(|a| a.id == f.origin) {
+                // Still being incorporated: not echoed, so the requester asks again.
+                return;
+            }
+            self.counters.forward_refused += 1;
+            return;
+        };
+        let origin_endpoint = origin.endpoint;
+        self.echo(from, data);
+        let list = self.forwarding.entry(f.me).or_default();
+        if list.contains(&f.origin) {
+            return;
+        }
+        if list.len() >= super::nts_forward::MAX_PAIRS / 64 {
+            self.counters.forward_refused += 1;
+            return;
+        }
+        list.push(f.origin);
+        self.counters.forward_requests += 1;
+        self.actions.push_back(NtsAction::Forward {
+            origin: origin_endpoint,
+            to: from,
+        });
+    }
+
+    /// A U4 from `from`: it heard `id`. Remembered, and forwarding of `id`'s chunks to it, if
+    /// any, stops.
+    fn on_heard(&mut self, from: Endpoint, id: PeerId) {
+        let team_of =
+            |s: &NtsSplitter, f: &dyn Fn(&Member) -> bool, g: &dyn Fn(&Arriving) -> bool| {
+                s.members
+                    .iter()
+                    .find(|m| f(m))
+                    .map(|m| (m.id, m.team))
+                    .or_else(|| s.arriving.iter().find(|a| g(a)).map(|a| (a.id, a.team)))
+            };
+        let reporter = team_of(self, &|m| m.endpoint == from, &|a| {
+            a.endpoint() == Some(from)
+        });
+        let reported = team_of(self, &|m| m.id == id, &|a| a.id == id);
+        // Only facts about a teammate are kept: a member naming made-up IDs fills nothing.
+        let (Some((reporter, team)), Some((_, t))) = (reporter, reported) else {
+            return;
+        };
+        if t != team {
+            return;
+        }
+        if self.heard.len() < MAX_HEARD {
+            self.heard.insert((reporter, id));
+        }
+        if let Some(list) = self.forwarding.get_mut(&reporter)
+            && let Some(i) = list.iter().position(|o| *o == id)
+        {
+            list.swap_remove(i);
+            if list.is_empty() {
+                self.forwarding.remove(&reporter);
+            }
+            if let Some(origin) = self.members.iter().find(|m| m.id == id) {
+                self.actions.push_back(NtsAction::Unforward {
+                    origin: origin.endpoint,
+                    to: from,
+                });
+            }
+        }
+    }
+
+    /// A new member `id`: its chunks are forwarded at once to every capable teammate that did
+    /// not hear its hellos during its incorporation (until that teammate reports it).
+    fn forward_new_member(&mut self, id: PeerId) {
+        let Some(new) = self.members.iter().find(|m| m.id == id) else {
+            return;
+        };
+        let (team, origin) = (new.team, new.endpoint);
+        let targets: Vec<(PeerId, Endpoint)> = self
+            .members
+            .iter()
+            .filter(|m| {
+                m.team == team
+                    && !m.monitor
+                    && m.id != id
+                    && self.capable.contains(&m.id)
+                    && !self.heard.contains(&(m.id, id))
+            })
+            .map(|m| (m.id, m.endpoint))
+            .collect();
+        for (to_id, to) in targets {
+            let list = self.forwarding.entry(to_id).or_default();
+            if !list.contains(&id) {
+                list.push(id);
+                self.counters.forward_requests += 1;
+                self.actions.push_back(NtsAction::Forward { origin, to });
+            }
+        }
+    }
+
+    /// The members, as status pages show them: ID, endpoint, whether a monitor, the port step
+    /// measured (`None`: not yet), and how many teammates' chunks it gets forwarded.
+    pub fn member_views(&self) -> Vec<(PeerId, Endpoint, bool, Option<u16>, usize)> {
+        self.members
+            .iter()
+            .map(|m| {
+                (
+                    m.id,
+                    m.endpoint,
+                    m.monitor,
+                    (m.step.step != STEP_UNKNOWN).then_some(m.step.step),
+                    self.forwarding.get(&m.id).map_or(0, Vec::len),
+                )
+            })
+            .collect()
     }
 
     /// When [`NtsSplitter::handle_timeout`] next has something to do.

@@ -256,6 +256,9 @@ pub struct PeerStats {
     pub signatures_checked: u64,
     /// CIS digest mode: chunks checked against a digest's hash.
     pub hashes_checked: u64,
+    /// Forwarding fallback (`nts_forward`): chunks the splitter forwarded for teammates this peer
+    /// cannot hear from (played, never relayed).
+    pub forwarded: u64,
 }
 
 impl std::ops::Add for PeerStats {
@@ -293,6 +296,7 @@ impl std::ops::Add for PeerStats {
             unverified_dropped: self.unverified_dropped + o.unverified_dropped,
             signatures_checked: self.signatures_checked + o.signatures_checked,
             hashes_checked: self.hashes_checked + o.hashes_checked,
+            forwarded: self.forwarded + o.forwarded,
         }
     }
 }
@@ -593,6 +597,22 @@ impl Peer {
         } else {
             0
         };
+        if from == self.rules.splitter && !digest::is_digest(&data) {
+            // NTS forwarding fallback: a chunk (of either signed kind) plus the forward mark.
+            let c = CHUNK_HEADER + self.rules.chunk_size;
+            let forwarded = super::nts_forward::parse_forwarded(&data, c + trailer)
+                .or_else(|| {
+                    (trailer > 0)
+                        .then(|| super::nts_forward::parse_forwarded(&data, c))
+                        .flatten()
+                })
+                .map(<[u8]>::len);
+            if let Some(len) = forwarded {
+                let chunk = data.slice(..len);
+                self.on_forwarded(from, chunk);
+                return;
+            }
+        }
         if self.rules.verify.is_some() {
             // CIS digest mode: compat-sized chunks are checked against digests, and digests
             // (never the length of a chunk of either kind) are verified and stored.
@@ -920,6 +940,47 @@ impl Peer {
             let d = seq::diff(number, next);
             (-b..b).contains(&d)
         })
+    }
+
+    /// A chunk the splitter forwarded for a teammate this peer cannot hear from: played like a
+    /// neighbour's relay, but nobody's debt changes and nothing is relayed.
+    fn on_forwarded(&mut self, from: Endpoint, data: Bytes) {
+        let number = u16::from_be_bytes([data[0], data[1]]);
+        self.stats.forwarded += 1;
+        if !self.in_window(number) {
+            self.stats.out_of_window += 1;
+            return;
+        }
+        if self.rules.verify.is_some() {
+            let ok = if data.len() == CHUNK_HEADER + self.rules.chunk_size {
+                // CIS digest mode: checked against its group's digest. A copy whose digest is
+                // not here yet is dropped, not held: a forwarded chunk is never relayed, and a
+                // held chunk would be once checked.
+                match self.book.as_mut().map(|b| b.check_chunk(number, &data)) {
+                    Some(Some(true)) => {
+                        self.stats.hashes_checked += 1;
+                        true
+                    }
+                    Some(Some(false)) => {
+                        self.stats.hashes_checked += 1;
+                        self.reject(from, number);
+                        false
+                    }
+                    _ => {
+                        self.stats.unverified_dropped += 1;
+                        false
+                    }
+                }
+            } else {
+                self.verified(from, number, &data)
+            };
+            if !ok {
+                return;
+            }
+        }
+        self.stats.chunks_received += 1;
+        self.since_from_splitter += 1;
+        self.store(number, data, false);
     }
 
     fn on_chunk(&mut self, from: Endpoint, number: u16, data: Bytes) {

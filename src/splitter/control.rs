@@ -92,6 +92,8 @@ struct Conn {
     nts_done: Option<Endpoint>,
     /// NTS: the peer closed its side (a reference peer does so before its `Y`).
     eof: bool,
+    /// EMS: the private endpoint of its 7-byte join message.
+    ems_private: Option<Endpoint>,
 }
 
 /// NTS at the control plane: the sans-IO core, the socket its datagrams go out on, and which
@@ -259,7 +261,10 @@ impl Control {
                 peers: self.directory.peer_count(),
                 teams: self.directory.team_count(),
                 ignored: self.stats.foreign_datagrams.load(Ordering::Relaxed)
-                    + self.stats.forward_dropped.load(Ordering::Relaxed),
+                    + self.stats.forward_dropped.load(Ordering::Relaxed)
+                    + self.nts.as_ref().map_or(0, |n| {
+                        n.core.counters().ignored + n.core.counters().forward_refused
+                    }),
             };
             let shards = self.shards.iter().map(|l| &*l.stats);
             if let Some(line) = status.tick(now, &self.feed, shards, plane) {
@@ -317,6 +322,7 @@ impl Control {
                             nts_id: None,
                             nts_done: None,
                             eof: false,
+                            ems_private: None,
                         },
                     );
                 }
@@ -389,6 +395,39 @@ impl Control {
     fn step(&mut self, c: &mut Conn, ready: bool, now: Instant) -> Step {
         loop {
             match &c.state {
+                State::Hello if self.settings.ems => {
+                    // EMS: a join is 7 bytes (private endpoint, role); `GET ` is a header
+                    // request.
+                    if !ready {
+                        return self.timeout(c, now);
+                    }
+                    let mut b = [0u8; crate::proto::nts_ems::EMS_JOIN_LEN];
+                    let want = crate::proto::nts_ems::EMS_JOIN_LEN.saturating_sub(c.input.len());
+                    match c.stream.read(&mut b[..want.max(1)]) {
+                        Ok(0) => return Step::Fail,
+                        Ok(n) => c.input.extend_from_slice(&b[..n]),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                            return self.timeout(c, now);
+                        }
+                        Err(_) => return Step::Fail,
+                    }
+                    if c.input.len() >= 4 && c.input.starts_with(b"GET ") {
+                        c.state = State::HttpRequest;
+                        continue;
+                    }
+                    match crate::proto::nts_ems::EmsJoin::decode(&c.input) {
+                        Ok(None) => return self.timeout(c, now),
+                        Ok(Some(j)) => {
+                            c.ems_private = Some(j.private);
+                            c.input.clear();
+                            c.state = State::JoinWaitHeader { monitor: j.monitor };
+                        }
+                        Err(()) => {
+                            bump(&self.stats.bad_requests);
+                            return Step::Fail;
+                        }
+                    }
+                }
                 State::Hello => {
                     if !ready {
                         // IMS: a reference IMS peer sends nothing before the configuration.
@@ -484,6 +523,9 @@ impl Control {
                         {
                             self.directory.remove(c.remote);
                             return Step::Fail;
+                        }
+                        if let Some(p) = c.ems_private {
+                            nts.core.set_private(id, p);
                         }
                         nts.conns.insert(id, c.key);
                         c.nts_id = Some(id);
@@ -770,6 +812,22 @@ impl Control {
                         c.nts_done = Some(endpoint);
                     }
                 }
+                NtsAction::Forward { origin, to } | NtsAction::Unforward { origin, to } => {
+                    let cmd = if matches!(a, NtsAction::Forward { .. }) {
+                        Command::Forward { origin, to }
+                    } else {
+                        Command::Unforward { origin, to }
+                    };
+                    // The receiver's shard: a new origin may still be placed under its TCP
+                    // endpoint, the receiver is a member.
+                    // On the commands queue, as joins: the requester is not asked again once
+                    // echoed, so this must not be dropped (the control plane waits instead).
+                    if let Some((_, shard)) = self.directory.lookup(to) {
+                        let link = &self.shards[shard];
+                        let _ = link.commands.send(cmd);
+                        link.waker.wake();
+                    }
+                }
                 NtsAction::GiveUp { id } => {
                     if let Some(c) = nts.conns.remove(&id).and_then(|k| self.conns.remove(&k)) {
                         bump(&self.stats.timeouts);
@@ -893,6 +951,9 @@ impl Control {
             },
             rates,
         );
+        if let Some(nts) = &self.nts {
+            self.board.publish_nts(nts_view(&nts.core));
+        }
         let status = format!(
             "{} peers in {} teams, {:.2} Mbit/s out",
             self.directory.peer_count(),
@@ -901,4 +962,40 @@ impl Control {
         );
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
     }
+}
+
+/// Most NTS members `/status` lists.
+const NTS_STATUS_PEERS: usize = 1000;
+
+/// The splitter's NTS view for `/status`: its counters and, per member (at most
+/// [`NTS_STATUS_PEERS`]), its ID, the port step measured for its NAT and how it is served
+/// (`direct`, or `forwarded` when the splitter forwards it some teammates' chunks).
+fn nts_view(core: &NtsSplitter) -> serde_json::Value {
+    let c = core.counters();
+    let views = core.member_views();
+    let peers: Vec<serde_json::Value> = views
+        .iter()
+        .take(NTS_STATUS_PEERS)
+        .map(|(id, endpoint, monitor, step, forwarded_from)| {
+            serde_json::json!({
+                "id": id.to_string(),
+                "endpoint": endpoint.to_string(),
+                "monitor": monitor,
+                "port_step": step,
+                "served": if *forwarded_from > 0 { "forwarded" } else { "direct" },
+                "forwarded_from": forwarded_from,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "members": views.len(),
+        "arriving": core.arriving_count(),
+        "incorporated": c.incorporated,
+        "given_up": c.given_up,
+        "ignored": c.ignored,
+        "port_reports": c.port_reports,
+        "forward_requests": c.forward_requests,
+        "forward_refused": c.forward_refused,
+        "peers": peers,
+    })
 }

@@ -131,6 +131,12 @@ pub struct SplitterArgs {
     /// With `--ims`: the multicast TTL (hops), 1 to keep the chunks on the LAN.
     #[arg(long, default_value_t = crate::proto::ims::DEFAULT_TTL, value_name = "HOPS")]
     pub ims_ttl: u32,
+    /// EMS (reference-notes §6.5, needs `--nts`): peers join with their private endpoint (a
+    /// 7-byte join message instead of the role byte), and a peer is told of teammates behind the
+    /// same NAT (same public address) by their private endpoints, so that they reach each other
+    /// over their LAN whether or not the NAT hair-pins. Peers must run with `--ems` too.
+    #[arg(long, requires = "nts")]
+    pub ems: bool,
     /// Most peers over all teams; a join over the limit is refused (the connection is closed
     /// before the configuration, and the splitter logs why). 0: no limit.
     #[arg(long, default_value_t = 100_000)]
@@ -255,6 +261,8 @@ pub struct Settings {
     pub acs: bool,
     /// NTS on.
     pub nts: bool,
+    /// EMS on (with NTS).
+    pub ems: bool,
     /// Most peers (0: no limit).
     pub max_peers: usize,
     /// Most connections in the middle of a join or header request.
@@ -412,6 +420,7 @@ impl Settings {
             lrs: a.lrs,
             acs: a.acs,
             nts: a.nts,
+            ems: a.ems,
             max_peers: a.max_peers,
             max_pending_joins: a.max_pending_joins,
             max_pending_per_ip: a.max_pending_per_ip,

@@ -38,6 +38,21 @@ pub enum Command {
         /// Whether it is a monitor.
         monitor: bool,
     },
+    /// NTS forwarding fallback: from now on send `to` a forwarded copy of every chunk sent to
+    /// `origin` (`proto::nts_forward`).
+    Forward {
+        /// The member whose chunks are copied.
+        origin: Endpoint,
+        /// The member that cannot hear from it.
+        to: Endpoint,
+    },
+    /// NTS forwarding fallback: stop [`Command::Forward`].
+    Unforward {
+        /// The member whose chunks were copied.
+        origin: Endpoint,
+        /// The member that now hears from it.
+        to: Endpoint,
+    },
     /// A datagram for one of this shard's peers that arrived at another shard's socket.
     Datagram {
         /// Sender.
@@ -202,6 +217,8 @@ shard_metrics! {
     LossRequests = ShardMetricInfo::counter("loss_requests", "p2psp_splitter_lrs_requests_total").team(|c| &mut c.loss_requests);
     /// Resends queued (LRS).
     Resends = ShardMetricInfo::counter("resends", "p2psp_splitter_lrs_resends_queued_total").team(|c| &mut c.resends);
+    /// NTS forwarding fallback: forwarded copies of chunks sent to members that cannot hear from the chunk's origin.
+    Forwarded = ShardMetricInfo::counter("forwarded", "p2psp_splitter_forwarded_chunks_total");
     /// Resends refused because the member had used up its budget (LRS).
     ResendsRefused = ShardMetricInfo::counter("resends_refused", "p2psp_splitter_lrs_resends_refused_total").team(|c| &mut c.resends_refused);
     /// Chunks resent to monitors that reported them lost (LRS).
@@ -327,6 +344,8 @@ pub struct TeamSnapshot {
     pub id: TeamId,
     /// Members in round-robin order.
     pub members: Vec<TeamMember>,
+    /// NTS forwarding fallback: members that get forwarded chunks, and how many so far.
+    pub forwarded: Vec<(Endpoint, u64)>,
 }
 
 /// Reads back the socket buffers the kernel granted a shard's socket, publishes them, and warns
@@ -394,6 +413,10 @@ pub struct Shard {
     digests_resent: u64,
     /// IMS: every chunk goes once to this multicast group instead of to the teams.
     ims: Option<Endpoint>,
+    /// NTS forwarding fallback: whose chunks go, forwarded, to whom.
+    forwards: crate::proto::nts_forward::ForwardTable,
+    /// A forwarded copy being built.
+    forward_buf: Vec<u8>,
 }
 
 /// The queues a shard reads and writes.
@@ -458,6 +481,8 @@ impl Shard {
             digests_resent: 0,
             team_size: settings.team_size,
             ims: settings.ims.map(|i| i.group),
+            forwards: Default::default(),
+            forward_buf: Vec::new(),
         })
     }
 
@@ -523,6 +548,9 @@ impl Shard {
                                 .send_to_all(&chunk.datagram, &dests, &mut self.send_stats);
                             let lag = chunk.published.elapsed().as_micros() as u64;
                             self.send_lag.saturating_record(lag.max(1));
+                            if !self.forwards.is_empty() {
+                                self.forward(&chunk.datagram, &dests);
+                            }
                         }
                         self.flush_control();
                         // Keep the counters current while catching up on a long run of chunks.
@@ -550,6 +578,29 @@ impl Shard {
         self.publish_stats();
         drop(self.socket);
         Ok(())
+    }
+
+    /// NTS forwarding fallback: a forwarded copy of `datagram` to every member that cannot hear
+    /// from one of `origins`.
+    fn forward(&mut self, datagram: &[u8], origins: &[Endpoint]) {
+        let mut to: Vec<Endpoint> = Vec::new();
+        for &o in origins {
+            for &t in self.forwards.targets(o) {
+                if self.teams.contains(t) {
+                    to.push(t);
+                }
+            }
+        }
+        if to.is_empty() {
+            return;
+        }
+        crate::proto::nts_forward::encode_forwarded(datagram, &mut self.forward_buf);
+        self.sender
+            .send_to_all(&self.forward_buf, &to, &mut self.send_stats);
+        for t in &to {
+            self.forwards.count(*t);
+        }
+        self.stats.add(ShardMetric::Forwarded, to.len() as u64);
     }
 
     /// LRS: resends reported chunks (still in the ring) to the members that reported them; digest
@@ -593,6 +644,14 @@ impl Shard {
                 monitor,
             } => self.teams.insert(team, peer, monitor),
             Command::Datagram { from, data } => self.teams.handle_datagram(from, &data),
+            // The origin may not be inserted yet (a new member's chunks are forwarded from its
+            // first on); copies only ever go to members.
+            Command::Forward { origin, to } => {
+                if self.teams.contains(to) {
+                    self.forwards.add(origin, to);
+                }
+            }
+            Command::Unforward { origin, to } => self.forwards.remove_pair(origin, to),
         }
     }
 
@@ -622,6 +681,10 @@ impl Shard {
             self.sender.send_each(&control, &mut self.send_stats);
         }
         while let Some(e) = self.teams.poll_event() {
+            let (TeamEvent::Left { peer, .. }
+            | TeamEvent::Expelled { peer, .. }
+            | TeamEvent::Polluter { peer, .. }) = e;
+            self.forwards.remove_peer(peer);
             let _ = self.reports.send(Report::Event(e));
         }
     }
@@ -646,9 +709,17 @@ impl Shard {
             .teams
             .team_ids()
             .into_iter()
-            .map(|id| TeamSnapshot {
-                id,
-                members: self.teams.members(id),
+            .map(|id| {
+                let members = self.teams.members(id);
+                let forwarded = members
+                    .iter()
+                    .filter_map(|m| Some((m.endpoint, self.forwards.forwarded(m.endpoint)?)))
+                    .collect();
+                TeamSnapshot {
+                    id,
+                    members,
+                    forwarded,
+                }
             })
             .collect();
         self.stats.publish_teams(teams);

@@ -114,6 +114,7 @@ impl StatusLine {
         let lag_max = max(shards.clone(), M::SendLagMax) as f64 / 1e3;
         let complaints = sum(&[M::Complaints]);
         let polluters = sum(&[M::PollutersExpelled]);
+        let forwarded = sum(&[M::Forwarded]);
         let mut line = format!(
             "splitter: {} peers in {} teams | in {:.0} chunks/s | out {:.0} datagrams/s {:.2} Mbit/s | send lag p99 {:.2} ms max {:.2} ms | losses {:.0}/s ({} total) expelled {} | send drops {} | ignored {}",
             plane.peers,
@@ -134,6 +135,10 @@ impl StatusLine {
             line.push_str(&format!(
                 " | pollution: {complaints} complaints, {polluters} polluters expelled"
             ));
+        }
+        if forwarded > 0 {
+            // NTS forwarding fallback.
+            line += &format!(" | forwarded {forwarded}");
         }
         let source_bytes = feed.bytes.load(Ordering::Relaxed);
         self.rates = Rates {
@@ -178,6 +183,8 @@ pub struct Board {
     /// The control plane's live counters, for the history's joins (sampled on a grid of its
     /// own: the once-a-second copy would alias into 0, 2, 1, ...).
     live: std::sync::OnceLock<Arc<super::control::ControlStats>>,
+    /// NTS (`--nts`): the splitter's view of its NTS members, for `/status`.
+    nts: Mutex<Option<serde_json::Value>>,
 }
 
 impl Board {
@@ -197,6 +204,16 @@ impl Board {
     /// Publishes the control plane's counters and the last second's rates.
     pub fn publish(&self, counters: ControlCounters, rates: Rates) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = (counters, rates);
+    }
+
+    /// Publishes the NTS view (`--nts`): counters and, per member, its port step and how it is
+    /// served.
+    pub fn publish_nts(&self, v: serde_json::Value) {
+        *self.nts.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
+    }
+
+    fn nts(&self) -> Option<serde_json::Value> {
+        self.nts.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn get(&self) -> (ControlCounters, Rates) {
@@ -608,6 +625,32 @@ impl Exporter for SplitterExporter {
             "Teams.",
             self.sum(ShardMetric::Teams),
         );
+        if let Some(nts) = self.board.nts() {
+            let n = |k: &str| nts[k].as_u64().unwrap_or(0);
+            p.counter(
+                "p2psp_splitter_nts_ignored_total",
+                "NTS-sized datagrams ignored (unknown IDs, wrong senders).",
+                n("ignored"),
+            );
+            p.counter(
+                "p2psp_splitter_nts_forward_pairs_total",
+                "Forwarding fallback: (origin, receiver) pairs set up, on request or for a newcomer's teammates that missed its hellos.",
+                n("forward_requests"),
+            );
+            p.counter(
+                "p2psp_splitter_nts_forward_refused_total",
+                "Forward requests refused: from strangers, forged, naming non-members or other teams' peers, or over the bound.",
+                n("forward_refused"),
+            );
+            let forwarded = nts["peers"].as_array().map_or(0, |a| {
+                a.iter().filter(|p| p["served"] == "forwarded").count()
+            });
+            p.gauge(
+                "p2psp_splitter_nts_members_forwarded",
+                "NTS members the splitter forwards some teammates' chunks to (the rest are served direct).",
+                forwarded,
+            );
+        }
         p.counter(
             "p2psp_splitter_chunks_in_total",
             "Chunks cut from the source stream.",
@@ -783,7 +826,7 @@ impl Exporter for SplitterExporter {
                 totals[info.key] = self.sum(m).into();
             }
         }
-        json!({
+        let mut doc = json!({
             "role": "splitter",
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": self.started.elapsed().as_secs_f64(),
@@ -823,7 +866,28 @@ impl Exporter for SplitterExporter {
                 "the {} lossiest of {team_count}; all at /status/teams, peers at /status/peers",
                 teams.len()
             ),
-        })
+        });
+        if let Some(mut nts) = self.board.nts() {
+            // The chunks each member got forwarded, as its shard counted them.
+            let forwarded: std::collections::HashMap<String, u64> = snapshots
+                .iter()
+                .flat_map(|(_, ts)| ts.iter())
+                .flat_map(|t| t.forwarded.iter())
+                .map(|(e, n)| (e.to_string(), *n))
+                .collect();
+            if let Some(peers) = nts["peers"].as_array_mut() {
+                for p in peers {
+                    let n = p["endpoint"]
+                        .as_str()
+                        .and_then(|e| forwarded.get(e))
+                        .copied()
+                        .unwrap_or(0);
+                    p["forwarded_chunks"] = n.into();
+                }
+            }
+            doc["nts"] = nts;
+        }
+        doc
     }
 
     fn document(&self, path: &str, query: &Query) -> Option<Result<serde_json::Value, String>> {
@@ -965,7 +1029,11 @@ mod tests {
                     }
                 })
                 .collect();
-            shards[(t % 2) as usize].publish_teams(vec![TeamSnapshot { id: t, members }]);
+            shards[(t % 2) as usize].publish_teams(vec![TeamSnapshot {
+                id: t,
+                members,
+                forwarded: Vec::new(),
+            }]);
         }
         // Publish a second team on shard 0 next to the last one (publish_teams replaces).
         let extra: Vec<TeamSnapshot> = shards[0].snapshot().iter().cloned().collect();
@@ -977,6 +1045,7 @@ mod tests {
                 monitor: false,
                 losses: 50,
             }],
+            forwarded: Vec::new(),
         });
         shards[0].publish_teams(all);
         let e = exporter(shards);

@@ -428,6 +428,108 @@ impl Lab {
         }
     }
 
+    /// A home network with `hosts` hosts (198.19.i.2, .3, ...) behind one NAT of `kind`, on a
+    /// bridge (the NAT's `lan`, so the rules are those of [`Lab::home`]). The NAT does not
+    /// hair-pin: a datagram from the LAN to its public address ends at the NAT itself.
+    pub fn shared_home(
+        &mut self,
+        kind: NatKind,
+        loss_permille: u16,
+        hosts: u8,
+    ) -> (Nat, Vec<Host>) {
+        assert!((1..=100).contains(&hosts), "1 to 100 hosts");
+        self.homes += 1;
+        let i = self.homes;
+        assert!(i <= 150, "at most 150 homes");
+        let nat_ns = self.netns(&format!("nat{i}"));
+        let wan = Ipv4Addr::new(198, 18, 0, 100 + i);
+        let gw = Ipv4Addr::new(198, 19, i, 1);
+        self.plug(&nat_ns, "wan", &format!("n{i}"));
+        ip(&[
+            "-n",
+            &nat_ns,
+            "addr",
+            "add",
+            &format!("{wan}/24"),
+            "dev",
+            "wan",
+        ]);
+        ip(&["-n", &nat_ns, "link", "add", "lan", "type", "bridge"]);
+        ip(&[
+            "-n",
+            &nat_ns,
+            "addr",
+            "add",
+            &format!("{gw}/24"),
+            "dev",
+            "lan",
+        ]);
+        ip(&["-n", &nat_ns, "link", "set", "lan", "up"]);
+        let mut out = Vec::new();
+        for k in 0..hosts {
+            let host_ns = self.netns(&format!("home{i}-{k}"));
+            let host_ip = Ipv4Addr::new(198, 19, i, 2 + k);
+            let port = format!("l{k}");
+            ip(&[
+                "-n", &nat_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                "netns", &host_ns,
+            ]);
+            ip(&["-n", &nat_ns, "link", "set", &port, "master", "lan", "up"]);
+            ip(&[
+                "-n",
+                &host_ns,
+                "addr",
+                "add",
+                &format!("{host_ip}/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &host_ns, "link", "set", "eth0", "up"]);
+            ip(&[
+                "-n",
+                &host_ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &gw.to_string(),
+            ]);
+            out.push(Host {
+                netns: host_ns,
+                ips: vec![host_ip],
+            });
+        }
+        let t = self.udp_timeout.to_string();
+        for (key, value) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.netfilter.nf_conntrack_udp_timeout", t.as_str()),
+            ("net.netfilter.nf_conntrack_udp_timeout_stream", t.as_str()),
+        ] {
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &nat_ns,
+                    "sysctl",
+                    "-qw",
+                    &format!("{key}={value}"),
+                ],
+            );
+        }
+        let rules = nat_rules(kind, wan, loss_permille, self.udp_timeout, self.port_step);
+        nft_in(&nat_ns, &rules);
+        (
+            Nat {
+                kind,
+                wan,
+                loss_permille,
+                netns: nat_ns,
+            },
+            out,
+        )
+    }
+
     /// The NAT's rule set, as `nft list ruleset` prints it (for failure messages).
     pub fn ruleset(&self, nat: &Nat) -> String {
         let out = Command::new("ip")
@@ -447,6 +549,24 @@ impl Drop for Lab {
                 .status();
         }
     }
+}
+
+/// Loads `rules` with `nft -f -` in namespace `netns`, panicking with nft's complaint.
+pub fn nft_in(netns: &str, rules: &str) {
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", netns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nft");
+    std::io::Write::write_all(nft.stdin.as_mut().unwrap(), rules.as_bytes()).unwrap();
+    let out = nft.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nft refused rules in {netns}:\n{}\n{rules}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The nftables rule set of a NAT: `lab/nft/base.nft` and the kind's file, with their `$NAME`
