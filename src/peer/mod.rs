@@ -8,6 +8,7 @@
 pub mod attack;
 pub mod join;
 pub mod nts;
+pub mod nts_probe;
 pub mod player;
 pub mod status;
 
@@ -459,7 +460,8 @@ fn session(
     }
     // Hellos first, then the ready byte: see `Joined::ready`.
     while let Some(t) = core.poll_transmit() {
-        let _ = socket.send_to(&t.payload, t.dest);
+        let from = nts.as_ref().map_or(&socket, |n| n.route(&socket, t.dest));
+        let _ = from.send_to(&t.payload, t.dest);
     }
     joined.ready();
     // Under systemd (`Type=notify`): joined.
@@ -532,6 +534,20 @@ fn session(
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
             Err(e) => break Err(anyhow::anyhow!("UDP receive failed: {e}")),
         }
+        // What a teammate reached by port probing sent to the socket kept for it (issue 11).
+        if let Some(n) = &mut nts {
+            for (from, d) in n.probe_datagrams(now, &mut buf) {
+                if n.handle_datagram(now, from, &d, &socket, &mut core) {
+                    continue;
+                }
+                let before = *core.stats();
+                core.handle_datagram(now, from, Bytes::from(d));
+                let after = *core.stats();
+                if after.chunks_received > before.chunks_received {
+                    watchdog.on_chunk(now, after.from_splitter > before.from_splitter);
+                }
+            }
+        }
         core.handle_timeout(Instant::now());
         if let Some(n) = &mut nts {
             n.handle_timeout(Instant::now(), &socket, &mut core);
@@ -549,7 +565,8 @@ fn session(
                 None => t.payload,
             };
             // A neighbour that vanished answers with ICMP; that is the debt rule's job.
-            let _ = socket.send_to(&payload, t.dest);
+            let from = nts.as_ref().map_or(&socket, |n| n.route(&socket, t.dest));
+            let _ = from.send_to(&payload, t.dest);
         }
         if let Some(p) = &mut polluter {
             let first = p.first_bad.is_none();

@@ -23,6 +23,7 @@ pub mod directory;
 pub mod integrity;
 pub mod nts;
 pub mod nts_peer;
+pub mod nts_probe;
 pub mod nts_splitter;
 pub mod peer;
 pub mod rejoin;
