@@ -147,6 +147,19 @@ fn send_all(
     }
 }
 
+fn log_rendezvous(r: &Rendezvous) {
+    tracing::debug!(
+        "NTS: probing session {} for teammate {}: {:?} {} step {} count {} rate {}",
+        r.session,
+        r.other,
+        r.method,
+        r.endpoint,
+        r.step,
+        r.count,
+        r.rate
+    );
+}
+
 /// Runs the NTS incorporation: U1 to the splitter and the monitors, list 2 from the join
 /// connection, hellos, then `Y` until the splitter echoes it; closes the join connection.
 pub fn incorporate(
@@ -218,7 +231,10 @@ pub fn incorporate(
         match udp.recv_from(&mut buf) {
             Ok((n, SocketAddr::V4(from))) => {
                 match (&mut probe, Rendezvous::parse(&buf[..n])) {
-                    (Some(p), Some(r)) if from == splitter => p.core.on_rendezvous(now, r),
+                    (Some(p), Some(r)) if from == splitter => {
+                        log_rendezvous(&r);
+                        p.core.on_rendezvous(now, r)
+                    }
                     // Chunks relayed before we are a member are dropped: playout has not started.
                     _ => {
                         core.handle_datagram(now, from, &buf[..n]);
@@ -268,6 +284,7 @@ impl NtsSession {
     ) -> bool {
         if let (Some(p), true) = (&mut self.probe, from == self.core.splitter()) {
             if let Some(r) = Rendezvous::parse(data) {
+                log_rendezvous(&r);
                 p.core.on_rendezvous(now, r);
                 self.pump(now, socket, dbs);
                 return true;

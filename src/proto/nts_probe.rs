@@ -65,6 +65,10 @@ const RENDEZVOUS_TAG: &[u8; 2] = b"PX";
 
 /// Sockets the hard side opens for birthday probing.
 pub const LISTEN_SOCKETS: u16 = 256;
+/// Sockets the hard side opens when its NAT looks sequential (ports seen close together): the
+/// cone side's window finds them, and fewer new mappings leave its other sessions' predictions
+/// intact.
+pub const LISTEN_SOCKETS_SEQUENTIAL: u16 = 64;
 /// Ports after the hard side's last known port that the cone side probes.
 pub const SPRAY_WINDOW: u16 = 512;
 /// Random ports of the hard side's address that the cone side probes per burst.
@@ -95,6 +99,8 @@ const ROUNDS: u8 = 3;
 /// made their mappings.
 const SPRAY_DELAY: Duration = Duration::from_millis(300);
 const ROUND_EVERY: Duration = Duration::from_secs(1);
+/// Listen sessions wait at most this long for a sweep's query to be answered.
+const QUERY_HOLD: Duration = Duration::from_millis(1000);
 const LOWEST_PORT: u16 = 1024;
 
 /// Whether a datagram of `len` bytes to the splitter may be a probing message.
@@ -566,6 +572,9 @@ impl ProbePeer {
             });
         }
         let me = self.me.as_bytes().to_vec();
+        // Sweeps first: their ports are predicted from the NAT's state right now.
+        self.sessions
+            .sort_by_key(|s| !matches!(s.r.method, Method::Query | Method::Sweep));
         let mut i = 0;
         while i < self.sessions.len() {
             let s = &self.sessions[i];
@@ -584,6 +593,12 @@ impl ProbePeer {
                 continue;
             }
             if s.done || s.rounds == 0 || now < s.next {
+                i += 1;
+                continue;
+            }
+            // A listen session's sockets make new mappings: while a sweep's query waits for
+            // its answer, they would move a sequential NAT past the ports the sweep aims at.
+            if s.r.method == Method::Listen && s.rounds == ROUNDS && self.query_waiting(now) {
                 i += 1;
                 continue;
             }
@@ -645,6 +660,15 @@ impl ProbePeer {
             s.next = now + ROUND_EVERY;
             i += 1;
         }
+    }
+
+    /// Whether a sweep's query waits for its answer (at most [`QUERY_HOLD`]).
+    fn query_waiting(&self, now: Instant) -> bool {
+        self.sessions.iter().any(|s| {
+            s.r.method == Method::Query
+                && !s.done
+                && now.saturating_duration_since(s.started) < QUERY_HOLD
+        })
     }
 
     /// When [`ProbePeer::handle_timeout`] next has something to do.
@@ -863,7 +887,11 @@ impl ProbePlanner {
                         other: cone.id,
                         endpoint: cone.endpoint,
                         step: 0,
-                        count: LISTEN_SOCKETS,
+                        count: if self.random_nat(&hard) {
+                            LISTEN_SOCKETS
+                        } else {
+                            LISTEN_SOCKETS_SEQUENTIAL
+                        },
                         extra: 0,
                     },
                 );
