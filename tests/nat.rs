@@ -383,7 +383,28 @@ struct NtsRun {
     peers: Vec<(NatKind, u64, u64, u64, Vec<usize>)>,
     /// Each peer's incorporation line (`NTS ID ..., incorporated in ...`).
     incorporations: Vec<String>,
+    /// Per pair of peers `(i, j)`, `i < j`: how long after the later one (`j`) was started both
+    /// first kept each other as neighbours (`/status` polled every [`WATCH_EVERY`]).
+    direct_after: std::collections::HashMap<(usize, usize), Duration>,
+    /// Per peer: from its start to its incorporation line (the splitter echoed its `Y`).
+    incorporated_after: Vec<Duration>,
 }
+
+/// How often [`nts_team`] polls every peer's `/status` to time the pairs.
+const WATCH_EVERY: Duration = Duration::from_millis(250);
+
+/// Per ordered pair of kinds (joining, already there; indices in [`NatKind::ALL`]): pairs,
+/// pairs direct within the limit, times to direct, chunks lost by the joining peer.
+#[derive(Default)]
+struct PairStats {
+    pairs: u32,
+    direct: u32,
+    times: Vec<Duration>,
+    lost: Vec<u64>,
+    incorporation: Vec<Duration>,
+}
+
+type Matrix = std::collections::BTreeMap<(usize, usize), PairStats>;
 
 impl NtsRun {
     /// Whether peers `i` and `j` keep each other as neighbours: both directions work.
@@ -410,6 +431,29 @@ impl NtsRun {
             }
         }
         out
+    }
+
+    /// Adds each pair to `m` under (kind of the later peer, kind of the earlier one): direct
+    /// when both kept each other within `limit` of the later one's start.
+    fn count_ordered(&self, m: &mut Matrix, limit: Duration) {
+        let idx = |k: NatKind| NatKind::ALL.iter().position(|&x| x == k).unwrap();
+        for i in 0..self.peers.len() {
+            for j in i + 1..self.peers.len() {
+                let e = m
+                    .entry((idx(self.peers[j].0), idx(self.peers[i].0)))
+                    .or_default();
+                e.pairs += 1;
+                e.lost.push(self.peers[j].3);
+                e.incorporation.push(self.incorporated_after[j]);
+                if let Some(&t) = self.direct_after.get(&(i, j))
+                    && t <= limit
+                    && self.direct_pair(i, j)
+                {
+                    e.direct += 1;
+                    e.times.push(t);
+                }
+            }
+        }
     }
 
     /// Adds (direct pairs, pairs) per pair of kinds (by index in [`NatKind::ALL`]) to `counts`.
@@ -485,18 +529,64 @@ fn nts_team(order: &[NatKind], settle: Duration, dir_name: &str) -> NtsRun {
     support::wait_joined(&dir, &mut monitor);
     procs.push(monitor);
     let mut incorporations = Vec::new();
+    let mut incorporated_after = Vec::new();
+    // The watcher: every peer started so far, polled for its neighbours.
+    let started: std::sync::Arc<std::sync::Mutex<Vec<Instant>>> = Default::default();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (started, stop) = (started.clone(), stop.clone());
+        let homes = homes.clone();
+        std::thread::spawn(move || {
+            let mut first = std::collections::HashMap::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t0 = Instant::now();
+                let spawned = started.lock().unwrap().clone();
+                let kept: Vec<Vec<usize>> = (0..spawned.len())
+                    .map(|i| {
+                        peer_status(&homes[i].host)["neighbours"]
+                            .as_array()
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(|n| {
+                                        let e = n["endpoint"].as_str()?;
+                                        let ip: Ipv4Addr = e.split(':').next()?.parse().ok()?;
+                                        homes.iter().position(|h| h.nat.wan == ip)
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                for j in 0..spawned.len() {
+                    for i in 0..j {
+                        if kept[i].contains(&j) && kept[j].contains(&i) {
+                            first
+                                .entry((i, j))
+                                .or_insert_with(|| t0.saturating_duration_since(spawned[j]));
+                        }
+                    }
+                }
+                std::thread::sleep(WATCH_EVERY.saturating_sub(t0.elapsed()));
+            }
+            first
+        })
+    };
     for (i, home) in homes.iter().enumerate() {
         let name = format!("{i}-{}", home.nat.kind.name());
+        started.lock().unwrap().push(Instant::now());
         let mut p = spawn_in(&home.host, &dir, &name, &peer_args(false));
         let log = support::peer_log(&dir, &name);
         let line = support::wait_for_line(&mut p, &log, Duration::from_secs(25), |l| {
             l.contains(": NTS ID ")
         })
         .unwrap_or_else(|t| panic!("{name} was not incorporated:\n{t}"));
+        incorporated_after.push(started.lock().unwrap()[i].elapsed());
         incorporations.push(format!("{:<21} {}", home.nat.kind.name(), line));
         procs.push(p);
     }
     std::thread::sleep(settle);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let direct_after = watcher.join().unwrap();
     let index_of = |endpoint: &str| -> Option<usize> {
         let ip: Ipv4Addr = endpoint.split(':').next()?.parse().ok()?;
         homes.iter().position(|h| h.nat.wan == ip)
@@ -527,6 +617,8 @@ fn nts_team(order: &[NatKind], settle: Duration, dir_name: &str) -> NtsRun {
     NtsRun {
         peers,
         incorporations,
+        direct_after,
+        incorporated_after,
     }
 }
 
@@ -604,10 +696,71 @@ fn nts_through_each_nat_kind() {
     }
 }
 
+/// Median and 99th percentile (nearest rank) of `v`, sorted in place.
+fn p50_p99<T: Ord + Copy>(v: &mut [T]) -> Option<(T, T)> {
+    v.sort_unstable();
+    let at = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+    (!v.is_empty()).then(|| (at(0.5), at(0.99)))
+}
+
+/// Prints the ordered-pair tables of `m`: direct share, time to direct p50/p99, chunks lost by
+/// the joining peer p50/max.
+fn print_ordered(m: &Matrix, limit: Duration) {
+    let head = NatKind::ALL.map(|k| format!("{:>14}", k.short())).join("");
+    let table = |title: &str, cell: &dyn Fn(&PairStats) -> String| {
+        eprintln!("\n{title}\njoining{head}");
+        for (i, a) in NatKind::ALL.iter().enumerate() {
+            let row: Vec<String> = (0..5)
+                .map(|j| {
+                    let c = m.get(&(i, j)).map_or("-".to_owned(), cell);
+                    format!("{c:>14}")
+                })
+                .collect();
+            eprintln!("{:<7}{}", a.short(), row.join(""));
+        }
+    };
+    table(
+        &format!(
+            "direct within {limit:?} / pairs (row: the peer that joined later; column: the one already there):"
+        ),
+        &|e| {
+            format!(
+                "{}/{} {:>3.0}%",
+                e.direct,
+                e.pairs,
+                100.0 * f64::from(e.direct) / f64::from(e.pairs.max(1))
+            )
+        },
+    );
+    table(
+        "the joining peer's incorporation (its start to the splitter's echo of its Y), p50/p99 (ms):",
+        &|e| {
+            let mut t: Vec<u128> = e.incorporation.iter().map(|d| d.as_millis()).collect();
+            p50_p99(&mut t).map_or("-".to_owned(), |(a, b)| format!("{a}/{b}"))
+        },
+    );
+    table(
+        "from the later peer's start until /status showed both keeping each other, p50/p99 (ms; \
+         direct pairs; an upper bound: a peer refreshes its neighbour list once a second):",
+        &|e| {
+            let mut t: Vec<u128> = e.times.iter().map(|d| d.as_millis()).collect();
+            p50_p99(&mut t).map_or("-".to_owned(), |(a, b)| format!("{a}/{b}"))
+        },
+    );
+    table("chunks lost by the joining peer, p50/max:", &|e| {
+        let mut l = e.lost.clone();
+        let max = l.iter().copied().max().unwrap_or(0);
+        p50_p99(&mut l).map_or("-".to_owned(), |(a, _)| format!("{a}/{max}"))
+    });
+}
+
 /// The full matrix: `NTS_MATRIX_RUNS` (default 10) teams of two peers per NAT kind (each behind
-/// its own NAT), joining in a shuffled order each time; per pair of kinds, the pairs of peers
-/// that connected directly out of all such pairs.
-/// `cargo test --release --test nat nts_success_matrix -- --ignored --nocapture`
+/// its own NAT), joining in a shuffled order each time, each read 10 s after the last join; per
+/// ordered pair of kinds (the later peer's, the earlier one's): the pairs of peers that kept
+/// each other as neighbours within 10 s of the later one's start, the time that took (p50/p99),
+/// and the chunks the later peer lost. Each run adds 4 pairs per ordered pair of two kinds and 1
+/// per pair of one kind. ≈ 35 s per run.
+/// `NTS_MATRIX_RUNS=10 cargo test --release --test nat nts_success_matrix -- --ignored --nocapture`
 #[test]
 #[ignore]
 fn nts_success_matrix() {
@@ -619,8 +772,13 @@ fn nts_success_matrix() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
+    let limit = Duration::from_secs(10);
     let mut counts = std::collections::BTreeMap::new();
-    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut ordered = Matrix::new();
+    let mut seed = std::env::var("NTS_MATRIX_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x2545_F491_4F6C_DD1Du64);
     for r in 0..runs {
         // Two peers of each kind, each behind its own NAT, so that pairs of one kind count too.
         let mut order = [NatKind::ALL, NatKind::ALL].concat();
@@ -630,12 +788,9 @@ fn nts_success_matrix() {
             seed ^= seed << 17;
             order.swap(i, (seed % (i as u64 + 1)) as usize);
         }
-        let run = nts_team(
-            &order,
-            Duration::from_secs(3),
-            &format!("nat-nts-matrix-{r}"),
-        );
+        let run = nts_team(&order, limit, &format!("nat-nts-matrix-{r}"));
         run.count(&mut counts);
+        run.count_ordered(&mut ordered, limit);
         let played: Vec<u64> = run.peers.iter().map(|p| p.2).collect();
         eprintln!(
             "run {r}: order {:?}, played {played:?}",
@@ -646,6 +801,7 @@ fn nts_success_matrix() {
         &format!("NTS direct pairs of peers / pairs, over {runs} runs:"),
         &counts,
     );
+    print_ordered(&ordered, limit);
 }
 
 /// NAT keep-alives: a team behind port-restricted and sequential symmetric NATs whose UDP

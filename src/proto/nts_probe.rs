@@ -504,7 +504,7 @@ impl ProbePeer {
             return true;
         }
         let hello = data.len() == ID_LEN && PeerId::from_bytes(data) == Some(s.r.other);
-        if s.done || !hello || from.ip() != s.r.endpoint.ip() {
+        if s.done || !hello || s.r.method == Method::Query || from.ip() != s.r.endpoint.ip() {
             self.counters.strays += 1;
             return true;
         }
