@@ -386,6 +386,8 @@ struct NtsRun {
     /// Per pair of peers `(i, j)`, `i < j`: how long after the later one (`j`) was started both
     /// first kept each other as neighbours (`/status` polled every [`WATCH_EVERY`]).
     direct_after: std::collections::HashMap<(usize, usize), Duration>,
+    /// The same, for the earlier peer (`i`, already playing) keeping the later one.
+    kept_after: std::collections::HashMap<(usize, usize), Duration>,
     /// Per peer: from its start to its incorporation line (the splitter echoed its `Y`).
     incorporated_after: Vec<Duration>,
 }
@@ -400,6 +402,7 @@ struct PairStats {
     pairs: u32,
     direct: u32,
     times: Vec<Duration>,
+    kept: Vec<Duration>,
     lost: Vec<u64>,
     incorporation: Vec<Duration>,
 }
@@ -451,6 +454,9 @@ impl NtsRun {
                 {
                     e.direct += 1;
                     e.times.push(t);
+                    if let Some(&k) = self.kept_after.get(&(i, j)) {
+                        e.kept.push(k);
+                    }
                 }
             }
         }
@@ -538,6 +544,7 @@ fn nts_team(order: &[NatKind], settle: Duration, dir_name: &str) -> NtsRun {
         let homes = homes.clone();
         std::thread::spawn(move || {
             let mut first = std::collections::HashMap::new();
+            let mut kept_first = std::collections::HashMap::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let t0 = Instant::now();
                 let spawned = started.lock().unwrap().clone();
@@ -559,6 +566,11 @@ fn nts_team(order: &[NatKind], settle: Duration, dir_name: &str) -> NtsRun {
                     .collect();
                 for j in 0..spawned.len() {
                     for i in 0..j {
+                        if kept[i].contains(&j) {
+                            kept_first
+                                .entry((i, j))
+                                .or_insert_with(|| t0.saturating_duration_since(spawned[j]));
+                        }
                         if kept[i].contains(&j) && kept[j].contains(&i) {
                             first
                                 .entry((i, j))
@@ -568,7 +580,7 @@ fn nts_team(order: &[NatKind], settle: Duration, dir_name: &str) -> NtsRun {
                 }
                 std::thread::sleep(WATCH_EVERY.saturating_sub(t0.elapsed()));
             }
-            first
+            (first, kept_first)
         })
     };
     for (i, home) in homes.iter().enumerate() {
@@ -586,7 +598,7 @@ fn nts_team(order: &[NatKind], settle: Duration, dir_name: &str) -> NtsRun {
     }
     std::thread::sleep(settle);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let direct_after = watcher.join().unwrap();
+    let (direct_after, kept_after) = watcher.join().unwrap();
     let index_of = |endpoint: &str| -> Option<usize> {
         let ip: Ipv4Addr = endpoint.split(':').next()?.parse().ok()?;
         homes.iter().position(|h| h.nat.wan == ip)
@@ -618,6 +630,7 @@ fn nts_team(order: &[NatKind], settle: Duration, dir_name: &str) -> NtsRun {
         peers,
         incorporations,
         direct_after,
+        kept_after,
         incorporated_after,
     }
 }
@@ -629,6 +642,17 @@ fn cone_pair(a: NatKind, b: NatKind) -> bool {
     use NatKind::*;
     let open = |k| matches!(k, FullCone | AddressRestricted);
     open(a) || open(b) || (a == PortRestricted && b == PortRestricted)
+}
+
+/// Whether port probing (`src/proto/nts_probe.rs`) is to connect the pair: a port-restricted
+/// cone with a symmetric NAT of either kind (birthday probing), or two sequential symmetric
+/// NATs (the two-rate sweep).
+fn probed_pair(a: NatKind, b: NatKind) -> bool {
+    use NatKind::*;
+    let sym = |k| matches!(k, SymmetricSequential | SymmetricRandom);
+    (a == PortRestricted && sym(b))
+        || (b == PortRestricted && sym(a))
+        || (a == SymmetricSequential && b == SymmetricSequential)
 }
 
 fn print_matrix(title: &str, counts: &std::collections::BTreeMap<(usize, usize), (u32, u32)>) {
@@ -648,10 +672,12 @@ fn print_matrix(title: &str, counts: &std::collections::BTreeMap<(usize, usize),
     }
 }
 
-/// NTS through the lab: one peer behind each NAT kind in one team (10 pairs at once). The
-/// splitter reaches every peer (it sends to the mapping each peer's own hello made), and every
-/// pair with a full- or address-restricted cone on one side, or two port-restricted cones,
-/// connects directly. Prints the pairs.
+/// NTS through the lab: one peer behind each NAT kind in one team, then a second
+/// port-restricted and a second sequential symmetric peer (21 pairs at once). The splitter
+/// reaches every peer (it sends to the mapping each peer's own hello made), and every pair with
+/// a full- or address-restricted cone on one side, or two port-restricted cones, connects
+/// directly; so do, through port probing, port-restricted ↔ symmetric (sequential and random)
+/// and sequential ↔ sequential. Prints the pairs.
 #[test]
 fn nts_through_each_nat_kind() {
     if !lab_possible("nts_through_each_nat_kind") {
@@ -659,9 +685,11 @@ fn nts_through_each_nat_kind() {
     }
     let _one = support::one_at_a_time();
     let started = Instant::now();
-    // Each kind once, then a second port-restricted peer (a cone pair of one kind).
+    // Each kind once, then a second port-restricted peer (a cone pair of one kind) and a
+    // second sequential symmetric one (a pair for the sweep).
     let mut order = NatKind::ALL.to_vec();
     order.push(NatKind::PortRestricted);
+    order.push(NatKind::SymmetricSequential);
     let run = nts_team(&order, Duration::from_secs(5), "nat-nts");
     eprintln!("\nNTS through NATs, one team, 5 s after the last join, 500 kbit/s:");
     for l in &run.incorporations {
@@ -691,6 +719,9 @@ fn nts_through_each_nat_kind() {
         for &b in &NatKind::ALL[i..] {
             if cone_pair(a, b) {
                 assert!(run.direct(a, b), "{a} and {b} did not connect");
+            }
+            if probed_pair(a, b) {
+                assert!(run.direct(a, b), "{a} and {b} did not connect by probing");
             }
         }
     }
@@ -744,6 +775,14 @@ fn print_ordered(m: &Matrix, limit: Duration) {
          direct pairs; an upper bound: a peer refreshes its neighbour list once a second):",
         &|e| {
             let mut t: Vec<u128> = e.times.iter().map(|d| d.as_millis()).collect();
+            p50_p99(&mut t).map_or("-".to_owned(), |(a, b)| format!("{a}/{b}"))
+        },
+    );
+    table(
+        "from the later peer's start until the earlier one (playing already) kept it, p50/p99 \
+         (ms; direct pairs; an upper bound as above):",
+        &|e| {
+            let mut t: Vec<u128> = e.kept.iter().map(|d| d.as_millis()).collect();
             p50_p99(&mut t).map_or("-".to_owned(), |(a, b)| format!("{a}/{b}"))
         },
     );
