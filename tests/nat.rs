@@ -480,11 +480,21 @@ impl NtsRun {
 /// kind of `order`, joining one after another (each as soon as the previous one is a member),
 /// all with `--nts`; reads every peer's `/status` `settle` after the last join.
 fn nts_team(order: &[NatKind], settle: Duration, dir_name: &str) -> NtsRun {
+    nts_team_with_loss(order, settle, dir_name, 0)
+}
+
+/// [`nts_team`] with every NAT dropping `loss_permille` of the UDP it forwards, both ways.
+fn nts_team_with_loss(
+    order: &[NatKind],
+    settle: Duration,
+    dir_name: &str,
+    loss_permille: u16,
+) -> NtsRun {
     let dir = support::test_dir(dir_name);
     let mut lab = Lab::new();
     let public = lab.public_host("splitter", 1);
     let monitor_host = lab.public_host("monitor", 1);
-    let homes: Vec<Home> = order.iter().map(|&k| lab.home(k, 0)).collect();
+    let homes: Vec<Home> = order.iter().map(|&k| lab.home(k, loss_permille)).collect();
     let splitter_at = format!("{}:8001", public.ip());
     let metrics = format!("127.0.0.1:{METRICS_PORT}");
     let mut procs = Vec::new();
@@ -799,6 +809,7 @@ fn print_ordered(m: &Matrix, limit: Duration) {
 /// each other as neighbours within 10 s of the later one's start, the time that took (p50/p99),
 /// and the chunks the later peer lost. Each run adds 4 pairs per ordered pair of two kinds and 1
 /// per pair of one kind. ≈ 35 s per run.
+/// `NTS_MATRIX_LOSS=10` makes every NAT drop 1 % of the UDP it forwards (as the reference's runs).
 /// `NTS_MATRIX_RUNS=10 cargo test --release --test nat nts_success_matrix -- --ignored --nocapture`
 #[test]
 #[ignore]
@@ -812,6 +823,11 @@ fn nts_success_matrix() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
     let limit = Duration::from_secs(10);
+    // Per mille of UDP each NAT drops (the reference measured with 1 %: 10).
+    let loss: u16 = std::env::var("NTS_MATRIX_LOSS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let mut counts = std::collections::BTreeMap::new();
     let mut ordered = Matrix::new();
     let mut seed = std::env::var("NTS_MATRIX_SEED")
@@ -827,7 +843,7 @@ fn nts_success_matrix() {
             seed ^= seed << 17;
             order.swap(i, (seed % (i as u64 + 1)) as usize);
         }
-        let run = nts_team(&order, limit, &format!("nat-nts-matrix-{r}"));
+        let run = nts_team_with_loss(&order, limit, &format!("nat-nts-matrix-{r}"), loss);
         run.count(&mut counts);
         run.count_ordered(&mut ordered, limit);
         let played: Vec<u64> = run.peers.iter().map(|p| p.2).collect();
@@ -837,7 +853,7 @@ fn nts_success_matrix() {
         );
     }
     print_matrix(
-        &format!("NTS direct pairs of peers / pairs, over {runs} runs:"),
+        &format!("NTS direct pairs of peers / pairs, over {runs} runs, NAT loss {loss} ‰:"),
         &counts,
     );
     print_ordered(&ordered, limit);

@@ -191,6 +191,9 @@ pub struct PeerCounters {
     pub rejoin_attempt: AtomicU64,
     /// Times the peer joined a team again after its team session ended.
     pub rejoins: AtomicU64,
+    /// NTS port probing (issue 11): sessions the splitter started, teammates reached, sessions
+    /// that ended without, and datagrams or rendezvous not taken (strangers, repeats, limits).
+    pub nat_probe: [AtomicU64; 4],
 }
 
 impl PeerOptions {
@@ -551,6 +554,17 @@ fn session(
         core.handle_timeout(Instant::now());
         if let Some(n) = &mut nts {
             n.handle_timeout(Instant::now(), &socket, &mut core);
+            if let Some(p) = &n.probe {
+                let c = p.core.counters();
+                for (a, v) in opts.counters.nat_probe.iter().zip([
+                    c.sessions,
+                    c.reached,
+                    c.failed,
+                    c.strays + c.refused,
+                ]) {
+                    a.store(v, Ordering::Relaxed);
+                }
+            }
         }
         while let Some(t) = core.poll_transmit() {
             let payload = match &mut polluter {
