@@ -493,8 +493,8 @@ pub fn nts_probe(data: &[u8]) {
 
     use crate::proto::nts::PeerId;
     use crate::proto::nts_probe::{
-        MAX_KEPT, MAX_SOCKETS, PeerView, ProbeAction, ProbePeer, ProbePlanner, ProbeToSplitter,
-        Rendezvous, SockRef,
+        MAX_SOCKETS, PeerView, ProbeAction, ProbePeer, ProbePlanner, ProbeToSplitter, Rendezvous,
+        SockRef,
     };
     let t0 = Instant::now();
     let mut now = t0;
@@ -601,5 +601,4 @@ pub fn nts_probe(data: &[u8]) {
         }
         named.truncate(4096);
     }
-    let _ = MAX_KEPT;
 }

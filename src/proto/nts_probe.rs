@@ -482,7 +482,7 @@ impl ProbePeer {
     /// (traffic of a teammate reached through that socket).
     pub fn handle_datagram(
         &mut self,
-        now: Instant,
+        _now: Instant,
         via: SockRef,
         from: Endpoint,
         data: &[u8],
@@ -538,7 +538,6 @@ impl ProbePeer {
             endpoint: from,
             via,
         });
-        let _ = now;
         true
     }
 
