@@ -390,6 +390,8 @@ struct NtsRun {
     kept_after: std::collections::HashMap<(usize, usize), Duration>,
     /// Per peer: from its start to its incorporation line (the splitter echoed its `Y`).
     incorporated_after: Vec<Duration>,
+    /// Per peer: teammates reached by port probing (`/status` `nat_probe_reached`).
+    probe_reached: Vec<u64>,
 }
 
 /// How often [`nts_team`] polls every peer's `/status` to time the pairs.
@@ -613,11 +615,13 @@ fn nts_team_with_loss(
         let ip: Ipv4Addr = endpoint.split(':').next()?.parse().ok()?;
         homes.iter().position(|h| h.nat.wan == ip)
     };
+    let mut probe_reached = Vec::new();
     let peers = homes
         .iter()
         .map(|h| {
             let s = peer_status(&h.host);
             let t = &s["totals"];
+            probe_reached.push(t["nat_probe_reached"].as_u64().unwrap_or(0));
             let neighbours: Vec<usize> = s["neighbours"]
                 .as_array()
                 .map(|a| {
@@ -642,6 +646,7 @@ fn nts_team_with_loss(
         direct_after,
         kept_after,
         incorporated_after,
+        probe_reached,
     }
 }
 
@@ -721,9 +726,18 @@ fn nts_through_each_nat_kind() {
     run.count(&mut counts);
     print_matrix("direct pairs (both keep each other) / pairs:", &counts);
     eprintln!("in {:?}", started.elapsed());
-    for (k, splitter, played, _, _) in &run.peers {
+    for (i, (k, splitter, played, _, _)) in run.peers.iter().enumerate() {
         assert!(*splitter > 0, "{k}: the splitter does not reach it");
         assert!(*played > 0, "{k}: plays nothing");
+        // The random symmetric peer meets both port-restricted ones by birthday probing only,
+        // and its /status counts them.
+        if *k == NatKind::SymmetricRandom {
+            assert!(
+                run.probe_reached[i] >= 2,
+                "{k}: nat_probe_reached {}",
+                run.probe_reached[i]
+            );
+        }
     }
     for (i, &a) in NatKind::ALL.iter().enumerate() {
         for &b in &NatKind::ALL[i..] {
