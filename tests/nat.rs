@@ -922,6 +922,14 @@ fn nts_team_survives_a_source_outage_longer_than_the_nat_timeout() {
         .stderr(log);
     let mut splitter = support::Proc::spawn("splitter", &mut cmd);
     let mut source = splitter.child.stdin.take().unwrap();
+    // The monitor's join is refused until the splitter listens.
+    support::wait_for_line(
+        &mut splitter,
+        &support::peer_log(&dir, "splitter"),
+        Duration::from_secs(10),
+        |l| l.starts_with("p2psp splitter listening on"),
+    )
+    .unwrap_or_else(|log| panic!("the splitter did not start:\n{log}"));
     let feeding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (f2, s2) = (feeding.clone(), stop.clone());
