@@ -789,3 +789,128 @@ pub fn nts_forward(data: &[u8]) {
         assert_eq!(s.counters().forward_requests, 0);
     }
 }
+
+/// NTS port probing (issue 11, `proto::nts_probe`): a program of operations on one probing peer
+/// and one splitter planner. Every byte string goes through both decoders, and what decodes
+/// re-encodes to exactly its bytes. Whatever arrives, the peer keeps within its socket and
+/// session bounds, routes traffic only to endpoints a probe socket heard the expected teammate
+/// at, and the planner answers only queries for its sessions.
+///
+/// Operations (first byte `% 6`), each followed by a length byte and that many bytes:
+/// 0 a rendezvous from the splitter; 1 a datagram at probe socket (byte 0, byte 1) from an
+/// endpoint made of bytes 2–7; 2 time passes (byte 0 × 50 ms); 3 a message to the splitter
+/// planner from the peer named by its bytes; 4 a pair and U4 reports; 5 the planner's timeout.
+pub fn nts_probe(data: &[u8]) {
+    use std::net::Ipv4Addr;
+
+    use crate::proto::nts::PeerId;
+    use crate::proto::nts_probe::{
+        MAX_SOCKETS, PeerView, ProbeAction, ProbePeer, ProbePlanner, ProbeToSplitter, Rendezvous,
+        SockRef,
+    };
+    let t0 = Instant::now();
+    let mut now = t0;
+    let splitter: Endpoint = Endpoint::new(Ipv4Addr::new(198, 18, 0, 1), 8001);
+    let me = PeerId::from_random(7);
+    let mut peer = ProbePeer::new(now, me, splitter, 11);
+    let mut planner = ProbePlanner::default();
+    // The teammates a rendezvous named, with the address it gave.
+    let mut named: Vec<(u32, PeerId, Ipv4Addr)> = Vec::new();
+    let mut rest = data;
+    let mut out = Vec::new();
+    while let [op, len, tail @ ..] = rest {
+        let n = usize::from(*len).min(tail.len());
+        let (d, next) = tail.split_at(n);
+        rest = next;
+        if let Some(m) = ProbeToSplitter::parse(d) {
+            m.encode(&mut out);
+            assert_eq!(out, d, "{m:?} re-encodes to its bytes");
+        }
+        if let Some(r) = Rendezvous::parse(d) {
+            r.encode(&mut out);
+            assert_eq!(out, d, "{r:?} re-encodes to its bytes");
+        }
+        match op % 6 {
+            0 => {
+                if let Some(r) = Rendezvous::parse(d) {
+                    named.push((r.session, r.other, *r.endpoint.ip()));
+                    peer.on_rendezvous(now, r);
+                }
+            }
+            1 if d.len() >= 8 => {
+                let via = SockRef::Probe {
+                    session: u32::from(d[0]),
+                    index: u16::from(d[1]),
+                };
+                let from = Endpoint::new(
+                    Ipv4Addr::new(d[2], d[3], d[4], d[5]),
+                    u16::from_be_bytes([d[6], d[7]]),
+                );
+                let before = peer.route(from);
+                peer.handle_datagram(now, via, from, &d[8..]);
+                if before.is_none() && peer.route(from) == Some(via) {
+                    // Only the teammate a rendezvous of that session named, at its address,
+                    // saying hello with its ID.
+                    assert!(
+                        named.iter().any(|&(s, id, ip)| {
+                            u32::from(d[0]) == s && ip == *from.ip() && &d[8..] == id.as_bytes()
+                        }),
+                        "routed to {from} without a probe hit"
+                    );
+                }
+            }
+            2 => {
+                now += Duration::from_millis(50 * u64::from(d.first().copied().unwrap_or(1)));
+                peer.handle_timeout(now);
+            }
+            3 if d.len() >= 6 => {
+                let from = Endpoint::new(
+                    Ipv4Addr::new(198, 18, 0, d[0]),
+                    u16::from_be_bytes([d[1], d[2]]),
+                );
+                if let Some(m) = ProbeToSplitter::parse(&d[3..]) {
+                    match m {
+                        ProbeToSplitter::Capable(id) => planner.capable(id),
+                        ProbeToSplitter::Query { id, session } => {
+                            let mut sweeps = Vec::new();
+                            let took = planner.query(id, session, from, &mut sweeps);
+                            assert!(took || sweeps.is_empty());
+                            for (_, s) in sweeps {
+                                assert!(Rendezvous::parse(&s).is_some());
+                            }
+                        }
+                    }
+                }
+            }
+            4 if d.len() >= 4 => {
+                let a = PeerId::from_random(u64::from(d[0] % 4));
+                let b = PeerId::from_random(u64::from(d[1] % 4));
+                planner.pair(now, a, b);
+                planner.heard(b, a);
+                planner.observe(a, u16::from_be_bytes([d[2], d[3]]));
+            }
+            5 => {
+                planner.handle_timeout(now);
+                for (a, b) in planner.due(now + Duration::from_secs(2)) {
+                    let view = |id: PeerId, k: u8| PeerView {
+                        id,
+                        endpoint: Endpoint::new(Ipv4Addr::new(198, 18, 0, 100 + k), 20000),
+                        step: u16::from(d.first().copied().unwrap_or(0) & k),
+                        last_port: 20000,
+                    };
+                    for (_, m) in planner.start(now, view(a, 1), view(b, 2)) {
+                        assert!(Rendezvous::parse(&m).is_some());
+                    }
+                }
+            }
+            _ => {}
+        }
+        assert!(peer.open_sockets() <= MAX_SOCKETS);
+        while let Some(a) = peer.poll_action() {
+            if let ProbeAction::Open { count, .. } = a {
+                assert!(usize::from(count) <= MAX_SOCKETS);
+            }
+        }
+        named.truncate(4096);
+    }
+}

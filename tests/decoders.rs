@@ -256,6 +256,41 @@ proptest! {
         bad[at] ^= 0x20;
         prop_assert!(Digest::parse(&bad).is_none_or(|g| !g.verify(&signer.verifier())));
     }
+
+    #[test]
+    fn nts_probe_random(data in bytes(1024)) {
+        fuzzing::nts_probe(&data);
+    }
+
+    #[test]
+    fn nts_probe_mutated(data in mutated("nts_probe")) {
+        fuzzing::nts_probe(&data);
+    }
+
+    /// Whatever a rendezvous says, it decodes to what was encoded, and no other probing
+    /// message or NTS length takes its bytes.
+    #[test]
+    fn nts_probe_rendezvous_round_trip(
+        method in 0usize..4, rate in any::<u8>(), session in any::<u32>(),
+        id in proptest::collection::vec(0usize..36, 7), to in endpoint(),
+        step in any::<u16>(), count in any::<u16>(), extra in any::<u16>(),
+    ) {
+        use p2psp::proto::nts::PeerId;
+        use p2psp::proto::nts_probe::{Method, ProbeToSplitter, Rendezvous, RENDEZVOUS_LEN};
+        const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+        let other = PeerId::from_bytes(&id.iter().map(|&i| ALPHABET[i]).collect::<Vec<u8>>()).unwrap();
+        let method = [Method::Listen, Method::Spray, Method::Query, Method::Sweep][method];
+        let r = Rendezvous { method, rate, session, other, endpoint: to, step, count, extra };
+        let mut out = Vec::new();
+        r.encode(&mut out);
+        prop_assert_eq!(out.len(), RENDEZVOUS_LEN);
+        prop_assert_eq!(Rendezvous::parse(&out), Some(r));
+        prop_assert_eq!(ProbeToSplitter::parse(&out), None);
+        let mut q = Vec::new();
+        ProbeToSplitter::Query { id: other, session }.encode(&mut q);
+        prop_assert_eq!(ProbeToSplitter::parse(&q), Some(ProbeToSplitter::Query { id: other, session }));
+        prop_assert_eq!(Rendezvous::parse(&q), None);
+    }
 }
 
 /// Every seed as it is (the real captures must of course pass).
@@ -290,5 +325,8 @@ fn seeds_pass() {
     assert!(!digests.is_empty());
     for s in digests {
         fuzzing::digest(&s);
+    }
+    for s in seeds("nts_probe") {
+        fuzzing::nts_probe(&s);
     }
 }

@@ -9,6 +9,7 @@ pub mod attack;
 pub mod ims;
 pub mod join;
 pub mod nts;
+pub mod nts_probe;
 pub mod player;
 pub mod status;
 
@@ -228,6 +229,9 @@ pub struct PeerCounters {
     pub failover_gap_ms: AtomicU64,
     /// When the last failover's first chunk played (Unix time, milliseconds).
     pub failover_resumed_ms: AtomicU64,
+    /// NTS port probing (issue 11): sessions the splitter started, teammates reached, sessions
+    /// that ended without, and datagrams or rendezvous not taken (strangers, repeats, limits).
+    pub nat_probe: [AtomicU64; 4],
 }
 
 impl PeerCounters {
@@ -693,7 +697,8 @@ fn session(
     }
     // Hellos first, then the ready byte: see `Joined::ready`.
     while let Some(t) = core.poll_transmit() {
-        let _ = socket.send_to(&t.payload, t.dest);
+        let from = nts.as_ref().map_or(&socket, |n| n.route(&socket, t.dest));
+        let _ = from.send_to(&t.payload, t.dest);
     }
     joined.ready();
     // Under systemd (`Type=notify`): joined.
@@ -789,9 +794,34 @@ fn session(
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
             Err(e) => break Err(anyhow::anyhow!("UDP receive failed: {e}")),
         }
+        // What a teammate reached by port probing sent to the socket kept for it (issue 11).
+        if let Some(n) = &mut nts {
+            for (from, d) in n.probe_datagrams(now, &mut buf) {
+                if n.handle_datagram(now, from, &d, &socket, &mut core) {
+                    continue;
+                }
+                let before = *core.stats();
+                core.handle_datagram(now, from, Bytes::from(d));
+                let after = *core.stats();
+                if after.chunks_received > before.chunks_received {
+                    watchdog.on_chunk(now, after.from_splitter > before.from_splitter);
+                }
+            }
+        }
         core.handle_timeout(Instant::now());
         if let Some(n) = &mut nts {
             n.handle_timeout(Instant::now(), &socket, &mut core);
+            if let Some(p) = &n.probe {
+                let c = p.core.counters();
+                for (a, v) in opts.counters.nat_probe.iter().zip([
+                    c.sessions,
+                    c.reached,
+                    c.failed,
+                    c.strays + c.refused,
+                ]) {
+                    a.store(v, Ordering::Relaxed);
+                }
+            }
         }
         while let Some(t) = core.poll_transmit() {
             let payload = match &mut polluter {
@@ -807,7 +837,8 @@ fn session(
             };
             // A neighbour that vanished answers with ICMP; that is the debt rule's job.
             if let Some(payload) = payload {
-                let _ = socket.send_to(&payload, t.dest);
+                let from = nts.as_ref().map_or(&socket, |n| n.route(&socket, t.dest));
+                let _ = from.send_to(&payload, t.dest);
             }
         }
         if let Some(p) = &mut polluter {

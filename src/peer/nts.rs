@@ -12,6 +12,7 @@ use bytes::Bytes;
 use crate::proto::Endpoint;
 use crate::proto::nts::{ID_LEN, MAX_PEER_ARRIVING_TIME, PeerId, decode_id, decode_list2};
 use crate::proto::nts_peer::{NtsPeer, NtsPeerAction, NtsPeerCounters, Reached};
+use crate::proto::nts_probe::{RENDEZVOUS_LEN, Rendezvous};
 use crate::proto::peer::Peer;
 use crate::proto::wire::{HELLO, JoinConfig};
 
@@ -30,6 +31,8 @@ pub struct NtsSession {
     pub neighbours: Vec<(Endpoint, Reached)>,
     /// When the incorporation took (from the ID to the echo of `Y`).
     pub incorporation: Duration,
+    /// Port probing (issue 11; not at monitors).
+    pub probe: Option<super::nts_probe::ProbeIo>,
 }
 
 fn wrong_profile_nts(splitter: SocketAddrV4, what: &str) -> anyhow::Error {
@@ -109,13 +112,30 @@ pub fn refuse_nts_splitter(
     Ok(())
 }
 
-fn send_all(core: &mut NtsPeer, socket: &UdpSocket, mut neighbour: impl FnMut(Endpoint, Reached)) {
+fn send_all(
+    core: &mut NtsPeer,
+    socket: &UdpSocket,
+    mut probe: Option<&mut super::nts_probe::ProbeIo>,
+    mut neighbour: impl FnMut(Endpoint, Reached),
+) {
     while let Some(a) = core.poll_action() {
         match a {
             NtsPeerAction::Send { to, data } => {
-                let _ = socket.send_to(&data, to);
+                let s = probe.as_deref().map_or(socket, |p| p.route(socket, to));
+                let _ = s.send_to(&data, to);
             }
-            NtsPeerAction::Neighbour { endpoint, how, .. } => neighbour(endpoint, how),
+            NtsPeerAction::Neighbour { id, endpoint, how } => {
+                // A hello during a probing session with it: one of the probes got through.
+                let how = match probe.as_deref_mut() {
+                    Some(p) => {
+                        let probing = p.core.probing(&id);
+                        p.core.note_heard(id);
+                        if probing { Reached::Probed } else { how }
+                    }
+                    None => how,
+                };
+                neighbour(endpoint, how)
+            }
             NtsPeerAction::Incorporated { missing } => {
                 if missing > 0 {
                     tracing::info!(
@@ -125,6 +145,19 @@ fn send_all(core: &mut NtsPeer, socket: &UdpSocket, mut neighbour: impl FnMut(En
             }
         }
     }
+}
+
+fn log_rendezvous(r: &Rendezvous) {
+    tracing::debug!(
+        "NTS: probing session {} for teammate {}: {:?} {} step {} count {} rate {}",
+        r.session,
+        r.other,
+        r.method,
+        r.endpoint,
+        r.step,
+        r.count,
+        r.rate
+    );
 }
 
 /// Runs the NTS incorporation: U1 to the splitter and the monitors, list 2 from the join
@@ -141,6 +174,17 @@ pub fn incorporate(
     let deadline = start + MAX_PEER_ARRIVING_TIME + PATIENCE;
     let mut core = NtsPeer::new(start, id, splitter, &config.peers, monitor, PATIENCE);
     let mut neighbours = Vec::new();
+    // Port probing, only where its rendezvous cannot be a chunk.
+    let mut probe = match socket.local_addr() {
+        Ok(SocketAddr::V4(local))
+            if !monitor
+                && usize::from(config.chunk_size) + crate::proto::wire::CHUNK_HEADER
+                    != RENDEZVOUS_LEN =>
+        {
+            Some(super::nts_probe::ProbeIo::new(start, id, splitter, local))
+        }
+        _ => None,
+    };
     let udp = socket.try_clone()?;
     udp.set_read_timeout(Some(Duration::from_millis(10)))?;
     tcp.set_nonblocking(true)?;
@@ -149,7 +193,12 @@ pub fn incorporate(
     let mut buf = vec![0u8; 65536];
     loop {
         let now = Instant::now();
-        send_all(&mut core, &udp, |e, h| neighbours.push((e, h)));
+        if let Some(p) = &mut probe {
+            p.pump(&udp, |id, ep| core.add_probed(now, id, ep));
+        }
+        send_all(&mut core, &udp, probe.as_mut(), |e, h| {
+            neighbours.push((e, h))
+        });
         if core.is_member() {
             break;
         }
@@ -181,13 +230,27 @@ pub fn incorporate(
         }
         match udp.recv_from(&mut buf) {
             Ok((n, SocketAddr::V4(from))) => {
-                // Chunks relayed before we are a member are dropped: playout has not started.
-                core.handle_datagram(now, from, &buf[..n]);
+                match (&mut probe, Rendezvous::parse(&buf[..n])) {
+                    (Some(p), Some(r)) if from == splitter => {
+                        log_rendezvous(&r);
+                        p.core.on_rendezvous(now, r)
+                    }
+                    // Chunks relayed before we are a member are dropped: playout has not started.
+                    _ => {
+                        core.handle_datagram(now, from, &buf[..n]);
+                    }
+                }
             }
             Ok(_) => {}
             Err(e) if crate::io_util::is_transient(&e) => {}
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
             Err(e) => return Err(e.into()),
+        }
+        if let Some(p) = &mut probe {
+            for (from, d) in p.recv(now, &mut buf) {
+                core.handle_datagram(now, from, &d);
+            }
+            p.core.handle_timeout(Instant::now());
         }
         core.handle_timeout(Instant::now());
     }
@@ -196,6 +259,7 @@ pub fn incorporate(
         core,
         neighbours,
         incorporation: start.elapsed(),
+        probe,
     })
 }
 
@@ -218,6 +282,14 @@ impl NtsSession {
         socket: &UdpSocket,
         dbs: &mut Peer,
     ) -> bool {
+        if let (Some(p), true) = (&mut self.probe, from == self.core.splitter()) {
+            if let Some(r) = Rendezvous::parse(data) {
+                log_rendezvous(&r);
+                p.core.on_rendezvous(now, r);
+                self.pump(now, socket, dbs);
+                return true;
+            }
+        }
         if !self.core.handle_datagram(now, from, data) {
             return false;
         }
@@ -228,12 +300,33 @@ impl NtsSession {
     /// Resends what is due.
     pub fn handle_timeout(&mut self, now: Instant, socket: &UdpSocket, dbs: &mut Peer) {
         self.core.handle_timeout(now);
+        if let Some(p) = &mut self.probe {
+            p.core.handle_timeout(now);
+        }
         self.pump(now, socket, dbs);
     }
 
+    /// What arrived at the probe sockets for the team (a kept socket's teammate), for the
+    /// caller to take as if it came on the team socket.
+    pub fn probe_datagrams(&mut self, now: Instant, buf: &mut [u8]) -> Vec<(Endpoint, Vec<u8>)> {
+        self.probe
+            .as_mut()
+            .map(|p| p.recv(now, buf))
+            .unwrap_or_default()
+    }
+
+    /// The socket to send to `to` from (a kept probe socket, or `main`).
+    pub fn route<'a>(&'a self, main: &'a UdpSocket, to: Endpoint) -> &'a UdpSocket {
+        self.probe.as_ref().map_or(main, |p| p.route(main, to))
+    }
+
     fn pump(&mut self, now: Instant, socket: &UdpSocket, dbs: &mut Peer) {
+        if let Some(p) = &mut self.probe {
+            let core = &mut self.core;
+            p.pump(socket, |id, ep| core.add_probed(now, id, ep));
+        }
         let neighbours = &mut self.neighbours;
-        send_all(&mut self.core, socket, |ep, how| {
+        send_all(&mut self.core, socket, self.probe.as_mut(), |ep, how| {
             neighbours.push((ep, how));
             dbs.handle_datagram(now, ep, Bytes::from_static(HELLO));
         });

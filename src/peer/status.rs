@@ -431,6 +431,31 @@ const PEER_METRICS: &[PeerMetric] = &[
         "Generation of the newest stream header known (0: the splitter does not say).",
         |_, c| c.stream_generation.load(Ordering::Relaxed),
     ),
+    PeerMetric::gauge(
+        "nat_probe_sessions",
+        "p2psp_peer_nat_probe_sessions",
+        "NTS port-probing sessions the splitter started with this peer (this team session).",
+        |_, c| c.nat_probe[0].load(Ordering::Relaxed),
+    ),
+    PeerMetric::gauge(
+        "nat_probe_reached",
+        "p2psp_peer_nat_probe_reached",
+        "Teammates reached by NTS port probing (this team session).",
+        |_, c| c.nat_probe[1].load(Ordering::Relaxed),
+    ),
+    PeerMetric::gauge(
+        "nat_probe_failed",
+        "p2psp_peer_nat_probe_failed",
+        "NTS port-probing sessions that ended without reaching the teammate.",
+        |_, c| c.nat_probe[2].load(Ordering::Relaxed),
+    ),
+    PeerMetric::gauge(
+        "nat_probe_ignored",
+        "p2psp_peer_nat_probe_ignored",
+        "Datagrams at probe sockets from others than the expected teammate, and rendezvous \
+         not taken (repeats excepted: limits, unknown sessions).",
+        |_, c| c.nat_probe[3].load(Ordering::Relaxed),
+    ),
 ];
 
 /// What the peer's page charts over the last 10 minutes (`/history`); the Grafana dashboard

@@ -34,6 +34,7 @@ pub mod nts;
 pub mod nts_ems;
 pub mod nts_forward;
 pub mod nts_peer;
+pub mod nts_probe;
 pub mod nts_splitter;
 pub mod peer;
 pub mod rejoin;

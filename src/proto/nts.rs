@@ -35,6 +35,8 @@ use super::wire::{GOODBYE, LOSS_REPORT_LEN, WireError};
 pub const ID_LEN: usize = 7;
 /// A reliable NTS message is sent again this often until acknowledged.
 pub const RESEND_EVERY: Duration = Duration::from_secs(1);
+/// The first repeat of a reliable NTS message comes this soon (then every [`RESEND_EVERY`]).
+pub const FIRST_RESEND: Duration = Duration::from_millis(250);
 /// A reliable NTS message is given up after this long; also the time a new peer has to hear
 /// from every peer of list 2 before it retries from a new port.
 pub const MAX_PEER_ARRIVING_TIME: Duration = Duration::from_secs(15);
@@ -593,7 +595,13 @@ impl Pending {
                 for &p in &m.other_ports {
                     send(&m.message, SocketAddrV4::new(*m.dest.ip(), p));
                 }
-                m.next = now + RESEND_EVERY;
+                // Beyond the reference: one early repeat, for a hello that met a filter the
+                // other side's own hello had not opened yet (a second's wait otherwise).
+                m.next = if m.next == m.first {
+                    now + FIRST_RESEND
+                } else {
+                    now + RESEND_EVERY
+                };
             }
             true
         });
@@ -853,18 +861,27 @@ mod tests {
         assert_eq!(sent.len(), 3);
         sent.clear();
         p.poll(
-            t0 + Duration::from_millis(500),
+            t0 + Duration::from_millis(100),
             |m, d| sent.push((m.to_vec(), d)),
             &mut expired,
         );
         assert!(sent.is_empty(), "not due yet");
-        assert_eq!(p.poll_timeout(), Some(t0 + RESEND_EVERY));
+        // One early repeat, then every second.
+        assert_eq!(p.poll_timeout(), Some(t0 + FIRST_RESEND));
+        p.poll(
+            t0 + FIRST_RESEND,
+            |m, d| sent.push((m.to_vec(), d)),
+            &mut expired,
+        );
+        assert_eq!(sent.len(), 3);
+        sent.clear();
+        assert_eq!(p.poll_timeout(), Some(t0 + FIRST_RESEND + RESEND_EVERY));
         // An echo from another IP or another port does not count; from a tried port it does.
         assert!(!p.acknowledge(b"ABCDEFG", "198.18.0.9:8001".parse().unwrap()));
         assert!(!p.acknowledge(b"ABCDEFG", "198.18.0.1:9999".parse().unwrap()));
         assert!(p.acknowledge(b"ABCDEFG", "198.18.0.1:8002".parse().unwrap()));
         p.poll(
-            t0 + RESEND_EVERY,
+            t0 + FIRST_RESEND + RESEND_EVERY,
             |m, d| sent.push((m.to_vec(), d)),
             &mut expired,
         );

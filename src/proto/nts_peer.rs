@@ -71,6 +71,8 @@ pub enum Reached {
     Announced,
     /// Never heard from: the splitter forwards its chunks (`nts_forward`).
     Forwarded,
+    /// Through port probing (`super::nts_probe`): a probe of ours or its got through.
+    Probed,
 }
 
 impl Reached {
@@ -81,6 +83,7 @@ impl Reached {
             Reached::Predicted => "predicted",
             Reached::Announced => "announced",
             Reached::Forwarded => "forwarded",
+            Reached::Probed => "probed",
         }
     }
 }
@@ -106,6 +109,8 @@ pub struct NtsPeerCounters {
     pub keepalives: u64,
     /// Teammates never heard from whose chunks this peer asked the splitter to forward.
     pub forward_requests: u64,
+    /// Teammates reached at a probe socket ([`NtsPeer::add_probed`]).
+    pub probed: u64,
 }
 
 /// The NTS state of one peer session.
@@ -599,5 +604,36 @@ impl NtsPeer {
     /// The teammates known by ID, with the endpoint each is reached at.
     pub fn known(&self) -> impl Iterator<Item = (PeerId, Endpoint)> + '_ {
         self.known.iter().map(|(i, e)| (*i, *e))
+    }
+
+    /// Port probing reached the teammate `id` at `endpoint` (a probe socket of ours got its
+    /// hello): a neighbour like one that said hello, which the caller reaches through that
+    /// socket. No U4: the port is one of a probe socket's mappings, not the teammate's.
+    pub fn add_probed(&mut self, now: Instant, id: PeerId, endpoint: Endpoint) {
+        if id == self.me {
+            return;
+        }
+        if let Some(initial) = &mut self.initial {
+            initial.remove(&id);
+        }
+        if !self.known.contains_key(&id) && self.known.len() >= MAX_KNOWN {
+            self.counters.refused += 1;
+            return;
+        }
+        if self.known.insert(id, endpoint) == Some(endpoint) {
+            return;
+        }
+        self.counters.probed += 1;
+        self.actions.push_back(NtsPeerAction::Neighbour {
+            id,
+            endpoint,
+            how: Reached::Probed,
+        });
+        self.check_incorporated(now);
+    }
+
+    /// The splitter's endpoint.
+    pub fn splitter(&self) -> Endpoint {
+        self.splitter
     }
 }

@@ -21,6 +21,7 @@ use super::nts::{
     List2Entry, MAX_TOTAL_INCORPORATION_TIME, NewPeer, PeerId, PortStep, STEP_UNKNOWN, ToSplitter,
     encode_list2, encode_new_peer_at_monitor,
 };
+use super::nts_probe::{PeerView, ProbePlanner, ProbeToSplitter};
 use super::team::TeamId;
 
 /// The splitter sends each of its own NTS messages (U2, U2m) this many times (reference: 3).
@@ -160,6 +161,8 @@ pub struct NtsSplitter {
     heard: std::collections::HashSet<(PeerId, PeerId)>,
     /// EMS: the private endpoint each peer joined with.
     privates: std::collections::HashMap<PeerId, Endpoint>,
+    /// Port probing between our peers (issue 11, [`super::nts_probe`]).
+    probe: ProbePlanner,
 }
 
 /// Most (reporter, heard) pairs the splitter remembers.
@@ -251,12 +254,14 @@ impl NtsSplitter {
     pub fn abandon(&mut self, id: &PeerId) {
         self.privates.remove(id);
         self.arriving.retain(|a| a.id != *id);
+        self.probe.forget(id);
     }
 
     /// Forgets the member at `endpoint` (it left or was expelled).
     pub fn remove(&mut self, endpoint: Endpoint) {
         if let Some(gone) = self.members.iter().find(|m| m.endpoint == endpoint) {
             let id = gone.id;
+            self.probe.forget(&id);
             self.capable.remove(&id);
             self.privates.remove(&id);
             self.heard.retain(|(a, b)| *a != id && *b != id);
@@ -296,6 +301,10 @@ impl NtsSplitter {
     pub fn handle_datagram(&mut self, now: Instant, from: Endpoint, data: &[u8]) -> bool {
         if let Some(f) = super::nts_forward::ForwardRequest::parse(data) {
             self.on_forward_request(from, data, f);
+            return true;
+        }
+        if let Some(m) = ProbeToSplitter::parse(data) {
+            self.on_probe(now, from, m, data);
             return true;
         }
         let from_monitor = self.members.iter().any(|m| m.monitor && m.endpoint == from);
@@ -351,6 +360,9 @@ impl NtsSplitter {
                 self.echo(from, data);
                 self.counters.port_reports += 1;
                 self.on_heard(from, id);
+                if let Some(sender) = self.id_at(from) {
+                    self.probe.heard(sender, id);
+                }
                 // A NAT-mate's report (EMS: it heard the peer over their LAN) says nothing of
                 // the NAT's ports.
                 let mate = self
@@ -365,6 +377,9 @@ impl NtsSplitter {
                             .map(|m| *m.endpoint.ip())
                     })
                     == Some(*from.ip());
+                if !mate {
+                    self.probe.observe(id, port);
+                }
                 if mate {
                 } else if let Some(a) = self.arriving.iter_mut().find(|a| a.id == id) {
                     if let Some(p) = a.to_splitter {
@@ -442,6 +457,12 @@ impl NtsSplitter {
         }
         step.last_port = Some(to_splitter);
         let monitor_ports = a.to_monitors.clone();
+        self.probe.observe(id, to_splitter);
+        for &(_, p) in &monitor_ports {
+            if let Some(p) = p {
+                self.probe.observe(id, p);
+            }
+        }
         self.arriving[i].step = step;
         self.arriving[i].list2_sent = true;
 
@@ -489,6 +510,9 @@ impl NtsSplitter {
         );
         // EMS: NAT-mates by their private endpoints.
         super::nts_ems::rewrite_list2(&mut entries, ip, |i| self.privates.get(i).copied());
+        for e in &entries {
+            self.probe.pair(now, id, e.id);
+        }
         // List 2 last: the teammates hear of the peer before its hellos reach them.
         let mut bytes = Vec::new();
         if encode_list2(&entries, &mut bytes).is_ok() {
@@ -584,8 +608,10 @@ impl NtsSplitter {
         for id in gone {
             self.privates.remove(&id);
             self.counters.given_up += 1;
+            self.probe.forget(&id);
             self.actions.push_back(NtsAction::GiveUp { id });
         }
+        self.probe_timeout(now);
     }
 
     /// A forward request (`nts_forward`): taken only from the member holding `f.me`, at its
@@ -732,7 +758,10 @@ impl NtsSplitter {
             .iter()
             .map(|a| a.since + MAX_TOTAL_INCORPORATION_TIME)
             .min();
-        r.into_iter().chain(a).min()
+        r.into_iter()
+            .chain(a)
+            .chain(self.probe.poll_timeout())
+            .min()
     }
 
     /// The next thing to do.
@@ -757,5 +786,89 @@ impl NtsSplitter {
             .iter()
             .find(|m| m.endpoint == endpoint)
             .and_then(|m| (m.step.step != STEP_UNKNOWN).then_some(m.step.step))
+    }
+
+    /// Counters of port probing.
+    pub fn probe_counters(&self) -> &super::nts_probe::ProbePlannerCounters {
+        self.probe.counters()
+    }
+
+    /// The ID of the member or arriving peer at `endpoint`.
+    fn id_at(&self, endpoint: Endpoint) -> Option<PeerId> {
+        self.members
+            .iter()
+            .find(|m| m.endpoint == endpoint)
+            .map(|m| m.id)
+            .or_else(|| {
+                self.arriving
+                    .iter()
+                    .find(|a| a.endpoint() == Some(endpoint))
+                    .map(|a| a.id)
+            })
+    }
+
+    /// What the splitter knows of the (non-monitor) member or arriving peer `id`.
+    fn view(&self, id: PeerId) -> Option<PeerView> {
+        if let Some(m) = self.members.iter().find(|m| m.id == id && !m.monitor) {
+            return Some(PeerView {
+                id,
+                endpoint: m.endpoint,
+                step: wire_step(&m.step),
+                last_port: m.step.last_port.unwrap_or(m.endpoint.port()),
+            });
+        }
+        let a = self.arriving.iter().find(|a| a.id == id)?;
+        let endpoint = a.endpoint()?;
+        Some(PeerView {
+            id,
+            endpoint,
+            step: wire_step(&a.step),
+            last_port: a.step.last_port.unwrap_or(endpoint.port()),
+        })
+    }
+
+    /// A probing message: capable peers are noted; a query's port goes to the planner and is
+    /// echoed. Only from the address of a peer that has that ID.
+    fn on_probe(&mut self, now: Instant, from: Endpoint, m: ProbeToSplitter, data: &[u8]) {
+        let id = match m {
+            ProbeToSplitter::Capable(id) | ProbeToSplitter::Query { id, .. } => id,
+        };
+        let known = self
+            .members
+            .iter()
+            .any(|x| x.id == id && x.endpoint.ip() == from.ip())
+            || self
+                .arriving
+                .iter()
+                .any(|a| a.id == id && a.ip == *from.ip());
+        if !known {
+            self.probe.ignore();
+            return;
+        }
+        match m {
+            ProbeToSplitter::Capable(id) => self.probe.capable(id),
+            ProbeToSplitter::Query { id, session } => {
+                let mut out = Vec::new();
+                if self.probe.query(id, session, from, &mut out) {
+                    self.echo(from, data);
+                }
+                for (to, d) in out {
+                    self.repeat(now, to, d);
+                }
+            }
+        }
+    }
+
+    /// Starts probing for the pairs whose grace is over.
+    fn probe_timeout(&mut self, now: Instant) {
+        self.probe.handle_timeout(now);
+        for (a, b) in self.probe.due(now) {
+            let (Some(va), Some(vb)) = (self.view(a), self.view(b)) else {
+                continue;
+            };
+            for (to, d) in self.probe.start(now, va, vb) {
+                self.repeat(now, to, d);
+            }
+        }
     }
 }

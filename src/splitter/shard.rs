@@ -656,7 +656,9 @@ impl Shard {
     }
 
     fn on_datagram(&mut self, from: Endpoint, data: Vec<u8>) {
-        let nts = self.nts && crate::proto::nts_splitter::is_nts_size(data.len());
+        let nts = self.nts
+            && (crate::proto::nts_splitter::is_nts_size(data.len())
+                || crate::proto::nts_probe::is_probe_size(data.len()));
         if !nts && self.teams.contains(from) {
             self.teams.handle_datagram(from, &data);
         } else {
