@@ -28,7 +28,10 @@ pub struct NtsSession {
     pub core: NtsPeer,
     /// Teammates reached during the incorporation, for the DBS peer.
     pub neighbours: Vec<(Endpoint, Reached)>,
-    /// When the incorporation took (from the ID to the echo of `Y`).
+    /// The splitter's chunk that made us a member before the echo of our `Y` (at most one:
+    /// the incorporation ends with it), for the DBS peer to play and relay.
+    early: Vec<(Endpoint, Vec<u8>)>,
+    /// When the incorporation took (from the ID to the echo of `Y`, or to the first chunk).
     pub incorporation: Duration,
 }
 
@@ -147,6 +150,7 @@ pub fn incorporate(
     let mut input = Vec::new();
     let mut eof = false;
     let mut buf = vec![0u8; 65536];
+    let mut early = Vec::new();
     loop {
         let now = Instant::now();
         send_all(&mut core, &udp, |e, h| neighbours.push((e, h)));
@@ -182,7 +186,15 @@ pub fn incorporate(
         match udp.recv_from(&mut buf) {
             Ok((n, SocketAddr::V4(from))) => {
                 // Chunks relayed before we are a member are dropped: playout has not started.
-                core.handle_datagram(now, from, &buf[..n]);
+                // But a chunk from the splitter that made us a member (a reference splitter
+                // sends chunks before the echo of our `Y`) is ours to relay: the DBS peer
+                // takes it first thing.
+                if !core.handle_datagram(now, from, &buf[..n])
+                    && core.is_member()
+                    && from == splitter
+                {
+                    early.push((from, buf[..n].to_vec()));
+                }
             }
             Ok(_) => {}
             Err(e) if crate::io_util::is_transient(&e) => {}
@@ -195,6 +207,7 @@ pub fn incorporate(
     Ok(NtsSession {
         core,
         neighbours,
+        early,
         incorporation: start.elapsed(),
     })
 }
@@ -206,6 +219,9 @@ impl NtsSession {
         while dbs.poll_transmit().is_some() {}
         for &(ep, _) in &self.neighbours {
             dbs.handle_datagram(now, ep, Bytes::from_static(HELLO));
+        }
+        for (from, chunk) in self.early.drain(..) {
+            dbs.handle_datagram(now, from, Bytes::from(chunk));
         }
     }
 
