@@ -438,3 +438,50 @@ fn members_keep_their_nat_mappings_alive_while_idle() {
         assert_eq!(sim.nodes[n].neighbours.len(), 1, "node {n}");
     }
 }
+
+/// A reference NTS splitter starts sending chunks as soon as it has read a peer's `Y`, before
+/// its echo of the `Y` (queued behind its other NTS messages) arrives: the chunk is the
+/// acknowledgement, and it is handed on (found on loopback against the reference, docs/interop.md
+/// "NTS": a peer that dropped these chunks never relayed them, and the rest of the team lost them).
+#[test]
+fn a_chunk_from_the_splitter_after_y_makes_a_member() {
+    let t0 = Instant::now();
+    let splitter: Endpoint = "198.18.0.1:8001".parse().unwrap();
+    let monitor: Endpoint = "198.18.0.2:9000".parse().unwrap();
+    let teammate: Endpoint = "198.18.0.3:9001".parse().unwrap();
+    let me = PeerId::from_bytes(b"V0DZ9FE").unwrap();
+    let mut chunk = vec![0x01, 0x4a];
+    chunk.extend_from_slice(&[0x5a; 1024]);
+    let mut p = NtsPeer::new(t0, me, splitter, &[monitor], false, Duration::from_secs(4));
+    // Before `Y`: neither a chunk from the splitter nor one from a teammate makes a member.
+    assert!(!p.handle_datagram(t0, splitter, &chunk));
+    assert!(!p.is_member());
+    p.on_list2(t0, &[]);
+    assert!(p.is_incorporated(), "an empty list 2: `Y` at once");
+    let mut sent_y = false;
+    while let Some(a) = p.poll_action() {
+        if let NtsPeerAction::Send { to, data } = a {
+            sent_y |= to == splitter && data == [me.as_bytes().as_slice(), b"Y"].concat();
+        }
+    }
+    assert!(sent_y);
+    // A goodbye, a loss report, a teammate's chunk: still not a member.
+    let t1 = t0 + Duration::from_millis(60);
+    assert!(!p.handle_datagram(t1, splitter, b"G"));
+    assert!(!p.handle_datagram(t1, splitter, &[0, 1]));
+    assert!(!p.handle_datagram(t1, teammate, &chunk));
+    assert!(!p.is_member());
+    // The splitter's chunk: a member, and the chunk is left to the DBS rules.
+    assert!(!p.handle_datagram(t1, splitter, &chunk));
+    assert!(p.is_member());
+    // The echo of `Y` that follows is taken as an acknowledgement: `Y` is not sent again.
+    let y = [me.as_bytes().as_slice(), b"Y"].concat();
+    assert!(p.handle_datagram(t1, splitter, &y));
+    while p.poll_action().is_some() {}
+    p.handle_timeout(t1 + Duration::from_secs(3));
+    while let Some(a) = p.poll_action() {
+        if let NtsPeerAction::Send { to, data } = a {
+            assert!(!(to == splitter && data == y), "Y resent after its echo");
+        }
+    }
+}

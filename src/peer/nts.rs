@@ -29,7 +29,10 @@ pub struct NtsSession {
     pub core: NtsPeer,
     /// Teammates reached during the incorporation, for the DBS peer.
     pub neighbours: Vec<(Endpoint, Reached)>,
-    /// When the incorporation took (from the ID to the echo of `Y`).
+    /// The splitter's chunk that made us a member before the echo of our `Y` (at most one:
+    /// the incorporation ends with it), for the DBS peer to play and relay.
+    early: Vec<(Endpoint, Vec<u8>)>,
+    /// When the incorporation took (from the ID to the echo of `Y`, or to the first chunk).
     pub incorporation: Duration,
     /// Port probing (issue 11; not at monitors).
     pub probe: Option<super::nts_probe::ProbeIo>,
@@ -191,6 +194,7 @@ pub fn incorporate(
     let mut input = Vec::new();
     let mut eof = false;
     let mut buf = vec![0u8; 65536];
+    let mut early = Vec::new();
     loop {
         let now = Instant::now();
         if let Some(p) = &mut probe {
@@ -236,8 +240,16 @@ pub fn incorporate(
                         p.core.on_rendezvous(now, r)
                     }
                     // Chunks relayed before we are a member are dropped: playout has not started.
+                    // But a chunk from the splitter that made us a member (a reference splitter
+                    // sends chunks before the echo of our `Y`) is ours to relay: the DBS peer
+                    // takes it first thing.
                     _ => {
-                        core.handle_datagram(now, from, &buf[..n]);
+                        if !core.handle_datagram(now, from, &buf[..n])
+                            && core.is_member()
+                            && from == splitter
+                        {
+                            early.push((from, buf[..n].to_vec()));
+                        }
                     }
                 }
             }
@@ -258,6 +270,7 @@ pub fn incorporate(
     Ok(NtsSession {
         core,
         neighbours,
+        early,
         incorporation: start.elapsed(),
         probe,
     })
@@ -270,6 +283,9 @@ impl NtsSession {
         while dbs.poll_transmit().is_some() {}
         for &(ep, _) in &self.neighbours {
             dbs.handle_datagram(now, ep, Bytes::from_static(HELLO));
+        }
+        for (from, chunk) in self.early.drain(..) {
+            dbs.handle_datagram(now, from, Bytes::from(chunk));
         }
     }
 

@@ -302,7 +302,22 @@ impl NtsPeer {
                     });
                 }
             }
-            ToPeer::Dbs(_) => return false,
+            ToPeer::Dbs(d) => {
+                // The splitter sends chunks to members only, and a reference splitter starts
+                // as soon as it has read our `Y`, before its echo (queued behind its other NTS
+                // messages) arrives: the chunk is the acknowledgement. The caller must take
+                // the chunk (it is ours to relay; dropping it loses it for the whole team).
+                if from_splitter
+                    && self.incorporated
+                    && !self.y_acked
+                    && d.len() > super::wire::CHUNK_HEADER
+                {
+                    self.y_acked = true;
+                    self.ask_forwarding(now);
+                    self.flush(now);
+                }
+                return false;
+            }
         }
         self.flush(now);
         self.check_incorporated(now);
@@ -585,8 +600,8 @@ impl NtsPeer {
         self.incorporated
     }
 
-    /// Whether the splitter echoed our `Y` (a monitor: from the start): the splitter has made
-    /// us a member.
+    /// Whether the splitter echoed our `Y` or sent us a chunk after it (a monitor: from the
+    /// start): the splitter has made us a member.
     pub fn is_member(&self) -> bool {
         self.y_acked
     }
