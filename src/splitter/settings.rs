@@ -162,8 +162,9 @@ pub struct SplitterArgs {
     #[arg(long, value_enum, default_value_t = super::signing::SignMode::Digest, requires = "sign")]
     pub sign_mode: super::signing::SignMode,
     /// With `--sign-mode digest`: milliseconds a group of chunks stays open for more chunks; a
-    /// group of one waits up to twice this for a second chunk (so signing adds at most twice this
-    /// to a chunk's latency).
+    /// group of one waits for a second chunk up to twice this, or, on a stream slower than that,
+    /// one and a half times the time between chunks, at most 1 s (a digest of one chunk costs 88
+    /// bytes on the wire, of two 52), so signing adds at most that to a chunk's latency.
     #[arg(long, default_value_t = 20.0, value_name = "MS")]
     pub digest_window: f64,
     /// With `--sign-mode digest`: most chunks per group (1 to 32).

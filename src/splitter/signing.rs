@@ -40,13 +40,28 @@ pub struct Signing {
     pub max_group: usize,
 }
 
+/// The longest a group of one chunk waits for a second (see [`run_digest`]).
+pub const LONE_WAIT_MAX: Duration = Duration::from_secs(1);
+
+/// How long a group of one chunk, opened `window` ago at most, waits in all for a second chunk
+/// when chunks have been coming every `interval`: two windows, or one and a half intervals on a
+/// slower stream, at most [`LONE_WAIT_MAX`].
+pub fn lone_wait(window: Duration, interval: Duration) -> Duration {
+    (2 * window)
+        .max(interval * 3 / 2)
+        .min(LONE_WAIT_MAX.max(2 * window))
+}
+
 /// Digest mode: the signer thread. Takes the feed's compat chunk datagrams from `chunks`, groups
 /// those that arrive within `window` of a group's first chunk (at most `max_group`), hashes each,
 /// signs the group's digest once and publishes the chunks with it to the ring (this thread is then
-/// the ring's only writer). A group that has only one chunk when its window ends waits up to a
-/// second window for another (a digest of one chunk costs 88 bytes on the wire and a whole
-/// signature check per chunk; of two, 52 bytes and half a check), so no chunk waits longer than
-/// two windows. Ends when the feed drops its end of the channel.
+/// the ring's only writer). A group that has only one chunk when its window ends waits for
+/// another (a digest of one chunk costs 88 bytes on the wire and a whole signature check per
+/// chunk; of two, 52 bytes and half a check): up to two windows, or, on a slow stream, one and a
+/// half of the recent time between chunks, at most [`LONE_WAIT_MAX`]; so a digest covers at least
+/// two chunks down to 1.5 chunks/s (12 kbit/s of 1 KiB chunks), where a chunk waits at most 1 s
+/// for its signature against a playout buffer of minutes. Ends when the feed drops its end of the
+/// channel.
 pub fn run_digest(
     chunks: &crossbeam_channel::Receiver<Vec<u8>>,
     signing: &Signing,
@@ -60,6 +75,9 @@ pub fn run_digest(
     let mut opened = Instant::now();
     let mut deadline = opened;
     let mut busy = Duration::ZERO;
+    // The recent time between chunks from the feed (an average over the last ~8).
+    let mut interval = signing.window;
+    let mut last_arrival: Option<Instant> = None;
     let flush = |grouper: &mut DigestGrouper, group: &mut Vec<Vec<u8>>, busy: &mut Duration| {
         let t0 = Instant::now();
         let Some(digest) = grouper.close(&signing.signer) else {
@@ -90,6 +108,10 @@ pub fn run_digest(
         };
         match item {
             Ok(d) => {
+                let now = Instant::now();
+                if let Some(prev) = last_arrival.replace(now) {
+                    interval = interval * 7 / 8 + now.saturating_duration_since(prev) / 8;
+                }
                 let number = u16::from_be_bytes([d[0], d[1]]);
                 if !grouper.fits(number) {
                     flush(&mut grouper, &mut group, &mut busy);
@@ -107,8 +129,9 @@ pub fn run_digest(
                 }
             }
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                if group.len() == 1 && deadline < opened + 2 * signing.window {
-                    deadline = opened + 2 * signing.window;
+                let lone = opened + lone_wait(signing.window, interval);
+                if group.len() == 1 && deadline < lone {
+                    deadline = lone;
                 } else {
                     flush(&mut grouper, &mut group, &mut busy);
                 }
@@ -159,6 +182,20 @@ pub fn load_or_create(path: &Path) -> Result<(ChunkSigner, bool), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lone_chunk_waits_two_windows_or_one_and_a_half_intervals_at_most_a_second() {
+        let ms = Duration::from_millis;
+        // Fast streams: two windows.
+        assert_eq!(lone_wait(ms(20), ms(1)), ms(40));
+        // 128 kbit/s of 1 KiB chunks (a chunk every 64 ms): long enough for the next one.
+        assert_eq!(lone_wait(ms(20), ms(64)), ms(96));
+        // 16 kbit/s (every 512 ms): 768 ms; slower: at most a second.
+        assert_eq!(lone_wait(ms(20), ms(512)), ms(768));
+        assert_eq!(lone_wait(ms(20), ms(5000)), LONE_WAIT_MAX);
+        // A window set above half a second keeps its two windows.
+        assert_eq!(lone_wait(ms(800), ms(5000)), ms(1600));
+    }
 
     #[test]
     fn created_private_then_loaded_the_same() {
