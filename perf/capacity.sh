@@ -34,15 +34,6 @@ NICE=${NICE:--10}
 # shellcheck source=perf/common.sh
 source "$(dirname "$0")/common.sh"
 
-# A number in a top-level object of a loadgen JSON report: field FILE OBJECT KEY.
-field() {
-    awk -v obj="  \"$2\": {" -v key="\"$3\":" '
-        index($0, obj) == 1 {f = 1; next}
-        f && $1 == key {gsub(/[^0-9.eE+-]/, "", $2); v = ($2 == "" ? 0 : $2); exit}
-        f && /^  [}]/ {exit}
-        END {print (v == "" ? 0 : v)}' "$1"
-}
-
 loadgen() { # name, seconds, extra flags...
     local name=$1 secs=$2
     shift 2

@@ -1,7 +1,7 @@
 # Shared by the load scripts in perf/ (sourced, not run). Expects IDLE_WAIT and NICE to be set.
 # Sets: prefix (a `nice` command as root unless NICE is 0), here (the workspace), LOADGEN (built
 # with cargo unless given), work (a temporary directory removed on exit). Defines idle_pct,
-# wait_idle and median.
+# wait_idle, median and field.
 
 prefix=()
 if [[ $(id -u) == 0 && $NICE != 0 ]]; then prefix=(nice -n "$NICE"); fi
@@ -35,3 +35,13 @@ wait_idle() {
 
 # The median of the numbers on standard input, one per line ("-" if none).
 median() { sort -g | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+
+# A number in a top-level object of a loadgen JSON report (serde's pretty printing indents
+# top-level keys by two spaces, nested ones by more): field FILE OBJECT KEY.
+field() {
+    awk -v obj="  \"$2\": {" -v key="\"$3\":" '
+        index($0, obj) == 1 {f = 1; next}
+        f && $1 == key {gsub(/[^0-9.eE+-]/, "", $2); v = ($2 == "" ? 0 : $2); exit}
+        f && /^  [}]/ {exit}
+        END {print (v == "" ? 0 : v)}' "$1"
+}

@@ -40,18 +40,6 @@ NICE=${NICE:--10}
 # shellcheck source=perf/common.sh
 source "$(dirname "$0")/common.sh"
 
-
-
-# A number in a top-level object of a loadgen JSON report (serde's pretty printing indents
-# top-level keys by two spaces, nested ones by more): field FILE OBJECT KEY.
-field() {
-    awk -v obj="  \"$2\": {" -v key="\"$3\":" '
-        index($0, obj) == 1 {f = 1; next}
-        f && $1 == key {gsub(/[^0-9.eE+-]/, "", $2); v = ($2 == "" ? 0 : $2); exit}
-        f && /^  [}]/ {exit}
-        END {print (v == "" ? 0 : v)}' "$1"
-}
-
 loadgen() { # name, seconds, bitrate, extra flags...
     local name=$1 secs=$2 bitrate=$3
     shift 3
@@ -63,8 +51,6 @@ loadgen() { # name, seconds, bitrate, extra flags...
         exit 1
     fi
 }
-
-
 
 row() { # label, json; prints the row and leaves p99, p999 and lag in the globals r99, r999, rlag
     local j=$2

@@ -16,7 +16,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use super::Endpoint;
-use super::wire::{CHUNK_HEADER, JoinConfig, MIN_CHUNK_SIZE, WireError};
+use super::wire::{CHUNK_HEADER, JoinConfig, MIN_CHUNK_SIZE, WireError, get_endpoint, get_u16, put_endpoint};
 
 /// The reference's default group (`Splitter_IMS::kMCastAddr`, "all systems on this subnet").
 pub const DEFAULT_GROUP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(224, 0, 0, 1), 8001);
@@ -38,22 +38,6 @@ pub struct ImsConfig {
     pub buffer_size: u16,
     /// The multicast group and port the chunks go to.
     pub group: SocketAddrV4,
-}
-
-fn put_endpoint(out: &mut Vec<u8>, ep: SocketAddrV4) {
-    out.extend_from_slice(&ep.ip().octets());
-    out.extend_from_slice(&ep.port().to_be_bytes());
-}
-
-fn get_endpoint(b: &[u8]) -> SocketAddrV4 {
-    SocketAddrV4::new(
-        Ipv4Addr::new(b[0], b[1], b[2], b[3]),
-        u16::from_be_bytes([b[4], b[5]]),
-    )
-}
-
-fn get_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
 }
 
 impl ImsConfig {

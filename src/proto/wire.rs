@@ -76,19 +76,19 @@ pub struct JoinConfig {
     pub peers: Vec<SocketAddrV4>,
 }
 
-fn put_endpoint(out: &mut Vec<u8>, ep: SocketAddrV4) {
+pub(crate) fn put_endpoint(out: &mut Vec<u8>, ep: SocketAddrV4) {
     out.extend_from_slice(&ep.ip().octets());
     out.extend_from_slice(&ep.port().to_be_bytes());
 }
 
-fn get_endpoint(b: &[u8]) -> SocketAddrV4 {
+pub(crate) fn get_endpoint(b: &[u8]) -> SocketAddrV4 {
     SocketAddrV4::new(
         Ipv4Addr::new(b[0], b[1], b[2], b[3]),
         u16::from_be_bytes([b[4], b[5]]),
     )
 }
 
-fn get_u16(b: &[u8], at: usize) -> u16 {
+pub(crate) fn get_u16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
