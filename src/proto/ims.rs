@@ -16,7 +16,9 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use super::Endpoint;
-use super::wire::{CHUNK_HEADER, JoinConfig, MIN_CHUNK_SIZE, WireError, get_endpoint, get_u16, put_endpoint};
+use super::wire::{
+    CHUNK_HEADER, JoinConfig, MIN_CHUNK_SIZE, WireError, get_endpoint, get_u16, put_endpoint,
+};
 
 /// The reference's default group (`Splitter_IMS::kMCastAddr`, "all systems on this subnet").
 pub const DEFAULT_GROUP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(224, 0, 0, 1), 8001);
