@@ -17,21 +17,9 @@ const CHUNK: usize = 1024;
 const HEADER: usize = 4096;
 const METRICS_PORT: u16 = 9100;
 
-fn spawn_in(host: &Host, dir: &Path, name: &str, args: &[String]) -> support::Proc {
-    let log = std::fs::File::create(support::peer_log(dir, name)).unwrap();
-    let mut cmd = host.command(support::BIN);
-    cmd.env("RUST_LOG", "p2psp=info")
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log);
-    support::Proc::spawn(name, &mut cmd)
-}
-
+/// A peer's `/status`, from inside its namespace.
 fn status_in(host: &Host) -> serde_json::Value {
-    natlab::http_get_in(host, METRICS_PORT, "/status")
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(serde_json::Value::Null)
+    natlab::status_in(host, METRICS_PORT)
 }
 
 /// Packets counted by the named nftables counter `family table name` in `netns`.
@@ -152,7 +140,7 @@ fn two_mates(ems: bool) {
     if ems {
         splitter_args.push("--ems".into());
     }
-    let mut splitter = spawn_in(&public, &dir, "splitter", &splitter_args);
+    let mut splitter = natlab::spawn_in(&public, &dir, "splitter", &splitter_args);
     support::wait_for_line(
         &mut splitter,
         &support::peer_log(&dir, "splitter"),
@@ -182,12 +170,12 @@ fn two_mates(ems: bool) {
         }
         v
     };
-    let mut monitor = spawn_in(&monitor_host, &dir, "monitor", &peer_args("monitor", true));
+    let mut monitor = natlab::spawn_in(&monitor_host, &dir, "monitor", &peer_args("monitor", true));
     support::wait_joined(&dir, &mut monitor);
     let mut peers = Vec::new();
     for (k, host) in mates.iter().enumerate() {
         let name = format!("mate{k}");
-        let mut p = spawn_in(host, &dir, &name, &peer_args(&name, false));
+        let mut p = natlab::spawn_in(host, &dir, &name, &peer_args(&name, false));
         let line = support::wait_for_line(
             &mut p,
             &support::peer_log(&dir, &name),

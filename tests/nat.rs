@@ -226,23 +226,9 @@ fn a_lab_leaves_nothing_behind() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
-/// Starts `p2psp <args>` in `host`, its standard error in `dir/<name>.log`.
-fn spawn_in(host: &Host, dir: &std::path::Path, name: &str, args: &[&str]) -> support::Proc {
-    let log = std::fs::File::create(support::peer_log(dir, name)).unwrap();
-    let mut cmd = host.command(support::BIN);
-    cmd.env("RUST_LOG", "p2psp=info")
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log);
-    support::Proc::spawn(name, &mut cmd)
-}
-
 /// A peer's `/status`, from inside its namespace.
 fn peer_status(host: &Host) -> serde_json::Value {
-    natlab::http_get_in(host, METRICS_PORT, "/status")
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(serde_json::Value::Null)
+    natlab::status_in(host, METRICS_PORT)
 }
 
 /// Every process in the lab serves `--metrics` here, on its own namespace's loopback.
@@ -266,7 +252,7 @@ fn dbs_through_each_nat_kind_baseline() {
     let splitter_at = format!("{}:8001", public.ip());
     let metrics = format!("127.0.0.1:{METRICS_PORT}");
     let mut procs = Vec::new();
-    let mut splitter = spawn_in(
+    let mut splitter = natlab::spawn_in(
         &public,
         &dir,
         "splitter",
@@ -307,11 +293,11 @@ fn dbs_through_each_nat_kind_baseline() {
         }
         a
     };
-    let mut monitor = spawn_in(&monitor_host, &dir, "monitor", &peer_args(true));
+    let mut monitor = natlab::spawn_in(&monitor_host, &dir, "monitor", &peer_args(true));
     support::wait_joined(&dir, &mut monitor);
     procs.push(monitor);
     for home in &homes {
-        let mut p = spawn_in(&home.host, &dir, home.nat.kind.name(), &peer_args(false));
+        let mut p = natlab::spawn_in(&home.host, &dir, home.nat.kind.name(), &peer_args(false));
         support::wait_joined(&dir, &mut p);
         procs.push(p);
     }
@@ -500,7 +486,7 @@ fn nts_team_with_loss(
     let splitter_at = format!("{}:8001", public.ip());
     let metrics = format!("127.0.0.1:{METRICS_PORT}");
     let mut procs = Vec::new();
-    let mut splitter = spawn_in(
+    let mut splitter = natlab::spawn_in(
         &public,
         &dir,
         "splitter",
@@ -543,7 +529,7 @@ fn nts_team_with_loss(
         }
         a
     };
-    let mut monitor = spawn_in(&monitor_host, &dir, "monitor", &peer_args(true));
+    let mut monitor = natlab::spawn_in(&monitor_host, &dir, "monitor", &peer_args(true));
     support::wait_joined(&dir, &mut monitor);
     procs.push(monitor);
     let mut incorporations = Vec::new();
@@ -598,7 +584,7 @@ fn nts_team_with_loss(
     for (i, home) in homes.iter().enumerate() {
         let name = format!("{i}-{}", home.nat.kind.name());
         started.lock().unwrap().push(Instant::now());
-        let mut p = spawn_in(&home.host, &dir, &name, &peer_args(false));
+        let mut p = natlab::spawn_in(&home.host, &dir, &name, &peer_args(false));
         let log = support::peer_log(&dir, &name);
         let line = support::wait_for_line(&mut p, &log, Duration::from_secs(25), |l| {
             l.contains(": NTS ID ")
@@ -964,11 +950,11 @@ fn nts_team_survives_a_source_outage_longer_than_the_nat_timeout() {
         }
         a
     };
-    let mut monitor = spawn_in(&monitor_host, &dir, "monitor", &args(true));
+    let mut monitor = natlab::spawn_in(&monitor_host, &dir, "monitor", &args(true));
     support::wait_joined(&dir, &mut monitor);
     procs.push(monitor);
     for h in &homes {
-        let mut p = spawn_in(&h.host, &dir, h.nat.kind.name(), &args(false));
+        let mut p = natlab::spawn_in(&h.host, &dir, h.nat.kind.name(), &args(false));
         support::wait_joined(&dir, &mut p);
         procs.push(p);
     }

@@ -18,21 +18,9 @@ const CHUNK: usize = 1024;
 const HEADER: usize = 4096;
 const METRICS_PORT: u16 = 9100;
 
-fn spawn_in(host: &Host, dir: &Path, name: &str, args: &[&str]) -> support::Proc {
-    let log = std::fs::File::create(support::peer_log(dir, name)).unwrap();
-    let mut cmd = host.command(support::BIN);
-    cmd.env("RUST_LOG", "p2psp=info")
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log);
-    support::Proc::spawn(name, &mut cmd)
-}
-
+/// A peer's `/status`, from inside its namespace.
 fn status_in(host: &Host) -> serde_json::Value {
-    natlab::http_get_in(host, METRICS_PORT, "/status")
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(serde_json::Value::Null)
+    natlab::status_in(host, METRICS_PORT)
 }
 
 /// The stream header then contiguous chunks of the test pattern; the number of chunks played.
@@ -90,7 +78,7 @@ fn random_symmetric_peers_play_byte_exact_through_the_forwarding_fallback() {
     let metrics = format!("127.0.0.1:{METRICS_PORT}");
     let header = HEADER.to_string();
     let mut procs = Vec::new();
-    let mut splitter = spawn_in(
+    let mut splitter = natlab::spawn_in(
         &public,
         &dir,
         "splitter",
@@ -146,7 +134,7 @@ fn random_symmetric_peers_play_byte_exact_through_the_forwarding_fallback() {
     };
     let args = peer_args("monitor", true);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut monitor = spawn_in(&monitor_host, &dir, "monitor", &args);
+    let mut monitor = natlab::spawn_in(&monitor_host, &dir, "monitor", &args);
     support::wait_joined(&dir, &mut monitor);
     procs.push(monitor);
     let mut names = Vec::new();
@@ -154,7 +142,7 @@ fn random_symmetric_peers_play_byte_exact_through_the_forwarding_fallback() {
         let name = format!("{i}-{}", home.nat.kind.short());
         let args = peer_args(&name, false);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut p = spawn_in(&home.host, &dir, &name, &args);
+        let mut p = natlab::spawn_in(&home.host, &dir, &name, &args);
         let log = support::peer_log(&dir, &name);
         let line = support::wait_for_line(&mut p, &log, Duration::from_secs(25), |l| {
             l.contains(": NTS ID ")

@@ -610,6 +610,31 @@ pub fn recv(sock: &UdpSocket, timeout: Duration) -> Option<(Vec<u8>, SocketAddrV
     }
 }
 
+/// Starts `p2psp <args>` in `host`, its standard error in `dir/<name>.log`.
+pub fn spawn_in<S: AsRef<std::ffi::OsStr>>(
+    host: &Host,
+    dir: &std::path::Path,
+    name: &str,
+    args: &[S],
+) -> crate::support::Proc {
+    let log = File::create(crate::support::peer_log(dir, name)).unwrap();
+    let mut cmd = host.command(crate::support::BIN);
+    cmd.env("RUST_LOG", "p2psp=info")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    crate::support::Proc::spawn(name, &mut cmd)
+}
+
+/// The `/status` of the program serving `--metrics` on `port` inside `host` (`Null` when it
+/// does not answer).
+pub fn status_in(host: &Host, port: u16) -> serde_json::Value {
+    http_get_in(host, port, "/status")
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
 /// `GET path` from `127.0.0.1:port` inside `host`'s namespace (a peer's `--metrics`); the body
 /// of a 200 answer.
 pub fn http_get_in(host: &Host, port: u16, path: &str) -> Option<Vec<u8>> {
