@@ -381,39 +381,7 @@ impl Lab {
             "via",
             &gw.to_string(),
         ]);
-        let t = self.udp_timeout.to_string();
-        for (key, value) in [
-            ("net.ipv4.ip_forward", "1"),
-            ("net.netfilter.nf_conntrack_udp_timeout", t.as_str()),
-            ("net.netfilter.nf_conntrack_udp_timeout_stream", t.as_str()),
-        ] {
-            run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &nat_ns,
-                    "sysctl",
-                    "-qw",
-                    &format!("{key}={value}"),
-                ],
-            );
-        }
-        let rules = nat_rules(kind, wan, loss_permille, self.udp_timeout, self.port_step);
-        let mut nft = Command::new("ip")
-            .args(["netns", "exec", &nat_ns, "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nft");
-        std::io::Write::write_all(nft.stdin.as_mut().unwrap(), rules.as_bytes()).unwrap();
-        let out = nft.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "nft refused the {kind} rules:\n{}\n{rules}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.make_nat(&nat_ns, kind, wan, loss_permille);
         Home {
             nat: Nat {
                 kind,
@@ -499,26 +467,7 @@ impl Lab {
                 ips: vec![host_ip],
             });
         }
-        let t = self.udp_timeout.to_string();
-        for (key, value) in [
-            ("net.ipv4.ip_forward", "1"),
-            ("net.netfilter.nf_conntrack_udp_timeout", t.as_str()),
-            ("net.netfilter.nf_conntrack_udp_timeout_stream", t.as_str()),
-        ] {
-            run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &nat_ns,
-                    "sysctl",
-                    "-qw",
-                    &format!("{key}={value}"),
-                ],
-            );
-        }
-        let rules = nat_rules(kind, wan, loss_permille, self.udp_timeout, self.port_step);
-        nft_in(&nat_ns, &rules);
+        self.make_nat(&nat_ns, kind, wan, loss_permille);
         (
             Nat {
                 kind,
@@ -548,6 +497,33 @@ impl Drop for Lab {
                 .stderr(Stdio::null())
                 .status();
         }
+    }
+}
+
+impl Lab {
+    /// Turns `nat_ns` into a NAT of `kind` with `wan` as its public address: forwarding, the
+    /// lab's conntrack UDP timeouts, and the kind's nftables rules (dropping `loss_permille` ‰).
+    fn make_nat(&self, nat_ns: &str, kind: NatKind, wan: Ipv4Addr, loss_permille: u16) {
+        let t = self.udp_timeout.to_string();
+        for (key, value) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.netfilter.nf_conntrack_udp_timeout", t.as_str()),
+            ("net.netfilter.nf_conntrack_udp_timeout_stream", t.as_str()),
+        ] {
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    nat_ns,
+                    "sysctl",
+                    "-qw",
+                    &format!("{key}={value}"),
+                ],
+            );
+        }
+        let rules = nat_rules(kind, wan, loss_permille, self.udp_timeout, self.port_step);
+        nft_in(nat_ns, &rules);
     }
 }
 
