@@ -21,11 +21,13 @@
 #
 # Both kinds of run use the same --thread-slice (THREAD_SLICE, default 100us): the splitter's
 # shards and feed, loadgen's source writer and the bare loop all get it, so the pair stays like
-# for like. THREAD_SLICE=off runs with the kernel's default slice.
+# for like. THREAD_SLICE=off runs with the kernel's default slice. Likewise RT_PRIORITY (default
+# 10; off turns it off): the same threads in the real-time SCHED_FIFO class (--rt-priority; needs
+# root), the peers' workers staying in the ordinary class.
 #
 # Bounded: every run has a time limit; waiting for an idle machine gives up after IDLE_WAIT s.
 # Environment: PEERS_LIST ("100 1000"; PEERS=N is a one-item list), DURATION (60), PAIRS (3;
-# RUNS is an older name), CAL (3), LOAD_PCT (70), IDLE_WAIT (30), THREAD_SLICE (100us),
+# RUNS is an older name), CAL (3), LOAD_PCT (70), IDLE_WAIT (30), THREAD_SLICE (100us), RT_PRIORITY (10),
 # LOADGEN (path; default: built with cargo), NICE (-10 as root; 0 turns it off).
 set -euo pipefail
 
@@ -33,6 +35,7 @@ PEERS_LIST=${PEERS_LIST:-${PEERS:-100 1000}}
 DURATION=${DURATION:-60}
 PAIRS=${PAIRS:-${RUNS:-3}}
 THREAD_SLICE=${THREAD_SLICE:-100us}
+RT_PRIORITY=${RT_PRIORITY:-10}
 CAL=${CAL:-3}
 LOAD_PCT=${LOAD_PCT:-70}
 IDLE_WAIT=${IDLE_WAIT:-30}
@@ -44,7 +47,7 @@ loadgen() { # name, seconds, bitrate, extra flags...
     local name=$1 secs=$2 bitrate=$3
     shift 3
     if ! timeout $((secs + 120)) "${prefix[@]}" "$LOADGEN" --peers "$peers" --team-size 1 \
-        --thread-slice "$THREAD_SLICE" --chunk-size 1024 --bitrate "$bitrate" --duration "$secs" --join-rate 2000 \
+        --thread-slice "$THREAD_SLICE" --rt-priority "$RT_PRIORITY" --chunk-size 1024 --bitrate "$bitrate" --duration "$secs" --join-rate 2000 \
         --no-progress --quiet --json "$work/$name.json" "$@" >"$work/$name.out" 2>&1; then
         echo "loadgen $name failed:" >&2
         tail -20 "$work/$name.out" >&2
@@ -91,7 +94,7 @@ for peers in $PEERS_LIST; do
     rate=$(awk -v l="$limit" -v p="$LOAD_PCT" 'BEGIN {printf "%.0f", l * p / 100}')
     # Chunks per second = rate / peers; bitrate = chunks/s x 1024 B x 8.
     bitrate=$(awk -v r="$rate" -v n="$peers" 'BEGIN {printf "%.0f", r / n * 1024 * 8}')
-    echo "baseline limit (median) $limit datagrams/s; ${LOAD_PCT} % = $rate datagrams/s = a $bitrate bit/s stream to $peers peers; $PAIRS pairs of $DURATION s; --thread-slice $THREAD_SLICE"
+    echo "baseline limit (median) $limit datagrams/s; ${LOAD_PCT} % = $rate datagrams/s = a $bitrate bit/s stream to $peers peers; $PAIRS pairs of $DURATION s; --thread-slice $THREAD_SLICE --rt-priority $RT_PRIORITY"
     printf '%-16s %8s %6s | %8s %8s %9s %9s | %8s %9s | %7s %8s | %7s %8s %8s\n' run "rx dg/s" lost \
         "p50 ms" "p99" "p99.9" max "wr p99" "wr p99.9" "lag p99" "lag wrst" "noise99" "noise99.9" "noise max"
     : >"$work/r99"

@@ -54,7 +54,10 @@ fn main() -> ExitCode {
         Ok(e) => e,
         Err(message) => return usage_error(&message),
     };
-    let cli = Cli::parse_from(&expanded.args);
+    let cli = match Cli::try_parse_from(&expanded.args) {
+        Ok(cli) => cli,
+        Err(e) => return clap_error(e),
+    };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal ends the process at once.
@@ -86,6 +89,29 @@ fn main() -> ExitCode {
         }
         Command::Demo(args) => finish(demo::run(&args, stop)),
     }
+}
+
+/// `--help` and `--version` as clap prints them; a bad flag or value as one line (what clap
+/// says first, with its usage and tips left out), exit code 2.
+fn clap_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let first = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("bad arguments");
+    usage_error(&format!(
+        "{}; see --help",
+        first.trim().trim_start_matches("error: ")
+    ))
 }
 
 fn usage_error(message: &str) -> ExitCode {

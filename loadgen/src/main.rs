@@ -161,6 +161,12 @@ struct Args {
     /// baseline loop, so that both kinds of run are alike (`off`: the kernel's default).
     #[arg(long, default_value = "off", value_parser = p2psp::splitter::settings::parse_slice, value_name = "DURATION|off")]
     thread_slice: p2psp::splitter::settings::ThreadSlice,
+    /// Real-time `SCHED_FIFO` priority (1-99) of the threads that put chunks on the wire: passed
+    /// to the splitter child as its `--rt-priority`, and applied to the source's writer and to
+    /// the baseline loop, so that both kinds of run are alike; the peers' workers stay in the
+    /// ordinary class. Needs root or CAP_SYS_NICE (`off`: the ordinary scheduler).
+    #[arg(long, default_value = "off", value_parser = p2psp::splitter::settings::parse_rt_priority, value_name = "1-99|off")]
+    rt_priority: p2psp::splitter::settings::RtPriority,
     /// CIS (docs/integrity.md): start the splitter child with `--sign KEYFILE` (created on first
     /// use); the peers verify with the key it prints (unless --no-verify), and the report shows
     /// what verifying cost them.
@@ -203,6 +209,10 @@ fn main() -> ExitCode {
 }
 
 fn check(a: &Args) -> Result<(), String> {
+    sched::check(p2psp::splitter::settings::WireSched {
+        slice: a.thread_slice.0,
+        rt_priority: a.rt_priority.0,
+    })?;
     if a.peers == 0 {
         return Err("--peers must be at least 1".into());
     }
@@ -367,7 +377,10 @@ fn verify_costs() -> (f64, f64) {
 }
 
 fn run(a: &Args) -> anyhow::Result<()> {
-    sched::set(a.thread_slice.0);
+    sched::set(p2psp::splitter::settings::WireSched {
+        slice: a.thread_slice.0,
+        rt_priority: a.rt_priority.0,
+    });
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let splitters = match (&a.splitter, &a.baseline) {
         (Some(s), None) => p2psp::peer::resolve_all_v4(s)
@@ -483,6 +496,9 @@ fn start(
                     let mut extra: Vec<String> = Vec::new();
                     if let Some(d) = a.thread_slice.0 {
                         extra.extend(["--thread-slice".into(), format!("{}us", d.as_micros())]);
+                    }
+                    if let Some(p) = a.rt_priority.0 {
+                        extra.extend(["--rt-priority".into(), p.to_string()]);
                     }
                     if let Some(key) = &a.sign {
                         extra.extend([

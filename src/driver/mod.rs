@@ -50,7 +50,8 @@ pub use pktinfo::{SourcedSender, send_from_addr, set_pktinfo};
 pub use recv::{Datagram, MultiRecv, PollOutcome, RecvPath, RecvStats};
 pub use send::{BatchSender, EAGAIN_WAIT_BUDGET, MAX_BATCH, SendPath, SendStats};
 pub use sys::{
-    DONT_FRAGMENT_MAX, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, PollFd, Waker, monotonic_ns,
-    poll, raise_nofile_limit, set_dont_fragment, set_thread_slice, set_timer_slack, tcp_listener,
-    thread_cpu_time, thread_slice, udp_socket, udp_socket_reuse_addr,
+    DONT_FRAGMENT_MAX, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, PollFd, Waker, check_realtime,
+    monotonic_ns, poll, raise_nofile_limit, realtime_priority, set_dont_fragment, set_realtime,
+    set_thread_slice, set_timer_slack, tcp_listener, thread_cpu_time, thread_slice, udp_socket,
+    udp_socket_reuse_addr,
 };

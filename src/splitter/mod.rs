@@ -120,7 +120,7 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
                 if let Some(core) = core {
                     core_affinity::set_for_current(core);
                 }
-                use_thread_slice(settings2.thread_slice, "shard");
+                use_wire_sched(settings2.wire_sched, "shard");
                 let shard =
                     shard::Shard::new(index, &settings2, socket, ring, waker2, queues, stats2);
                 match shard {
@@ -183,11 +183,11 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
             let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(4096);
             let (ring, stats, wakers) = (ring.clone(), feed_stats.clone(), wakers.clone());
             let chunk_len = crate::proto::wire::CHUNK_HEADER + settings.chunk_size;
-            let slice = settings.thread_slice;
+            let sched = settings.wire_sched;
             let handle = thread::Builder::new()
                 .name("signer".into())
                 .spawn(move || {
-                    use_thread_slice(slice, "signer");
+                    use_wire_sched(sched, "signer");
                     signing::run_digest(&rx, &signing, chunk_len, &ring, &stats, &wakers);
                 })?;
             (Some(tx), Some(handle))
@@ -204,12 +204,12 @@ pub fn start(settings: Settings, stop: Arc<AtomicBool>) -> anyhow::Result<Splitt
         let chunk_size = settings.chunk_size;
         let first = settings.first_chunk_number;
         let signer = settings.signer.clone();
-        let slice = settings.thread_slice;
+        let sched = settings.wire_sched;
         thread::Builder::new().name("feed".into()).spawn(move || {
             if let Some(core) = spare_core {
                 core_affinity::set_for_current(core);
             }
-            use_thread_slice(slice, "feed");
+            use_wire_sched(sched, "feed");
             let output = match digest_tx {
                 Some(tx) => feed::Output::Digest(tx),
                 None => feed::Output::Ring(signer.as_ref()),
@@ -416,10 +416,16 @@ impl Drop for StopOnExit<'_> {
     }
 }
 
-/// Applies `--thread-slice` to the calling thread; a refusal is logged, not fatal (chunks still
-/// go out, with the kernel's default slice).
-fn use_thread_slice(slice: Option<std::time::Duration>, thread: &str) {
-    if let Some(slice) = slice
+/// Applies `--rt-priority` or `--thread-slice` to the calling thread; a refusal is logged, not
+/// fatal (chunks still go out, with the ordinary scheduler; `--rt-priority` was checked at start).
+fn use_wire_sched(sched: settings::WireSched, thread: &str) {
+    if let Some(p) = sched.rt_priority {
+        match driver::set_realtime(p) {
+            Ok(()) => return,
+            Err(e) => tracing::warn!("cannot put the {thread} thread in SCHED_FIFO {p}: {e}"),
+        }
+    }
+    if let Some(slice) = sched.slice
         && let Err(e) = driver::set_thread_slice(slice)
     {
         tracing::warn!("cannot set the {thread} thread's scheduler slice to {slice:?}: {e}");

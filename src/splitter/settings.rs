@@ -47,6 +47,34 @@ fn n_or_err(num: &str, s: &str) -> Result<f64, String> {
         .map_err(|_| format!("`{s}` is not a slice: give `off` or a duration such as 300us or 1ms"))
 }
 
+/// Parses `--rt-priority`: `off`, or a `SCHED_FIFO` priority from 1 to 99.
+pub fn parse_rt_priority(s: &str) -> Result<RtPriority, String> {
+    let t = s.trim();
+    if t == "off" {
+        return Ok(RtPriority(None));
+    }
+    match t.parse::<u8>() {
+        Ok(p @ 1..=99) => Ok(RtPriority(Some(p))),
+        _ => Err(format!(
+            "`{s}` is not a real-time priority: give `off` or a number from 1 to 99"
+        )),
+    }
+}
+
+/// `--rt-priority`: a `SCHED_FIFO` priority, or `off` (the fair scheduler).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RtPriority(pub Option<u8>);
+
+/// How the threads that put chunks on the wire (shards, feed, signer) are scheduled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WireSched {
+    /// Fair-scheduler slice (`--thread-slice`); `None`: the kernel's default.
+    pub slice: Option<std::time::Duration>,
+    /// Real-time priority (`--rt-priority`); `None`: fair class. Takes precedence over the
+    /// slice, which only applies to fair-class threads.
+    pub rt_priority: Option<u8>,
+}
+
 /// Flags of `p2psp splitter`.
 #[derive(Debug, Clone, Args)]
 pub struct SplitterArgs {
@@ -99,6 +127,13 @@ pub struct SplitterArgs {
     /// keeps the kernel's default (docs/operations.md, "Latency").
     #[arg(long, default_value = "off", value_parser = parse_slice, value_name = "DURATION|off")]
     pub thread_slice: ThreadSlice,
+    /// Run the shards, the feed and the signer in the real-time `SCHED_FIFO` class at this
+    /// priority (1-99): a new chunk is sent as soon as it is read, before any ordinary process
+    /// on those cores runs, which cuts the latency tail on a busy machine. Needs root or
+    /// CAP_SYS_NICE (checked at start). The kernel still leaves 5 % of each core to others.
+    /// `off`: the ordinary scheduler (docs/operations.md, "Latency").
+    #[arg(long, default_value = "off", value_parser = parse_rt_priority, value_name = "1-99|off")]
+    pub rt_priority: RtPriority,
     /// Expel a peer when this fraction of its own chunks is reported lost, both among its last
     /// 16 judged chunks and over the last seconds (docs/recovery.md, "Expulsion"). Monitors are
     /// never expelled.
@@ -250,8 +285,8 @@ pub struct Settings {
     pub channel: String,
     /// Send path.
     pub send_path: SendPath,
-    /// Scheduler slice of the shards and the feed (`None`: the kernel's default).
-    pub thread_slice: Option<std::time::Duration>,
+    /// How the shards, the feed and the signer are scheduled.
+    pub wire_sched: WireSched,
     /// When a peer is expelled for its losses.
     pub expulsion: crate::proto::team::Expulsion,
     /// First chunk number.
@@ -324,6 +359,13 @@ impl Settings {
                 a.expel_min_losses,
                 crate::proto::team::EXPULSION_WINDOW,
                 crate::proto::team::EXPULSION_WINDOW
+            ));
+        }
+        if let Some(p) = a.rt_priority.0
+            && let Err(e) = crate::driver::check_realtime(p)
+        {
+            return Err(format!(
+                "--rt-priority {p}: the kernel refuses SCHED_FIFO ({e}); run as root, give the binary CAP_SYS_NICE (setcap cap_sys_nice+ep), raise RLIMIT_RTPRIO (ulimit -r {p}), or use --rt-priority off"
             ));
         }
         if a.chunk_size < MIN_CHUNK_SIZE || a.chunk_size > MAX_CHUNK_SIZE {
@@ -412,7 +454,10 @@ impl Settings {
             shards,
             channel,
             send_path,
-            thread_slice: a.thread_slice.0,
+            wire_sched: WireSched {
+                slice: a.thread_slice.0,
+                rt_priority: a.rt_priority.0,
+            },
             expulsion: crate::proto::team::Expulsion {
                 min_lost: a.expel_min_losses,
                 fraction: a.expel_fraction,
@@ -499,6 +544,17 @@ fn check_ims(a: &SplitterArgs, group: &str) -> Result<Ims, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rt_priority_takes_off_and_1_to_99() {
+        assert_eq!(parse_rt_priority("off"), Ok(RtPriority(None)));
+        assert_eq!(parse_rt_priority("1"), Ok(RtPriority(Some(1))));
+        assert_eq!(parse_rt_priority(" 99 "), Ok(RtPriority(Some(99))));
+        for bad in ["0", "100", "-1", "high", ""] {
+            let e = parse_rt_priority(bad).unwrap_err();
+            assert!(e.contains("1 to 99"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn thread_slice_takes_off_and_microseconds_to_milliseconds() {
