@@ -7,28 +7,34 @@
 //!
 //! Exit codes: 0 the run completed (whatever it measured), 1 it could not run or was cut short
 //! (setup failed, every join failed, the splitter died), 2 bad flags.
+//!
+//! A run, in order: `plan.rs` decides threads, cores and descriptors; `startup.rs` starts the
+//! source, the sender (`sender.rs`), the workers and the joiners; the loop here feeds the
+//! sans-IO `collector.rs` and carries out its commands while `marks.rs` reads `/proc`; then
+//! everything stops and `report.rs` builds, prints and writes the report.
 
 mod baseline;
 mod child;
 mod collector;
+mod marks;
 mod noise;
 mod peers;
 mod plan;
 mod procfs;
 mod report;
 mod sched;
+mod sender;
 mod source;
 mod stamp;
+mod startup;
 mod tally;
 
 use p2psp::config::parse_duration;
-use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -36,15 +42,16 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mimalloc::MiMalloc;
-use p2psp::driver::{self, RecvPath, SendPath};
+use p2psp::driver::{self, RecvPath};
 use p2psp::splitter::settings::parse_bitrate;
 
-use crate::child::{ChildSettings, SplitterChild};
 use crate::collector::{Collector, Command, Counts, Phase, Status};
-use crate::peers::{JoinOptions, JoinResult, NewPeer, Shared, SocketMode, WorkerOptions};
+use crate::marks::Marks;
+use crate::peers::{Shared, SocketMode};
 use crate::plan::{Plan, PlanInput};
-use crate::procfs::CpuTimes;
-use crate::report::{Cpu, Latency, Report};
+use crate::report::{Latency, Report};
+use crate::sender::Sender;
+use crate::startup::Started;
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
@@ -248,140 +255,31 @@ fn check(a: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// What sends the chunks.
-enum Sender {
-    Child(SplitterChild),
-    Manual(Vec<SocketAddrV4>),
-    Baseline {
-        stats: Arc<baseline::BaselineStats>,
-        stop: Arc<AtomicBool>,
-        handle: Option<thread::JoinHandle<anyhow::Result<baseline::BaselineEnd>>>,
-        end: Option<baseline::BaselineEnd>,
-    },
-}
-
-impl Sender {
-    fn splitter_addr(&self) -> Option<SocketAddrV4> {
-        match self {
-            Sender::Child(c) => Some(c.addr),
-            Sender::Manual(addrs) => addrs.first().copied(),
-            Sender::Baseline { .. } => None,
-        }
-    }
-
-    /// Every splitter the peers join.
-    fn splitter_addrs(&self) -> Vec<SocketAddrV4> {
-        match self {
-            Sender::Manual(addrs) => addrs.clone(),
-            _ => self.splitter_addr().into_iter().collect(),
-        }
-    }
-
-    fn stop_baseline(&self) {
-        if let Sender::Baseline { stop, .. } = self {
-            stop.store(true, Ordering::SeqCst);
-        }
-    }
-}
-
-/// Everything a run started: the source, the sender, the workers and the joiners.
-struct Started {
-    source: Option<source::SourceServer>,
-    sender: Sender,
-    shared: Arc<Shared>,
-    noise: noise::NoiseProbe,
-    report_rx: crossbeam_channel::Receiver<peers::Report>,
-    join_rx: crossbeam_channel::Receiver<JoinResult>,
-    workers: Vec<thread::JoinHandle<anyhow::Result<()>>>,
-    joiners: Vec<thread::JoinHandle<()>>,
-    join_start: Instant,
-    /// CIS: what a signature check and a chunk hash cost here, when the peers verify.
-    verify_costs: Option<(f64, f64)>,
-}
-
-/// Readings taken at interval starts: splitter CPU, loadgen CPU and the baseline's datagram count
-/// at each, and the kernel drops at the peers' sockets and every core's ticks at the measured
-/// seconds' edges.
-#[derive(Default)]
-struct Marks {
-    window: BTreeMap<u64, (Option<CpuTimes>, Option<CpuTimes>, u64)>,
-    drops: BTreeMap<u64, u64>,
-    cores: BTreeMap<u64, Vec<(String, procfs::CoreTicks)>>,
-    /// The splitter child's resident memory (now, peak) at the end of the measured seconds.
-    sender_rss: Option<(u64, u64)>,
-    seen: Option<u64>,
-}
-
-impl Marks {
-    /// Takes the readings of interval `current` when it starts.
-    fn take(
-        &mut self,
-        current: u64,
-        measure: Option<(u64, u64)>,
-        sender: &Sender,
-        shared: &Shared,
-    ) {
-        if self.seen == Some(current) {
-            return;
-        }
-        self.seen = Some(current);
-        let sender_cpu = match sender {
-            Sender::Child(c) => c.cpu(),
-            _ => None,
-        };
-        let tx = match sender {
-            Sender::Baseline { stats, .. } => stats.datagrams.load(Ordering::Relaxed),
-            _ => 0,
-        };
-        self.window
-            .insert(current, (sender_cpu, procfs::self_cpu(), tx));
-        if let Some((from, until)) = measure
-            && (current == from || current == until)
-        {
-            self.cores.insert(current, procfs::cores());
-            let addrs = shared.addrs.lock().unwrap().clone();
-            self.drops.insert(current, procfs::udp_drops(&addrs));
-            if let (Sender::Child(c), true) = (sender, current == until) {
-                self.sender_rss = Some(c.rss());
-            }
-        }
-    }
-}
-
-/// CIS: what one signature check and one chunk hash (1 KiB) cost on this thread, µs: the best of
-/// 3 timings of 200 and 2,000 of them (a loaded machine only makes the figures larger).
-fn verify_costs() -> (f64, f64) {
-    use p2psp::proto::digest;
-    use p2psp::proto::integrity::ChunkSigner;
-    let signer = ChunkSigner::from_secret(&[7; 32]);
-    let key = signer.verifier();
-    let chunk = vec![0x5au8; 1026];
-    let d = digest::sign_digest(&signer, 0, &[digest::chunk_hash(&chunk); 16]);
-    let parsed = digest::Digest::parse(&d).expect("a digest");
-    let best = |n: u32, f: &dyn Fn()| {
-        (0..3)
-            .map(|_| {
-                let t = Instant::now();
-                for _ in 0..n {
-                    f();
-                }
-                t.elapsed().as_secs_f64() * 1e6 / f64::from(n)
-            })
-            .fold(f64::INFINITY, f64::min)
-    };
-    let sig = best(200, &|| assert!(std::hint::black_box(parsed).verify(&key)));
-    let hash = best(2000, &|| {
-        std::hint::black_box(digest::chunk_hash(std::hint::black_box(&chunk)));
-    });
-    (sig, hash)
-}
-
+/// One run: the plan, start-up (`startup.rs`), the collecting loop, the stop, the report.
 fn run(a: &Args) -> anyhow::Result<()> {
     sched::set(p2psp::splitter::settings::WireSched {
         slice: a.thread_slice.0,
         rt_priority: a.rt_priority.0,
     });
     let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let plan = plan(a, cores.len())?;
+    // One socket per worker: recvmmsg drains up to 64 datagrams per call, cheaper per datagram
+    // than a completion each (loadgen/README.md, "Socket modes"); many sockets: io_uring.
+    let recv_path = a.recv.unwrap_or_else(|| match plan.sockets {
+        SocketMode::Shared => RecvPath::Poll,
+        SocketMode::PerPeer => RecvPath::detect(),
+    });
+    let mut st = startup::start(a, &plan, &cores, recv_path)?;
+    let (collector, marks, failure) = collect(a, &plan, &mut st);
+    let collector = stop(&mut st, collector, failure)?;
+    let outcome = collector
+        .finish()
+        .context("the run never reached its measurement")?;
+    finish(a, &plan, recv_path, st, &marks, outcome)
+}
+
+/// The run's plan for `ncores` cores, with the file descriptor limit raised to what it needs.
+fn plan(a: &Args, ncores: usize) -> anyhow::Result<Plan> {
     let splitters = match (&a.splitter, &a.baseline) {
         (Some(s), None) => p2psp::peer::resolve_all_v4(s)
             .map_err(|e| anyhow::anyhow!("--splitter {s}: {e}"))?
@@ -403,7 +301,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
             rcvbuf: a.rcvbuf,
             splitters,
         },
-        cores.len(),
+        ncores,
         procfs::local_port_range(),
     )
     .map_err(anyhow::Error::msg)?;
@@ -416,362 +314,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
             plan.fds
         );
     }
-    // One socket per worker: recvmmsg drains up to 64 datagrams per call, cheaper per datagram
-    // than a completion each (loadgen/README.md, "Socket modes"); many sockets: io_uring.
-    let recv_path = a.recv.unwrap_or_else(|| match plan.sockets {
-        SocketMode::Shared => RecvPath::Poll,
-        SocketMode::PerPeer => RecvPath::detect(),
-    });
-    let mut st = start(a, &plan, &cores, recv_path)?;
-    let (collector, marks, failure) = collect(a, &plan, &mut st);
-    let (collector, marks) = stop(&mut st, collector, marks, failure)?;
-    let outcome = collector
-        .finish()
-        .context("the run never reached its measurement")?;
-    finish(a, &plan, recv_path, st, marks, outcome)
-}
-
-/// Starts the source, the sender (splitter child, or the baseline's state), the workers and the
-/// joiners (or, for the baseline, binds the bare sockets and starts the loop), and prints the
-/// header.
-fn start(
-    a: &Args,
-    plan: &Plan,
-    cores: &[core_affinity::CoreId],
-    recv_path: RecvPath,
-) -> anyhow::Result<Started> {
-    let send_path = match recv_path {
-        RecvPath::Uring => SendPath::detect(),
-        RecvPath::Poll => SendPath::Sendmmsg,
-    };
-    let core = |i: Option<usize>| i.and_then(|i| cores.get(i).copied());
-    let pin = !a.no_pin;
-
-    // The source (not for the baseline, which stamps its own buffer). Its writer runs with the
-    // workers on the last core, off the cores of the splitter child's shards (0..shards).
-    let source_core = core(plan.source_core(pin));
-    let source = match (&a.baseline, &a.splitter, a.source_listen) {
-        (Some(_), _, _) => None,
-        (None, None, _) => Some(source::SourceServer::start(
-            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
-            a.chunk_size,
-            plan.chunks_per_second,
-            source_core,
-        )?),
-        (None, Some(_), Some(listen)) => Some(source::SourceServer::start(
-            listen,
-            a.chunk_size,
-            plan.chunks_per_second,
-            source_core,
-        )?),
-        (None, Some(_), None) => None,
-    };
-    let mut sender = match (&a.baseline, &a.splitter) {
-        (Some(_), _) => Sender::Baseline {
-            stats: Arc::default(),
-            stop: Arc::default(),
-            handle: None,
-            end: None,
-        },
-        (None, Some(addr)) => Sender::Manual(
-            p2psp::peer::resolve_all_v4(addr)
-                .map_err(|e| anyhow::anyhow!("--splitter {addr}: {e}"))?,
-        ),
-        (None, None) => {
-            let binary = match &a.splitter_bin {
-                Some(p) => p.clone(),
-                None => SplitterChild::find_binary()?,
-            };
-            let src = source.as_ref().expect("started above");
-            Sender::Child(SplitterChild::start(&ChildSettings {
-                binary,
-                source: src.url(),
-                team_size: a.team_size,
-                chunk_size: a.chunk_size,
-                buffer_size: a.buffer_size,
-                monitors: a.monitors,
-                shards: plan.shards,
-                io: a.io.clone(),
-                extra: {
-                    let mut extra: Vec<String> = Vec::new();
-                    if let Some(d) = a.thread_slice.0 {
-                        extra.extend(["--thread-slice".into(), format!("{}us", d.as_micros())]);
-                    }
-                    if let Some(p) = a.rt_priority.0 {
-                        extra.extend(["--rt-priority".into(), p.to_string()]);
-                    }
-                    if let Some(key) = &a.sign {
-                        extra.extend([
-                            "--sign".into(),
-                            key.display().to_string(),
-                            "--sign-mode".into(),
-                            a.sign_mode.clone(),
-                        ]);
-                    }
-                    extra
-                },
-            })?)
-        }
-    };
-    // CIS: the key the peers verify with: given, or printed by the signing child.
-    let splitter_key = match (&sender, a.splitter_key) {
-        (_, Some(k)) => Some(k),
-        (Sender::Child(c), None) if a.sign.is_some() && !a.no_verify => {
-            let log = c.log_text();
-            let hex = log
-                .lines()
-                .find_map(|l| l.split("--splitter-key ").nth(1))
-                .ok_or_else(|| anyhow::anyhow!("the signing splitter printed no key:\n{log}"))?;
-            Some(
-                p2psp::proto::integrity::ChunkVerifier::from_hex(hex)
-                    .map_err(|e| anyhow::anyhow!("the splitter's key: {e}"))?,
-            )
-        }
-        _ => None,
-    };
-    if a.no_verify && a.sign_mode == "chunk" {
-        bail!(
-            "--no-verify needs --sign-mode digest (signed chunks are longer than loadgen's peers take)"
-        );
-    }
-    let verify_costs = splitter_key.map(|k| {
-        let _ = peers::SPLITTER_KEY.set(k);
-        verify_costs()
-    });
-    let splitter_addr = sender.splitter_addr();
-    let splitter_addrs = sender.splitter_addrs();
-    if let Some(addr) = splitter_addrs.iter().find(|a| !a.ip().is_loopback())
-        && plan.sockets == SocketMode::Shared
-    {
-        bail!(
-            "--sockets shared gives peers 127.x.y.z addresses, which a splitter at {addr} \
-             cannot reach: run it on this machine (127.0.0.1) or use --sockets per-peer"
-        );
-    }
-
-    // Header, as wrk prints it.
-    let target = match (&sender, splitter_addr) {
-        (Sender::Child(_), Some(addr)) => format!(
-            "splitter {addr} (child, {} shard(s), --io {})",
-            plan.shards, a.io
-        ),
-        (Sender::Manual(addrs), Some(_)) if addrs.len() > 1 => format!(
-            "{} splitters {} (started by hand; peer i joins splitter i mod {})",
-            addrs.len(),
-            addrs
-                .iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            addrs.len()
-        ),
-        (Sender::Manual(_), Some(addr)) => format!("splitter {addr} (started by hand)"),
-        _ => "baseline sendmmsg fan-out loop".to_owned(),
-    };
-    println!(
-        "Running {:.0}s test @ {target}\n  {} peers{}, {} B chunks at {:.3} Mbit/s ({:.1} chunks/s), {} worker thread(s) ({} receive), joins at {}/s over {}",
-        a.duration.as_secs_f64(),
-        a.peers,
-        if a.baseline.is_some() {
-            String::new()
-        } else {
-            format!(" in teams of {}", a.team_size)
-        },
-        a.chunk_size,
-        a.bitrate as f64 / 1e6,
-        plan.chunks_per_second,
-        plan.threads,
-        recv_path,
-        a.join_rate,
-        match plan.sockets {
-            SocketMode::PerPeer => format!("{} address(es)", plan.ips.len()),
-            SocketMode::Shared => format!(
-                "{} virtual addresses on {} shared socket(s)",
-                a.peers, plan.threads
-            ),
-        },
-    );
-
-    // A splitter started by hand may not be up yet (it needs our source first): wait for it.
-    if let (Sender::Manual(addrs), Some(src)) = (&sender, &source) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        for addr in addrs {
-            eprintln!(
-                "loadgen: serving the source at {}; waiting up to 120 s for the splitter at {addr}",
-                src.url()
-            );
-            while std::net::TcpStream::connect_timeout(&(*addr).into(), Duration::from_secs(1))
-                .is_err()
-            {
-                if Instant::now() > deadline {
-                    bail!("no splitter answered at {addr} within 120 s");
-                }
-                thread::sleep(Duration::from_millis(200));
-            }
-        }
-        // Let it read a few records (its source connects before it listens).
-        thread::sleep(Duration::from_millis(500));
-    }
-
-    // Workers: pinned to the last cores (the splitter pins its shards from core 0 on).
-    let shared = Arc::new(Shared::new());
-    let noise = noise::NoiseProbe::start(shared.interval_start(0))
-        .context("cannot start the noise probe thread")?;
-    let (report_tx, report_rx) = crossbeam_channel::unbounded::<peers::Report>();
-    let mut worker_txs = Vec::new();
-    let mut workers = Vec::new();
-    let last_seq: Arc<dyn Fn() -> Option<u64> + Send + Sync> = match &sender {
-        Sender::Baseline { stats, .. } => {
-            let stats = stats.clone();
-            Arc::new(move || {
-                let n = stats.last_seq_plus_one.load(Ordering::Relaxed);
-                n.checked_sub(1)
-            })
-        }
-        _ => Arc::new(|| None),
-    };
-    let shared_sockets: Vec<Arc<std::net::UdpSocket>> = match plan.sockets {
-        SocketMode::Shared => (0..plan.threads)
-            .map(|_| {
-                peers::shared_socket(
-                    plan.shared_rcvbuf,
-                    a.chunk_size + p2psp::proto::wire::CHUNK_HEADER,
-                )
-                .map(Arc::new)
-            })
-            .collect::<anyhow::Result<_>>()?,
-        SocketMode::PerPeer => Vec::new(),
-    };
-    for w in 0..plan.threads {
-        let (tx, rx) = crossbeam_channel::unbounded::<NewPeer>();
-        let socket = shared_sockets.get(w).cloned();
-        worker_txs.push(tx);
-        let opts = WorkerOptions {
-            recv_path,
-            send_path,
-            chunk_size: a.chunk_size,
-            trailer: if a.sign.is_some() && a.sign_mode == "chunk" {
-                p2psp::proto::integrity::SIGNATURE_LEN
-            } else {
-                0
-            },
-            core: core(plan.worker_core(w, pin)),
-            group: w % splitter_addrs.len().max(1),
-            nap: a.recv_nap.map_or(
-                if a.team_size == 1 {
-                    peers::RECV_NAP
-                } else {
-                    Duration::ZERO
-                },
-                Duration::from_micros,
-            ),
-        };
-        let (report_tx, shared, last_seq) = (report_tx.clone(), shared.clone(), last_seq.clone());
-        workers.push(
-            thread::Builder::new()
-                .name(format!("worker-{w}"))
-                .spawn(move || {
-                    let r = peers::run_worker(
-                        opts,
-                        socket.as_deref(),
-                        &rx,
-                        &report_tx,
-                        &shared,
-                        &*last_seq,
-                    );
-                    if r.is_err() {
-                        shared.stop.store(true, Ordering::SeqCst);
-                    }
-                    r
-                })?,
-        );
-    }
-    drop(report_tx);
-
-    // Peers: joins paced by --join-rate, or bare sockets for the baseline.
-    let (join_tx, join_rx) = crossbeam_channel::unbounded::<JoinResult>();
-    let mut joiners = Vec::new();
-    let join_start = Instant::now();
-    if splitter_addr.is_some() {
-        let opts = JoinOptions {
-            splitters: splitter_addrs.clone(),
-            ips: plan.ips.clone(),
-            peers: a.peers,
-            rate: a.join_rate,
-            team_size: a.team_size,
-            monitors: a.monitors,
-            rcvbuf: a.rcvbuf,
-            datagram: a.chunk_size + p2psp::proto::wire::CHUNK_HEADER,
-            seed: a.seed,
-            shared: shared_sockets.clone(),
-        };
-        let next = Arc::new(AtomicUsize::new(0));
-        for j in 0..a.join_threads.min(a.peers) {
-            let (opts, next, txs, results, shared) = (
-                opts.clone(),
-                next.clone(),
-                worker_txs.clone(),
-                join_tx.clone(),
-                shared.clone(),
-            );
-            joiners.push(
-                thread::Builder::new()
-                    .name(format!("join-{j}"))
-                    .spawn(move || {
-                        peers::run_joiner(&opts, join_start, &next, &txs, &results, &shared)
-                    })?,
-            );
-        }
-    } else {
-        let mut dests = Vec::with_capacity(a.peers);
-        for i in 0..a.peers {
-            let socket = peers::bare_socket(plan.ips[i % plan.ips.len()], a.rcvbuf)?;
-            let std::net::SocketAddr::V4(addr) = socket.local_addr()? else {
-                bail!("not IPv4")
-            };
-            dests.push(addr);
-            shared.joined.fetch_add(1, Ordering::Relaxed);
-            let _ = worker_txs[i % plan.threads].send(NewPeer::Bare { socket });
-        }
-        // The loop starts once every socket is receiving.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while shared.registered.load(Ordering::Relaxed) < a.peers {
-            if Instant::now() > deadline || shared.stop.load(Ordering::Relaxed) {
-                bail!("the workers did not take the peer sockets within 30 s");
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-        if let Sender::Baseline {
-            stats,
-            stop,
-            handle,
-            ..
-        } = &mut sender
-        {
-            let core = core((pin && plan.ncores > 1).then_some(0));
-            let (stats, stop) = (stats.clone(), stop.clone());
-            let chunk_size = a.chunk_size;
-            let cps = plan.chunks_per_second;
-            *handle = Some(
-                thread::Builder::new()
-                    .name("baseline".into())
-                    .spawn(move || baseline::run(dests, chunk_size, cps, core, stats, stop))?,
-            );
-        }
-    }
-    drop(join_tx);
-    Ok(Started {
-        verify_costs,
-        source,
-        sender,
-        shared,
-        noise,
-        report_rx,
-        join_rx,
-        workers,
-        joiners,
-        join_start,
-    })
+    Ok(plan)
 }
 
 /// The progress bar on a terminal (hidden otherwise or with `--no-progress`).
@@ -791,7 +334,7 @@ fn progress_bar(a: &Args) -> ProgressBar {
 }
 
 /// The main loop: feeds the collector, prints, carries out its commands. Every wait in it is
-/// bounded. Returns the collector and why the run failed, if it did.
+/// bounded. Returns the collector, the readings taken, and why the run failed, if it did.
 fn collect(a: &Args, plan: &Plan, st: &mut Started) -> (Collector, Marks, Option<String>) {
     let tx_name = if a.baseline.is_some() {
         "baseline"
@@ -799,18 +342,7 @@ fn collect(a: &Args, plan: &Plan, st: &mut Started) -> (Collector, Marks, Option
         "splitter"
     };
     let pb = progress_bar(a);
-    let mut c = Collector::new(
-        collector::Settings {
-            epoch: st.shared.epoch,
-            join_start: st.join_start,
-            threads: plan.threads,
-            peers: a.peers,
-            join_rate: a.join_rate,
-            duration: a.duration,
-            baseline: a.baseline.is_some(),
-        },
-        Instant::now(),
-    );
+    let mut c = Collector::new(collector_settings(a, plan, st), Instant::now());
     let mut marks = Marks::default();
     let mut commands = Vec::new();
     let failure = loop {
@@ -823,99 +355,116 @@ fn collect(a: &Args, plan: &Plan, st: &mut Started) -> (Collector, Marks, Option
         for r in st.report_rx.try_iter() {
             c.on_report(r);
         }
-        let tx = |k| interval_tx(&st.sender, &marks.window, k, &st.shared);
+        let tx = |k| marks.interval_tx(&st.sender, &st.shared, k);
         for iv in c.close_intervals(now, &tx) {
             if !a.quiet {
                 let line = iv.line(tx_name);
                 pb.suspend(|| println!("{line}"));
             }
         }
-        // The sender must stay alive.
-        if let Sender::Child(child) = &mut st.sender
-            && let Some(status) = child.exited()
-        {
-            c.fail(format!(
-                "the splitter exited ({status}) during the run; it said:\n{}",
-                child.log_text()
-            ));
-        }
-        let shared = &st.shared;
-        let counts = Counts {
-            joined: shared.joined.load(Ordering::Relaxed),
-            join_failed: shared.join_failed.load(Ordering::Relaxed),
-            left: shared.left.load(Ordering::Relaxed),
-            stopped: shared.stop.load(Ordering::Relaxed),
-        };
+        watch_child(&mut c, &mut st.sender);
+        let counts = counts(&st.shared);
         commands.clear();
         let status = c.advance(now, counts, &mut commands);
         for cmd in &commands {
-            match *cmd {
-                Command::Measure { from, until } => {
-                    shared.stop_joins.store(true, Ordering::SeqCst);
-                    pb.set_length(until - from);
-                    pb.set_position(0);
-                    pb.set_message("streaming");
-                }
-                Command::Leave => {
-                    pb.set_message("leaving");
-                    shared.leave.store(true, Ordering::SeqCst);
-                    st.sender.stop_baseline();
-                }
-                Command::StopWorkers => {
-                    if let Sender::Baseline { handle, end, .. } = &mut st.sender
-                        && let Some(h) = handle.take()
-                    {
-                        match h.join() {
-                            Ok(Ok(e)) => *end = Some(e),
-                            Ok(Err(e)) => c.fail(format!("{e:#}")),
-                            Err(_) => c.fail("the baseline loop panicked".to_owned()),
-                        }
-                        // Let the last datagrams land before the receivers count the tail.
-                        thread::sleep(Duration::from_millis(200));
-                    }
-                    shared.stop.store(true, Ordering::SeqCst);
-                }
-            }
+            carry_out(*cmd, st, &mut c, &pb);
         }
         match status {
             Status::Running => {}
             Status::Done => break None,
             Status::Failed(why) => break Some(why),
         }
-        match (c.phase(), c.measure()) {
-            (Phase::Join, _) => pb.set_position(counts.joined as u64),
-            (Phase::Measure, Some((from, until))) => {
-                pb.set_position(current.saturating_sub(from).min(until - from));
-            }
-            _ => {}
-        }
+        show_progress(&pb, &c, current, counts.joined);
         thread::sleep(Duration::from_millis(20));
     };
     pb.finish_and_clear();
     (c, marks, failure)
 }
 
-/// Stops every thread and the splitter child; accounts the late reports.
-fn stop(
-    st: &mut Started,
-    mut c: Collector,
-    marks: Marks,
-    failure: Option<String>,
-) -> anyhow::Result<(Collector, Marks)> {
+/// The collector's settings for this run.
+fn collector_settings(a: &Args, plan: &Plan, st: &Started) -> collector::Settings {
+    collector::Settings {
+        epoch: st.shared.epoch,
+        join_start: st.join_start,
+        threads: plan.threads,
+        peers: a.peers,
+        join_rate: a.join_rate,
+        duration: a.duration,
+        baseline: a.baseline.is_some(),
+    }
+}
+
+/// The sender must stay alive: fails the run when the splitter child has exited.
+fn watch_child(c: &mut Collector, sender: &mut Sender) {
+    if let Sender::Child(child) = sender
+        && let Some(status) = child.exited()
+    {
+        c.fail(format!(
+            "the splitter exited ({status}) during the run; it said:\n{}",
+            child.log_text()
+        ));
+    }
+}
+
+/// The workers' and joiners' counters, for the collector.
+fn counts(shared: &Shared) -> Counts {
+    Counts {
+        joined: shared.joined.load(Ordering::Relaxed),
+        join_failed: shared.join_failed.load(Ordering::Relaxed),
+        left: shared.left.load(Ordering::Relaxed),
+        stopped: shared.stop.load(Ordering::Relaxed),
+    }
+}
+
+/// Carries out one of the collector's commands.
+fn carry_out(cmd: Command, st: &mut Started, c: &mut Collector, pb: &ProgressBar) {
+    let shared = &st.shared;
+    match cmd {
+        Command::Measure { from, until } => {
+            shared.stop_joins.store(true, Ordering::SeqCst);
+            pb.set_length(until - from);
+            pb.set_position(0);
+            pb.set_message("streaming");
+        }
+        Command::Leave => {
+            pb.set_message("leaving");
+            shared.leave.store(true, Ordering::SeqCst);
+            st.sender.stop_baseline();
+        }
+        Command::StopWorkers => {
+            if let Some(joined) = st.sender.join_baseline() {
+                if let Err(why) = joined {
+                    c.fail(why);
+                }
+                // Let the last datagrams land before the receivers count the tail.
+                thread::sleep(Duration::from_millis(200));
+            }
+            shared.stop.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The progress bar's position: peers joined, then measured seconds.
+fn show_progress(pb: &ProgressBar, c: &Collector, current: u64, joined: usize) {
+    match (c.phase(), c.measure()) {
+        (Phase::Join, _) => pb.set_position(joined as u64),
+        (Phase::Measure, Some((from, until))) => {
+            pb.set_position(current.saturating_sub(from).min(until - from));
+        }
+        _ => {}
+    }
+}
+
+/// Stops every thread and the splitter child; accounts the late reports. Fails with `failure`
+/// (and a worker's error) if the run failed.
+fn stop(st: &mut Started, mut c: Collector, failure: Option<String>) -> anyhow::Result<Collector> {
     st.shared.stop_joins.store(true, Ordering::SeqCst);
     st.shared.stop.store(true, Ordering::SeqCst);
     st.sender.stop_baseline();
     for j in st.joiners.drain(..) {
         let _ = j.join();
     }
-    let mut worker_error = None;
-    for w in st.workers.drain(..) {
-        match w.join() {
-            Ok(Err(e)) => worker_error = Some(e),
-            Err(_) => worker_error = Some(anyhow::anyhow!("a worker thread panicked")),
-            Ok(Ok(())) => {}
-        }
-    }
+    let worker_error = join_workers(&mut st.workers);
     // Late reports of measured intervals (the last one of each worker is partial: ignored).
     for r in st.report_rx.try_iter() {
         c.late_report(r);
@@ -923,27 +472,40 @@ fn stop(
     if let Sender::Child(child) = &mut st.sender {
         child.stop_and_log();
     }
-    if let Some(f) = failure {
-        if let Some(e) = worker_error {
-            bail!("{f}: {e:#}");
-        }
-        bail!("{f}");
+    match (failure, worker_error) {
+        (Some(f), Some(e)) => bail!("{f}: {e:#}"),
+        (Some(f), None) => bail!("{f}"),
+        (None, Some(e)) => Err(e),
+        (None, None) => Ok(c),
     }
-    if let Some(e) = worker_error {
-        return Err(e);
-    }
-    Ok((c, marks))
 }
 
-/// Builds the report and writes it out.
+/// Joins the worker threads; the last error any of them ended with.
+fn join_workers(
+    workers: &mut Vec<thread::JoinHandle<anyhow::Result<()>>>,
+) -> Option<anyhow::Error> {
+    let mut worker_error = None;
+    for w in workers.drain(..) {
+        match w.join() {
+            Ok(Err(e)) => worker_error = Some(e),
+            Err(_) => worker_error = Some(anyhow::anyhow!("a worker thread panicked")),
+            Ok(Ok(())) => {}
+        }
+    }
+    worker_error
+}
+
+/// Builds the report from the settings, the collector's outcome and the other facts, stops the
+/// source, and prints and writes the report.
 fn finish(
     a: &Args,
     plan: &Plan,
     recv_path: RecvPath,
     st: Started,
-    marks: Marks,
+    marks: &Marks,
     outcome: collector::Outcome,
 ) -> anyhow::Result<()> {
+    let config = config(a, plan, recv_path, &st.sender);
     let Started {
         source,
         sender,
@@ -952,11 +514,32 @@ fn finish(
         verify_costs,
         ..
     } = st;
-    let (from, until) = outcome.measure;
-    let wall = (until - from) as f64;
-    let window = |k: u64| marks.window.get(&k).copied();
+    let facts = facts(
+        &sender,
+        source.as_ref(),
+        &shared,
+        marks,
+        noise,
+        verify_costs,
+        outcome.measure,
+    );
+    if let Some(s) = source {
+        s.stop();
+    }
+    let scheduled = outcome.total_hist.scheduled.clone();
+    let report = Report::build(config, outcome, facts);
+    let out = report::Outputs {
+        json: a.json.as_deref(),
+        hgrm: a.hgrm.as_deref(),
+        plot: a.plot.as_deref(),
+    };
+    report.emit(&scheduled, out)
+}
+
+/// The run's settings, as the report gives them.
+fn config(a: &Args, plan: &Plan, recv_path: RecvPath, sender: &Sender) -> report::Config {
     let child = matches!(sender, Sender::Child(_));
-    let config = report::Config {
+    report::Config {
         mode: plan.mode.to_owned(),
         splitter: match sender.splitter_addrs() {
             addrs if addrs.is_empty() => "-".to_owned(),
@@ -994,115 +577,38 @@ fn finish(
         .to_owned(),
         recv_path: recv_path.to_string(),
         seed: a.seed,
-    };
-    let facts = report::Facts {
-        sender_cpu: match &sender {
-            Sender::Child(_) => match (window(from), window(until)) {
-                (Some((Some(c0), _, _)), Some((Some(c1), _, _))) => {
-                    Some(Cpu::new(c1.since(&c0), wall))
-                }
-                _ => None,
-            },
+    }
+}
+
+/// What the run observed beside the collector, over the measured intervals `from..until`: the
+/// sender's side, the marks, the source's lag, the machine's noise (the probe stops here).
+fn facts(
+    sender: &Sender,
+    source: Option<&source::SourceServer>,
+    shared: &Shared,
+    marks: &Marks,
+    noise: noise::NoiseProbe,
+    verify_costs: Option<(f64, f64)>,
+    (from, until): (u64, u64),
+) -> report::Facts {
+    report::Facts {
+        sender_cpu: match sender {
             // The loop's whole life (it starts before the measured seconds and stops after them).
-            Sender::Baseline { end, .. } => end.map(|e| Cpu::new(e.cpu, e.wall.as_secs_f64())),
-            Sender::Manual(_) => None,
+            Sender::Baseline { .. } => sender.baseline_cpu(),
+            _ => marks.sender_cpu(from, until),
         },
-        process_cpu_s: match (window(from), window(until)) {
-            (Some((_, Some(p0), _)), Some((_, Some(p1), _))) => p1.since(&p0).total().as_secs_f64(),
-            _ => 0.0,
-        },
-        tx_drops: match &sender {
-            Sender::Child(c) => c.latest().map(|s| s.send_drops),
-            Sender::Baseline { stats, .. } => Some(stats.dropped.load(Ordering::Relaxed)),
-            Sender::Manual(_) => None,
-        },
-        socket_drops: match (marks.drops.get(&from), marks.drops.get(&until)) {
-            (Some(a), Some(b)) => Some(b.saturating_sub(*a)),
-            _ => None,
-        },
+        process_cpu_s: marks.process_cpu_s(from, until),
+        tx_drops: sender.tx_drops(),
+        socket_drops: marks.socket_drops(from, until),
         rss: procfs::self_rss(),
-        source_lag_ms: source
-            .as_ref()
-            .and_then(|s| s.stats.lag.lock().unwrap().as_ref().map(Latency::of)),
-        splitter_send_lag_ms: match &sender {
-            Sender::Child(c) => {
-                let (t0, t1) = (shared.interval_start(from), shared.interval_start(until));
-                let lags: Vec<(f64, f64)> = c
-                    .samples()
-                    .iter()
-                    .filter(|(t, _)| *t > t0 && *t <= t1)
-                    .map(|(_, s)| (s.send_lag_p99_ms, s.send_lag_max_ms))
-                    .collect();
-                report::SendLag::of(&lags)
-            }
-            _ => None,
-        },
-        cores: match (marks.cores.get(&from), marks.cores.get(&until)) {
-            (Some(a), Some(b)) => b
-                .iter()
-                .filter_map(|(name, t1)| {
-                    let (_, t0) = a.iter().find(|(n, _)| n == name)?;
-                    Some(report::CoreUse::of(name, &t1.since(t0)))
-                })
-                .collect(),
-            _ => Vec::new(),
-        },
+        source_lag_ms: source.and_then(|s| s.stats.lag.lock().unwrap().as_ref().map(Latency::of)),
+        splitter_send_lag_ms: sender
+            .send_lag(shared.interval_start(from), shared.interval_start(until)),
+        cores: marks.cores(from, until),
         machine_noise_ms: noise.finish(from, until).as_ref().map(Latency::of),
         joined: shared.joined.load(Ordering::Relaxed),
         join_failed: shared.join_failed.load(Ordering::Relaxed),
         sender_rss: marks.sender_rss,
         verify_costs,
-    };
-    let scheduled = outcome.total_hist.scheduled.clone();
-    let report = Report::build(config, outcome, facts);
-    if let Some(s) = source {
-        s.stop();
-    }
-    print!("{}", report.summary());
-    if let Some(p) = &a.json {
-        report::write_file(p, &serde_json::to_string_pretty(&report)?)?;
-    }
-    if let Some(p) = &a.hgrm {
-        report::write_file(p, &report::hgrm(&scheduled))?;
-    }
-    if let Some(p) = &a.plot {
-        let title = format!(
-            "loadgen: {} peers, {} B chunks at {:.2} Mbit/s, {}",
-            report.joins.ok,
-            a.chunk_size,
-            a.bitrate as f64 / 1e6,
-            plan.mode
-        );
-        report::plot(p, &scheduled, &report.intervals, &title)?;
-    }
-    Ok(())
-}
-
-/// Datagrams per second the splitter or the baseline sent during interval `k`: the splitter's
-/// status lines that fall in it (averaged), or the baseline's counter between marks.
-fn interval_tx(
-    sender: &Sender,
-    marks: &BTreeMap<u64, (Option<CpuTimes>, Option<CpuTimes>, u64)>,
-    k: u64,
-    shared: &Shared,
-) -> Option<f64> {
-    match sender {
-        Sender::Child(c) => {
-            let (t0, t1) = (shared.interval_start(k), shared.interval_start(k + 1));
-            // A status line covers the second before it: take those printed in (t0, t1].
-            let in_k: Vec<f64> = c
-                .samples()
-                .iter()
-                .filter(|(t, _)| *t > t0 && *t <= t1 + Duration::from_millis(200))
-                .map(|(_, s)| s.datagrams_per_s)
-                .collect();
-            (!in_k.is_empty()).then(|| in_k.iter().sum::<f64>() / in_k.len() as f64)
-        }
-        Sender::Baseline { .. } => {
-            let a = marks.get(&k)?.2;
-            let b = marks.get(&(k + 1))?.2;
-            Some(b.saturating_sub(a) as f64)
-        }
-        Sender::Manual(_) => None,
     }
 }

@@ -950,6 +950,46 @@ pub fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Where the report goes beside the summary on stdout: `--json`, `--hgrm`, `--plot`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outputs<'a> {
+    /// The report as JSON.
+    pub json: Option<&'a Path>,
+    /// The latency percentile distribution.
+    pub hgrm: Option<&'a Path>,
+    /// The SVG plot.
+    pub plot: Option<&'a Path>,
+}
+
+impl Report {
+    /// Prints the summary and writes the files `out` asks for; `scheduled` is the latency from
+    /// the source's schedule, which the `.hgrm` and the plot's percentile curve show.
+    pub fn emit(&self, scheduled: &Histogram<u64>, out: Outputs<'_>) -> anyhow::Result<()> {
+        print!("{}", self.summary());
+        if let Some(p) = out.json {
+            write_file(p, &serde_json::to_string_pretty(self)?)?;
+        }
+        if let Some(p) = out.hgrm {
+            write_file(p, &hgrm(scheduled))?;
+        }
+        if let Some(p) = out.plot {
+            plot(p, scheduled, &self.intervals, &self.plot_title())?;
+        }
+        Ok(())
+    }
+
+    /// The plot's title: peers joined, chunk size, bit rate, mode.
+    fn plot_title(&self) -> String {
+        format!(
+            "loadgen: {} peers, {} B chunks at {:.2} Mbit/s, {}",
+            self.joins.ok,
+            self.config.chunk_size,
+            self.config.bitrate_bps as f64 / 1e6,
+            self.config.mode
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1107,6 +1147,10 @@ mod tests {
             assert!(v.pointer(path).is_some(), "missing {path}");
         }
         assert_eq!(v.pointer("/chunks/lost").unwrap(), 1);
+        assert_eq!(
+            r.plot_title(),
+            "loadgen: 0 peers, 1024 B chunks at 1.00 Mbit/s, splitter"
+        );
         let text = r.summary();
         assert!(text.contains("99.990%"));
         assert!(text.contains("By splitter"), "{text}");

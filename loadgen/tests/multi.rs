@@ -2,30 +2,14 @@
 //! started by the test, joins 90 peers over them for 3 s; the JSON report must show the peers
 //! spread 30/30/30, zero loss, and per-splitter figures that add up to the totals exactly.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-/// The `p2psp` binary next to `loadgen` (cargo builds the root package's binary for the
-/// workspace's tests); built here if this package is tested alone.
-fn p2psp_next_to(loadgen: &Path) -> PathBuf {
-    let dir = loadgen.parent().expect("in a target directory");
-    let p = dir.join("p2psp");
-    if !p.is_file() {
-        let target = dir.parent().expect("target/<profile>");
-        let mut cmd = Command::new(option_env!("CARGO").unwrap_or("cargo"));
-        cmd.args(["build", "-p", "p2psp", "--bin", "p2psp"])
-            .env("CARGO_TARGET_DIR", target);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("cannot run cargo to build p2psp");
-        assert!(status.success(), "building p2psp failed");
-    }
-    assert!(p.is_file(), "no p2psp binary at {}", p.display());
-    p
-}
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{json_report, p2psp_next_to, wait_for};
 
 /// A port that was free a moment ago.
 fn free_port() -> u16 {
@@ -55,7 +39,7 @@ fn three_splitters_report_per_splitter_figures_that_add_up_to_the_totals() {
     let source = free_port();
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let list: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let mut lg = Command::new(loadgen)
+    let lg = Command::new(loadgen)
         .args(["--splitter", &list.join(",")])
         .args(["--source-listen", &format!("127.0.0.1:{source}")])
         .args([
@@ -97,27 +81,11 @@ fn three_splitters_report_per_splitter_figures_that_add_up_to_the_totals() {
                 .expect("p2psp splitter starts"),
         );
     }
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while lg.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = lg.kill();
-            panic!("loadgen did not finish within 90 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = lg.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "loadgen failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
+    let out = wait_for(lg, Duration::from_secs(90));
+    out.assert_success("");
+    let stdout = &out.stdout;
     assert!(stdout.contains("By splitter"), "{stdout}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("JSON report written"))
-            .expect("valid JSON");
-    let _ = std::fs::remove_file(&json);
+    let report = json_report(&json);
     let ctx = format!("\n{stdout}");
     let num = |v: &serde_json::Value, p: &str| {
         v.pointer(p)

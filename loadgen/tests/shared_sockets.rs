@@ -4,37 +4,20 @@
 //! splitter goes on to 3 team mates, so the peers send about 3/4 of what they receive, from the
 //! right addresses (a relay from an address that is no team mate would not be played).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-/// The `p2psp` binary next to `loadgen`; built here if this package is tested alone.
-fn p2psp_next_to(loadgen: &Path) -> PathBuf {
-    let dir = loadgen.parent().expect("in a target directory");
-    let p = dir.join("p2psp");
-    if !p.is_file() {
-        let target = dir.parent().expect("target/<profile>");
-        let mut cmd = Command::new(option_env!("CARGO").unwrap_or("cargo"));
-        cmd.args(["build", "-p", "p2psp", "--bin", "p2psp"])
-            .env("CARGO_TARGET_DIR", target);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().expect("cargo runs").success(),
-            "building p2psp failed"
-        );
-    }
-    assert!(p.is_file(), "no p2psp binary at {}", p.display());
-    p
-}
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{json_report, p2psp_next_to, wait_for};
 
 #[test]
 fn two_thousand_virtual_peers_relay_and_lose_nothing() {
     let loadgen = Path::new(env!("CARGO_BIN_EXE_loadgen"));
     let p2psp = p2psp_next_to(loadgen);
     let json = std::env::temp_dir().join(format!("loadgen-shared-{}.json", std::process::id()));
-    let mut child = Command::new(loadgen)
+    let child = Command::new(loadgen)
         .args(["--sockets", "shared", "--peers", "2000", "--team-size", "4"])
         .args([
             "--bitrate",
@@ -53,26 +36,10 @@ fn two_thousand_virtual_peers_relay_and_lose_nothing() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("loadgen starts");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("loadgen did not finish within 90 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "loadgen failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("JSON report written"))
-            .expect("valid JSON");
-    let _ = std::fs::remove_file(&json);
+    let out = wait_for(child, Duration::from_secs(90));
+    out.assert_success("");
+    let stdout = &out.stdout;
+    let report = json_report(&json);
     let num = |p: &str| {
         report
             .pointer(p)

@@ -3,29 +3,13 @@
 //! joined, zero loss and sane figures. Timing targets live in `perf/fanout-ratio.sh`, not here:
 //! the figures checked are counts and orders of magnitude that hold on a busy 2-core machine.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-/// The `p2psp` binary next to `loadgen` (cargo builds the root package's binary for the
-/// workspace's tests); built here if this package is tested alone.
-fn p2psp_next_to(loadgen: &Path) -> PathBuf {
-    let dir = loadgen.parent().expect("in a target directory");
-    let p = dir.join("p2psp");
-    if !p.is_file() {
-        let target = dir.parent().expect("target/<profile>");
-        let mut cmd = Command::new(option_env!("CARGO").unwrap_or("cargo"));
-        cmd.args(["build", "-p", "p2psp", "--bin", "p2psp"])
-            .env("CARGO_TARGET_DIR", target);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("cannot run cargo to build p2psp");
-        assert!(status.success(), "building p2psp failed");
-    }
-    assert!(p.is_file(), "no p2psp binary at {}", p.display());
-    p
-}
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{json_report, p2psp_next_to, wait_for};
 
 #[test]
 fn two_hundred_peers_for_three_seconds_lose_nothing() {
@@ -33,7 +17,7 @@ fn two_hundred_peers_for_three_seconds_lose_nothing() {
     let p2psp = p2psp_next_to(loadgen);
     let json = std::env::temp_dir().join(format!("loadgen-smoke-{}.json", std::process::id()));
     let hgrm = json.with_extension("hgrm");
-    let mut child = Command::new(loadgen)
+    let child = Command::new(loadgen)
         .args(["--peers", "200", "--duration", "3", "--no-progress"])
         .args(["--join-rate", "500"])
         // Unpinned: on a shared machine the scheduler then keeps the peers off a busy core.
@@ -50,26 +34,11 @@ fn two_hundred_peers_for_three_seconds_lose_nothing() {
         .expect("loadgen starts");
     // Bounded: 3 s of streaming plus joins, leaving and start-up take ~6 s; allow for a busy
     // machine, then kill.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("loadgen did not finish within 90 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "loadgen failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
+    let out = wait_for(child, Duration::from_secs(90));
+    out.assert_success("");
+    let stdout = &out.stdout;
     assert!(stdout.contains("Latency Distribution"), "{stdout}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("JSON report written"))
-            .expect("valid JSON");
+    let report = json_report(&json);
     let num = |p: &str| {
         report
             .pointer(p)
@@ -120,7 +89,6 @@ fn two_hundred_peers_for_three_seconds_lose_nothing() {
     assert!(report["intervals"].as_array().unwrap().len() >= 4, "{ctx}");
     let hgrm_text = std::fs::read_to_string(&hgrm).expect("hgrm written");
     assert!(hgrm_text.contains("#[Max     ="));
-    let _ = std::fs::remove_file(&json);
     let _ = std::fs::remove_file(&hgrm);
 }
 
@@ -135,7 +103,7 @@ fn verifying_peers_of_a_signing_splitter_lose_nothing_and_report_the_cost() {
         let tag = format!("loadgen-signed-{mode}-{}", std::process::id());
         let json = std::env::temp_dir().join(format!("{tag}.json"));
         let key = std::env::temp_dir().join(format!("{tag}.key"));
-        let mut child = Command::new(loadgen)
+        let child = Command::new(loadgen)
             .args(["--peers", "32", "--team-size", "16", "--bitrate", "1M"])
             .args([
                 "--duration",
@@ -155,27 +123,12 @@ fn verifying_peers_of_a_signing_splitter_lose_nothing_and_report_the_cost() {
             .stderr(Stdio::piped())
             .spawn()
             .expect("loadgen starts");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("loadgen did not finish within 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let out = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let out = wait_for(child, Duration::from_secs(60));
         let _ = std::fs::remove_file(&key);
-        assert!(
-            out.status.success(),
-            "{mode}: loadgen failed:\n{stdout}\n{stderr}"
-        );
+        out.assert_success(&format!("{mode}: "));
+        let stdout = &out.stdout;
         assert!(stdout.contains("Verifying"), "{mode}:\n{stdout}");
-        let report: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&json).expect("JSON report written"))
-                .expect("valid JSON");
-        let _ = std::fs::remove_file(&json);
+        let report = json_report(&json);
         let num = |p: &str| {
             report
                 .pointer(p)

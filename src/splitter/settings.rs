@@ -20,16 +20,16 @@ pub fn parse_slice(s: &str) -> Result<ThreadSlice, String> {
     if t == "off" {
         return Ok(ThreadSlice(None));
     }
+    let not_a_slice =
+        || format!("`{s}` is not a slice: give `off` or a duration such as 300us or 1ms");
     let (num, ns_per_unit) = if let Some(n) = t.strip_suffix("us") {
         (n, 1e3)
     } else if let Some(n) = t.strip_suffix("ms") {
         (n, 1e6)
     } else {
-        return Err(format!(
-            "`{s}` is not a slice: give `off` or a duration such as 300us or 1ms"
-        ));
+        return Err(not_a_slice());
     };
-    let v: f64 = n_or_err(num, s)?;
+    let v: f64 = num.trim().parse().map_err(|_| not_a_slice())?;
     let ns = (v * ns_per_unit).round();
     if !(100_000.0..=100_000_000.0).contains(&ns) {
         return Err(format!(
@@ -39,12 +39,6 @@ pub fn parse_slice(s: &str) -> Result<ThreadSlice, String> {
     Ok(ThreadSlice(Some(std::time::Duration::from_nanos(
         ns as u64,
     ))))
-}
-
-fn n_or_err(num: &str, s: &str) -> Result<f64, String> {
-    num.trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a slice: give `off` or a duration such as 300us or 1ms"))
 }
 
 /// Parses `--rt-priority`: `off`, or a `SCHED_FIFO` priority from 1 to 99.
