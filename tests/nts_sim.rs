@@ -174,6 +174,8 @@ impl Sim {
                 NtsPeerAction::Incorporated { missing } => {
                     self.nodes[n].incorporated = Some(missing)
                 }
+                // Retries are tested in src/proto/nts_peer.rs and tests/nat_retry.rs.
+                NtsPeerAction::Rebind => panic!("no retries in the sim"),
             }
         }
     }
@@ -196,6 +198,10 @@ impl Sim {
                 NtsAction::GiveUp { id } => panic!("splitter gave up on {id}"),
                 // The forwarding fallback is the data plane's (tests/nat_fallback.rs).
                 NtsAction::Forward { .. } | NtsAction::Unforward { .. } => {}
+                // The sim's splitter has no extra port (U2x: tests/nat_retry.rs).
+                NtsAction::SendFromExtra { .. } | NtsAction::RenewExtraPort => {
+                    panic!("no extra port in the sim")
+                }
             }
         }
     }

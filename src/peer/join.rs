@@ -93,18 +93,20 @@ pub fn join_profile(
     timeout: Duration,
     nts: bool,
 ) -> anyhow::Result<Joined> {
-    join_profile_with(splitter, monitor, timeout, nts, false)
+    join_profile_with(splitter, monitor, timeout, nts, false, 0)
 }
 
 /// [`join_profile`], with EMS (`ems`, reference-notes §6.5): the join starts with this peer's
 /// private endpoint (its TCP source address and UDP port) and role, 7 bytes, instead of the
-/// role byte.
+/// role byte. `nts_retries`: how many times an NTS peer may retry its incorporation from a new
+/// UDP port (`N`, [`super::nts::incorporate`]); the returned socket is then the last one.
 pub fn join_profile_with(
     splitter: SocketAddrV4,
     monitor: bool,
     timeout: Duration,
     nts: bool,
     ems: bool,
+    nts_retries: u8,
 ) -> anyhow::Result<Joined> {
     let mut attempts = 0;
     let (mut tcp, socket, local) = loop {
@@ -219,11 +221,13 @@ pub fn join_profile_with(
     if let Some(id) = nts_id {
         let session = super::nts::incorporate(
             &mut joined.tcp,
-            &joined.socket,
+            &mut joined.socket,
+            &mut joined.local,
             &joined.config,
             id,
             splitter,
             monitor,
+            nts_retries,
         )?;
         joined.nts = Some(session);
     }

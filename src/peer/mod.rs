@@ -65,6 +65,16 @@ pub struct PeerArgs {
     /// splitter started with `--ems`.
     #[arg(long, requires = "nts")]
     pub ems: bool,
+    /// NTS: when some teammate has not said hello 4 s after the list of peers came, retry up to
+    /// N times (as the reference does) from a new UDP port: `ID‖N` to the splitter and the
+    /// monitors, which measure the peer's NAT ports again and announce the new endpoint to the
+    /// team. It helps when the first mappings were spoilt (a port prediction that other traffic
+    /// used up, a mapping the NAT moved, a firewall that dropped the first hellos); each retry
+    /// costs about 4 s more before the peer plays. With 0 (or once they are used up) the peer
+    /// joins without those teammates, whose chunks the splitter then forwards to it.
+    #[arg(long, requires = "nts", default_value_t = 0, value_name = "N",
+          value_parser = clap::value_parser!(u8).range(0..=8))]
+    pub nts_retries: u8,
     /// Drop a neighbour that is owed more than this many chunks.
     #[arg(long, default_value_t = 128)]
     pub max_debt: i32,
@@ -181,6 +191,8 @@ pub struct PeerOptions {
     pub ims: bool,
     /// EMS (`--ems`).
     pub ems: bool,
+    /// NTS retries from a new port (`--nts-retries`).
+    pub nts_retries: u8,
 }
 
 /// Counters a running peer publishes.
@@ -269,6 +281,7 @@ impl PeerOptions {
             nts: false,
             ims: false,
             ems: false,
+            nts_retries: 0,
         }
     }
 
@@ -317,6 +330,7 @@ impl PeerOptions {
             nts: a.nts,
             ims: a.ims,
             ems: a.ems,
+            nts_retries: a.nts_retries,
         })
     }
 }
@@ -538,7 +552,14 @@ fn join_at(
         };
         ims::join(splitter, timeout, trailer)
     } else {
-        join::join_profile_with(splitter, opts.monitor, timeout, opts.nts, opts.ems)
+        join::join_profile_with(
+            splitter,
+            opts.monitor,
+            timeout,
+            opts.nts,
+            opts.ems,
+            opts.nts_retries,
+        )
     }
 }
 
@@ -722,9 +743,16 @@ fn session(
         if let Some(n) = &nts {
             let c = n.counters();
             eprintln!(
-                "{name} {me}: NTS ID {}, incorporated in {:.0?}: {} teammates reached ({} direct, {} predicted, {} announced), {} not",
+                "{name} {me}: NTS ID {}, incorporated in {:.0?}{}: {} teammates reached ({} direct, {} predicted, {} announced), {} not",
                 n.core.id(),
                 n.incorporation,
+                match c.retries {
+                    0 => String::new(),
+                    k => format!(
+                        " after {k} retr{} from a new port",
+                        if k == 1 { "y" } else { "ies" }
+                    ),
+                },
                 n.neighbours.len(),
                 c.direct,
                 c.predicted,

@@ -115,12 +115,15 @@ pub fn refuse_nts_splitter(
     Ok(())
 }
 
+/// Carries out the core's actions; true when it asked for a new socket
+/// ([`NtsPeerAction::Rebind`], during the incorporation only).
 fn send_all(
     core: &mut NtsPeer,
     socket: &UdpSocket,
     mut probe: Option<&mut super::nts_probe::ProbeIo>,
     mut neighbour: impl FnMut(Endpoint, Reached),
-) {
+) -> bool {
+    let mut rebind = false;
     while let Some(a) = core.poll_action() {
         match a {
             NtsPeerAction::Send { to, data } => {
@@ -142,12 +145,34 @@ fn send_all(
             NtsPeerAction::Incorporated { missing } => {
                 if missing > 0 {
                     tracing::info!(
-                        "NTS: {missing} teammate(s) never said hello; joining without them (they reach us through the team)"
+                        "NTS: {missing} teammate(s) never said hello; joining without them (the splitter forwards their chunks)"
                     );
                 }
             }
+            NtsPeerAction::Rebind => rebind = true,
         }
     }
+    rebind
+}
+
+/// A new UDP socket for a retry, on the address of `old` and another port (bound while `old`
+/// still is, so the kernel picks a different one), set up as the join's.
+fn rebind(old: &UdpSocket, chunk: usize) -> anyhow::Result<(UdpSocket, SocketAddrV4)> {
+    let SocketAddr::V4(at) = old.local_addr()? else {
+        bail!("not an IPv4 socket")
+    };
+    let new = crate::driver::udp_socket(
+        SocketAddrV4::new(*at.ip(), 0),
+        false,
+        Some(4 << 20),
+        Some(4 << 20),
+    )?;
+    new.set_nonblocking(false)?;
+    let _ = crate::driver::set_dont_fragment(&new, chunk);
+    let SocketAddr::V4(local) = new.local_addr()? else {
+        bail!("not an IPv4 socket")
+    };
+    Ok((new, local))
 }
 
 fn log_rendezvous(r: &Rendezvous) {
@@ -163,32 +188,45 @@ fn log_rendezvous(r: &Rendezvous) {
     );
 }
 
+/// Port probing for a peer whose team socket is bound to `local`, only where its rendezvous
+/// cannot be a chunk (not at monitors).
+fn probe_io(
+    now: Instant,
+    id: PeerId,
+    splitter: SocketAddrV4,
+    local: SocketAddrV4,
+    config: &JoinConfig,
+    monitor: bool,
+) -> Option<super::nts_probe::ProbeIo> {
+    (!monitor
+        && usize::from(config.chunk_size) + crate::proto::wire::CHUNK_HEADER != RENDEZVOUS_LEN)
+        .then(|| super::nts_probe::ProbeIo::new(now, id, splitter, local))
+}
+
 /// Runs the NTS incorporation: U1 to the splitter and the monitors, list 2 from the join
 /// connection, hellos, then `Y` until the splitter echoes it; closes the join connection.
+///
+/// With `retries` > 0, a peer that has not heard from every peer of list 2 when its patience
+/// is up retries from a new UDP socket (`N`): `socket` and `local` are replaced by the new
+/// one's, the old one is closed, and list 2 is read again from `tcp`.
+#[allow(clippy::too_many_arguments)]
 pub fn incorporate(
     tcp: &mut TcpStream,
-    socket: &UdpSocket,
+    socket: &mut UdpSocket,
+    local: &mut SocketAddrV4,
     config: &JoinConfig,
     id: PeerId,
     splitter: SocketAddrV4,
     monitor: bool,
+    retries: u8,
 ) -> anyhow::Result<NtsSession> {
     let start = Instant::now();
-    let deadline = start + MAX_PEER_ARRIVING_TIME + PATIENCE;
+    let mut deadline = start + MAX_PEER_ARRIVING_TIME + PATIENCE;
     let mut core = NtsPeer::new(start, id, splitter, &config.peers, monitor, PATIENCE);
+    core.set_retries(retries);
     let mut neighbours = Vec::new();
-    // Port probing, only where its rendezvous cannot be a chunk.
-    let mut probe = match socket.local_addr() {
-        Ok(SocketAddr::V4(local))
-            if !monitor
-                && usize::from(config.chunk_size) + crate::proto::wire::CHUNK_HEADER
-                    != RENDEZVOUS_LEN =>
-        {
-            Some(super::nts_probe::ProbeIo::new(start, id, splitter, local))
-        }
-        _ => None,
-    };
-    let udp = socket.try_clone()?;
+    let mut probe = probe_io(start, id, splitter, *local, config, monitor);
+    let mut udp = socket.try_clone()?;
     udp.set_read_timeout(Some(Duration::from_millis(10)))?;
     tcp.set_nonblocking(true)?;
     let mut input = Vec::new();
@@ -200,9 +238,28 @@ pub fn incorporate(
         if let Some(p) = &mut probe {
             p.pump(&udp, |id, ep| core.add_probed(now, id, ep));
         }
-        send_all(&mut core, &udp, probe.as_mut(), |e, h| {
+        let wants_rebind = send_all(&mut core, &udp, probe.as_mut(), |e, h| {
             neighbours.push((e, h))
         });
+        if wants_rebind {
+            let datagram = crate::proto::wire::CHUNK_HEADER + usize::from(config.chunk_size);
+            let (new, at) = rebind(socket, datagram)?;
+            tracing::info!(
+                "NTS: not every teammate said hello within {PATIENCE:?}: retry {} of {retries} from {at} (was {local})",
+                core.counters().retries + 1
+            );
+            // The old socket closes here (both handles): nothing more is read from it.
+            *socket = new;
+            *local = at;
+            udp = socket.try_clone()?;
+            udp.set_read_timeout(Some(Duration::from_millis(10)))?;
+            // Teammates found through the old socket are not reached through the new one.
+            neighbours.clear();
+            probe = probe_io(now, id, splitter, at, config, monitor);
+            core.rebound(now);
+            deadline = now + MAX_PEER_ARRIVING_TIME + PATIENCE;
+            continue;
+        }
         if core.is_member() {
             break;
         }
@@ -222,7 +279,11 @@ pub fn incorporate(
                 Err(_) => eof = true,
             }
             match decode_list2(&input) {
-                Ok(Some((list, _))) => core.on_list2(now, &list),
+                Ok(Some((list, used))) => {
+                    // A retry gets list 2 again: the next one starts after this one.
+                    input.drain(..used);
+                    core.on_list2(now, &list)
+                }
                 Ok(None) if eof => bail!(
                     "NTS: the splitter at {splitter} closed the join connection before sending the list of peers"
                 ),
@@ -342,7 +403,8 @@ impl NtsSession {
             p.pump(socket, |id, ep| core.add_probed(now, id, ep));
         }
         let neighbours = &mut self.neighbours;
-        send_all(&mut self.core, socket, self.probe.as_mut(), |ep, how| {
+        // A member never retries: `Rebind` comes only before `Y`.
+        let _ = send_all(&mut self.core, socket, self.probe.as_mut(), |ep, how| {
             neighbours.push((ep, how));
             dbs.handle_datagram(now, ep, Bytes::from_static(HELLO));
         });
@@ -359,6 +421,7 @@ impl NtsSession {
                 .map(|(id, ep, how, step)| (id.to_string(), ep, how.map(Reached::name), step))
                 .collect(),
             forward_requests: self.core.counters().forward_requests,
+            retries: self.core.counters().retries,
         }
     }
 

@@ -45,6 +45,8 @@ pub struct NtsDetail {
     pub teammates: Vec<(String, Option<Endpoint>, Option<&'static str>, u16)>,
     /// Forward requests sent (teammates never heard from).
     pub forward_requests: u64,
+    /// Retries of the incorporation from a new port (`--nts-retries`).
+    pub retries: u64,
 }
 
 /// The ways a teammate can be reached, as `/metrics` labels them (`unreached`: not yet, or
@@ -635,6 +637,12 @@ impl Exporter for PeerExporter {
                 &[],
                 n.forward_requests,
             );
+            p.family(
+                "p2psp_peer_nts_retries_total",
+                "counter",
+                "Retries of the NTS incorporation from a new UDP port (--nts-retries).",
+            );
+            p.sample("p2psp_peer_nts_retries_total", &[], n.retries);
         }
         p.gauge(
             "p2psp_peer_buffer_chunks",
@@ -686,6 +694,7 @@ impl Exporter for PeerExporter {
                 "id": n.id,
                 "reached": counts,
                 "forward_requests": n.forward_requests,
+                "retries": n.retries,
                 "teammates": teammates,
             })
         });

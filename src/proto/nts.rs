@@ -25,6 +25,10 @@
 //!
 //! Every NTS message but the splitter's U2/U2m and the monitor's echo is sent reliably: again
 //! every second until the receiver echoes the identical bytes back ([`Pending`]).
+//!
+//! All of them are used: U2x and the extra port by [`super::nts_splitter`] (the echo comes from
+//! the splitter's extra socket, so a peer's ID sent there is acknowledged from that port), `N`
+//! and N-fwd by the retry from a new port ([`super::nts_peer::NtsPeer::set_retries`]).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};

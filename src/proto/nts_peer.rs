@@ -10,10 +10,15 @@
 //! ([`NtsPeer::handle_datagram`] returns false for those that are DBS), and each
 //! [`NtsPeerAction::Neighbour`] is a teammate to add to the DBS peer (as if it had said `H`).
 //!
-//! Beyond the reference: a peer that has not heard from every peer of list 2 after `patience`
-//! says `Y` anyway (the reference retries from a new port with `N`, at most until the
-//! splitter's 60 s are up); teammates it cannot reach directly still reach it through the rest
-//! of the team, since DBS relays every chunk to everyone it knows.
+//! A peer that has not heard from every peer of list 2 after `patience` may retry, as the
+//! reference does, up to the number of retries it was given ([`NtsPeer::set_retries`]): it asks
+//! the caller for a new UDP socket on another port ([`NtsPeerAction::Rebind`]), forgets what it
+//! learnt through the old one, sends `ID ‖ 'N'` reliably to the splitter and the monitors from
+//! the new socket ([`NtsPeer::rebound`]) and starts over with the list 2 the splitter sends
+//! again. New mappings in its NAT (and a new measurement of their ports) can connect a pair that
+//! the first ones did not. Beyond the reference: with no retries left it says `Y` anyway;
+//! teammates it cannot reach directly get its chunks through the splitter's forwarding fallback
+//! (`nts_forward`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -52,6 +57,10 @@ pub enum NtsPeerAction {
         /// How it was reached.
         how: Reached,
     },
+    /// Retry from a new port: close the UDP socket, bind a new one on another port (an
+    /// ephemeral one, chosen while the old one is still bound so that it differs), and call
+    /// [`NtsPeer::rebound`]; then read list 2 again from the join connection.
+    Rebind,
     /// `Y` was queued: the join connection can be closed. `missing` peers of list 2 were not
     /// heard from.
     Incorporated {
@@ -111,6 +120,8 @@ pub struct NtsPeerCounters {
     pub forward_requests: u64,
     /// Teammates reached at a probe socket ([`NtsPeer::add_probed`]).
     pub probed: u64,
+    /// Retries from a new port (`N`).
+    pub retries: u64,
 }
 
 /// The NTS state of one peer session.
@@ -143,6 +154,10 @@ pub struct NtsPeer {
     /// Forwarding fallback: when each teammate was announced (list 2 or U2), its port step, and
     /// how it is reached (for status pages).
     fallback: Fallback,
+    /// Retries (`N` from a new port) left.
+    retries_left: u8,
+    /// A [`NtsPeerAction::Rebind`] is out: waiting for [`NtsPeer::rebound`].
+    rebinding: bool,
 }
 
 /// What the forwarding fallback and the status pages need to know of each teammate.
@@ -187,6 +202,8 @@ impl NtsPeer {
             next_keepalive: (!monitor).then_some(now + KEEPALIVE_EVERY),
             monitors: monitors.to_vec(),
             fallback: Fallback::default(),
+            retries_left: 0,
+            rebinding: false,
         };
         if !monitor {
             p.pending.send(now, me.as_bytes(), splitter, &[]);
@@ -201,6 +218,46 @@ impl NtsPeer {
     /// Its ID.
     pub fn id(&self) -> PeerId {
         self.me
+    }
+
+    /// Lets it retry from a new port up to `n` times when `patience` is up and some peer of
+    /// list 2 was not heard from (0, the default: say `Y` anyway at once). Monitors never retry.
+    pub fn set_retries(&mut self, n: u8) {
+        self.retries_left = if self.monitor { 0 } else { n };
+    }
+
+    /// The caller's new socket is bound (after [`NtsPeerAction::Rebind`]): forgets what the old
+    /// one learnt (teammates heard, announcements, hellos in flight: its mappings are not the
+    /// new socket's) and sends `ID ‖ 'N'` to the splitter and to each monitor, resent until
+    /// echoed. List 2 comes again on the join connection ([`NtsPeer::on_list2`]).
+    pub fn rebound(&mut self, now: Instant) {
+        if !self.rebinding {
+            return;
+        }
+        self.rebinding = false;
+        self.counters.retries += 1;
+        self.pending = Pending::new(MAX_IN_FLIGHT);
+        self.known.clear();
+        self.announced.clear();
+        self.fallback = Fallback::default();
+        self.initial = None;
+        self.deadline = None;
+        let mut n = Vec::with_capacity(ID_LEN + 1);
+        ToSplitter::Incorporated {
+            id: self.me,
+            done: false,
+        }
+        .encode(&mut n);
+        self.pending.send(now, &n, self.splitter, &[]);
+        for &m in &self.monitors {
+            self.pending.send(now, &n, m, &[]);
+        }
+        self.flush(now);
+    }
+
+    /// Whether a [`NtsPeerAction::Rebind`] waits for [`NtsPeer::rebound`].
+    pub fn is_rebinding(&self) -> bool {
+        self.rebinding
     }
 
     /// List 2 arrived on the join connection: hello to each peer in it (at its port and, for a
@@ -292,7 +349,9 @@ impl NtsPeer {
             }
             ToPeer::NewPeer(np) => self.on_new_peer(now, np),
             ToPeer::NewPeerAtMonitor { id, endpoint } => {
-                if self.monitor && !self.known.contains_key(&id) && self.known.len() < MAX_KNOWN {
+                // A peer announced again at another endpoint retried from a new socket.
+                let room = self.known.contains_key(&id) || self.known.len() < MAX_KNOWN;
+                if self.monitor && self.known.get(&id) != Some(&endpoint) && room {
                     self.known.insert(id, endpoint);
                     self.counters.announced += 1;
                     self.actions.push_back(NtsPeerAction::Neighbour {
@@ -380,13 +439,22 @@ impl NtsPeer {
     }
 
     fn on_new_peer(&mut self, now: Instant, np: NewPeer) {
-        if np.id == self.me || self.announced.contains_key(&np.id) {
+        match self.announced.get(&np.id) {
             // Ourselves, or a repeat of a U2 already acted on.
-            return;
-        }
-        if self.announced.len() >= MAX_KNOWN {
-            self.counters.refused += 1;
-            return;
+            _ if np.id == self.me => return,
+            Some(&p) if p == np.endpoint.port() => return,
+            // Announced again at another port: it retried from a new socket (`N`). The old
+            // endpoint is gone: say hello to the new one as to a newcomer.
+            Some(_) => {
+                self.known.remove(&np.id);
+                self.fallback.how.remove(&np.id);
+                self.fallback.asked.remove(&np.id);
+            }
+            None if self.announced.len() >= MAX_KNOWN => {
+                self.counters.refused += 1;
+                return;
+            }
+            None => {}
         }
         self.announced.insert(np.id, np.endpoint.port());
         self.fallback.told_at.insert(np.id, now);
@@ -424,6 +492,15 @@ impl NtsPeer {
             return;
         }
         let missing = initial.len();
+        if missing > 0 && self.retries_left > 0 {
+            // Retry from a new port (the caller rebinds, then calls `rebound`).
+            self.retries_left -= 1;
+            self.rebinding = true;
+            self.initial = None;
+            self.deadline = None;
+            self.actions.push_back(NtsPeerAction::Rebind);
+            return;
+        }
         self.counters.unreached += missing as u64;
         self.incorporated = true;
         let mut y = Vec::with_capacity(ID_LEN + 1);
@@ -576,7 +653,7 @@ impl NtsPeer {
 
     /// When [`NtsPeer::handle_timeout`] next has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let d = if self.incorporated {
+        let d = if self.incorporated || self.rebinding {
             None
         } else {
             self.deadline
@@ -650,5 +727,242 @@ impl NtsPeer {
     /// The splitter's endpoint.
     pub fn splitter(&self) -> Endpoint {
         self.splitter
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn id(s: &str) -> PeerId {
+        PeerId::from_bytes(s.as_bytes()).unwrap()
+    }
+
+    fn ep(h: u8, port: u16) -> Endpoint {
+        Endpoint::new(Ipv4Addr::new(198, 18, 0, h), port)
+    }
+
+    const SPLITTER: u8 = 1;
+    const MONITOR: u8 = 2;
+    const PATIENCE: Duration = Duration::from_secs(4);
+
+    fn drain(p: &mut NtsPeer) -> Vec<NtsPeerAction> {
+        std::iter::from_fn(|| p.poll_action()).collect()
+    }
+
+    fn entry(name: &str, h: u8, port: u16) -> List2Entry {
+        List2Entry {
+            id: id(name),
+            endpoint: ep(h, port),
+            port_step: 0,
+        }
+    }
+
+    /// A peer `BBBBBBB` with `retries`, list 2 naming `TTTTTTT` (host 10).
+    fn peer(retries: u8) -> (NtsPeer, Instant) {
+        let t = Instant::now();
+        let mut p = NtsPeer::new(
+            t,
+            id("BBBBBBB"),
+            ep(SPLITTER, 8001),
+            &[ep(MONITOR, 5000)],
+            false,
+            PATIENCE,
+        );
+        p.set_retries(retries);
+        p.on_list2(t, &[entry("TTTTTTT", 10, 20000)]);
+        drain(&mut p);
+        (p, t)
+    }
+
+    #[test]
+    fn a_peer_retries_from_a_new_port_then_joins_when_heard() {
+        let (mut p, t) = peer(1);
+        let t1 = t + PATIENCE;
+        p.handle_timeout(t1);
+        let a = drain(&mut p);
+        assert!(a.contains(&NtsPeerAction::Rebind), "{a:?}");
+        assert!(
+            !a.iter()
+                .any(|x| matches!(x, NtsPeerAction::Incorporated { .. }))
+        );
+        assert!(p.is_rebinding());
+        assert_eq!(p.poll_timeout().map(|x| x > t1), Some(true));
+        // The new socket: N to the splitter and the monitor, resent until echoed.
+        p.rebound(t1);
+        let n = b"BBBBBBBN".to_vec();
+        let sent: Vec<(Endpoint, Vec<u8>)> = drain(&mut p)
+            .into_iter()
+            .filter_map(|x| match x {
+                NtsPeerAction::Send { to, data } => Some((to, data)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            sent,
+            vec![
+                (ep(SPLITTER, 8001), n.clone()),
+                (ep(MONITOR, 5000), n.clone())
+            ]
+        );
+        assert_eq!(p.counters().retries, 1);
+        assert!(!p.has_list2(), "list 2 is read again");
+        p.handle_datagram(t1, ep(SPLITTER, 8001), &n);
+        p.handle_timeout(t1 + Duration::from_secs(2));
+        let again: Vec<Endpoint> = drain(&mut p)
+            .into_iter()
+            .filter_map(|x| match x {
+                NtsPeerAction::Send { to, .. } => Some(to),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            again,
+            vec![ep(MONITOR, 5000)],
+            "only the monitor's N is resent"
+        );
+        // List 2 again; the teammate's hello (to the new socket) makes it a member.
+        p.on_list2(t1, &[entry("TTTTTTT", 10, 20000)]);
+        p.handle_datagram(t1, ep(10, 20000), b"TTTTTTT");
+        let a = drain(&mut p);
+        assert!(
+            a.contains(&NtsPeerAction::Incorporated { missing: 0 }),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn with_its_retries_used_up_a_peer_says_y_anyway() {
+        let (mut p, mut t) = peer(2);
+        for k in 1..=2 {
+            t += PATIENCE;
+            p.handle_timeout(t);
+            assert!(drain(&mut p).contains(&NtsPeerAction::Rebind), "retry {k}");
+            p.rebound(t);
+            p.on_list2(t, &[entry("TTTTTTT", 10, 20000)]);
+            drain(&mut p);
+        }
+        t += PATIENCE;
+        p.handle_timeout(t);
+        let a = drain(&mut p);
+        assert!(!a.contains(&NtsPeerAction::Rebind));
+        assert!(a.contains(&NtsPeerAction::Incorporated { missing: 1 }));
+        assert_eq!(p.counters().retries, 2);
+        // `rebound` without a `Rebind` changes nothing.
+        p.rebound(t);
+        assert!(drain(&mut p).is_empty());
+        assert_eq!(p.counters().retries, 2);
+    }
+
+    #[test]
+    fn monitors_never_retry() {
+        let t = Instant::now();
+        let mut m = NtsPeer::new(t, id("MMMMMMM"), ep(SPLITTER, 8001), &[], true, PATIENCE);
+        m.set_retries(3);
+        m.handle_timeout(t + PATIENCE * 4);
+        assert!(!drain(&mut m).contains(&NtsPeerAction::Rebind));
+        // It takes a peer announced again at its retry's endpoint.
+        let mut u2m = Vec::new();
+        crate::proto::nts::encode_new_peer_at_monitor(&id("BBBBBBB"), ep(11, 30000), &mut u2m);
+        m.handle_datagram(t, ep(SPLITTER, 8001), &u2m);
+        crate::proto::nts::encode_new_peer_at_monitor(&id("BBBBBBB"), ep(11, 40000), &mut u2m);
+        m.handle_datagram(t, ep(SPLITTER, 8001), &u2m);
+        m.handle_datagram(t, ep(SPLITTER, 8001), &u2m);
+        let n: Vec<Endpoint> = drain(&mut m)
+            .into_iter()
+            .filter_map(|x| match x {
+                NtsPeerAction::Neighbour { endpoint, .. } => Some(endpoint),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(n, vec![ep(11, 30000), ep(11, 40000)]);
+    }
+
+    #[test]
+    fn a_member_says_hello_to_a_retrying_peers_new_endpoint() {
+        let (mut p, t) = peer(0);
+        p.handle_datagram(t, ep(10, 20000), b"TTTTTTT");
+        drain(&mut p);
+        let u2 = |port: u16, extra: Option<u16>| {
+            let mut out = Vec::new();
+            NewPeer {
+                id: id("CCCCCCC"),
+                endpoint: ep(12, port),
+                port_step: 0,
+                peer_number: 2,
+                extra_port: extra,
+            }
+            .encode(&mut out);
+            out
+        };
+        let hellos = |a: Vec<NtsPeerAction>| -> Vec<Endpoint> {
+            a.into_iter()
+                .filter_map(|x| match x {
+                    NtsPeerAction::Send { to, data } if data == b"BBBBBBB" => Some(to),
+                    _ => None,
+                })
+                .collect()
+        };
+        p.handle_datagram(t, ep(SPLITTER, 8001), &u2(30000, None));
+        assert_eq!(hellos(drain(&mut p)), vec![ep(12, 30000)]);
+        // A repeat: nothing; the retry's new endpoint: hellos there (and to the extra port).
+        p.handle_datagram(t, ep(SPLITTER, 8001), &u2(30000, None));
+        assert!(hellos(drain(&mut p)).is_empty());
+        p.handle_datagram(t, ep(SPLITTER, 8001), &u2(40000, Some(9000)));
+        assert_eq!(
+            hellos(drain(&mut p)),
+            vec![ep(SPLITTER, 9000), ep(12, 40000)]
+        );
+        // The ID sent to the extra port is resent until the extra socket echoes it.
+        p.handle_timeout(t + Duration::from_secs(2));
+        assert!(hellos(drain(&mut p)).contains(&ep(SPLITTER, 9000)));
+        p.handle_datagram(t, ep(SPLITTER, 9000), b"BBBBBBB");
+        p.handle_timeout(t + Duration::from_secs(4));
+        assert!(!hellos(drain(&mut p)).contains(&ep(SPLITTER, 9000)));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// However many retries it has and whatever the teammates do, a peer retries at
+            /// most that many times, and ends with `Y` within (retries + 1) patiences of its
+            /// last list 2.
+            #[test]
+            fn retries_are_bounded_and_end_in_y(retries in 0u8..6, heard_at in proptest::option::of(0u8..8)) {
+                let (mut p, mut t) = peer(retries);
+                let mut rebinds = 0;
+                let mut done = false;
+                for round in 0..8u8 {
+                    if heard_at == Some(round) {
+                        p.handle_datagram(t, ep(10, 20000), b"TTTTTTT");
+                    }
+                    t += PATIENCE;
+                    p.handle_timeout(t);
+                    for a in drain(&mut p) {
+                        match a {
+                            NtsPeerAction::Rebind => {
+                                prop_assert!(!done);
+                                rebinds += 1;
+                                p.rebound(t);
+                                p.on_list2(t, &[entry("TTTTTTT", 10, 20000)]);
+                            }
+                            NtsPeerAction::Incorporated { .. } => done = true,
+                            _ => {}
+                        }
+                    }
+                    for a in drain(&mut p) {
+                        if matches!(a, NtsPeerAction::Incorporated { .. }) {
+                            done = true;
+                        }
+                    }
+                }
+                prop_assert!(done);
+                prop_assert!(rebinds <= retries);
+                prop_assert_eq!(u64::from(rebinds), p.counters().retries);
+            }
+        }
     }
 }

@@ -817,6 +817,15 @@ impl ProbePlanner {
         }
     }
 
+    /// `id` retries its incorporation from a new socket (`N`): the ports seen and the pairs of
+    /// the old socket are forgotten; whether it takes part is kept (it said so from the address
+    /// it still has).
+    pub fn renew(&mut self, id: &PeerId) {
+        self.ports.remove(id);
+        self.pairs.retain(|p| p.a != *id && p.b != *id);
+        self.sweeps.retain(|s| s.a.id != *id && s.b.id != *id);
+    }
+
     /// Forgets `id` (it left, or its incorporation was given up).
     pub fn forget(&mut self, id: &PeerId) {
         self.capable.remove(id);

@@ -11,6 +11,24 @@
 //!
 //! Unlike the reference this one answers only to IDs it handed out, from the address that joined
 //! with them: messages from strangers and forged IDs change nothing and are not echoed.
+//!
+//! **Extra port (U2x).** The caller also owns an extra UDP socket (reference
+//! `ListenExtraSocketThread`) and tells the core its port ([`NtsSplitter::set_extra_port`]). A U2
+//! to a member whose NAT's port step is not 0 carries that port (U2x, 19 bytes); the member sends
+//! its ID there, and [`NtsSplitter::handle_extra_datagram`] echoes it (from the extra socket,
+//! [`NtsAction::SendFromExtra`]) and takes the source port as a new sample of the member's port
+//! step and its last known port. As the reference rebinds its extra socket before every such
+//! announcement (a NAT reuses its mapping towards an address and port it already sends to, so
+//! a second ID to the same extra port would show an old mapping), the core asks for a new one
+//! after each announcement that carried it ([`NtsAction::RenewExtraPort`]).
+//!
+//! **Retries (`N`).** An arriving peer that did not hear from every peer of list 2 may retry from
+//! a new UDP socket: it sends `ID ‖ 'N'` to the splitter and the monitors, which report the new
+//! port (N-fwd). The core then measures again, sends list 2 again on the join connection, U2m to
+//! the monitors and U2 to the team, and the peer's `Y` from the new socket makes it a member at
+//! that endpoint. A repeated `N` from the same port is only echoed; at most [`MAX_RETRIES`]
+//! retries per arrival are taken; `N` for IDs that are not arriving, or from another address
+//! than the join's, is counted and changes nothing.
 
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
@@ -36,6 +54,9 @@ pub fn is_nts_size(len: usize) -> bool {
         || len == super::nts_forward::FORWARD_REQUEST_LEN
 }
 
+/// Most retries (`N` from a new port) the splitter takes from one arriving peer.
+pub const MAX_RETRIES: u8 = 8;
+
 /// What the caller does for the NTS splitter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NtsAction {
@@ -46,6 +67,20 @@ pub enum NtsAction {
         /// Bytes.
         data: Vec<u8>,
     },
+    /// Send `data` to `to` from the extra socket bound to `port` (the echo of an ID that came
+    /// there).
+    SendFromExtra {
+        /// The extra socket's port.
+        port: u16,
+        /// Destination.
+        to: Endpoint,
+        /// Bytes.
+        data: Vec<u8>,
+    },
+    /// An announcement carried the extra port: open a new extra socket (another port) and tell
+    /// the core with [`NtsSplitter::set_extra_port`]. The old one may stay open a while, so that
+    /// IDs already on their way to it are still echoed.
+    RenewExtraPort,
     /// Write `bytes` (list 2) on the join connection of the arriving peer `id`.
     List2 {
         /// The arriving peer.
@@ -99,8 +134,16 @@ pub struct NtsSplitterCounters {
     pub ignored: u64,
     /// U4 reports taken.
     pub port_reports: u64,
-    /// Retries (`N`) taken.
+    /// Retries (`N` from a new port) taken.
     pub retries: u64,
+    /// Retries refused: over [`MAX_RETRIES`] for one arrival (echoed, not taken).
+    pub retries_refused: u64,
+    /// IDs of members or arriving peers taken at the extra port (port-step samples).
+    pub extra_seen: u64,
+    /// Datagrams at the extra port not taken (not an ID, unknown ID, another address).
+    pub extra_ignored: u64,
+    /// U2x sent (U2 with the extra port, to members whose NAT's port step is not 0).
+    pub u2x_sent: u64,
     /// Forward requests taken (a new pair each).
     pub forward_requests: u64,
     /// Forward requests refused: from strangers, naming non-members or members of other teams,
@@ -128,6 +171,10 @@ struct Arriving {
     to_monitors: Vec<(Endpoint, Option<u16>)>,
     step: PortStep,
     list2_sent: bool,
+    /// Retries taken.
+    retries: u8,
+    /// N-fwd ports that came before the peer's own `N` (at most one per monitor).
+    retry_ports: Vec<(Endpoint, u16)>,
 }
 
 impl Arriving {
@@ -163,6 +210,8 @@ pub struct NtsSplitter {
     privates: std::collections::HashMap<PeerId, Endpoint>,
     /// Port probing between our peers (issue 11, [`super::nts_probe`]).
     probe: ProbePlanner,
+    /// The extra socket's port, for U2x (`None`: the caller has none; plain U2 to everyone).
+    extra_port: Option<u16>,
 }
 
 /// Most (reporter, heard) pairs the splitter remembers.
@@ -236,8 +285,60 @@ impl NtsSplitter {
             to_monitors,
             step: PortStep::default(),
             list2_sent: false,
+            retries: 0,
+            retry_ports: Vec::new(),
         });
         true
+    }
+
+    /// The caller's extra socket is bound to `port`: U2x from now on carry it.
+    pub fn set_extra_port(&mut self, port: u16) {
+        self.extra_port = Some(port);
+    }
+
+    /// The extra port U2x carry now.
+    pub fn extra_port(&self) -> Option<u16> {
+        self.extra_port
+    }
+
+    /// A datagram from `from` at the extra socket bound to `port` (reference
+    /// `ListenExtraSocketThread`): a member's or arriving peer's ID, from the address it joined
+    /// from, is echoed from that socket and its source port taken as a port-step sample (for a
+    /// member, against its endpoint's port; for an arriving peer, against its port towards the
+    /// splitter). Anything else is counted and not answered.
+    pub fn handle_extra_datagram(&mut self, port: u16, from: Endpoint, data: &[u8]) {
+        let id = (data.len() == super::nts::ID_LEN)
+            .then(|| PeerId::from_bytes(data))
+            .flatten();
+        let Some(id) = id else {
+            self.counters.extra_ignored += 1;
+            return;
+        };
+        if let Some(m) = self
+            .members
+            .iter_mut()
+            .find(|m| m.id == id && !m.monitor && m.endpoint.ip() == from.ip())
+        {
+            m.step.observe(m.endpoint.port(), from.port());
+        } else if let Some(a) = self
+            .arriving
+            .iter_mut()
+            .find(|a| a.id == id && a.ip == *from.ip())
+        {
+            if let Some(p) = a.to_splitter {
+                a.step.observe(p, from.port());
+            }
+        } else {
+            self.counters.extra_ignored += 1;
+            return;
+        }
+        self.probe.observe(id, from.port());
+        self.counters.extra_seen += 1;
+        self.actions.push_back(NtsAction::SendFromExtra {
+            port,
+            to: from,
+            data: data.to_vec(),
+        });
     }
 
     /// EMS: the arriving peer `id` joined with the private endpoint `private` (its 7-byte join
@@ -338,15 +439,27 @@ impl NtsSplitter {
             }
             ToSplitter::MonitorSaw { id, port } | ToSplitter::MonitorSawRetry { id, port } => {
                 self.echo(from, data);
-                if let Some(i) = self.arriving.iter().position(|a| a.id == id)
-                    && !self.arriving[i].list2_sent
-                {
-                    for (m, p) in &mut self.arriving[i].to_monitors {
+                let retry = matches!(msg, ToSplitter::MonitorSawRetry { .. });
+                let Some(i) = self.arriving.iter().position(|a| a.id == id) else {
+                    return true;
+                };
+                let a = &mut self.arriving[i];
+                if !a.list2_sent {
+                    for (m, p) in &mut a.to_monitors {
                         if *m == from {
                             *p = Some(port);
                         }
                     }
                     self.check_complete(now, i);
+                } else if retry
+                    && a.to_monitors
+                        .iter()
+                        .any(|(m, p)| *m == from && *p != Some(port))
+                {
+                    // The monitor's report of a retry came before the peer's own `N`: kept for
+                    // it (one per monitor; a repeat of the last attempt's report is not).
+                    a.retry_ports.retain(|(m, _)| *m != from);
+                    a.retry_ports.push((from, port));
                 }
             }
             ToSplitter::PortReport { id, port } => {
@@ -418,23 +531,46 @@ impl NtsSplitter {
                     self.counters.ignored += 1;
                 }
             }
-            ToSplitter::Incorporated { id, done: false } => {
-                if let Some(i) = arriving(self, &id) {
+            ToSplitter::Incorporated { id, done: false } => match arriving(self, &id) {
+                Some(i) => {
+                    // Echoed in every case, so that the peer stops resending it.
                     self.echo(from, data);
-                    self.counters.retries += 1;
-                    let a = &mut self.arriving[i];
-                    a.to_splitter = Some(from.port());
-                    a.list2_sent = false;
-                    for (_, p) in &mut a.to_monitors {
-                        *p = None;
-                    }
-                    self.check_complete(now, i);
-                } else {
-                    self.counters.ignored += 1;
+                    self.on_retry(now, i, from);
                 }
-            }
+                None => self.counters.ignored += 1,
+            },
         }
         true
+    }
+
+    /// `N` from `from` for the arriving peer `i` (already echoed): from a port it has not used
+    /// towards the splitter yet, and within [`MAX_RETRIES`], a retry: the peer's ports are
+    /// measured again (the splitter's now; the monitors' from their N-fwd), and list 2, U2m and
+    /// U2 go again once all are known. The port step measured so far is kept, as the
+    /// reference's `RetryToIncorporatePeer` does: the new socket is behind the same NAT.
+    fn on_retry(&mut self, now: Instant, i: usize, from: Endpoint) {
+        let a = &mut self.arriving[i];
+        if a.to_splitter == Some(from.port()) {
+            // A repeat whose echo was lost (or an `N` before any hello: nothing to retry).
+            return;
+        }
+        if a.retries >= MAX_RETRIES {
+            self.counters.retries_refused += 1;
+            return;
+        }
+        a.retries += 1;
+        a.to_splitter = Some(from.port());
+        a.list2_sent = false;
+        let early = std::mem::take(&mut a.retry_ports);
+        for (m, p) in &mut a.to_monitors {
+            *p = early.iter().find(|(e, _)| e == m).map(|&(_, port)| port);
+        }
+        let id = a.id;
+        self.counters.retries += 1;
+        // What teammates reported of the old socket says nothing of the new one.
+        self.probe.renew(&id);
+        self.heard.retain(|(r, h)| *r != id && *h != id);
+        self.check_complete(now, i);
     }
 
     /// Once the splitter and every monitor have seen the arriving peer `i`: list 2 to it, U2m to
@@ -538,16 +674,21 @@ impl NtsSplitter {
             .chain(self.members.iter().filter(|m| m.team == team && !m.monitor))
             .collect();
         let mut sends = Vec::new();
+        let mut u2x = 0;
         for (k, m) in team_members.iter().enumerate() {
             if m.monitor {
                 continue;
             }
+            // U2x to a member behind a NAT whose port step is not 0 (unknown included, as the
+            // reference): it sends its ID to the extra port, which shows its NAT's current port.
+            let extra_port = self.extra_port.filter(|_| m.step.step != 0);
+            u2x += usize::from(extra_port.is_some());
             let mut np = NewPeer {
                 id,
                 endpoint,
                 port_step,
                 peer_number: u16::try_from(k + 1).unwrap_or(u16::MAX),
-                extra_port: None,
+                extra_port,
             };
             super::nts_ems::rewrite_new_peer(
                 &mut np,
@@ -578,6 +719,10 @@ impl NtsSplitter {
         }
         for (to, out) in sends {
             self.repeat(now, to, out);
+        }
+        if u2x > 0 {
+            self.counters.u2x_sent += u2x as u64;
+            self.actions.push_back(NtsAction::RenewExtraPort);
         }
     }
 
@@ -868,6 +1013,286 @@ impl NtsSplitter {
             };
             for (to, d) in self.probe.start(now, va, vb) {
                 self.repeat(now, to, d);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn id(s: &str) -> PeerId {
+        PeerId::from_bytes(s.as_bytes()).unwrap()
+    }
+
+    /// An endpoint of host `h` (198.18.0.h).
+    fn ep(h: u8, port: u16) -> Endpoint {
+        Endpoint::new(Ipv4Addr::new(198, 18, 0, h), port)
+    }
+
+    fn with(id: PeerId, tail: &[u8]) -> Vec<u8> {
+        let mut v = id.as_bytes().to_vec();
+        v.extend_from_slice(tail);
+        v
+    }
+
+    fn actions(s: &mut NtsSplitter) -> Vec<NtsAction> {
+        std::iter::from_fn(|| s.poll_action()).collect()
+    }
+
+    fn sends_to(a: &[NtsAction], to: Endpoint) -> Vec<Vec<u8>> {
+        a.iter()
+            .filter_map(|x| match x {
+                NtsAction::Send { to: t, data } if *t == to => Some(data.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    const MONITOR: u8 = 2;
+
+    /// A splitter with a monitor (198.18.0.2:5000) and member `A` (host 10) in team 0, whose
+    /// port step is `a_step` (the monitor saw it `a_step` ports above its splitter port).
+    fn team(a_step: u16) -> (NtsSplitter, Instant) {
+        let t = Instant::now();
+        let mut s = NtsSplitter::new(8);
+        let m = ep(MONITOR, 5000);
+        assert!(s.arrive(t, 0, id("MMMMMMM"), m, true));
+        let a = id("AAAAAAA");
+        assert!(s.arrive(t, 0, a, ep(10, 9), false));
+        s.handle_datagram(t, ep(10, 20000), a.as_bytes());
+        let mut u3 = Vec::new();
+        ToSplitter::MonitorSaw {
+            id: a,
+            port: 20000 + a_step,
+        }
+        .encode(&mut u3);
+        s.handle_datagram(t, m, &u3);
+        s.handle_datagram(t, ep(10, 20000), &with(a, b"Y"));
+        actions(&mut s);
+        (s, t)
+    }
+
+    /// `B` (host 11) arrives and is measured at `port` by the splitter and the monitor; list 2
+    /// goes to it.
+    fn arrive_b(s: &mut NtsSplitter, t: Instant, port: u16) -> PeerId {
+        let b = id("BBBBBBB");
+        assert!(s.arrive(t, 0, b, ep(11, 9), false));
+        s.handle_datagram(t, ep(11, port), b.as_bytes());
+        let mut u3 = Vec::new();
+        ToSplitter::MonitorSaw { id: b, port }.encode(&mut u3);
+        s.handle_datagram(t, ep(MONITOR, 5000), &u3);
+        let a = actions(s);
+        assert!(a.iter().any(|x| matches!(x, NtsAction::List2 { .. })));
+        b
+    }
+
+    fn n_fwd(b: PeerId, port: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        ToSplitter::MonitorSawRetry { id: b, port }.encode(&mut out);
+        out
+    }
+
+    #[test]
+    fn a_retry_is_measured_again_and_incorporated_at_the_new_endpoint() {
+        let (mut s, t) = team(0);
+        let b = arrive_b(&mut s, t, 30000);
+        // N from a new port: echoed, and nothing more until the monitor saw it too.
+        s.handle_datagram(t, ep(11, 40000), &with(b, b"N"));
+        let a = actions(&mut s);
+        assert_eq!(sends_to(&a, ep(11, 40000)), vec![with(b, b"N")]);
+        assert!(!a.iter().any(|x| matches!(x, NtsAction::List2 { .. })));
+        // A repeat from the same port is only echoed.
+        s.handle_datagram(t, ep(11, 40000), &with(b, b"N"));
+        assert_eq!(actions(&mut s).len(), 1);
+        // The monitor's N-fwd: list 2 again, U2m and U2 with the new port.
+        s.handle_datagram(t, ep(MONITOR, 5000), &n_fwd(b, 40000));
+        let a = actions(&mut s);
+        assert!(
+            a.iter()
+                .any(|x| matches!(x, NtsAction::List2 { id, .. } if *id == b))
+        );
+        let mut u2m = Vec::new();
+        crate::proto::nts::encode_new_peer_at_monitor(&b, ep(11, 40000), &mut u2m);
+        assert!(sends_to(&a, ep(MONITOR, 5000)).contains(&u2m), "{a:?}");
+        let u2 = sends_to(&a, ep(10, 20000));
+        assert_eq!(u2.len(), 1, "{a:?}");
+        assert_eq!(u2[0].len(), 17, "A is behind a cone: plain U2");
+        assert_eq!(&u2[0][11..13], &40000u16.to_be_bytes());
+        assert_eq!(s.counters().retries, 1);
+        // `Y` from the old socket does nothing; from the new one it makes B a member there.
+        s.handle_datagram(t, ep(11, 30000), &with(b, b"Y"));
+        assert!(actions(&mut s).is_empty());
+        s.handle_datagram(t, ep(11, 40000), &with(b, b"Y"));
+        let a = actions(&mut s);
+        assert!(a.contains(&NtsAction::Incorporate {
+            id: b,
+            endpoint: ep(11, 40000)
+        }));
+        assert!(
+            s.member_views()
+                .iter()
+                .any(|v| v.0 == b && v.1 == ep(11, 40000))
+        );
+    }
+
+    #[test]
+    fn a_monitors_report_of_a_retry_may_come_before_the_retry() {
+        let (mut s, t) = team(0);
+        let b = arrive_b(&mut s, t, 30000);
+        // A repeat of the first attempt's port is not taken for a retry's.
+        s.handle_datagram(t, ep(MONITOR, 5000), &n_fwd(b, 30000));
+        s.handle_datagram(t, ep(MONITOR, 5000), &n_fwd(b, 40001));
+        actions(&mut s);
+        s.handle_datagram(t, ep(11, 40000), &with(b, b"N"));
+        let a = actions(&mut s);
+        let mut u2m = Vec::new();
+        crate::proto::nts::encode_new_peer_at_monitor(&b, ep(11, 40001), &mut u2m);
+        assert!(
+            a.iter().any(|x| matches!(x, NtsAction::List2 { .. })),
+            "{a:?}"
+        );
+        assert!(sends_to(&a, ep(MONITOR, 5000)).contains(&u2m));
+    }
+
+    #[test]
+    fn retries_from_strangers_for_members_or_beyond_the_bound_change_nothing() {
+        let (mut s, t) = team(0);
+        let b = arrive_b(&mut s, t, 30000);
+        let members = s.member_views();
+        // N for a member's ID, from its own address or another: ignored, not echoed.
+        for from in [ep(10, 20000), ep(10, 20001), ep(99, 1)] {
+            s.handle_datagram(t, from, &with(id("AAAAAAA"), b"N"));
+        }
+        // N for the arriving peer from another address: ignored, not echoed.
+        s.handle_datagram(t, ep(12, 40000), &with(b, b"N"));
+        // N-fwd from a non-monitor: not NTS from there (the DBS rules count it malformed).
+        assert!(!s.handle_datagram(t, ep(99, 1), &n_fwd(b, 1)));
+        assert!(actions(&mut s).is_empty());
+        assert_eq!(s.counters().ignored, 4);
+        // A flood of N from new ports at the right address: at most MAX_RETRIES taken.
+        for k in 0..1000u16 {
+            s.handle_datagram(t, ep(11, 41000 + k), &with(b, b"N"));
+        }
+        actions(&mut s);
+        assert_eq!(s.counters().retries, u64::from(MAX_RETRIES));
+        assert_eq!(s.counters().retries_refused, 1000 - u64::from(MAX_RETRIES));
+        assert_eq!(s.member_views(), members);
+        assert_eq!(s.arriving_count(), 1);
+    }
+
+    #[test]
+    fn u2x_goes_to_members_with_a_port_step_and_the_extra_port_samples_it() {
+        let (mut s, t) = team(2);
+        let a = id("AAAAAAA");
+        s.set_extra_port(9000);
+        assert_eq!(s.port_step(ep(10, 20000)), Some(2));
+        arrive_b(&mut s, t, 30000);
+        // arrive_b drained the actions: look at the counters and the renewal it asked for.
+        assert_eq!(s.counters().u2x_sent, 1);
+        let c = id("CCCCCCC");
+        assert!(s.arrive(t, 0, c, ep(13, 9), false));
+        s.handle_datagram(t, ep(13, 100), c.as_bytes());
+        let mut u3 = Vec::new();
+        ToSplitter::MonitorSaw { id: c, port: 100 }.encode(&mut u3);
+        s.handle_datagram(t, ep(MONITOR, 5000), &u3);
+        s.set_extra_port(9001);
+        let acts = actions(&mut s);
+        let u2 = sends_to(&acts, ep(10, 20000));
+        assert_eq!(u2.len(), 1);
+        assert_eq!(u2[0].len(), 19, "U2x to A (step 2)");
+        assert_eq!(&u2[0][17..19], &9000u16.to_be_bytes());
+        assert!(acts.contains(&NtsAction::RenewExtraPort));
+        // B (not a member yet) gets a U2i without the extra port.
+        assert!(sends_to(&acts, ep(11, 30000)).iter().all(|d| d.len() == 17));
+        // A's ID at the extra port, from a new mapping: echoed from that socket, and a sample.
+        s.handle_extra_datagram(9000, ep(10, 20010), a.as_bytes());
+        assert_eq!(
+            actions(&mut s),
+            vec![NtsAction::SendFromExtra {
+                port: 9000,
+                to: ep(10, 20010),
+                data: a.as_bytes().to_vec()
+            }]
+        );
+        assert_eq!(s.port_step(ep(10, 20000)), Some(2), "gcd(2, 10)");
+        s.handle_extra_datagram(9001, ep(10, 20013), a.as_bytes());
+        assert_eq!(s.port_step(ep(10, 20000)), Some(1), "gcd(2, 13)");
+        assert_eq!(s.counters().extra_seen, 2);
+        assert_eq!(
+            actions(&mut s).len(),
+            1,
+            "the echo, from the other extra socket"
+        );
+        // Strangers, other addresses, unknown IDs, other lengths: counted, not answered.
+        s.handle_extra_datagram(9000, ep(99, 1), a.as_bytes());
+        s.handle_extra_datagram(9000, ep(10, 1), id("ZZZZZZZ").as_bytes());
+        s.handle_extra_datagram(9000, ep(10, 1), &with(a, b"Y"));
+        s.handle_extra_datagram(9000, ep(10, 1), b"aaaaaaa");
+        s.handle_extra_datagram(9000, ep(MONITOR, 5000), id("MMMMMMM").as_bytes());
+        assert!(actions(&mut s).is_empty());
+        assert_eq!(s.counters().extra_ignored, 5);
+        assert_eq!(s.port_step(ep(10, 20000)), Some(1));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever retries, N-fwds and extra-port datagrams come, from whomever: the
+            /// members stay who and where they are, retries stay within the bound, and the
+            /// splitter answers no stranger.
+            #[test]
+            fn retries_and_extra_port_datagrams_never_touch_members(
+                ops in proptest::collection::vec((0u8..4, 0u8..4, any::<bool>(), any::<u16>()), 0..200)
+            ) {
+                let (mut s, t) = team(3);
+                s.set_extra_port(9000);
+                let b = arrive_b(&mut s, t, 30000);
+                let members: Vec<(PeerId, Endpoint)> =
+                    s.member_views().iter().map(|v| (v.0, v.1)).collect();
+                for (kind, who, right_ip, port) in ops {
+                    let pid = match who {
+                        0 => id("AAAAAAA"),
+                        1 => b,
+                        2 => id("MMMMMMM"),
+                        _ => PeerId::from_random(u64::from(port)),
+                    };
+                    let host = match (who, right_ip) {
+                        (_, false) => 99,
+                        (0, true) => 10,
+                        (2, true) => MONITOR,
+                        _ => 11,
+                    };
+                    let from = ep(host, port);
+                    match kind {
+                        0 => { s.handle_datagram(t, from, &with(pid, b"N")); }
+                        1 => { s.handle_datagram(t, ep(MONITOR, 5000), &n_fwd(pid, port)); }
+                        2 => s.handle_extra_datagram(9000, from, pid.as_bytes()),
+                        _ => s.handle_extra_datagram(9000, from, &with(pid, &port.to_be_bytes())),
+                    }
+                    for a in actions(&mut s) {
+                        match a {
+                            NtsAction::Send { to, .. } | NtsAction::SendFromExtra { to, .. } => {
+                                prop_assert!(to.ip() != &Ipv4Addr::new(198, 18, 0, 99), "answered a stranger");
+                            }
+                            NtsAction::Incorporate { .. } | NtsAction::GiveUp { .. }
+                            | NtsAction::Forward { .. } | NtsAction::Unforward { .. } => {
+                                prop_assert!(false, "{a:?}");
+                            }
+                            NtsAction::List2 { id, .. } => prop_assert_eq!(id, b),
+                            NtsAction::RenewExtraPort => {}
+                        }
+                    }
+                }
+                let now: Vec<(PeerId, Endpoint)> =
+                    s.member_views().iter().map(|v| (v.0, v.1)).collect();
+                prop_assert_eq!(now, members);
+                prop_assert!(s.counters().retries <= u64::from(MAX_RETRIES));
+                prop_assert_eq!(s.arriving_count(), 1);
             }
         }
     }

@@ -101,8 +101,23 @@ struct Conn {
 struct Nts {
     core: NtsSplitter,
     socket: std::net::UdpSocket,
+    /// The extra sockets for U2x (reference `ListenExtraSocketThread`), oldest first: the last
+    /// is the one announced now; the others stay open for IDs still on their way to them.
+    extra: std::collections::VecDeque<(u16, std::net::UdpSocket)>,
     conns: HashMap<PeerId, u64>,
     rng: u64,
+}
+
+/// Extra sockets kept open at once (the newest is announced).
+const EXTRA_SOCKETS: usize = 4;
+/// Most datagrams read from one extra socket per turn of the control loop.
+const EXTRA_BUDGET: usize = 64;
+
+/// A new extra socket on `ip`, any port, non-blocking.
+fn extra_socket(ip: Ipv4Addr) -> std::io::Result<(u16, std::net::UdpSocket)> {
+    let s = std::net::UdpSocket::bind(SocketAddrV4::new(ip, 0))?;
+    s.set_nonblocking(true)?;
+    Ok((s.local_addr()?.port(), s))
 }
 
 /// How long an NTS peer that closed its join connection has to say `Y`.
@@ -206,14 +221,52 @@ impl Control {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_nanos() as u64)
                 ^ u64::from(std::process::id()).rotate_left(32);
+            let mut core = NtsSplitter::new(self.settings.max_pending_joins);
+            let ip = match socket.local_addr() {
+                Ok(SocketAddr::V4(a)) => *a.ip(),
+                _ => Ipv4Addr::UNSPECIFIED,
+            };
+            let mut extra = std::collections::VecDeque::new();
+            match extra_socket(ip) {
+                Ok((port, s)) => {
+                    eprintln!(
+                        "p2psp splitter NTS extra port {ip}:{port} (U2x: members behind symmetric NATs send their ID there; a new port after each announcement that names it)"
+                    );
+                    core.set_extra_port(port);
+                    extra.push_back((port, s));
+                }
+                Err(e) => eprintln!(
+                    "p2psp splitter: no NTS extra port ({e}): announcements go as plain U2, without U2x"
+                ),
+            }
             Nts {
-                core: NtsSplitter::new(self.settings.max_pending_joins),
+                core,
                 socket,
+                extra,
                 conns: HashMap::new(),
                 rng: seed | 1,
             }
         });
         self
+    }
+
+    /// Reads what came to the extra sockets (at most [`EXTRA_BUDGET`] datagrams each).
+    fn read_extra(&mut self) {
+        let Some(nts) = &mut self.nts else { return };
+        let mut buf = [0u8; 64];
+        for (port, s) in &nts.extra {
+            for _ in 0..EXTRA_BUDGET {
+                match s.recv_from(&mut buf) {
+                    Ok((n, SocketAddr::V4(from))) => {
+                        nts.core.handle_extra_datagram(*port, from, &buf[..n])
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    // ICMP errors of earlier echoes, and the like.
+                    Err(_) => {}
+                }
+            }
+        }
     }
 
     /// Publishes the control plane's counters and rates to `board` once a second.
@@ -246,6 +299,11 @@ impl Control {
                 fds.push(PollFd::new(c.stream.as_raw_fd(), events));
                 ids.push(*id);
             }
+            if let Some(nts) = &self.nts {
+                for (_, s) in &nts.extra {
+                    fds.push(PollFd::new(s.as_raw_fd(), driver::POLLIN));
+                }
+            }
             driver::poll(&mut fds, Some(Duration::from_millis(10)))?;
             if fds[0].revents() != 0 {
                 self.accept();
@@ -256,6 +314,7 @@ impl Control {
                 self.progress(*id, ready, now);
             }
             self.drain_reports();
+            self.read_extra();
             self.drain_nts(now);
             let plane = PlaneView {
                 peers: self.directory.peer_count(),
@@ -263,7 +322,8 @@ impl Control {
                 ignored: self.stats.foreign_datagrams.load(Ordering::Relaxed)
                     + self.stats.forward_dropped.load(Ordering::Relaxed)
                     + self.nts.as_ref().map_or(0, |n| {
-                        n.core.counters().ignored + n.core.counters().forward_refused
+                        let c = n.core.counters();
+                        c.ignored + c.forward_refused + c.extra_ignored + c.retries_refused
                     }),
             };
             let shards = self.shards.iter().map(|l| &*l.stats);
@@ -800,6 +860,29 @@ impl Control {
                 NtsAction::Send { to, data } => {
                     let _ = nts.socket.send_to(&data, to);
                 }
+                NtsAction::SendFromExtra { port, to, data } => {
+                    if let Some((_, s)) = nts.extra.iter().find(|(p, _)| *p == port) {
+                        let _ = s.send_to(&data, to);
+                    }
+                }
+                NtsAction::RenewExtraPort => {
+                    let ip = match nts.extra.back().map(|(_, s)| s.local_addr()) {
+                        Some(Ok(SocketAddr::V4(a))) => *a.ip(),
+                        _ => continue,
+                    };
+                    match extra_socket(ip) {
+                        Ok((port, s)) => {
+                            tracing::debug!("NTS extra port now {ip}:{port}");
+                            nts.core.set_extra_port(port);
+                            nts.extra.push_back((port, s));
+                            if nts.extra.len() > EXTRA_SOCKETS {
+                                nts.extra.pop_front();
+                            }
+                        }
+                        // The current one is announced again.
+                        Err(e) => tracing::warn!("cannot open a new NTS extra port: {e}"),
+                    }
+                }
                 NtsAction::List2 { id, bytes } => {
                     if let Some(c) = nts.conns.get(&id).and_then(|k| self.conns.get_mut(k)) {
                         c.output.drain(..c.written);
@@ -994,6 +1077,12 @@ fn nts_view(core: &NtsSplitter) -> serde_json::Value {
         "given_up": c.given_up,
         "ignored": c.ignored,
         "port_reports": c.port_reports,
+        "retries": c.retries,
+        "retries_refused": c.retries_refused,
+        "extra_port": core.extra_port(),
+        "extra_seen": c.extra_seen,
+        "extra_ignored": c.extra_ignored,
+        "u2x_sent": c.u2x_sent,
         "forward_requests": c.forward_requests,
         "forward_refused": c.forward_refused,
         "peers": peers,

@@ -633,6 +633,21 @@ impl Exporter for SplitterExporter {
                 n("ignored"),
             );
             p.counter(
+                "p2psp_splitter_nts_retries_total",
+                "NTS retries taken: arriving peers that said N from a new port and were measured again.",
+                n("retries"),
+            );
+            p.counter(
+                "p2psp_splitter_nts_extra_ids_total",
+                "IDs taken at the NTS extra port (U2x): samples of a member's current NAT port.",
+                n("extra_seen"),
+            );
+            p.counter(
+                "p2psp_splitter_nts_u2x_total",
+                "U2x sent: announcements of a newcomer carrying the extra port, to members whose NAT's port step is not 0.",
+                n("u2x_sent"),
+            );
+            p.counter(
                 "p2psp_splitter_nts_forward_pairs_total",
                 "Forwarding fallback: (origin, receiver) pairs set up, on request or for a newcomer's teammates that missed its hellos.",
                 n("forward_requests"),
