@@ -369,33 +369,80 @@ struct NtsRun {
     peers: Vec<(NatKind, u64, u64, u64, Vec<usize>)>,
     /// Each peer's incorporation line (`NTS ID ..., incorporated in ...`).
     incorporations: Vec<String>,
-    /// Per pair of peers `(i, j)`, `i < j`: how long after the later one (`j`) was started both
-    /// first kept each other as neighbours (`/status` polled every [`WATCH_EVERY`]).
-    direct_after: std::collections::HashMap<(usize, usize), Duration>,
+    /// Per pair of peers `(i, j)`, `i < j`: when (after the later one, `j`, was started) both
+    /// first kept each other as neighbours, between two bounds (see [`Seen`]).
+    direct_after: std::collections::HashMap<(usize, usize), Seen>,
     /// The same, for the earlier peer (`i`, already playing) keeping the later one.
-    kept_after: std::collections::HashMap<(usize, usize), Duration>,
+    kept_after: std::collections::HashMap<(usize, usize), Seen>,
     /// Per peer: from its start to its incorporation line (the splitter echoed its `Y`).
     incorporated_after: Vec<Duration>,
     /// Per peer: teammates reached by port probing (`/status` `nat_probe_reached`).
     probe_reached: Vec<u64>,
+    /// Per peer: how its `/status` says it reaches each other peer (by index), at the end:
+    /// `direct`, `predicted`, `probed`, `forwarded`, `unreached` (`nts.teammates[].how`).
+    how: Vec<std::collections::HashMap<usize, String>>,
+    /// Per peer: chunks the splitter forwarded to it (`/status` `totals.forwarded`).
+    forwarded: Vec<u64>,
+    /// Per peer, with [`TeamSetup::byte_exact`]: its `--output` checked against the test
+    /// pattern (chunks played byte-exact, or what is wrong).
+    exact: Vec<Option<Result<usize, String>>>,
+    /// The longest round of `/status` polls (every peer once): how sharp the times are.
+    slowest_poll: Duration,
+}
+
+/// When `/status` showed a pair of peers keeping each other, after the later one's start: not
+/// before `lower`, not after `upper`. A peer publishes its neighbour list once a second and the
+/// watcher polls every [`WATCH_EVERY`]; a change is bounded by the poll that first showed it
+/// (`upper`) and the poll before the one that showed the peer's previous publication (`lower`);
+/// a joining peer keeps nobody before its incorporation (its session starts after the splitter
+/// echoed its `Y`; the last read of its log without the line bounds that).
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    lower: Duration,
+    upper: Duration,
 }
 
 /// How often [`nts_team`] polls every peer's `/status` to time the pairs.
 const WATCH_EVERY: Duration = Duration::from_millis(250);
 
+/// Chunk payload and stream header (test pattern) of the byte-exact runs.
+const CHUNK: usize = 1024;
+const HEADER: usize = 4096;
+
+/// How a pair of peers that was not direct within the limit was served at the end of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fallback {
+    /// Each gets the other's chunks, at least one way forwarded by the splitter.
+    Forwarded,
+    /// Both keep each other, but only after the limit.
+    LateDirect,
+    /// At least one of them gets none of the other's chunks.
+    Neither,
+}
+
 /// Per ordered pair of kinds (joining, already there; indices in [`NatKind::ALL`]): pairs,
-/// pairs direct within the limit, times to direct, chunks lost by the joining peer.
+/// pairs direct within the limit, served by the fallback, by neither; times; chunks lost by the
+/// joining peer.
 #[derive(Default)]
 struct PairStats {
     pairs: u32,
     direct: u32,
+    forwarded: u32,
+    neither: u32,
     times: Vec<Duration>,
+    times_lower: Vec<Duration>,
     kept: Vec<Duration>,
+    kept_lower: Vec<Duration>,
     lost: Vec<u64>,
     incorporation: Vec<Duration>,
 }
 
 type Matrix = std::collections::BTreeMap<(usize, usize), PairStats>;
+
+/// Index of `k` in [`NatKind::ALL`].
+fn kind_index(k: NatKind) -> usize {
+    NatKind::ALL.iter().position(|&x| x == k).unwrap()
+}
 
 impl NtsRun {
     /// Whether peers `i` and `j` keep each other as neighbours: both directions work.
@@ -424,38 +471,105 @@ impl NtsRun {
         out
     }
 
+    /// Whether peer `to` gets peer `from`'s chunks at the end: `from` relays to it (keeps it
+    /// as a neighbour), or `to` says the splitter forwards them and got forwarded chunks.
+    fn gets(&self, to: usize, from: usize) -> bool {
+        self.peers[from].4.contains(&to) || self.forwarded_to(to, from)
+    }
+
+    /// Whether `to` gets `from`'s chunks forwarded (its `/status` and its counter agree).
+    fn forwarded_to(&self, to: usize, from: usize) -> bool {
+        self.how[to].get(&from).map(String::as_str) == Some("forwarded") && self.forwarded[to] > 0
+    }
+
+    /// Whether the pair `(i, j)`, `i < j`, was direct within `limit` of `j`'s start (by the
+    /// poll that showed it: an upper bound).
+    fn direct_within(&self, i: usize, j: usize, limit: Duration) -> bool {
+        self.direct_after
+            .get(&(i, j))
+            .is_some_and(|s| s.upper <= limit)
+            && self.direct_pair(i, j)
+    }
+
+    /// How a pair that was not direct within the limit was served.
+    fn fallback(&self, i: usize, j: usize) -> Fallback {
+        if self.gets(i, j)
+            && self.gets(j, i)
+            && (self.forwarded_to(i, j) || self.forwarded_to(j, i))
+        {
+            Fallback::Forwarded
+        } else if self.direct_pair(i, j) {
+            Fallback::LateDirect
+        } else {
+            Fallback::Neither
+        }
+    }
+
+    /// What the two peers of a pair served by neither say of each other, for the log.
+    fn describe_pair(&self, i: usize, j: usize) -> String {
+        let side = |a: usize, b: usize| {
+            format!(
+                "{a}-{} reaches {b}: {}, keeps it: {}, forwarded chunks {}",
+                self.peers[a].0.short(),
+                self.how[a].get(&b).map_or("not listed", String::as_str),
+                self.peers[a].4.contains(&b),
+                self.forwarded[a]
+            )
+        };
+        format!("{}; {}", side(i, j), side(j, i))
+    }
+
     /// Adds each pair to `m` under (kind of the later peer, kind of the earlier one): direct
-    /// when both kept each other within `limit` of the later one's start.
-    fn count_ordered(&self, m: &mut Matrix, limit: Duration) {
-        let idx = |k: NatKind| NatKind::ALL.iter().position(|&x| x == k).unwrap();
+    /// when both kept each other within `limit` of the later one's start, else served by the
+    /// fallback or by neither. Returns a line for each pair served by neither.
+    fn count_ordered(&self, m: &mut Matrix, limit: Duration) -> Vec<String> {
+        let mut unserved = Vec::new();
         for i in 0..self.peers.len() {
             for j in i + 1..self.peers.len() {
                 let e = m
-                    .entry((idx(self.peers[j].0), idx(self.peers[i].0)))
+                    .entry((kind_index(self.peers[j].0), kind_index(self.peers[i].0)))
                     .or_default();
                 e.pairs += 1;
                 e.lost.push(self.peers[j].3);
                 e.incorporation.push(self.incorporated_after[j]);
-                if let Some(&t) = self.direct_after.get(&(i, j))
-                    && t <= limit
-                    && self.direct_pair(i, j)
-                {
+                if self.direct_within(i, j, limit) {
+                    let t = self.direct_after[&(i, j)];
                     e.direct += 1;
-                    e.times.push(t);
-                    if let Some(&k) = self.kept_after.get(&(i, j)) {
-                        e.kept.push(k);
+                    e.times.push(t.upper);
+                    e.times_lower.push(t.lower);
+                    if let Some(k) = self.kept_after.get(&(i, j)) {
+                        e.kept.push(k.upper);
+                        e.kept_lower.push(k.lower);
+                    }
+                    continue;
+                }
+                match self.fallback(i, j) {
+                    Fallback::Forwarded => e.forwarded += 1,
+                    f => {
+                        e.neither += 1;
+                        unserved.push(format!(
+                            "pair {i}-{} (earlier) / {j}-{} (joining): {}; {}",
+                            self.peers[i].0.short(),
+                            self.peers[j].0.short(),
+                            if f == Fallback::LateDirect {
+                                "direct only after the limit"
+                            } else {
+                                "served by neither"
+                            },
+                            self.describe_pair(i, j)
+                        ));
                     }
                 }
             }
         }
+        unserved
     }
 
     /// Adds (direct pairs, pairs) per pair of kinds (by index in [`NatKind::ALL`]) to `counts`.
     fn count(&self, counts: &mut std::collections::BTreeMap<(usize, usize), (u32, u32)>) {
-        let idx = |k: NatKind| NatKind::ALL.iter().position(|&x| x == k).unwrap();
         for i in 0..self.peers.len() {
             for j in i + 1..self.peers.len() {
-                let (a, b) = (idx(self.peers[i].0), idx(self.peers[j].0));
+                let (a, b) = (kind_index(self.peers[i].0), kind_index(self.peers[j].0));
                 let e = counts.entry((a.min(b), a.max(b))).or_insert((0, 0));
                 e.0 += u32::from(self.direct_pair(i, j));
                 e.1 += 1;
@@ -464,47 +578,177 @@ impl NtsRun {
     }
 }
 
+/// How [`nts_team_with`] sets a team up.
+#[derive(Debug, Clone, Copy, Default)]
+struct TeamSetup {
+    /// Every NAT drops this share of the UDP it forwards, both ways, per mille.
+    loss_permille: u16,
+    /// Every peer writes `--output`, checked against the test pattern at the end.
+    byte_exact: bool,
+}
+
 /// A splitter with `--nts` and a monitor on the public segment, then one peer behind each NAT
 /// kind of `order`, joining one after another (each as soon as the previous one is a member),
 /// all with `--nts`; reads every peer's `/status` `settle` after the last join.
 fn nts_team(order: &[NatKind], settle: Duration, dir_name: &str) -> NtsRun {
-    nts_team_with_loss(order, settle, dir_name, 0)
+    nts_team_with(order, settle, dir_name, TeamSetup::default())
 }
 
-/// [`nts_team`] with every NAT dropping `loss_permille` of the UDP it forwards, both ways.
-fn nts_team_with_loss(
-    order: &[NatKind],
-    settle: Duration,
-    dir_name: &str,
-    loss_permille: u16,
-) -> NtsRun {
+/// The stream header then contiguous chunks of the test pattern from a chunk boundary (the
+/// file may end in the middle of a chunk: the peer was killed); the chunks played, or what is
+/// wrong.
+fn check_output(path: &std::path::Path) -> Result<usize, String> {
+    use p2psp::pattern;
+    let data = std::fs::read(path).map_err(|e| format!("no output {}: {e}", path.display()))?;
+    if data.len() < HEADER + 16 {
+        return Err(format!("output of {} bytes: played nothing", data.len()));
+    }
+    let (header, chunks) = data.split_at(HEADER);
+    if pattern::first_mismatch(0, header).is_some() {
+        return Err("the stream header is not the pattern's start".into());
+    }
+    let offset = pattern::locate(&chunks[..chunks.len().min(CHUNK)])
+        .ok_or("the first played chunk is not the pattern")?;
+    if offset as usize % CHUNK != 0 {
+        return Err(format!(
+            "played stream starts at {offset}, not a chunk boundary"
+        ));
+    }
+    match pattern::first_mismatch(offset, chunks) {
+        Some(at) => Err(format!(
+            "played stream breaks at byte {at} (chunk {} after the first)",
+            at / CHUNK
+        )),
+        None => Ok(chunks.len() / CHUNK),
+    }
+}
+
+/// Waits (at most 25 s) for `proc`'s incorporation line in `log`: the line, and the time of
+/// the last read of the log that did not hold it yet.
+fn wait_incorporated(proc: &mut support::Proc, log: &std::path::Path) -> (String, Instant) {
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let mut absent = Instant::now();
+    loop {
+        let read_at = Instant::now();
+        let running = proc.running();
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains(": NTS ID ")) {
+            return (line.to_owned(), absent);
+        }
+        assert!(
+            running && Instant::now() < deadline,
+            "{} was not incorporated:\n{text}",
+            proc.name
+        );
+        absent = read_at;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What the watcher knows of one peer's `/status` publications.
+#[derive(Default)]
+struct Watched {
+    /// The last snapshot's `(me, chunks_received, played, neighbours)`.
+    last: Option<(serde_json::Value, u64, u64, Vec<usize>)>,
+    /// Start of the previous poll of this peer.
+    prev_poll: Option<Instant>,
+    /// Start of the poll before the one that last showed a new publication: the publication
+    /// came after it.
+    published_after: Option<Instant>,
+    /// Per neighbour: the earliest it can have been kept (see [`Seen`]).
+    since: std::collections::HashMap<usize, Instant>,
+    /// Per neighbour: the end of the poll that first showed it.
+    shown: std::collections::HashMap<usize, Instant>,
+}
+
+impl Watched {
+    /// One poll of the peer, started at `start`, done at `end`: `status` its answer, `index_of`
+    /// maps an endpoint to a peer; `floor` is the earliest any new neighbour can have come.
+    fn poll(
+        &mut self,
+        status: &serde_json::Value,
+        start: Instant,
+        end: Instant,
+        floor: Instant,
+        index_of: impl Fn(&str) -> Option<usize>,
+    ) {
+        if !status.is_null() {
+            let neighbours: Vec<usize> = status["neighbours"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|n| index_of(n["endpoint"].as_str()?))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let t = &status["totals"];
+            let sig = (
+                status["me"].clone(),
+                t["chunks_received"].as_u64().unwrap_or(0),
+                t["played"].as_u64().unwrap_or(0),
+                neighbours.clone(),
+            );
+            if self.last.as_ref() != Some(&sig) {
+                // A publication between the previous poll's start and this one's end; whatever
+                // it shows first happened after the publication before it.
+                let lower = self.published_after.unwrap_or(floor).max(floor);
+                for &n in &neighbours {
+                    self.since.entry(n).or_insert(lower);
+                    self.shown.entry(n).or_insert(end);
+                }
+                self.published_after = self.prev_poll;
+                self.last = Some(sig);
+            }
+        }
+        self.prev_poll = Some(start);
+    }
+}
+
+/// [`nts_team`] with `setup` (loss at every NAT, byte-exact output). The splitter's team size
+/// and buffer fit the team (team size ≥ the peers and the monitor, buffer ≥ twice that, at
+/// least 64 chunks).
+fn nts_team_with(order: &[NatKind], settle: Duration, dir_name: &str, setup: TeamSetup) -> NtsRun {
     let dir = support::test_dir(dir_name);
     let mut lab = Lab::new();
     let public = lab.public_host("splitter", 1);
     let monitor_host = lab.public_host("monitor", 1);
-    let homes: Vec<Home> = order.iter().map(|&k| lab.home(k, loss_permille)).collect();
+    let homes: Vec<Home> = order
+        .iter()
+        .map(|&k| lab.home(k, setup.loss_permille))
+        .collect();
     let splitter_at = format!("{}:8001", public.ip());
     let metrics = format!("127.0.0.1:{METRICS_PORT}");
-    let mut procs = Vec::new();
-    let mut splitter = natlab::spawn_in(
-        &public,
-        &dir,
-        "splitter",
-        &[
-            "splitter",
-            "--nts",
-            "--bind",
-            &public.ip().to_string(),
-            "--port",
-            "8001",
-            "--bitrate",
-            "500k",
-            "--buffer-size",
-            "64",
-            "--shards",
-            "1",
-        ],
+    let team_size = (order.len() + 1).max(16);
+    let buffer_size = (2 * team_size).next_power_of_two().max(64);
+    let (team_size, buffer_size, header) = (
+        team_size.to_string(),
+        buffer_size.to_string(),
+        HEADER.to_string(),
     );
+    let mut splitter_args = vec![
+        "splitter",
+        "--nts",
+        "--bind",
+        &public.ip().to_string(),
+        "--port",
+        "8001",
+        "--bitrate",
+        "500k",
+        "--buffer-size",
+        &buffer_size,
+        "--team-size",
+        &team_size,
+        "--shards",
+        "1",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect::<Vec<String>>();
+    if setup.byte_exact {
+        splitter_args.extend(["--header-size".to_owned(), header]);
+    }
+    let mut procs = Vec::new();
+    let mut splitter = natlab::spawn_in(&public, &dir, "splitter", &splitter_args);
     support::wait_for_line(
         &mut splitter,
         &support::peer_log(&dir, "splitter"),
@@ -513,8 +757,9 @@ fn nts_team_with_loss(
     )
     .unwrap_or_else(|log| panic!("the splitter did not start:\n{log}"));
     procs.push(splitter);
-    let peer_args = |monitor: bool| {
-        let mut a = vec![
+    let output = |name: &str| dir.join(format!("{name}.out"));
+    let peer_args = |name: &str, monitor: bool| {
+        let mut a: Vec<String> = [
             "peer",
             "--nts",
             "--splitter",
@@ -523,91 +768,135 @@ fn nts_team_with_loss(
             "0",
             "--metrics",
             metrics.as_str(),
-        ];
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
         if monitor {
-            a.push("--monitor");
+            a.push("--monitor".into());
+        } else if setup.byte_exact {
+            a.push("--output".into());
+            a.push(output(name).display().to_string());
         }
         a
     };
-    let mut monitor = natlab::spawn_in(&monitor_host, &dir, "monitor", &peer_args(true));
+    let mut monitor = natlab::spawn_in(&monitor_host, &dir, "monitor", &peer_args("monitor", true));
     support::wait_joined(&dir, &mut monitor);
     procs.push(monitor);
     let mut incorporations = Vec::new();
     let mut incorporated_after = Vec::new();
-    // The watcher: every peer started so far, polled for its neighbours.
-    let started: std::sync::Arc<std::sync::Mutex<Vec<Instant>>> = Default::default();
+    // The watcher: every peer started so far (its start, and once known the last read of its
+    // log without its incorporation line), polled for its neighbours.
+    type Started = Vec<(Instant, Option<Instant>)>;
+    let started: std::sync::Arc<std::sync::Mutex<Started>> = Default::default();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = {
         let (started, stop) = (started.clone(), stop.clone());
         let homes = homes.clone();
         std::thread::spawn(move || {
-            let mut first = std::collections::HashMap::new();
-            let mut kept_first = std::collections::HashMap::new();
+            let index_of = |e: &str| -> Option<usize> {
+                let ip: Ipv4Addr = e.split(':').next()?.parse().ok()?;
+                homes.iter().position(|h| h.nat.wan == ip)
+            };
+            let mut watched: Vec<Watched> = Vec::new();
+            let mut slowest = Duration::ZERO;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let t0 = Instant::now();
                 let spawned = started.lock().unwrap().clone();
-                let kept: Vec<Vec<usize>> = (0..spawned.len())
-                    .map(|i| {
-                        peer_status(&homes[i].host)["neighbours"]
-                            .as_array()
-                            .map(|a| {
-                                a.iter()
-                                    .filter_map(|n| {
-                                        let e = n["endpoint"].as_str()?;
-                                        let ip: Ipv4Addr = e.split(':').next()?.parse().ok()?;
-                                        homes.iter().position(|h| h.nat.wan == ip)
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default()
-                    })
-                    .collect();
-                for j in 0..spawned.len() {
-                    for i in 0..j {
-                        if kept[i].contains(&j) {
-                            kept_first
-                                .entry((i, j))
-                                .or_insert_with(|| t0.saturating_duration_since(spawned[j]));
-                        }
-                        if kept[i].contains(&j) && kept[j].contains(&i) {
-                            first
-                                .entry((i, j))
-                                .or_insert_with(|| t0.saturating_duration_since(spawned[j]));
-                        }
-                    }
+                watched.resize_with(spawned.len(), Watched::default);
+                for (i, w) in watched.iter_mut().enumerate() {
+                    let start = Instant::now();
+                    let status = peer_status(&homes[i].host);
+                    // Nobody keeps a neighbour before its own session starts (its
+                    // incorporation), nor a peer before that peer is started; the second floor
+                    // is applied per pair below.
+                    let floor = spawned[i].1.unwrap_or(spawned[i].0);
+                    w.poll(&status, start, Instant::now(), floor, index_of);
                 }
+                slowest = slowest.max(t0.elapsed());
                 std::thread::sleep(WATCH_EVERY.saturating_sub(t0.elapsed()));
             }
-            (first, kept_first)
+            let spawned = started.lock().unwrap().clone();
+            let mut both = std::collections::HashMap::new();
+            let mut kept = std::collections::HashMap::new();
+            for j in 0..watched.len() {
+                let t = |at: Instant| at.saturating_duration_since(spawned[j].0);
+                for i in 0..j {
+                    let (wi, wj) = (&watched[i], &watched[j]);
+                    if let (Some(&l), Some(&u)) = (wi.since.get(&j), wi.shown.get(&j)) {
+                        kept.insert(
+                            (i, j),
+                            Seen {
+                                lower: t(l),
+                                upper: t(u),
+                            },
+                        );
+                    }
+                    if let (Some(&li), Some(&ui), Some(&lj), Some(&uj)) = (
+                        wi.since.get(&j),
+                        wi.shown.get(&j),
+                        wj.since.get(&i),
+                        wj.shown.get(&i),
+                    ) {
+                        both.insert(
+                            (i, j),
+                            Seen {
+                                lower: t(li.max(lj)),
+                                upper: t(ui.max(uj)),
+                            },
+                        );
+                    }
+                }
+            }
+            (both, kept, slowest)
         })
     };
     for (i, home) in homes.iter().enumerate() {
         let name = format!("{i}-{}", home.nat.kind.name());
-        started.lock().unwrap().push(Instant::now());
-        let mut p = natlab::spawn_in(&home.host, &dir, &name, &peer_args(false));
-        let log = support::peer_log(&dir, &name);
-        let line = support::wait_for_line(&mut p, &log, Duration::from_secs(25), |l| {
-            l.contains(": NTS ID ")
-        })
-        .unwrap_or_else(|t| panic!("{name} was not incorporated:\n{t}"));
-        incorporated_after.push(started.lock().unwrap()[i].elapsed());
+        let at = Instant::now();
+        started.lock().unwrap().push((at, None));
+        let mut p = natlab::spawn_in(&home.host, &dir, &name, &peer_args(&name, false));
+        let (line, absent) = wait_incorporated(&mut p, &support::peer_log(&dir, &name));
+        incorporated_after.push(at.elapsed());
+        started.lock().unwrap()[i].1 = Some(absent);
         incorporations.push(format!("{:<21} {}", home.nat.kind.name(), line));
         procs.push(p);
     }
     std::thread::sleep(settle);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (direct_after, kept_after) = watcher.join().unwrap();
+    let (direct_after, kept_after, slowest_poll) = watcher.join().unwrap();
     let index_of = |endpoint: &str| -> Option<usize> {
         let ip: Ipv4Addr = endpoint.split(':').next()?.parse().ok()?;
         homes.iter().position(|h| h.nat.wan == ip)
     };
+    let statuses: Vec<serde_json::Value> = homes.iter().map(|h| peer_status(&h.host)).collect();
+    let ids: Vec<String> = statuses
+        .iter()
+        .map(|s| s["nts"]["id"].as_str().unwrap_or("?").to_owned())
+        .collect();
     let mut probe_reached = Vec::new();
+    let mut how = Vec::new();
+    let mut forwarded = Vec::new();
     let peers = homes
         .iter()
-        .map(|h| {
-            let s = peer_status(&h.host);
+        .zip(&statuses)
+        .map(|(h, s)| {
             let t = &s["totals"];
             probe_reached.push(t["nat_probe_reached"].as_u64().unwrap_or(0));
+            forwarded.push(t["forwarded"].as_u64().unwrap_or(0));
+            how.push(
+                s["nts"]["teammates"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|m| {
+                                let at = ids.iter().position(|id| m["id"].as_str() == Some(id))?;
+                                Some((at, m["how"].as_str().unwrap_or("?").to_owned()))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            );
             let neighbours: Vec<usize> = s["neighbours"]
                 .as_array()
                 .map(|a| {
@@ -625,7 +914,21 @@ fn nts_team_with_loss(
             )
         })
         .collect();
+    // The peers write their output as they play: killed, a file ends at most in the middle of
+    // a chunk.
     drop(procs);
+    let exact = homes
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            setup.byte_exact.then(|| {
+                let path = output(&format!("{i}-{}", h.nat.kind.name()));
+                let r = check_output(&path);
+                let _ = std::fs::remove_file(&path);
+                r
+            })
+        })
+        .collect();
     NtsRun {
         peers,
         incorporations,
@@ -633,6 +936,10 @@ fn nts_team_with_loss(
         kept_after,
         incorporated_after,
         probe_reached,
+        how,
+        forwarded,
+        exact,
+        slowest_poll,
     }
 }
 
@@ -746,8 +1053,23 @@ fn p50_p99<T: Ord + Copy>(v: &mut [T]) -> Option<(T, T)> {
     (!v.is_empty()).then(|| (at(0.5), at(0.99)))
 }
 
-/// Prints the ordered-pair tables of `m`: direct share, time to direct p50/p99, chunks lost by
-/// the joining peer p50/max.
+/// `p50/p99` of `times` in ms, `-` when empty.
+fn ms_p50_p99(times: &[Duration]) -> String {
+    let mut t: Vec<u128> = times.iter().map(Duration::as_millis).collect();
+    p50_p99(&mut t).map_or("-".to_owned(), |(a, b)| format!("{a}/{b}"))
+}
+
+/// `part/whole pct%`.
+fn share(part: u32, whole: u32) -> String {
+    format!(
+        "{part}/{whole} {:>3.0}%",
+        100.0 * f64::from(part) / f64::from(whole.max(1))
+    )
+}
+
+/// Prints the ordered-pair tables of `m`: direct share, shares served by the forwarding
+/// fallback and by neither, incorporation time, time to direct (both bounds), chunks lost by
+/// the joining peer.
 fn print_ordered(m: &Matrix, limit: Duration) {
     let head = NatKind::ALL.map(|k| format!("{:>14}", k.short())).join("");
     let table = |title: &str, cell: &dyn Fn(&PairStats) -> String| {
@@ -766,38 +1088,39 @@ fn print_ordered(m: &Matrix, limit: Duration) {
         &format!(
             "direct within {limit:?} / pairs (row: the peer that joined later; column: the one already there):"
         ),
-        &|e| {
-            format!(
-                "{}/{} {:>3.0}%",
-                e.direct,
-                e.pairs,
-                100.0 * f64::from(e.direct) / f64::from(e.pairs.max(1))
-            )
-        },
+        &|e| share(e.direct, e.pairs),
+    );
+    table(
+        &format!(
+            "served by the forwarding fallback (not direct within {limit:?}; each gets the other's \
+             chunks, at least one way forwarded by the splitter) / pairs:"
+        ),
+        &|e| share(e.forwarded, e.pairs),
+    );
+    table(
+        &format!("served by neither (not direct within {limit:?}, not forwarded) / pairs:"),
+        &|e| share(e.neither, e.pairs),
     );
     table(
         "the joining peer's incorporation (its start to the splitter's echo of its Y), p50/p99 (ms):",
-        &|e| {
-            let mut t: Vec<u128> = e.incorporation.iter().map(|d| d.as_millis()).collect();
-            p50_p99(&mut t).map_or("-".to_owned(), |(a, b)| format!("{a}/{b}"))
-        },
+        &|e| ms_p50_p99(&e.incorporation),
     );
     table(
         "from the later peer's start until /status showed both keeping each other, p50/p99 (ms; \
-         direct pairs; an upper bound: a peer refreshes its neighbour list once a second):",
-        &|e| {
-            let mut t: Vec<u128> = e.times.iter().map(|d| d.as_millis()).collect();
-            p50_p99(&mut t).map_or("-".to_owned(), |(a, b)| format!("{a}/{b}"))
-        },
+         direct pairs; upper bound: the poll that showed it):",
+        &|e| ms_p50_p99(&e.times),
+    );
+    table(
+        "the same, lower bound (the poll before the peer's previous /status publication, once \
+         a second; the joining peer's incorporation):",
+        &|e| ms_p50_p99(&e.times_lower),
     );
     table(
         "from the later peer's start until the earlier one (playing already) kept it, p50/p99 \
-         (ms; direct pairs; an upper bound as above):",
-        &|e| {
-            let mut t: Vec<u128> = e.kept.iter().map(|d| d.as_millis()).collect();
-            p50_p99(&mut t).map_or("-".to_owned(), |(a, b)| format!("{a}/{b}"))
-        },
+         (ms; direct pairs; upper bound):",
+        &|e| ms_p50_p99(&e.kept),
     );
+    table("the same, lower bound:", &|e| ms_p50_p99(&e.kept_lower));
     table("chunks lost by the joining peer, p50/max:", &|e| {
         let mut l = e.lost.clone();
         let max = l.iter().copied().max().unwrap_or(0);
@@ -805,13 +1128,157 @@ fn print_ordered(m: &Matrix, limit: Duration) {
     });
 }
 
-/// The full matrix: `NTS_MATRIX_RUNS` (default 10) teams of two peers per NAT kind (each behind
+/// Per NAT kind, over all runs: peers, their lost chunks and forwarded chunks, and how many
+/// played byte-exact.
+#[derive(Default)]
+struct KindStats {
+    peers: u32,
+    exact: u32,
+    lost: Vec<u64>,
+    forwarded: Vec<u64>,
+    /// What was wrong with the outputs that were not byte-exact.
+    broken: Vec<String>,
+}
+
+/// The ordered cells whose kinds (joining, earlier) `pick` accepts, merged into one.
+fn merged(m: &Matrix, pick: impl Fn(NatKind, NatKind) -> bool) -> PairStats {
+    let mut out = PairStats::default();
+    for (&(j, i), e) in m {
+        if pick(NatKind::ALL[j], NatKind::ALL[i]) {
+            out.pairs += e.pairs;
+            out.direct += e.direct;
+            out.forwarded += e.forwarded;
+            out.neither += e.neither;
+            out.times.extend(&e.times);
+            out.times_lower.extend(&e.times_lower);
+            out.kept.extend(&e.kept);
+            out.kept_lower.extend(&e.kept_lower);
+            out.lost.extend(&e.lost);
+        }
+    }
+    out
+}
+
+/// The issue's goals (issue 11) against the matrix.
+fn print_goals(m: &Matrix, kinds: &[KindStats; 5], limit: Duration) {
+    use NatKind::*;
+    let two = Duration::from_secs(2);
+    let within = |v: &[Duration]| v.iter().filter(|&&t| t <= two).count();
+    let open = |k: NatKind| matches!(k, FullCone | AddressRestricted);
+    let cone = merged(m, |a, b| open(a) || open(b));
+    eprintln!(
+        "\ngoals (issue 11):\n\
+         - pairs with a full- or address-restricted cone: direct within {limit:?} {}; both \
+         keeping each other within 2 s, by the joining peer's kind (for sure: upper bound ≤ 2 s; \
+         possibly: lower bound ≤ 2 s), and the earlier peer keeping the joining one within 2 s:",
+        share(cone.direct, cone.pairs),
+    );
+    for joining in NatKind::ALL {
+        let e = merged(m, |a, b| a == joining && (open(a) || open(b)));
+        eprintln!(
+            "    {:<6} joining: both {} for sure, {} possibly, of {} (p99 upper/lower {}/{} ms); \
+             the earlier one {} for sure, {} possibly",
+            joining.short(),
+            within(&e.times),
+            within(&e.times_lower),
+            e.pairs,
+            p50_p99(&mut e.times.clone()).map_or(0, |t| t.1.as_millis()),
+            p50_p99(&mut e.times_lower.clone()).map_or(0, |t| t.1.as_millis()),
+            within(&e.kept),
+            within(&e.kept_lower),
+        );
+    }
+    for (a, b) in [
+        (PortRestricted, SymmetricSequential),
+        (PortRestricted, SymmetricRandom),
+        (SymmetricSequential, SymmetricSequential),
+    ] {
+        let e = merged(m, |x, y| (x, y) == (a, b) || (x, y) == (b, a));
+        eprintln!(
+            "- {} – {}: direct within {limit:?} {} (goal ≥ 95 %); p99 upper bound {} ms",
+            a.short(),
+            b.short(),
+            share(e.direct, e.pairs),
+            p50_p99(&mut e.times.clone()).map_or(0, |t| t.1.as_millis())
+        );
+    }
+    let rr = merged(m, |a, b| a == SymmetricRandom && b == SymmetricRandom);
+    let r = &kinds[kind_index(SymmetricRandom)];
+    eprintln!(
+        "- symrp – symrp: served by the fallback {}, by neither {}; symrp peers byte-exact {}/{}, \
+         chunks lost max {}",
+        share(rr.forwarded, rr.pairs),
+        rr.neither,
+        r.exact,
+        r.peers,
+        r.lost.iter().max().copied().unwrap_or(0)
+    );
+    let all = merged(m, |_, _| true);
+    eprintln!(
+        "- every pair: direct {}, forwarded {}, neither {}",
+        share(all.direct, all.pairs),
+        share(all.forwarded, all.pairs),
+        share(all.neither, all.pairs)
+    );
+}
+
+/// Prints, per NAT kind, the peers that played byte-exact, their lost and forwarded chunks.
+fn print_kinds(kinds: &[KindStats; 5]) {
+    eprintln!(
+        "\nper peer, by its NAT kind: played byte-exact (--output against the test pattern) / \
+         peers; chunks lost p50/max; chunks forwarded to it by the splitter p50/max:"
+    );
+    for (k, s) in NatKind::ALL.iter().zip(kinds) {
+        let p50_max = |v: &[u64]| {
+            let mut v = v.to_vec();
+            let max = v.iter().copied().max().unwrap_or(0);
+            p50_p99(&mut v).map_or("-".to_owned(), |(a, _)| format!("{a}/{max}"))
+        };
+        eprintln!(
+            "{:<7}{:>14}{:>12}{:>12}",
+            k.short(),
+            share(s.exact, s.peers),
+            p50_max(&s.lost),
+            p50_max(&s.forwarded)
+        );
+        for b in &s.broken {
+            eprintln!("        not byte-exact: {b}");
+        }
+    }
+}
+
+/// The number in environment variable `name`, `default` when it is not set; a panic naming it
+/// when it is not a number in `range`.
+fn env_number(name: &str, default: u32, range: std::ops::RangeInclusive<u32>) -> u32 {
+    let v = match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?}: not a whole number")),
+        Err(_) => default,
+    };
+    assert!(
+        range.contains(&v),
+        "{name}={v}: must be {} to {}",
+        range.start(),
+        range.end()
+    );
+    v
+}
+
+/// The full matrix: teams of `NTS_MATRIX_PER_KIND` (default 2) peers per NAT kind (each behind
 /// its own NAT), joining in a shuffled order each time, each read 10 s after the last join; per
 /// ordered pair of kinds (the later peer's, the earlier one's): the pairs of peers that kept
-/// each other as neighbours within 10 s of the later one's start, the time that took (p50/p99),
-/// and the chunks the later peer lost. Each run adds 4 pairs per ordered pair of two kinds and 1
-/// per pair of one kind. ≈ 35 s per run.
-/// `NTS_MATRIX_LOSS=10` makes every NAT drop 1 % of the UDP it forwards (as the reference's runs).
+/// each other as neighbours within 10 s of the later one's start, the time that took (p50/p99,
+/// upper and lower bounds), the pairs served by the forwarding fallback instead and by neither,
+/// the joining peer's incorporation time and the chunks it lost; per kind, the peers whose
+/// `--output` is byte-exact. A team of k per kind adds about k²/2 pairs to each ordered pair of
+/// two kinds and k(k−1)/2 to each of one kind.
+/// How many teams: `NTS_MATRIX_RUNS` (default 10); or, with `NTS_MATRIX_PAIRS=N`, until every
+/// ordered pair has at least N pairs, at most `NTS_MATRIX_MAX_RUNS` teams (default 40) and
+/// `NTS_MATRIX_MAX_MINUTES` (default 60; no new team after that).
+/// `NTS_MATRIX_LOSS=10` makes every NAT drop 1 % of the UDP it forwards (as the reference's runs);
+/// `NTS_MATRIX_SEED` picks the join orders. `perf/nat-matrix.sh` runs the full matrix.
 /// `NTS_MATRIX_RUNS=10 cargo test --release --test nat nts_success_matrix -- --ignored --nocapture`
 #[test]
 #[ignore]
@@ -820,45 +1287,142 @@ fn nts_success_matrix() {
         return;
     }
     let _one = support::one_at_a_time();
-    let runs: u32 = std::env::var("NTS_MATRIX_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let per_kind = env_number("NTS_MATRIX_PER_KIND", 2, 1..=20) as usize;
+    let target = std::env::var_os("NTS_MATRIX_PAIRS")
+        .map(|_| env_number("NTS_MATRIX_PAIRS", 0, 1..=100_000));
+    let runs = match target {
+        Some(_) => env_number("NTS_MATRIX_MAX_RUNS", 40, 1..=1000),
+        None => env_number("NTS_MATRIX_RUNS", 10, 1..=1000),
+    };
+    if target.is_some() && std::env::var_os("NTS_MATRIX_RUNS").is_some() {
+        eprintln!(
+            "NTS_MATRIX_PAIRS is set: NTS_MATRIX_RUNS is ignored (NTS_MATRIX_MAX_RUNS bounds the teams)"
+        );
+    }
+    let max_time =
+        Duration::from_secs(60 * u64::from(env_number("NTS_MATRIX_MAX_MINUTES", 60, 1..=24 * 60)));
     let limit = Duration::from_secs(10);
     // Per mille of UDP each NAT drops (the reference measured with 1 %: 10).
-    let loss: u16 = std::env::var("NTS_MATRIX_LOSS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let mut counts = std::collections::BTreeMap::new();
-    let mut ordered = Matrix::new();
+    let loss = env_number("NTS_MATRIX_LOSS", 0, 0..=1000) as u16;
     let mut seed = std::env::var("NTS_MATRIX_SEED")
         .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x2545_F491_4F6C_DD1Du64);
+        .map(|v| {
+            v.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("NTS_MATRIX_SEED={v:?}: not a whole number"))
+        })
+        .unwrap_or(0x2545_F491_4F6C_DD1Du64)
+        .max(1);
+    let started = Instant::now();
+    let mut counts = std::collections::BTreeMap::new();
+    let mut ordered = Matrix::new();
+    let mut kinds: [KindStats; 5] = Default::default();
+    let mut unserved = Vec::new();
+    let fewest = |m: &Matrix| {
+        (0..5)
+            .flat_map(|j| (0..5).map(move |i| (j, i)))
+            .map(|c| (m.get(&c).map_or(0, |e| e.pairs), c))
+            .min()
+            .unwrap()
+    };
+    eprintln!(
+        "NTS matrix: teams of {} peers ({per_kind} per NAT kind), NAT loss {loss} ‰, {}",
+        5 * per_kind,
+        match target {
+            Some(n) => format!(
+                "until every ordered pair has {n} pairs (at most {runs} teams, {max_time:?})"
+            ),
+            None => format!("{runs} teams"),
+        }
+    );
+    let mut done = 0;
     for r in 0..runs {
-        // Two peers of each kind, each behind its own NAT, so that pairs of one kind count too.
-        let mut order = [NatKind::ALL, NatKind::ALL].concat();
+        if target.is_some_and(|n| fewest(&ordered).0 >= n) {
+            break;
+        }
+        if started.elapsed() >= max_time {
+            eprintln!("NTS_MATRIX_MAX_MINUTES reached: no more teams");
+            break;
+        }
+        let t = Instant::now();
+        let mut order: Vec<NatKind> = NatKind::ALL
+            .iter()
+            .flat_map(|&k| std::iter::repeat_n(k, per_kind))
+            .collect();
         for i in (1..order.len()).rev() {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
             order.swap(i, (seed % (i as u64 + 1)) as usize);
         }
-        let run = nts_team_with_loss(&order, limit, &format!("nat-nts-matrix-{r}"), loss);
+        let setup = TeamSetup {
+            loss_permille: loss,
+            byte_exact: true,
+        };
+        let run = nts_team_with(&order, limit, &format!("nat-nts-matrix-{r}"), setup);
         run.count(&mut counts);
-        run.count_ordered(&mut ordered, limit);
+        unserved.extend(
+            run.count_ordered(&mut ordered, limit)
+                .into_iter()
+                .map(|l| format!("run {r}: {l}")),
+        );
+        for (i, p) in run.peers.iter().enumerate() {
+            let s = &mut kinds[kind_index(p.0)];
+            s.peers += 1;
+            s.lost.push(p.3);
+            s.forwarded.push(run.forwarded[i]);
+            match &run.exact[i] {
+                Some(Ok(_)) => s.exact += 1,
+                Some(Err(e)) => s.broken.push(format!("run {r}, peer {i}: {e}")),
+                None => {}
+            }
+        }
+        done += 1;
         let played: Vec<u64> = run.peers.iter().map(|p| p.2).collect();
+        let (n, (j, i)) = fewest(&ordered);
         eprintln!(
-            "run {r}: order {:?}, played {played:?}",
-            order.iter().map(|k| k.short()).collect::<Vec<_>>()
+            "run {r}: order {:?}, played {played:?}\n  {:.1} s, slowest /status poll round {} ms; fewest pairs: {n} ({} joining, {} there){}; {:.0} s in all",
+            order.iter().map(|k| k.short()).collect::<Vec<_>>(),
+            t.elapsed().as_secs_f64(),
+            run.slowest_poll.as_millis(),
+            NatKind::ALL[j].short(),
+            NatKind::ALL[i].short(),
+            target.map_or(String::new(), |n| format!(" of {n}")),
+            started.elapsed().as_secs_f64()
         );
     }
     print_matrix(
-        &format!("NTS direct pairs of peers / pairs, over {runs} runs, NAT loss {loss} ‰:"),
+        &format!(
+            "NTS direct pairs of peers at the end / pairs, over {done} teams of {} peers, NAT loss {loss} ‰:",
+            5 * per_kind
+        ),
         &counts,
     );
     print_ordered(&ordered, limit);
+    print_kinds(&kinds);
+    print_goals(&ordered, &kinds, limit);
+    for l in &unserved {
+        eprintln!("{l}");
+    }
+    eprintln!(
+        "{done} teams of {} peers in {:.0} s",
+        5 * per_kind,
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        unserved.is_empty(),
+        "{} pairs served by neither direct links nor the fallback (listed above)",
+        unserved.len()
+    );
+    if let Some(n) = target {
+        let (got, (j, i)) = fewest(&ordered);
+        assert!(
+            got >= n,
+            "{} joining with {} there has {got} pairs, fewer than NTS_MATRIX_PAIRS={n}: raise NTS_MATRIX_MAX_RUNS or NTS_MATRIX_PER_KIND",
+            NatKind::ALL[j].short(),
+            NatKind::ALL[i].short()
+        );
+    }
 }
 
 /// NAT keep-alives: a team behind port-restricted and sequential symmetric NATs whose UDP
