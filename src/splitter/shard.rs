@@ -553,9 +553,11 @@ impl Shard {
                             }
                         }
                         self.flush_control();
-                        // Keep the counters current while catching up on a long run of chunks.
+                        // Keep the counters, the send lag and the team snapshot current while
+                        // catching up on a long run of chunks (publish_detail: once a second).
                         if cursor % 32 == 0 {
                             self.publish_stats();
+                            self.publish_detail();
                         }
                     }
                 }
