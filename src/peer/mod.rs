@@ -778,6 +778,10 @@ fn session(
 
     let mut buf = vec![0u8; 65536];
     let mut next_status = Instant::now() + Duration::from_secs(1);
+    // The neighbour set last published on /status, and the last second's rates: the detail is
+    // published once a second and at once when a neighbour comes or goes.
+    let mut published_neighbours = None;
+    let mut rates = [0.0; 4];
     let mut last_tick = Instant::now();
     let mut last = *totals + *core.stats();
     let mut peak_rate = 0.0;
@@ -948,7 +952,9 @@ fn session(
         c.neighbours
             .store(core.neighbours().count() as u64, Ordering::Relaxed);
         c.detail.set_buffered(core.buffered());
-        if now >= next_status {
+        let tick = now >= next_status;
+        let neighbour_set = status::neighbour_fingerprint(core.neighbours().map(|(e, _)| e));
+        if tick {
             let dt = now.duration_since(last_tick).as_secs_f64().max(1e-3);
             last_tick = now;
             next_status = now + Duration::from_secs(1);
@@ -959,6 +965,15 @@ fn session(
                 peak_rate = rate;
                 watchdog.set_timeout(cap(rejoin::stall_timeout(rate, buffer)));
             }
+            rates = [
+                (s.played - last.played) as f64 / dt,
+                rate,
+                (s.relayed - last.relayed) as f64 / dt,
+                (s.lost - last.lost) as f64 / dt,
+            ];
+        }
+        if tick || published_neighbours != Some(neighbour_set) {
+            published_neighbours = Some(neighbour_set);
             opts.counters.detail.publish(status::PeerDetail {
                 me: Some(me),
                 chunk_size: config.chunk_size,
@@ -966,14 +981,11 @@ fn session(
                 playing: core.is_playing(),
                 stats: s,
                 neighbours: core.neighbours().collect(),
-                rates: [
-                    (s.played - last.played) as f64 / dt,
-                    rate,
-                    (s.relayed - last.relayed) as f64 / dt,
-                    (s.lost - last.lost) as f64 / dt,
-                ],
+                rates,
                 nts: nts.as_ref().map(|n| n.detail()),
             });
+        }
+        if tick {
             if let Some(name) = &opts.status {
                 // NTS: how the teammates are reached.
                 let nts_part = nts.as_ref().map_or(String::new(), |n| {
