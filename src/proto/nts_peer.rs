@@ -767,6 +767,10 @@ impl NtsPeer {
         if self.known.insert(id, endpoint) == Some(endpoint) {
             return;
         }
+        // For status pages (it said `unreached` before: reached, but not by a hello).
+        if self.fallback.how.len() < MAX_KNOWN || self.fallback.how.contains_key(&id) {
+            self.fallback.how.insert(id, Reached::Probed);
+        }
         self.counters.probed += 1;
         self.actions.push_back(NtsPeerAction::Neighbour {
             id,
