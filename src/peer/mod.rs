@@ -65,13 +65,15 @@ pub struct PeerArgs {
     /// splitter started with `--ems`.
     #[arg(long, requires = "nts")]
     pub ems: bool,
-    /// NTS: when some teammate has not said hello 4 s after the list of peers came, retry up to
+    /// NTS: when no teammate of the list of peers has said hello 4 s after it came, retry up to
     /// N times (as the reference does) from a new UDP port: `ID‖N` to the splitter and the
     /// monitors, which measure the peer's NAT ports again and announce the new endpoint to the
     /// team. It helps when the first mappings were spoilt (a port prediction that other traffic
     /// used up, a mapping the NAT moved, a firewall that dropped the first hellos); each retry
-    /// costs about 4 s more before the peer plays. With 0 (or once they are used up) the peer
-    /// joins without those teammates, whose chunks the splitter then forwards to it.
+    /// costs about 4 s more before the peer plays. A peer that heard some of them joins 1 s
+    /// after the list came and greets the rest as a member; with 0 retries (or once they are
+    /// used up) it joins then whatever it heard. The splitter forwards the chunks of teammates
+    /// not heard yet.
     #[arg(long, requires = "nts", default_value_t = 0, value_name = "N",
           value_parser = clap::value_parser!(u8).range(0..=8))]
     pub nts_retries: u8,
