@@ -9,7 +9,7 @@ mod natlab;
 mod support;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use natlab::{Home, Host, Lab, NatKind, lab_possible};
 use p2psp::pattern;
@@ -21,6 +21,31 @@ const METRICS_PORT: u16 = 9100;
 /// A peer's `/status`, from inside its namespace.
 fn status_in(host: &Host) -> serde_json::Value {
     natlab::status_in(host, METRICS_PORT)
+}
+
+/// Whether `host`'s peer keeps a neighbour at `ip` (behind the NAT whose public address it is).
+fn keeps(host: &Host, ip: std::net::Ipv4Addr) -> bool {
+    let at = format!("{ip}:");
+    status_in(host)["neighbours"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|n| n["endpoint"].as_str().is_some_and(|e| e.starts_with(&at)))
+    })
+}
+
+/// How long after `start` both the peer in `joiner` and the one in `cone` keep each other
+/// (polled every 20 ms, each peer publishes its neighbours on `/status` as they change); `None`
+/// if not within `bound`.
+fn kept_within(start: Instant, joiner: &Home, cone: &Home, bound: Duration) -> Option<Duration> {
+    let (mut j, mut c) = (false, false);
+    while start.elapsed() <= bound {
+        j = j || keeps(&joiner.host, cone.nat.wan);
+        c = c || keeps(&cone.host, joiner.nat.wan);
+        if j && c {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }
 
 /// The stream header then contiguous chunks of the test pattern; the number of chunks played.
@@ -55,7 +80,10 @@ fn check_output(path: &Path, name: &str) -> usize {
 }
 
 /// Two random-symmetric peers among a full-cone, a port-restricted and a sequential symmetric
-/// one: every peer plays byte-exact for 15 s, the random ones through forwarded chunks.
+/// one: every peer plays byte-exact for 15 s, the random ones through forwarded chunks (from
+/// their first played chunk on: the splitter forwards from their `Y`), and every joiner and the
+/// full-cone peer keep each other within 2 s of the joiner's start (the joiner says `Y` 1 s
+/// after list 2 and does not wait for the teammates it cannot hear).
 #[test]
 fn random_symmetric_peers_play_byte_exact_through_the_forwarding_fallback() {
     if !lab_possible("random_symmetric_peers_play_byte_exact_through_the_forwarding_fallback") {
@@ -142,6 +170,7 @@ fn random_symmetric_peers_play_byte_exact_through_the_forwarding_fallback() {
         let name = format!("{i}-{}", home.nat.kind.short());
         let args = peer_args(&name, false);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let started = Instant::now();
         let mut p = natlab::spawn_in(&home.host, &dir, &name, &args);
         let log = support::peer_log(&dir, &name);
         let line = support::wait_for_line(&mut p, &log, Duration::from_secs(25), |l| {
@@ -149,6 +178,16 @@ fn random_symmetric_peers_play_byte_exact_through_the_forwarding_fallback() {
         })
         .unwrap_or_else(|t| panic!("{name} was not incorporated:\n{t}"));
         eprintln!("{name:<8} {line}");
+        if i > 0 {
+            // The goal for every pair with a full- or address-restricted cone (issue 11).
+            let bound = Duration::from_secs(2);
+            match kept_within(started, home, &homes[0], bound) {
+                Some(t) => eprintln!("{name:<8} and 0-fcn keep each other {t:.2?} after its start"),
+                None => {
+                    panic!("{name} and 0-fcn did not keep each other within {bound:?} of its start")
+                }
+            }
+        }
         procs.push(p);
         names.push(name);
     }

@@ -65,13 +65,15 @@ pub struct PeerArgs {
     /// splitter started with `--ems`.
     #[arg(long, requires = "nts")]
     pub ems: bool,
-    /// NTS: when some teammate has not said hello 4 s after the list of peers came, retry up to
+    /// NTS: when no teammate of the list of peers has said hello 4 s after it came, retry up to
     /// N times (as the reference does) from a new UDP port: `ID‖N` to the splitter and the
     /// monitors, which measure the peer's NAT ports again and announce the new endpoint to the
     /// team. It helps when the first mappings were spoilt (a port prediction that other traffic
     /// used up, a mapping the NAT moved, a firewall that dropped the first hellos); each retry
-    /// costs about 4 s more before the peer plays. With 0 (or once they are used up) the peer
-    /// joins without those teammates, whose chunks the splitter then forwards to it.
+    /// costs about 4 s more before the peer plays. A peer that heard some of them joins 1 s
+    /// after the list came and greets the rest as a member; with 0 retries (or once they are
+    /// used up) it joins then whatever it heard. The splitter forwards the chunks of teammates
+    /// not heard yet.
     #[arg(long, requires = "nts", default_value_t = 0, value_name = "N",
           value_parser = clap::value_parser!(u8).range(0..=8))]
     pub nts_retries: u8,
@@ -778,6 +780,10 @@ fn session(
 
     let mut buf = vec![0u8; 65536];
     let mut next_status = Instant::now() + Duration::from_secs(1);
+    // The neighbour set last published on /status, and the last second's rates: the detail is
+    // published once a second and at once when a neighbour comes or goes.
+    let mut published_neighbours = None;
+    let mut rates = [0.0; 4];
     let mut last_tick = Instant::now();
     let mut last = *totals + *core.stats();
     let mut peak_rate = 0.0;
@@ -948,7 +954,9 @@ fn session(
         c.neighbours
             .store(core.neighbours().count() as u64, Ordering::Relaxed);
         c.detail.set_buffered(core.buffered());
-        if now >= next_status {
+        let tick = now >= next_status;
+        let neighbour_set = status::neighbour_fingerprint(core.neighbours().map(|(e, _)| e));
+        if tick {
             let dt = now.duration_since(last_tick).as_secs_f64().max(1e-3);
             last_tick = now;
             next_status = now + Duration::from_secs(1);
@@ -959,6 +967,15 @@ fn session(
                 peak_rate = rate;
                 watchdog.set_timeout(cap(rejoin::stall_timeout(rate, buffer)));
             }
+            rates = [
+                (s.played - last.played) as f64 / dt,
+                rate,
+                (s.relayed - last.relayed) as f64 / dt,
+                (s.lost - last.lost) as f64 / dt,
+            ];
+        }
+        if tick || published_neighbours != Some(neighbour_set) {
+            published_neighbours = Some(neighbour_set);
             opts.counters.detail.publish(status::PeerDetail {
                 me: Some(me),
                 chunk_size: config.chunk_size,
@@ -966,14 +983,11 @@ fn session(
                 playing: core.is_playing(),
                 stats: s,
                 neighbours: core.neighbours().collect(),
-                rates: [
-                    (s.played - last.played) as f64 / dt,
-                    rate,
-                    (s.relayed - last.relayed) as f64 / dt,
-                    (s.lost - last.lost) as f64 / dt,
-                ],
+                rates,
                 nts: nts.as_ref().map(|n| n.detail()),
             });
+        }
+        if tick {
             if let Some(name) = &opts.status {
                 // NTS: how the teammates are reached.
                 let nts_part = nts.as_ref().map_or(String::new(), |n| {

@@ -21,6 +21,11 @@ use crate::proto::wire::{HELLO, JoinConfig};
 const ID_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long after list 2 a peer waits for hellos from every peer in it before saying `Y` anyway.
 pub const PATIENCE: Duration = Duration::from_secs(4);
+/// How long after list 2 a peer that heard some of it (or has no retry left) says `Y` without
+/// waiting for the rest ([`NtsPeer::set_early_y`]): it keeps (and relays to) the teammates it
+/// heard from then on, and greets the others on as a member. The teammates that answer at
+/// once (cone NATs; others whose hello got through first) have answered by then.
+pub const EARLY_Y: Duration = Duration::from_secs(1);
 
 /// The NTS state of one team session.
 #[derive(Debug)]
@@ -145,7 +150,7 @@ fn send_all(
             NtsPeerAction::Incorporated { missing } => {
                 if missing > 0 {
                     tracing::info!(
-                        "NTS: {missing} teammate(s) never said hello; joining without them (the splitter forwards their chunks)"
+                        "NTS: {missing} teammate(s) not heard yet; joining, greeting them on as a member (the splitter forwards their chunks meanwhile)"
                     );
                 }
             }
@@ -206,9 +211,11 @@ fn probe_io(
 /// Runs the NTS incorporation: U1 to the splitter and the monitors, list 2 from the join
 /// connection, hellos, then `Y` until the splitter echoes it; closes the join connection.
 ///
-/// With `retries` > 0, a peer that has not heard from every peer of list 2 when its patience
-/// is up retries from a new UDP socket (`N`): `socket` and `local` are replaced by the new
-/// one's, the old one is closed, and list 2 is read again from `tcp`.
+/// `Y` goes once every peer of list 2 was heard, or [`EARLY_Y`] after list 2 if one was heard
+/// (the rest are greeted on as a member). With `retries` > 0, a peer that has heard no peer of
+/// list 2 when its patience is up retries from a new UDP socket (`N`): `socket` and `local` are
+/// replaced by the new one's, the old one is closed, and list 2 is read again from `tcp`; with
+/// no retries it says `Y` at [`EARLY_Y`] whatever it heard.
 #[allow(clippy::too_many_arguments)]
 pub fn incorporate(
     tcp: &mut TcpStream,
@@ -224,6 +231,7 @@ pub fn incorporate(
     let mut deadline = start + MAX_PEER_ARRIVING_TIME + PATIENCE;
     let mut core = NtsPeer::new(start, id, splitter, &config.peers, monitor, PATIENCE);
     core.set_retries(retries);
+    core.set_early_y(Some(EARLY_Y));
     let mut neighbours = Vec::new();
     let mut probe = probe_io(start, id, splitter, *local, config, monitor);
     let mut udp = socket.try_clone()?;
@@ -245,7 +253,7 @@ pub fn incorporate(
             let datagram = crate::proto::wire::CHUNK_HEADER + usize::from(config.chunk_size);
             let (new, at) = rebind(socket, datagram)?;
             tracing::info!(
-                "NTS: not every teammate said hello within {PATIENCE:?}: retry {} of {retries} from {at} (was {local})",
+                "NTS: no teammate said hello within {PATIENCE:?}: retry {} of {retries} from {at} (was {local})",
                 core.counters().retries + 1
             );
             // The old socket closes here (both handles): nothing more is read from it.

@@ -34,6 +34,19 @@ pub struct PeerDetail {
     pub nts: Option<NtsDetail>,
 }
 
+/// A fingerprint of a set of neighbours, the same whatever their order: the peer publishes its
+/// detail at once when it changes (a neighbour came or went), so that `/status` shows when a
+/// teammate was kept to within a poll, not within a second.
+pub fn neighbour_fingerprint(neighbours: impl Iterator<Item = Endpoint>) -> (usize, u64) {
+    neighbours.fold((0, 0u64), |(n, sum), e| {
+        // SplitMix64's finaliser on IP and port: the sum of such mixes collides only by chance.
+        let mut x = (u64::from(u32::from(*e.ip())) << 16) | u64::from(e.port());
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (n + 1, sum.wrapping_add(x ^ (x >> 31)))
+    })
+}
+
 /// How an NTS peer reaches its teammates (`/status`, `/metrics`, the status line).
 #[derive(Debug, Clone, Default)]
 pub struct NtsDetail {

@@ -158,6 +158,11 @@ pub struct NtsPeer {
     retries_left: u8,
     /// A [`NtsPeerAction::Rebind`] is out: waiting for [`NtsPeer::rebound`].
     rebinding: bool,
+    /// Early `Y` ([`NtsPeer::set_early_y`]): this long after list 2 it says `Y` without waiting
+    /// for the rest of list 2.
+    early_y: Option<Duration>,
+    /// When list 2 arrived, and how many teammates it named.
+    list2: Option<(Instant, usize)>,
 }
 
 /// What the forwarding fallback and the status pages need to know of each teammate.
@@ -204,6 +209,8 @@ impl NtsPeer {
             fallback: Fallback::default(),
             retries_left: 0,
             rebinding: false,
+            early_y: None,
+            list2: None,
         };
         if !monitor {
             p.pending.send(now, me.as_bytes(), splitter, &[]);
@@ -226,6 +233,18 @@ impl NtsPeer {
         self.retries_left = if self.monitor { 0 } else { n };
     }
 
+    /// Says `Y` `after` list 2 arrived without waiting for every peer in it (`None`, the
+    /// default: only once all were heard, or when `patience` is up), if it heard one of them
+    /// or has no retry left (a peer that heard nobody may be blocked: it keeps its retry for
+    /// when `patience` is up). The peers of list 2 not heard yet are greeted on as a member:
+    /// hellos keep being resent, probing goes on, and each one heard later is a
+    /// [`NtsPeerAction::Neighbour`] like any other; until then the splitter forwards their
+    /// chunks (it does so from our first chunk on, since we said we take forwarded chunks
+    /// before `Y`). Monitors are members from the start.
+    pub fn set_early_y(&mut self, after: Option<Duration>) {
+        self.early_y = after;
+    }
+
     /// The caller's new socket is bound (after [`NtsPeerAction::Rebind`]): forgets what the old
     /// one learnt (teammates heard, announcements, hellos in flight: its mappings are not the
     /// new socket's) and sends `ID ‖ 'N'` to the splitter and to each monitor, resent until
@@ -242,6 +261,7 @@ impl NtsPeer {
         self.fallback = Fallback::default();
         self.initial = None;
         self.deadline = None;
+        self.list2 = None;
         let mut n = Vec::with_capacity(ID_LEN + 1);
         ToSplitter::Incorporated {
             id: self.me,
@@ -291,8 +311,10 @@ impl NtsPeer {
                 self.counters.refused += 1;
             }
         }
+        self.list2 = Some((now, initial.len()));
         self.initial = Some(initial);
         self.deadline = Some(now + self.patience);
+        self.say_capable(now);
         self.flush(now);
         self.check_incorporated(now);
     }
@@ -488,16 +510,18 @@ impl NtsPeer {
             return;
         }
         let Some(initial) = &self.initial else { return };
-        if !initial.is_empty() && self.deadline.is_some_and(|d| now < d) {
+        let missing = initial.len();
+        let early = self.early_y_due(now, missing);
+        if missing > 0 && !early && self.deadline.is_some_and(|d| now < d) {
             return;
         }
-        let missing = initial.len();
-        if missing > 0 && self.retries_left > 0 {
+        if missing > 0 && !early && self.retries_left > 0 {
             // Retry from a new port (the caller rebinds, then calls `rebound`).
             self.retries_left -= 1;
             self.rebinding = true;
             self.initial = None;
             self.deadline = None;
+            self.list2 = None;
             self.actions.push_back(NtsPeerAction::Rebind);
             return;
         }
@@ -513,6 +537,44 @@ impl NtsPeer {
         self.flush(now);
         self.actions
             .push_back(NtsPeerAction::Incorporated { missing });
+    }
+
+    /// Whether an early `Y` is due, with `missing` peers of list 2 not heard yet.
+    fn early_y_due(&self, now: Instant, missing: usize) -> bool {
+        match (self.early_y, self.list2) {
+            (Some(after), Some((at, named))) => {
+                now >= at + after && (missing < named || self.retries_left == 0)
+            }
+            _ => false,
+        }
+    }
+
+    /// When an early `Y` may be due.
+    fn early_y_at(&self) -> Option<Instant> {
+        match (self.early_y, self.list2) {
+            (Some(after), Some((at, _))) if !self.incorporated && !self.rebinding => {
+                Some(at + after)
+            }
+            _ => None,
+        }
+    }
+
+    /// A forward request naming ourselves: "we take forwarded chunks", sent once list 2 has
+    /// arrived (before `Y`), so that the splitter forwards us the chunks of the teammates we
+    /// have not reported (U4) from our very first chunk, and a later newcomer's chunks at once
+    /// if we did not hear its hellos. Resent until echoed; a reference splitter ignores it.
+    fn say_capable(&mut self, now: Instant) {
+        if self.monitor || self.fallback.said_capable {
+            return;
+        }
+        self.fallback.said_capable = true;
+        let mut out = Vec::new();
+        super::nts_forward::ForwardRequest {
+            me: self.me,
+            origin: self.me,
+        }
+        .encode(&mut out);
+        self.pending.send(now, &out, self.splitter, &[]);
     }
 
     fn flush(&mut self, now: Instant) {
@@ -549,18 +611,7 @@ impl NtsPeer {
         if self.monitor || !self.y_acked {
             return;
         }
-        if !self.fallback.said_capable {
-            // A forward request naming ourselves: "we take forwarded chunks", so that the
-            // splitter forwards a newcomer's chunks to us at once if we did not hear its hellos.
-            self.fallback.said_capable = true;
-            let mut out = Vec::new();
-            super::nts_forward::ForwardRequest {
-                me: self.me,
-                origin: self.me,
-            }
-            .encode(&mut out);
-            self.pending.send(now, &out, self.splitter, &[]);
-        }
+        self.say_capable(now);
         let due: Vec<PeerId> = self
             .fallback
             .told_at
@@ -662,6 +713,7 @@ impl NtsPeer {
             .poll_timeout()
             .into_iter()
             .chain(d)
+            .chain(self.early_y_at())
             .chain(self.next_keepalive.filter(|_| self.incorporated))
             .chain(self.next_forward_check())
             .min()
@@ -714,6 +766,10 @@ impl NtsPeer {
         }
         if self.known.insert(id, endpoint) == Some(endpoint) {
             return;
+        }
+        // For status pages (it said `unreached` before: reached, but not by a hello).
+        if self.fallback.how.len() < MAX_KNOWN || self.fallback.how.contains_key(&id) {
+            self.fallback.how.insert(id, Reached::Probed);
         }
         self.counters.probed += 1;
         self.actions.push_back(NtsPeerAction::Neighbour {
@@ -853,6 +909,61 @@ mod tests {
         p.rebound(t);
         assert!(drain(&mut p).is_empty());
         assert_eq!(p.counters().retries, 2);
+    }
+
+    fn y_sent(a: &[NtsPeerAction]) -> bool {
+        a.iter()
+            .any(|x| matches!(x, NtsPeerAction::Send { data, .. } if data == b"BBBBBBBY"))
+    }
+
+    #[test]
+    fn with_early_y_a_peer_that_heard_one_teammate_joins_and_greets_the_rest_as_a_member() {
+        let t = Instant::now();
+        let mut p = NtsPeer::new(t, id("BBBBBBB"), ep(SPLITTER, 8001), &[], false, PATIENCE);
+        p.set_retries(1);
+        p.set_early_y(Some(Duration::from_secs(1)));
+        p.on_list2(
+            t,
+            &[entry("TTTTTTT", 10, 20000), entry("UUUUUUU", 11, 20000)],
+        );
+        // It says it takes forwarded chunks before its Y.
+        let a = drain(&mut p);
+        assert!(a.contains(&NtsPeerAction::Send {
+            to: ep(SPLITTER, 8001),
+            data: b"BBBBBBBFBBBBBBB".to_vec()
+        }));
+        p.handle_datagram(t, ep(10, 20000), b"TTTTTTT");
+        drain(&mut p);
+        assert!(!p.is_incorporated());
+        let early = t + Duration::from_secs(1);
+        assert!(p.poll_timeout().is_some_and(|x| x <= early));
+        p.handle_timeout(early);
+        let a = drain(&mut p);
+        assert!(y_sent(&a), "{a:?}");
+        assert!(a.contains(&NtsPeerAction::Incorporated { missing: 1 }));
+        assert!(!a.contains(&NtsPeerAction::Rebind));
+        // The other one answers later: a neighbour like any other.
+        p.handle_datagram(early, ep(11, 20000), b"UUUUUUU");
+        assert!(drain(&mut p).contains(&NtsPeerAction::Neighbour {
+            id: id("UUUUUUU"),
+            endpoint: ep(11, 20000),
+            how: Reached::Direct
+        }));
+    }
+
+    #[test]
+    fn with_early_y_a_peer_that_heard_nobody_keeps_its_retry_for_the_patience() {
+        let (mut p, t) = peer(1);
+        p.set_early_y(Some(Duration::from_secs(1)));
+        p.handle_timeout(t + Duration::from_secs(1));
+        assert!(!y_sent(&drain(&mut p)));
+        p.handle_timeout(t + PATIENCE);
+        assert!(drain(&mut p).contains(&NtsPeerAction::Rebind));
+        // Without retries it would not wait.
+        let (mut q, t) = peer(0);
+        q.set_early_y(Some(Duration::from_secs(1)));
+        q.handle_timeout(t + Duration::from_secs(1));
+        assert!(y_sent(&drain(&mut q)));
     }
 
     #[test]

@@ -200,8 +200,8 @@ pub struct NtsSplitter {
     pub max_arriving: usize,
     /// Forwarding fallback: by receiver, the origins whose chunks it gets forwarded.
     forwarding: std::collections::HashMap<PeerId, Vec<PeerId>>,
-    /// Members that take forwarded chunks (they said so with a forward request naming
-    /// themselves).
+    /// Members (and arriving peers) that take forwarded chunks (they said so with a forward
+    /// request naming themselves).
     capable: std::collections::HashSet<PeerId>,
     /// (reporter, heard): U4 reports, so that a new member's chunks are forwarded at once to
     /// the capable teammates that did not hear it during its incorporation.
@@ -354,6 +354,7 @@ impl NtsSplitter {
     /// Forgets the arriving peer `id` (its join connection closed).
     pub fn abandon(&mut self, id: &PeerId) {
         self.privates.remove(id);
+        self.capable.remove(id);
         self.arriving.retain(|a| a.id != *id);
         self.probe.forget(id);
     }
@@ -752,6 +753,7 @@ impl NtsSplitter {
         });
         for id in gone {
             self.privates.remove(&id);
+            self.capable.remove(&id);
             self.counters.given_up += 1;
             self.probe.forget(&id);
             self.actions.push_back(NtsAction::GiveUp { id });
@@ -771,8 +773,15 @@ impl NtsSplitter {
             .members
             .iter()
             .find(|m| m.id == f.me && m.endpoint == from);
-        if me.is_some() && f.origin == f.me {
-            // "I take forwarded chunks."
+        let arriving = || {
+            self.arriving
+                .iter()
+                .any(|a| a.id == f.me && a.endpoint() == Some(from))
+        };
+        if f.origin == f.me && (me.is_some() || arriving()) {
+            // "I take forwarded chunks": a member, or an arriving peer at the endpoint it is
+            // being incorporated at (it says so before its `Y`, so that its teammates' chunks
+            // are forwarded to it from its first chunk on).
             self.echo(from, data);
             self.capable.insert(f.me);
             return;
@@ -850,12 +859,41 @@ impl NtsSplitter {
     }
 
     /// A new member `id`: its chunks are forwarded at once to every capable teammate that did
-    /// not hear its hellos during its incorporation (until that teammate reports it).
+    /// not hear its hellos during its incorporation (until that teammate reports it); and, if
+    /// it takes forwarded chunks itself (it said so before its `Y`), every teammate's chunks
+    /// that it did not report (U4) are forwarded to it, from its first chunk on, until it
+    /// does. (Waiting for its own forward requests, a round trip after the echo of its `Y`,
+    /// lost the chunks sent to those teammates meanwhile: played by nobody else for it.)
     fn forward_new_member(&mut self, id: PeerId) {
         let Some(new) = self.members.iter().find(|m| m.id == id) else {
             return;
         };
         let (team, origin) = (new.team, new.endpoint);
+        if self.capable.contains(&id) {
+            let unheard: Vec<(PeerId, Endpoint)> = self
+                .members
+                .iter()
+                .filter(|m| {
+                    m.team == team && !m.monitor && m.id != id && !self.heard.contains(&(id, m.id))
+                })
+                .map(|m| (m.id, m.endpoint))
+                .collect();
+            for (from_id, from) in unheard {
+                let list = self.forwarding.entry(id).or_default();
+                if list.len() >= super::nts_forward::MAX_PAIRS / 64 {
+                    self.counters.forward_refused += 1;
+                    break;
+                }
+                if !list.contains(&from_id) {
+                    list.push(from_id);
+                    self.counters.forward_requests += 1;
+                    self.actions.push_back(NtsAction::Forward {
+                        origin: from,
+                        to: origin,
+                    });
+                }
+            }
+        }
         let targets: Vec<(PeerId, Endpoint)> = self
             .members
             .iter()
@@ -1135,6 +1173,72 @@ mod tests {
             s.member_views()
                 .iter()
                 .any(|v| v.0 == b && v.1 == ep(11, 40000))
+        );
+    }
+
+    fn fwd_req(me: PeerId, origin: PeerId) -> Vec<u8> {
+        let mut out = Vec::new();
+        crate::proto::nts_forward::ForwardRequest { me, origin }.encode(&mut out);
+        out
+    }
+
+    #[test]
+    fn a_joiner_that_takes_forwarded_chunks_gets_its_unheard_teammates_chunks_from_its_y() {
+        let (mut s, t) = team(0);
+        let a = id("AAAAAAA");
+        let c = id("CCCCCCC");
+        // C (host 12) is a member too; B will hear A but not C.
+        assert!(s.arrive(t, 0, c, ep(12, 9), false));
+        s.handle_datagram(t, ep(12, 21000), c.as_bytes());
+        let mut u3 = Vec::new();
+        ToSplitter::MonitorSaw { id: c, port: 21000 }.encode(&mut u3);
+        s.handle_datagram(t, ep(MONITOR, 5000), &u3);
+        s.handle_datagram(t, ep(12, 21000), &with(c, b"Y"));
+        actions(&mut s);
+        let b = arrive_b(&mut s, t, 30000);
+        // "I take forwarded chunks" before its Y: from a stranger's endpoint refused, from the
+        // endpoint it is arriving at echoed.
+        let cap = fwd_req(b, b);
+        s.handle_datagram(t, ep(11, 30001), &cap);
+        assert!(actions(&mut s).is_empty());
+        s.handle_datagram(t, ep(11, 30000), &cap);
+        assert_eq!(sends_to(&actions(&mut s), ep(11, 30000)), vec![cap]);
+        // Its U4 about A, then its Y.
+        let mut u4 = Vec::new();
+        ToSplitter::PortReport { id: a, port: 20000 }.encode(&mut u4);
+        s.handle_datagram(t, ep(11, 30000), &u4);
+        actions(&mut s);
+        s.handle_datagram(t, ep(11, 30000), &with(b, b"Y"));
+        let x = actions(&mut s);
+        let to_b: Vec<Endpoint> = x
+            .iter()
+            .filter_map(|y| match y {
+                NtsAction::Forward { origin, to } if *to == ep(11, 30000) => Some(*origin),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(to_b, vec![ep(12, 21000)], "C's chunks only: {x:?}");
+        assert_eq!(s.member_views().iter().find(|v| v.0 == b).unwrap().4, 1);
+        // B hears C later: its U4 stops the forwarding.
+        let mut u4 = Vec::new();
+        ToSplitter::PortReport { id: c, port: 21000 }.encode(&mut u4);
+        s.handle_datagram(t, ep(11, 30000), &u4);
+        assert!(actions(&mut s).contains(&NtsAction::Unforward {
+            origin: ep(12, 21000),
+            to: ep(11, 30000)
+        }));
+    }
+
+    #[test]
+    fn a_joiner_that_never_said_it_takes_forwarded_chunks_gets_none() {
+        let (mut s, t) = team(0);
+        let b = arrive_b(&mut s, t, 30000);
+        s.handle_datagram(t, ep(11, 30000), &with(b, b"Y"));
+        let x = actions(&mut s);
+        assert!(
+            !x.iter()
+                .any(|y| matches!(y, NtsAction::Forward { to, .. } if *to == ep(11, 30000))),
+            "{x:?}"
         );
     }
 

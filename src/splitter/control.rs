@@ -90,6 +90,9 @@ struct Conn {
     nts_id: Option<PeerId>,
     /// NTS: incorporated at this UDP endpoint; the join completes once the output is written.
     nts_done: Option<Endpoint>,
+    /// NTS: origins whose chunks are forwarded to this peer from its first chunk on (the
+    /// forwarding fallback), sent to its shard right after it is inserted there.
+    nts_forwards: Vec<Endpoint>,
     /// NTS: the peer closed its side (a reference peer does so before its `Y`).
     eof: bool,
     /// EMS: the private endpoint of its 7-byte join message.
@@ -381,6 +384,7 @@ impl Control {
                             key: id,
                             nts_id: None,
                             nts_done: None,
+                            nts_forwards: Vec::new(),
                             eof: false,
                             ems_private: None,
                         },
@@ -659,6 +663,16 @@ impl Control {
                         };
                         self.directory.rename(c.remote, endpoint);
                         self.commit(endpoint, &placement);
+                        // After its insertion, on the same queue: the shard forwards to members
+                        // only.
+                        let link = &self.shards[placement.shard];
+                        for origin in c.nts_forwards.drain(..) {
+                            let _ = link.commands.send(Command::Forward {
+                                origin,
+                                to: endpoint,
+                            });
+                        }
+                        link.waker.wake();
                         return Step::Done;
                     }
                     if ready && !c.eof {
@@ -905,7 +919,18 @@ impl Control {
                     // endpoint, the receiver is a member.
                     // On the commands queue, as joins: the requester is not asked again once
                     // echoed, so this must not be dropped (the control plane waits instead).
-                    if let Some((_, shard)) = self.directory.lookup(to) {
+                    // A receiver just incorporated is not in its shard yet: held for it.
+                    if let Some(c) = self
+                        .conns
+                        .values_mut()
+                        .find(|c| c.nts_id.is_some() && c.nts_done == Some(to))
+                    {
+                        if matches!(cmd, Command::Forward { .. }) {
+                            c.nts_forwards.push(origin);
+                        } else {
+                            c.nts_forwards.retain(|o| *o != origin);
+                        }
+                    } else if let Some((_, shard)) = self.directory.lookup(to) {
                         let link = &self.shards[shard];
                         let _ = link.commands.send(cmd);
                         link.waker.wake();
