@@ -239,6 +239,18 @@ fn random_symmetric_peers_play_byte_exact_through_the_forwarding_fallback() {
         split["nts"]["forward_refused"],
         split["totals"]["forwarded"]
     );
+    // The splitter's probing planner, on its /status: the prcn joiner and the two symrp peers
+    // are birthday pairs; symrp–symrp and symrp–symsp (three pairs) are left to the fallback.
+    let probing = &split["nts"]["probing"];
+    eprintln!("splitter probing: {probing}");
+    assert!(
+        probing["birthday"].as_u64().unwrap_or(0) >= 1,
+        "no birthday session on the splitter's /status: {probing}"
+    );
+    assert!(
+        probing["left"].as_u64().unwrap_or(0) >= 3,
+        "the three pairs no method connects are not counted as left: {probing}"
+    );
     // Stop the peers (they write their output as they play), then the splitter.
     let mut played = Vec::new();
     let mut peers: Vec<support::Proc> = procs.drain(1..).collect();

@@ -1075,11 +1075,12 @@ impl Control {
 /// Most NTS members `/status` lists.
 const NTS_STATUS_PEERS: usize = 1000;
 
-/// The splitter's NTS view for `/status`: its counters and, per member (at most
+/// The splitter's NTS view for `/status`: its counters, its port-probing planner's, and, per member (at most
 /// [`NTS_STATUS_PEERS`]), its ID, the port step measured for its NAT and how it is served
 /// (`direct`, or `forwarded` when the splitter forwards it some teammates' chunks).
 fn nts_view(core: &NtsSplitter) -> serde_json::Value {
     let c = core.counters();
+    let pc = core.probe_counters();
     let views = core.member_views();
     let peers: Vec<serde_json::Value> = views
         .iter()
@@ -1110,6 +1111,14 @@ fn nts_view(core: &NtsSplitter) -> serde_json::Value {
         "u2x_sent": c.u2x_sent,
         "forward_requests": c.forward_requests,
         "forward_refused": c.forward_refused,
+        "probing": {
+            "capable": pc.capable,
+            "direct": pc.direct,
+            "birthday": pc.birthday,
+            "sweeps": pc.sweeps,
+            "left": pc.left,
+            "ignored": pc.ignored,
+        },
         "peers": peers,
     })
 }

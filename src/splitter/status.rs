@@ -657,6 +657,22 @@ impl Exporter for SplitterExporter {
                 "Forward requests refused: from strangers, forged, naming non-members or other teams' peers, or over the bound.",
                 n("forward_refused"),
             );
+            let probing = |k: &str| nts["probing"][k].as_u64().unwrap_or(0);
+            p.counter(
+                "p2psp_splitter_nts_probe_sweeps_total",
+                "Port probing: sweeps started for pairs with a sequential symmetric NAT (both sides queried).",
+                probing("sweeps"),
+            );
+            p.counter(
+                "p2psp_splitter_nts_probe_birthday_total",
+                "Port probing: birthday sessions started for pairs with a random symmetric NAT.",
+                probing("birthday"),
+            );
+            p.counter(
+                "p2psp_splitter_nts_probe_left_total",
+                "Port probing: pairs left to the forwarding fallback (no method can connect them, or a side does not take part).",
+                probing("left"),
+            );
             let forwarded = nts["peers"].as_array().map_or(0, |a| {
                 a.iter().filter(|p| p["served"] == "forwarded").count()
             });
