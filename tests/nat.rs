@@ -1287,7 +1287,10 @@ fn matrix_kinds() -> Vec<NatKind> {
             kinds.push(k);
         }
     }
-    assert!(!kinds.is_empty(), "NTS_MATRIX_KINDS={v:?}: no NAT kind named");
+    assert!(
+        !kinds.is_empty(),
+        "NTS_MATRIX_KINDS={v:?}: no NAT kind named"
+    );
     kinds
 }
 

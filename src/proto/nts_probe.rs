@@ -37,7 +37,8 @@
 //! * anything else (a random symmetric NAT with another symmetric one): nothing; the
 //!   forwarding fallback's job.
 //!
-//! Bounds: a peer runs at most [`MAX_SESSIONS`] sessions, [`MAX_SOCKETS`] probe sockets and keeps
+//! Bounds: a peer runs at most [`MAX_SESSIONS`] sessions (and keeps [`MAX_KEPT`] more that
+//! reached their teammate until their time is over), [`MAX_SOCKETS`] probe sockets and keeps
 //! at most [`MAX_KEPT`] of them; a session ends after [`SESSION_TIME`]. The splitter keeps at
 //! most [`MAX_PAIRS`] pairs and [`MAX_PEERS`] capable peers. Rendezvous from anyone but the
 //! splitter, queries for sessions that do not exist or from other addresses, hellos at a probe
@@ -81,7 +82,8 @@ pub const PAIR_GRACE: Duration = Duration::from_millis(1500);
 pub const SESSION_TIME: Duration = Duration::from_secs(10);
 /// How long the splitter waits for both queries of a sweep.
 pub const QUERY_TIME: Duration = Duration::from_secs(5);
-/// Most sessions a peer runs at once.
+/// Most sessions a peer runs at once (not counting those that reached their teammate; at most
+/// [`MAX_KEPT`] of those are kept until their time is over).
 pub const MAX_SESSIONS: usize = 16;
 /// Most probe sockets a peer has open at once.
 pub const MAX_SOCKETS: usize = 1024;
@@ -437,7 +439,12 @@ impl ProbePeer {
             Method::Query => 1,
             _ => 0,
         };
-        if self.sessions.len() >= MAX_SESSIONS
+        // Sessions that reached their teammate stay until their time is over but no longer
+        // count as running: a peer joining a team of more than 16 sequential symmetric peers
+        // gets its sweeps one after another.
+        let running = self.sessions.iter().filter(|s| !s.done).count();
+        if running >= MAX_SESSIONS
+            || self.sessions.len() >= MAX_SESSIONS + MAX_KEPT
             || self.open_sockets + usize::from(sockets) > MAX_SOCKETS
             || (sockets > 0 && self.routes.len() >= MAX_KEPT)
         {
@@ -1202,7 +1209,11 @@ mod tests {
             last_port: 20001,
         };
         let x = view("XXXXXXX", 100);
-        let ys = [view("YYYYYY1", 101), view("YYYYYY2", 102), view("YYYYYY3", 103)];
+        let ys = [
+            view("YYYYYY1", 101),
+            view("YYYYYY2", 102),
+            view("YYYYYY3", 103),
+        ];
         let (u, w) = (view("UUUUUUU", 110), view("WWWWWWW", 111));
         for v in ys.iter().chain([&x, &u, &w]) {
             p.capable(v.id);
@@ -1243,7 +1254,12 @@ mod tests {
             assert!(reached.insert(y));
             let mut out = Vec::new();
             let yv = views[&y];
-            assert!(p.query(y, session, Endpoint::new(*yv.endpoint.ip(), 21000), &mut out));
+            assert!(p.query(
+                y,
+                session,
+                Endpoint::new(*yv.endpoint.ip(), 21000),
+                &mut out
+            ));
             assert!(out.is_empty());
             // Nothing new for X before its pending query is in.
             assert!(start(&mut p, t).is_empty());
