@@ -841,8 +841,19 @@ impl ProbePlanner {
 
     fn drop_pairs_of(&mut self, id: &PeerId) {
         self.pairs.retain(|p| p.a != *id && p.b != *id);
-        self.sweeps.retain(|s| s.a.id != *id && s.b.id != *id);
         self.waiting.retain(|&(a, b)| a != *id && b != *id);
+        let mut freed = None;
+        self.sweeps.retain(|s| {
+            let gone = s.a.id == *id || s.b.id == *id;
+            if gone {
+                freed = Some(s.since);
+            }
+            !gone
+        });
+        // Its teammate in that sweep is free now: pairs waiting for it start at once.
+        if freed.is_some() && !self.waiting.is_empty() {
+            self.wake = freed;
+        }
     }
 
     /// Forgets `id` (it left, or its incorporation was given up).
@@ -1290,6 +1301,81 @@ mod tests {
         p.forget(&ys[0].id);
         p.handle_timeout(t + 2 * QUERY_TIME);
         assert!(p.due(t + 2 * QUERY_TIME).is_empty());
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Random pairs of sequential peers, queries (right and wrong), timeouts and
+            /// departures: no peer ever has two sweeps waiting for their queries, the queue
+            /// stays bounded, and every query rendezvous goes to a pair of free peers.
+            #[test]
+            fn a_peer_never_has_two_sweeps_in_their_query_phase(
+                ops in proptest::collection::vec((0u8..5, 0u8..6, 0u8..6, 0u16..8), 0..120)
+            ) {
+                let t0 = Instant::now();
+                let mut p = ProbePlanner::default();
+                let views: Vec<PeerView> = (0..6u8)
+                    .map(|i| PeerView {
+                        id: PeerId::from_random(u64::from(i) + 1),
+                        endpoint: Endpoint::new(Ipv4Addr::new(198, 18, 0, 100 + i), 20000),
+                        step: 1,
+                        last_port: 20001,
+                    })
+                    .collect();
+                for v in &views {
+                    p.capable(v.id);
+                }
+                let mut t = t0;
+                let mut sessions: Vec<u32> = Vec::new();
+                for (op, i, j, x) in ops {
+                    let (a, b) = (views[usize::from(i)], views[usize::from(j)]);
+                    let mut out = Vec::new();
+                    match op {
+                        0 => p.pair(t, a.id, b.id),
+                        1 => {
+                            for (x, y) in p.due(t) {
+                                let (Some(vx), Some(vy)) = (
+                                    views.iter().find(|v| v.id == x),
+                                    views.iter().find(|v| v.id == y),
+                                ) else {
+                                    continue;
+                                };
+                                out.extend(p.start(t, *vx, *vy));
+                            }
+                        }
+                        2 => {
+                            if let Some(&s) = sessions.get(usize::from(x)) {
+                                let ip = if x % 3 == 0 { b.endpoint.ip() } else { a.endpoint.ip() };
+                                p.query(a.id, s, Endpoint::new(*ip, 21000 + x), &mut out);
+                            }
+                        }
+                        3 => {
+                            t += Duration::from_millis(u64::from(x) * 700);
+                            p.handle_timeout(t);
+                        }
+                        _ => p.forget(&a.id),
+                    }
+                    for (_, d) in &out {
+                        let r = Rendezvous::parse(d).unwrap();
+                        if r.method == Method::Query && !sessions.contains(&r.session) {
+                            sessions.push(r.session);
+                        }
+                    }
+                    for v in &views {
+                        let n = p.sweeps.iter().filter(|s| s.a.id == v.id || s.b.id == v.id).count();
+                        prop_assert!(n <= 1, "{n} sweeps in their query phase for one peer");
+                    }
+                    prop_assert!(p.waiting.len() <= MAX_PAIRS);
+                    if !p.waiting.is_empty() && p.sweeps.is_empty() {
+                        // Nothing holds the waiting pairs: the planner asks to be woken.
+                        prop_assert!(p.poll_timeout().is_some());
+                    }
+                }
+            }
+        }
     }
 
     #[test]
