@@ -1266,6 +1266,34 @@ fn env_number(name: &str, default: u32, range: std::ops::RangeInclusive<u32>) ->
     v
 }
 
+/// The NAT kinds of the matrix's teams: `NTS_MATRIX_KINDS` (short names, comma-separated, e.g.
+/// `symsp,prcn`), every kind unless set.
+fn matrix_kinds() -> Vec<NatKind> {
+    let Ok(v) = std::env::var("NTS_MATRIX_KINDS") else {
+        return NatKind::ALL.to_vec();
+    };
+    let mut kinds = Vec::new();
+    for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let k = NatKind::ALL
+            .into_iter()
+            .find(|k| k.short() == name)
+            .unwrap_or_else(|| {
+                panic!(
+                    "NTS_MATRIX_KINDS={v:?}: {name:?} is not a NAT kind (one of {})",
+                    NatKind::ALL.map(|k| k.short()).join(", ")
+                )
+            });
+        if !kinds.contains(&k) {
+            kinds.push(k);
+        }
+    }
+    assert!(
+        !kinds.is_empty(),
+        "NTS_MATRIX_KINDS={v:?}: no NAT kind named"
+    );
+    kinds
+}
+
 /// The full matrix: teams of `NTS_MATRIX_PER_KIND` (default 2) peers per NAT kind (each behind
 /// its own NAT), joining in a shuffled order each time, each read 10 s after the last join; per
 /// ordered pair of kinds (the later peer's, the earlier one's): the pairs of peers that kept
@@ -1278,7 +1306,8 @@ fn env_number(name: &str, default: u32, range: std::ops::RangeInclusive<u32>) ->
 /// ordered pair has at least N pairs, at most `NTS_MATRIX_MAX_RUNS` teams (default 40) and
 /// `NTS_MATRIX_MAX_MINUTES` (default 60; no new team after that).
 /// `NTS_MATRIX_LOSS=10` makes every NAT drop 1 % of the UDP it forwards (as the reference's runs);
-/// `NTS_MATRIX_SEED` picks the join orders. `perf/nat-matrix.sh` runs the full matrix.
+/// `NTS_MATRIX_SEED` picks the join orders; `NTS_MATRIX_KINDS=symsp,prcn` makes teams of those
+/// kinds only. `perf/nat-matrix.sh` runs the full matrix.
 /// `NTS_MATRIX_RUNS=10 cargo test --release --test nat nts_success_matrix -- --ignored --nocapture`
 #[test]
 #[ignore]
@@ -1288,6 +1317,7 @@ fn nts_success_matrix() {
     }
     let _one = support::one_at_a_time();
     let per_kind = env_number("NTS_MATRIX_PER_KIND", 2, 1..=20) as usize;
+    let team_kinds = matrix_kinds();
     let target = std::env::var_os("NTS_MATRIX_PAIRS")
         .map(|_| env_number("NTS_MATRIX_PAIRS", 0, 1..=100_000));
     let runs = match target {
@@ -1318,16 +1348,23 @@ fn nts_success_matrix() {
     let mut ordered = Matrix::new();
     let mut kinds: [KindStats; 5] = Default::default();
     let mut unserved = Vec::new();
+    let indices: Vec<usize> = team_kinds.iter().map(|&k| kind_index(k)).collect();
     let fewest = |m: &Matrix| {
-        (0..5)
-            .flat_map(|j| (0..5).map(move |i| (j, i)))
+        indices
+            .iter()
+            .flat_map(|&j| indices.iter().map(move |&i| (j, i)))
             .map(|c| (m.get(&c).map_or(0, |e| e.pairs), c))
             .min()
             .unwrap()
     };
     eprintln!(
-        "NTS matrix: teams of {} peers ({per_kind} per NAT kind), NAT loss {loss} ‰, {}",
-        5 * per_kind,
+        "NTS matrix: teams of {} peers ({per_kind} per NAT kind: {}), NAT loss {loss} ‰, {}",
+        team_kinds.len() * per_kind,
+        team_kinds
+            .iter()
+            .map(|k| k.short())
+            .collect::<Vec<_>>()
+            .join(" "),
         match target {
             Some(n) => format!(
                 "until every ordered pair has {n} pairs (at most {runs} teams, {max_time:?})"
@@ -1345,7 +1382,7 @@ fn nts_success_matrix() {
             break;
         }
         let t = Instant::now();
-        let mut order: Vec<NatKind> = NatKind::ALL
+        let mut order: Vec<NatKind> = team_kinds
             .iter()
             .flat_map(|&k| std::iter::repeat_n(k, per_kind))
             .collect();
@@ -1394,7 +1431,7 @@ fn nts_success_matrix() {
     print_matrix(
         &format!(
             "NTS direct pairs of peers at the end / pairs, over {done} teams of {} peers, NAT loss {loss} ‰:",
-            5 * per_kind
+            team_kinds.len() * per_kind
         ),
         &counts,
     );
@@ -1406,7 +1443,7 @@ fn nts_success_matrix() {
     }
     eprintln!(
         "{done} teams of {} peers in {:.0} s",
-        5 * per_kind,
+        team_kinds.len() * per_kind,
         started.elapsed().as_secs_f64()
     );
     assert!(

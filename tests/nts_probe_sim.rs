@@ -94,12 +94,12 @@ struct Node {
     /// Probe sockets by private port.
     sockets: HashMap<SockRef, u16>,
     next_private: u16,
-    /// The teammate reached, and how (true: at a probe socket).
-    reached: Option<bool>,
+    /// The teammates it heard from (at a probe socket or the team socket).
+    reached: HashSet<PeerId>,
 }
 
 struct Net {
-    nodes: [Node; 2],
+    nodes: Vec<Node>,
     planner: ProbePlanner,
     splitter: Endpoint,
     /// (from public endpoint, to, bytes)
@@ -162,7 +162,9 @@ impl Net {
                         SockRef::Main => true,
                     });
                 }
-                ProbeAction::Reached { .. } => node.reached = Some(true),
+                ProbeAction::Reached { id, .. } => {
+                    node.reached.insert(id);
+                }
             }
         }
     }
@@ -202,18 +204,25 @@ impl Net {
             let Some(private) = self.nodes[n].nat.map_in(to.port(), from) else {
                 continue; // filtered
             };
-            let other = self.nodes[1 - n].id;
+            let other = (data.len() == ID_LEN)
+                .then(|| {
+                    self.nodes
+                        .iter()
+                        .map(|x| x.id)
+                        .find(|id| id.as_bytes()[..] == data[..])
+                })
+                .flatten()
+                .filter(|id| *id != self.nodes[n].id);
             if private == MAIN {
                 if from == self.splitter {
                     if let Some(r) = Rendezvous::parse(&data) {
                         self.nodes[n].probe.on_rendezvous(now, r);
                     }
-                } else if data.len() == ID_LEN && data == other.as_bytes() {
+                } else if let Some(other) = other {
                     // What NTS does with a teammate's hello: echo it, say hello back.
                     let node = &mut self.nodes[n];
                     node.probe.note_heard(other);
-                    if node.reached.is_none() {
-                        node.reached = Some(false);
+                    if node.reached.insert(other) {
                         let me = node.id.as_bytes().to_vec();
                         self.send(n, MAIN, from, data.clone());
                         self.send(n, MAIN, from, me);
@@ -233,6 +242,15 @@ impl Net {
 /// mappings for other traffic between the splitter's last look and the probing. Whether both
 /// ended up hearing each other within the session time, and after how long.
 fn pair(a: Kind, b: Kind, other_a: u16, other_b: u16, seed: u64) -> Option<Duration> {
+    joiner_and_team(&[a, b], &[other_a, other_b], seed)[0]
+}
+
+/// A joiner (`kinds[0]`) and the team it joins (`kinds[1..]`), each behind its own NAT that
+/// made `other[i]` mappings for other traffic between the splitter's last look and the probing;
+/// the splitter pairs the joiner with every member at once, as when list 2 goes out. Per member:
+/// whether it and the joiner ended up hearing each other within the session time, and after how
+/// long (from the rendezvous).
+fn joiner_and_team(kinds: &[Kind], other: &[u16], seed: u64) -> Vec<Option<Duration>> {
     let t0 = Instant::now();
     let splitter = Endpoint::new(Ipv4Addr::new(198, 18, 0, 1), 8001);
     let node = |i: u8, kind: Kind| Node {
@@ -250,22 +268,26 @@ fn pair(a: Kind, b: Kind, other_a: u16, other_b: u16, seed: u64) -> Option<Durat
         ),
         sockets: HashMap::new(),
         next_private: 6000,
-        reached: None,
+        reached: HashSet::new(),
     };
     let mut net = Net {
-        nodes: [node(1, a), node(2, b)],
+        nodes: kinds
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| node(i as u8 + 1, k))
+            .collect(),
         planner: ProbePlanner::default(),
         splitter,
         queue: VecDeque::new(),
     };
     // The capability messages; the splitter's views (a monitor saw each once more).
-    for n in 0..2 {
+    for n in 0..kinds.len() {
         net.pump(n);
     }
     net.deliver(t0);
     let monitor = Endpoint::new(Ipv4Addr::new(198, 18, 0, 2), 8002);
     let mut views = Vec::new();
-    for (n, other) in [(0, other_a), (1, other_b)] {
+    for (n, &other) in other.iter().enumerate() {
         let node = &mut net.nodes[n];
         let to_splitter = node.nat.map_out(MAIN, splitter);
         let to_monitor = node.nat.map_out(MAIN, monitor);
@@ -288,28 +310,41 @@ fn pair(a: Kind, b: Kind, other_a: u16, other_b: u16, seed: u64) -> Option<Durat
                 .map_out(MAIN, Endpoint::new(Ipv4Addr::new(198, 18, 1, 1), 10000 + k));
         }
     }
-    net.planner.pair(t0, net.nodes[0].id, net.nodes[1].id);
-    let now = t0 + PAIR_GRACE;
-    for (a, b) in net.planner.due(now) {
-        assert_eq!((a, b), (views[0].id, views[1].id));
-        for (to, d) in net.planner.start(now, views[0], views[1]) {
-            net.queue.push_back((splitter, to, d));
-        }
+    for m in &net.nodes[1..] {
+        net.planner.pair(t0, net.nodes[0].id, m.id);
     }
-    net.deliver(now);
+    let view = |id: PeerId| *views.iter().find(|v| v.id == id).unwrap();
+    // The splitter's turn: the pairs (and waiting sweeps) due now get their rendezvous.
+    let plan = |net: &mut Net, t: Instant| {
+        net.planner.handle_timeout(t);
+        for (a, b) in net.planner.due(t) {
+            for (to, d) in net.planner.start(t, view(a), view(b)) {
+                net.queue.push_back((splitter, to, d));
+            }
+        }
+    };
+    let now = t0 + PAIR_GRACE;
+    let mut done = vec![None; kinds.len() - 1];
     let mut t = now;
     while t < now + SESSION_TIME {
-        if net.nodes.iter().all(|n| n.reached.is_some()) {
-            return Some(t - now);
+        plan(&mut net, t);
+        net.deliver(t);
+        for (i, d) in done.iter_mut().enumerate() {
+            let (j, m) = (&net.nodes[0], &net.nodes[i + 1]);
+            if d.is_none() && j.reached.contains(&m.id) && m.reached.contains(&j.id) {
+                *d = Some(t - now);
+            }
+        }
+        if done.iter().all(Option::is_some) {
+            break;
         }
         t += Duration::from_millis(50);
-        for n in 0..2 {
+        for n in 0..kinds.len() {
             net.nodes[n].probe.handle_timeout(t);
             net.pump(n);
         }
-        net.deliver(t);
     }
-    None
+    done
 }
 
 fn rate(a: Kind, b: Kind, runs: u64, other: impl Fn(u64) -> (u16, u16)) -> (u64, Duration) {
@@ -360,4 +395,33 @@ fn two_rate_sweep_connects_sequential_pairs() {
 fn no_probing_between_random_and_sequential() {
     let (ok, _) = rate(Kind::Random, Kind::Sequential, 20, |_| (0, 0));
     assert_eq!(ok, 0);
+}
+
+/// A peer joining a team of k sequential symmetric peers has k sweeps at once: the splitter
+/// gives it one at a time (each query, then its sweep), so that one sweep's hellos do not move
+/// its NAT past the ports the next one aims at. Teams of 10 and 25, 0–9 mappings of other
+/// traffic behind each NAT: every pair meets.
+#[test]
+fn a_joiner_sweeps_with_every_sequential_teammate() {
+    for (size, teams) in [(10usize, 40u64), (25, 10)] {
+        let (mut ok, mut all, mut worst) = (0, 0, Duration::ZERO);
+        for seed in 1..=teams {
+            let kinds = vec![Kind::Sequential; size];
+            let other: Vec<u16> = (0..size as u64)
+                .map(|i| ((seed * 7 + i * 3) % 10) as u16)
+                .collect();
+            for d in joiner_and_team(&kinds, &other, seed * 0x9E37_79B9) {
+                all += 1;
+                if let Some(d) = d {
+                    ok += 1;
+                    worst = worst.max(d);
+                }
+            }
+        }
+        eprintln!(
+            "symsp joining {} symsp: {ok}/{all} pairs within {worst:?} of the rendezvous",
+            size - 1
+        );
+        assert_eq!(ok, all, "teams of {size}");
+    }
 }

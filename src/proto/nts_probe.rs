@@ -37,7 +37,8 @@
 //! * anything else (a random symmetric NAT with another symmetric one): nothing; the
 //!   forwarding fallback's job.
 //!
-//! Bounds: a peer runs at most [`MAX_SESSIONS`] sessions, [`MAX_SOCKETS`] probe sockets and keeps
+//! Bounds: a peer runs at most [`MAX_SESSIONS`] sessions (and keeps [`MAX_KEPT`] more that
+//! reached their teammate until their time is over), [`MAX_SOCKETS`] probe sockets and keeps
 //! at most [`MAX_KEPT`] of them; a session ends after [`SESSION_TIME`]. The splitter keeps at
 //! most [`MAX_PAIRS`] pairs and [`MAX_PEERS`] capable peers. Rendezvous from anyone but the
 //! splitter, queries for sessions that do not exist or from other addresses, hellos at a probe
@@ -81,7 +82,8 @@ pub const PAIR_GRACE: Duration = Duration::from_millis(1500);
 pub const SESSION_TIME: Duration = Duration::from_secs(10);
 /// How long the splitter waits for both queries of a sweep.
 pub const QUERY_TIME: Duration = Duration::from_secs(5);
-/// Most sessions a peer runs at once.
+/// Most sessions a peer runs at once (not counting those that reached their teammate; at most
+/// [`MAX_KEPT`] of those are kept until their time is over).
 pub const MAX_SESSIONS: usize = 16;
 /// Most probe sockets a peer has open at once.
 pub const MAX_SOCKETS: usize = 1024;
@@ -437,7 +439,12 @@ impl ProbePeer {
             Method::Query => 1,
             _ => 0,
         };
-        if self.sessions.len() >= MAX_SESSIONS
+        // Sessions that reached their teammate stay until their time is over but no longer
+        // count as running: a peer joining a team of more than 16 sequential symmetric peers
+        // gets its sweeps one after another.
+        let running = self.sessions.iter().filter(|s| !s.done).count();
+        if running >= MAX_SESSIONS
+            || self.sessions.len() >= MAX_SESSIONS + MAX_KEPT
             || self.open_sockets + usize::from(sockets) > MAX_SOCKETS
             || (sockets > 0 && self.routes.len() >= MAX_KEPT)
         {
@@ -731,6 +738,8 @@ pub struct ProbePlannerCounters {
     pub birthday: u64,
     /// Sweeps started (after both queries).
     pub sweeps: u64,
+    /// Sweep pairs that waited for another sweep of one of their peers to get its queries.
+    pub waited: u64,
     /// Pairs left alone (a random symmetric NAT with another symmetric one, two cones, or a
     /// side that does not take part).
     pub left: u64,
@@ -765,6 +774,11 @@ pub struct ProbePlanner {
     ports: HashMap<PeerId, (u16, u16)>,
     pairs: Vec<Pair>,
     sweeps: Vec<Sweep>,
+    /// Sweep pairs waiting until neither peer has a sweep in its query phase.
+    waiting: VecDeque<(PeerId, PeerId)>,
+    /// Set when a sweep's end freed peers while pairs wait: [`ProbePlanner::due`] hands those
+    /// out at once (any instant already past).
+    wake: Option<Instant>,
     next_session: u32,
     counters: ProbePlannerCounters,
 }
@@ -822,22 +836,48 @@ impl ProbePlanner {
     /// it still has).
     pub fn renew(&mut self, id: &PeerId) {
         self.ports.remove(id);
+        self.drop_pairs_of(id);
+    }
+
+    fn drop_pairs_of(&mut self, id: &PeerId) {
         self.pairs.retain(|p| p.a != *id && p.b != *id);
-        self.sweeps.retain(|s| s.a.id != *id && s.b.id != *id);
+        self.waiting.retain(|&(a, b)| a != *id && b != *id);
+        let mut freed = None;
+        self.sweeps.retain(|s| {
+            let gone = s.a.id == *id || s.b.id == *id;
+            if gone {
+                freed = Some(s.since);
+            }
+            !gone
+        });
+        // Its teammate in that sweep is free now: pairs waiting for it start at once.
+        if freed.is_some() && !self.waiting.is_empty() {
+            self.wake = freed;
+        }
     }
 
     /// Forgets `id` (it left, or its incorporation was given up).
     pub fn forget(&mut self, id: &PeerId) {
         self.capable.remove(id);
         self.ports.remove(id);
-        self.pairs.retain(|p| p.a != *id && p.b != *id);
-        self.sweeps.retain(|s| s.a.id != *id && s.b.id != *id);
+        self.drop_pairs_of(id);
     }
 
     /// The pairs whose grace is over and that did not hear each other both ways (removed from
-    /// the watch; those that did are counted as direct).
+    /// the watch; those that did are counted as direct), after the waiting sweep pairs whose
+    /// peers are both free now (the caller passes each to [`ProbePlanner::start`] again).
     pub fn due(&mut self, now: Instant) -> Vec<(PeerId, PeerId)> {
+        self.wake = None;
         let mut out = Vec::new();
+        let mut still = VecDeque::new();
+        while let Some((a, b)) = self.waiting.pop_front() {
+            if self.sweeping(&a) || self.sweeping(&b) {
+                still.push_back((a, b));
+            } else {
+                out.push((a, b));
+            }
+        }
+        self.waiting = still;
         let mut direct = 0;
         self.pairs.retain(|p| {
             if now < p.due {
@@ -852,6 +892,12 @@ impl ProbePlanner {
         });
         self.counters.direct += direct;
         out
+    }
+
+    /// Whether `id` has a sweep waiting for its queries: between its query and its sweep,
+    /// every new mapping its NAT makes moves the ports the other side aims at.
+    fn sweeping(&self, id: &PeerId) -> bool {
+        self.sweeps.iter().any(|s| s.a.id == *id || s.b.id == *id)
     }
 
     fn random_nat(&self, v: &PeerView) -> bool {
@@ -919,6 +965,21 @@ impl ProbePlanner {
                 );
             }
             (false, false) if !self.random_nat(&a) && !self.random_nat(&b) => {
+                // One sweep at a time per peer: another sweep's 64 hellos, sent between this
+                // one's query and its sweep, would move the NAT past what the sweep covers
+                // (a peer that joins a team of k sequential symmetric peers has k sweeps).
+                if self.sweeping(&a.id) || self.sweeping(&b.id) {
+                    if self.waiting.len() < MAX_PAIRS
+                        && !self.waiting.contains(&(a.id, b.id))
+                        && !self.waiting.contains(&(b.id, a.id))
+                    {
+                        self.counters.waited += 1;
+                        self.waiting.push_back((a.id, b.id));
+                    } else {
+                        self.counters.left += 1;
+                    }
+                    return out;
+                }
                 let session = self.session();
                 for v in [a, b] {
                     send(
@@ -979,6 +1040,9 @@ impl ProbePlanner {
         };
         let s = self.sweeps.swap_remove(i);
         self.counters.sweeps += 1;
+        if !self.waiting.is_empty() {
+            self.wake = Some(s.since);
+        }
         // `a` walks `b`'s ports two steps at a time, `b` walks `a`'s one at a time (module doc).
         for (me, other, q, rate) in [(s.a, s.b, qb, 2u8), (s.b, s.a, qa, 1u8)] {
             let r = Rendezvous {
@@ -1000,8 +1064,12 @@ impl ProbePlanner {
 
     /// Drops sweeps whose queries did not both come within [`QUERY_TIME`].
     pub fn handle_timeout(&mut self, now: Instant) {
+        let before = self.sweeps.len();
         self.sweeps
             .retain(|s| now.saturating_duration_since(s.since) < QUERY_TIME);
+        if self.sweeps.len() < before && !self.waiting.is_empty() {
+            self.wake = Some(now);
+        }
     }
 
     /// When [`ProbePlanner::due`] or [`ProbePlanner::handle_timeout`] next has something to do.
@@ -1010,6 +1078,7 @@ impl ProbePlanner {
             .iter()
             .map(|p| p.due)
             .chain(self.sweeps.iter().map(|s| s.since + QUERY_TIME))
+            .chain(self.wake)
             .min()
     }
 
@@ -1135,6 +1204,178 @@ mod tests {
         assert_eq!(rs[1].1.endpoint.port(), 20004);
         let vc = PeerView { id: c, ..va };
         assert!(p.start(now, va, vc).is_empty());
+    }
+
+    /// A joiner `X` with three sequential teammates: one sweep at a time for `X` (each query,
+    /// then its sweep, before the next query), the others wait and start, in turn, as soon as
+    /// the previous one's queries are in or timed out; a pair of other peers is not held up.
+    #[test]
+    fn a_peer_gets_one_sweep_at_a_time() {
+        let now = Instant::now();
+        let mut p = ProbePlanner::default();
+        let view = |name: &str, host: u8| PeerView {
+            id: id(name),
+            endpoint: Endpoint::new(Ipv4Addr::new(198, 18, 0, host), 20000),
+            step: 1,
+            last_port: 20001,
+        };
+        let x = view("XXXXXXX", 100);
+        let ys = [
+            view("YYYYYY1", 101),
+            view("YYYYYY2", 102),
+            view("YYYYYY3", 103),
+        ];
+        let (u, w) = (view("UUUUUUU", 110), view("WWWWWWW", 111));
+        for v in ys.iter().chain([&x, &u, &w]) {
+            p.capable(v.id);
+        }
+        for y in &ys {
+            p.pair(now, x.id, y.id);
+        }
+        p.pair(now, u.id, w.id);
+        let t = now + PAIR_GRACE;
+        let views: HashMap<PeerId, PeerView> =
+            ys.iter().chain([&x, &u, &w]).map(|v| (v.id, *v)).collect();
+        let start = |p: &mut ProbePlanner, t: Instant| -> Vec<(Endpoint, Rendezvous)> {
+            let mut out = Vec::new();
+            for (a, b) in p.due(t) {
+                out.extend(p.start(t, views[&a], views[&b]));
+            }
+            out.iter()
+                .map(|(e, d)| (*e, Rendezvous::parse(d).unwrap()))
+                .collect()
+        };
+        let first = start(&mut p, t);
+        // X with one teammate, and U with W: two query pairs; two of X's pairs wait.
+        assert_eq!(first.len(), 4, "{first:?}");
+        assert!(first.iter().all(|(_, r)| r.method == Method::Query));
+        assert_eq!(p.counters().waited, 2);
+        assert_eq!(p.poll_timeout(), Some(t + QUERY_TIME));
+        let mut reached = HashSet::new();
+        let mut round = first;
+        for turn in 0..3 {
+            let to_x: Vec<&Rendezvous> = round
+                .iter()
+                .filter(|(e, _)| *e == x.endpoint)
+                .map(|(_, r)| r)
+                .collect();
+            assert_eq!(to_x.len(), 1, "turn {turn}: one query for X at a time");
+            let session = to_x[0].session;
+            let y = to_x[0].other;
+            assert!(reached.insert(y));
+            let mut out = Vec::new();
+            let yv = views[&y];
+            assert!(p.query(
+                y,
+                session,
+                Endpoint::new(*yv.endpoint.ip(), 21000),
+                &mut out
+            ));
+            assert!(out.is_empty());
+            // Nothing new for X before its pending query is in.
+            assert!(start(&mut p, t).is_empty());
+            let qx = Endpoint::new(*x.endpoint.ip(), 22000 + turn);
+            assert!(p.query(x.id, session, qx, &mut out));
+            assert_eq!(out.len(), 2, "the two sweeps");
+            let wake = p.poll_timeout().unwrap();
+            if turn < 2 {
+                assert!(wake <= t, "the next pair starts at once");
+            }
+            round = start(&mut p, t);
+        }
+        assert!(round.is_empty());
+        assert_eq!(reached.len(), 3);
+        assert_eq!(p.counters().sweeps, 3);
+        // A waiting pair also starts when the sweep before it times out.
+        let mut p = ProbePlanner::default();
+        for v in [&x, &ys[0], &ys[1]] {
+            p.capable(v.id);
+        }
+        assert_eq!(p.start(t, x, ys[0]).len(), 2);
+        assert!(p.start(t, x, ys[1]).is_empty());
+        p.handle_timeout(t + QUERY_TIME);
+        assert_eq!(p.due(t + QUERY_TIME), vec![(x.id, ys[1].id)]);
+        // Forgetting a peer drops its waiting pairs.
+        assert!(p.start(t + QUERY_TIME, x, ys[1]).len() == 2);
+        assert!(p.start(t + QUERY_TIME, ys[0], x).is_empty());
+        p.forget(&ys[0].id);
+        p.handle_timeout(t + 2 * QUERY_TIME);
+        assert!(p.due(t + 2 * QUERY_TIME).is_empty());
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Random pairs of sequential peers, queries (right and wrong), timeouts and
+            /// departures: no peer ever has two sweeps waiting for their queries, the queue
+            /// stays bounded, and every query rendezvous goes to a pair of free peers.
+            #[test]
+            fn a_peer_never_has_two_sweeps_in_their_query_phase(
+                ops in proptest::collection::vec((0u8..5, 0u8..6, 0u8..6, 0u16..8), 0..120)
+            ) {
+                let t0 = Instant::now();
+                let mut p = ProbePlanner::default();
+                let views: Vec<PeerView> = (0..6u8)
+                    .map(|i| PeerView {
+                        id: PeerId::from_random(u64::from(i) + 1),
+                        endpoint: Endpoint::new(Ipv4Addr::new(198, 18, 0, 100 + i), 20000),
+                        step: 1,
+                        last_port: 20001,
+                    })
+                    .collect();
+                for v in &views {
+                    p.capable(v.id);
+                }
+                let mut t = t0;
+                let mut sessions: Vec<u32> = Vec::new();
+                for (op, i, j, x) in ops {
+                    let (a, b) = (views[usize::from(i)], views[usize::from(j)]);
+                    let mut out = Vec::new();
+                    match op {
+                        0 => p.pair(t, a.id, b.id),
+                        1 => {
+                            for (x, y) in p.due(t) {
+                                let (Some(vx), Some(vy)) = (
+                                    views.iter().find(|v| v.id == x),
+                                    views.iter().find(|v| v.id == y),
+                                ) else {
+                                    continue;
+                                };
+                                out.extend(p.start(t, *vx, *vy));
+                            }
+                        }
+                        2 => {
+                            if let Some(&s) = sessions.get(usize::from(x)) {
+                                let ip = if x % 3 == 0 { b.endpoint.ip() } else { a.endpoint.ip() };
+                                p.query(a.id, s, Endpoint::new(*ip, 21000 + x), &mut out);
+                            }
+                        }
+                        3 => {
+                            t += Duration::from_millis(u64::from(x) * 700);
+                            p.handle_timeout(t);
+                        }
+                        _ => p.forget(&a.id),
+                    }
+                    for (_, d) in &out {
+                        let r = Rendezvous::parse(d).unwrap();
+                        if r.method == Method::Query && !sessions.contains(&r.session) {
+                            sessions.push(r.session);
+                        }
+                    }
+                    for v in &views {
+                        let n = p.sweeps.iter().filter(|s| s.a.id == v.id || s.b.id == v.id).count();
+                        prop_assert!(n <= 1, "{n} sweeps in their query phase for one peer");
+                    }
+                    prop_assert!(p.waiting.len() <= MAX_PAIRS);
+                    if !p.waiting.is_empty() && p.sweeps.is_empty() {
+                        // Nothing holds the waiting pairs: the planner asks to be woken.
+                        prop_assert!(p.poll_timeout().is_some());
+                    }
+                }
+            }
+        }
     }
 
     #[test]
