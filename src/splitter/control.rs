@@ -1116,6 +1116,7 @@ fn nts_view(core: &NtsSplitter) -> serde_json::Value {
             "direct": pc.direct,
             "birthday": pc.birthday,
             "sweeps": pc.sweeps,
+            "waited": pc.waited,
             "left": pc.left,
             "ignored": pc.ignored,
         },
