@@ -391,9 +391,10 @@ struct NtsRun {
 }
 
 /// When `/status` showed a pair of peers keeping each other, after the later one's start: not
-/// before `lower`, not after `upper`. A peer publishes its neighbour list once a second and the
-/// watcher polls every [`WATCH_EVERY`]; a change is bounded by the poll that first showed it
-/// (`upper`) and the poll before the one that showed the peer's previous publication (`lower`);
+/// before `lower`, not after `upper`. A peer publishes its neighbour list on `/status` as soon as
+/// it changes (and once a second besides) and the watcher polls every [`WATCH_EVERY`]: `upper`,
+/// the poll that first showed the change, is at most one round of polls late; `lower` is the
+/// poll before the one that showed the peer's previous publication (a conservative bound);
 /// a joining peer keeps nobody before its incorporation (its session starts after the splitter
 /// echoed its `Y`; the last read of its log without the line bounds that).
 #[derive(Debug, Clone, Copy)]
@@ -1111,8 +1112,8 @@ fn print_ordered(m: &Matrix, limit: Duration) {
         &|e| ms_p50_p99(&e.times),
     );
     table(
-        "the same, lower bound (the poll before the peer's previous /status publication, once \
-         a second; the joining peer's incorporation):",
+        "the same, lower bound (the poll before the peer's previous /status publication; the \
+         joining peer's incorporation):",
         &|e| ms_p50_p99(&e.times_lower),
     );
     table(
