@@ -15,11 +15,10 @@ use p2psp::pattern;
 
 const CHUNK: usize = 1024;
 const HEADER: usize = 4096;
-const METRICS_PORT: u16 = 9100;
 
 /// A peer's `/status`, from inside its namespace.
 fn status_in(host: &Host) -> serde_json::Value {
-    natlab::status_in(host, METRICS_PORT)
+    natlab::status_in(host, natlab::METRICS_PORT)
 }
 
 /// Packets counted by the named nftables counter `family table name` in `netns`.
@@ -116,59 +115,31 @@ fn two_mates(ems: bool) {
             nat.wan
         ),
     );
-    let splitter_at = format!("{}:8001", public.ip());
-    let metrics = format!("127.0.0.1:{METRICS_PORT}");
-    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
-    let mut splitter_args = s(&[
-        "splitter",
-        "--nts",
-        "--source",
-        "test",
-        "--header-size",
-        &HEADER.to_string(),
-        "--bind",
-        &public.ip().to_string(),
-        "--port",
-        "8001",
-        "--bitrate",
-        "500k",
-        "--buffer-size",
-        "128",
-        "--shards",
-        "1",
-    ]);
+    let mut splitter_flags = vec![
+        "--nts".to_owned(),
+        "--source".into(),
+        "test".into(),
+        "--header-size".into(),
+        HEADER.to_string(),
+        "--bitrate".into(),
+        "500k".into(),
+        "--buffer-size".into(),
+        "128".into(),
+    ];
     if ems {
-        splitter_args.push("--ems".into());
+        splitter_flags.push("--ems".into());
     }
-    let mut splitter = natlab::spawn_in(&public, &dir, "splitter", &splitter_args);
-    support::wait_for_line(
-        &mut splitter,
-        &support::peer_log(&dir, "splitter"),
-        Duration::from_secs(10),
-        |l| l.starts_with("p2psp splitter listening on"),
-    )
-    .unwrap_or_else(|log| panic!("the splitter did not start:\n{log}"));
+    let mut splitter = natlab::start_splitter(&public, &dir, &splitter_flags);
     let output = |name: &str| dir.join(format!("{name}.out")).display().to_string();
     let peer_args = |name: &str, monitor: bool| {
-        let mut v = s(&[
-            "peer",
-            "--nts",
-            "--splitter",
-            &splitter_at,
-            "--player-port",
-            "0",
-            "--metrics",
-            &metrics,
-            "--output",
-            &output(name),
-        ]);
+        let mut flags = vec!["--nts".to_owned(), "--output".into(), output(name)];
         if monitor {
-            v.push("--monitor".into());
+            flags.push("--monitor".into());
         }
         if ems {
-            v.push("--ems".into());
+            flags.push("--ems".into());
         }
-        v
+        natlab::peer_args(&public, &flags)
     };
     let mut monitor = natlab::spawn_in(&monitor_host, &dir, "monitor", &peer_args("monitor", true));
     support::wait_joined(&dir, &mut monitor);

@@ -228,11 +228,8 @@ fn a_lab_leaves_nothing_behind() {
 
 /// A peer's `/status`, from inside its namespace.
 fn peer_status(host: &Host) -> serde_json::Value {
-    natlab::status_in(host, METRICS_PORT)
+    natlab::status_in(host, natlab::METRICS_PORT)
 }
-
-/// Every process in the lab serves `--metrics` here, on its own namespace's loopback.
-const METRICS_PORT: u16 = 9100;
 
 /// Today's DBS (compat profile, no NAT traversal) through the lab, the baseline for NTS: a
 /// splitter and a monitor on the public segment, then one peer behind each kind of NAT, joining
@@ -249,49 +246,14 @@ fn dbs_through_each_nat_kind_baseline() {
     let public = lab.public_host("splitter", 1);
     let monitor_host = lab.public_host("monitor", 1);
     let homes: Vec<Home> = NatKind::ALL.iter().map(|&k| lab.home(k, 0)).collect();
-    let splitter_at = format!("{}:8001", public.ip());
-    let metrics = format!("127.0.0.1:{METRICS_PORT}");
-    let mut procs = Vec::new();
-    let mut splitter = natlab::spawn_in(
+    let mut procs = vec![natlab::start_splitter(
         &public,
         &dir,
-        "splitter",
-        &[
-            "splitter",
-            "--bind",
-            &public.ip().to_string(),
-            "--port",
-            "8001",
-            "--bitrate",
-            "500k",
-            "--buffer-size",
-            "64",
-            "--shards",
-            "1",
-        ],
-    );
-    support::wait_for_line(
-        &mut splitter,
-        &support::peer_log(&dir, "splitter"),
-        Duration::from_secs(10),
-        |l| l.starts_with("p2psp splitter listening on"),
-    )
-    .unwrap_or_else(|log| panic!("the splitter did not start:\n{log}"));
-    procs.push(splitter);
+        &["--bitrate", "500k", "--buffer-size", "64"],
+    )];
     let peer_args = |monitor: bool| {
-        let mut a = vec![
-            "peer",
-            "--splitter",
-            splitter_at.as_str(),
-            "--player-port",
-            "0",
-            "--metrics",
-            metrics.as_str(),
-        ];
-        if monitor {
-            a.push("--monitor");
-        }
-        a
+        let flags: &[&str] = if monitor { &["--monitor"] } else { &[] };
+        natlab::peer_args(&public, flags)
     };
     let mut monitor = natlab::spawn_in(&monitor_host, &dir, "monitor", &peer_args(true));
     support::wait_joined(&dir, &mut monitor);
@@ -717,62 +679,24 @@ fn nts_team_with(order: &[NatKind], settle: Duration, dir_name: &str, setup: Tea
         .iter()
         .map(|&k| lab.home(k, setup.loss_permille))
         .collect();
-    let splitter_at = format!("{}:8001", public.ip());
-    let metrics = format!("127.0.0.1:{METRICS_PORT}");
     let team_size = (order.len() + 1).max(16);
     let buffer_size = (2 * team_size).next_power_of_two().max(64);
-    let (team_size, buffer_size, header) = (
-        team_size.to_string(),
+    let mut splitter_flags: Vec<String> = vec![
+        "--nts".into(),
+        "--bitrate".into(),
+        "500k".into(),
+        "--buffer-size".into(),
         buffer_size.to_string(),
-        HEADER.to_string(),
-    );
-    let mut splitter_args = vec![
-        "splitter",
-        "--nts",
-        "--bind",
-        &public.ip().to_string(),
-        "--port",
-        "8001",
-        "--bitrate",
-        "500k",
-        "--buffer-size",
-        &buffer_size,
-        "--team-size",
-        &team_size,
-        "--shards",
-        "1",
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .collect::<Vec<String>>();
+        "--team-size".into(),
+        team_size.to_string(),
+    ];
     if setup.byte_exact {
-        splitter_args.extend(["--header-size".to_owned(), header]);
+        splitter_flags.extend(["--header-size".to_owned(), HEADER.to_string()]);
     }
-    let mut procs = Vec::new();
-    let mut splitter = natlab::spawn_in(&public, &dir, "splitter", &splitter_args);
-    support::wait_for_line(
-        &mut splitter,
-        &support::peer_log(&dir, "splitter"),
-        Duration::from_secs(10),
-        |l| l.starts_with("p2psp splitter listening on"),
-    )
-    .unwrap_or_else(|log| panic!("the splitter did not start:\n{log}"));
-    procs.push(splitter);
+    let mut procs = vec![natlab::start_splitter(&public, &dir, &splitter_flags)];
     let output = |name: &str| dir.join(format!("{name}.out"));
     let peer_args = |name: &str, monitor: bool| {
-        let mut a: Vec<String> = [
-            "peer",
-            "--nts",
-            "--splitter",
-            splitter_at.as_str(),
-            "--player-port",
-            "0",
-            "--metrics",
-            metrics.as_str(),
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
+        let mut a = natlab::peer_args(&public, &["--nts"]);
         if monitor {
             a.push("--monitor".into());
         } else if setup.byte_exact {
@@ -1486,8 +1410,6 @@ fn nts_team_survives_a_source_outage_longer_than_the_nat_timeout() {
     let monitor_host = lab.public_host("monitor", 1);
     let kinds = [NatKind::PortRestricted, NatKind::SymmetricSequential];
     let homes: Vec<Home> = kinds.iter().map(|&k| lab.home(k, 0)).collect();
-    let splitter_at = format!("{}:8001", public.ip());
-    let metrics = format!("127.0.0.1:{METRICS_PORT}");
     let log = std::fs::File::create(support::peer_log(&dir, "splitter")).unwrap();
     let mut cmd = public.command(support::BIN);
     cmd.env("RUST_LOG", "p2psp=info")
@@ -1501,7 +1423,7 @@ fn nts_team_survives_a_source_outage_longer_than_the_nat_timeout() {
             "--bind",
             &public.ip().to_string(),
             "--port",
-            "8001",
+            &natlab::SPLITTER_PORT.to_string(),
             "--buffer-size",
             "64",
             "--shards",
@@ -1513,13 +1435,7 @@ fn nts_team_survives_a_source_outage_longer_than_the_nat_timeout() {
     let mut splitter = support::Proc::spawn("splitter", &mut cmd);
     let mut source = splitter.child.stdin.take().unwrap();
     // The monitor's join is refused until the splitter listens.
-    support::wait_for_line(
-        &mut splitter,
-        &support::peer_log(&dir, "splitter"),
-        Duration::from_secs(10),
-        |l| l.starts_with("p2psp splitter listening on"),
-    )
-    .unwrap_or_else(|log| panic!("the splitter did not start:\n{log}"));
+    natlab::wait_listening(&mut splitter, &dir);
     let feeding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (f2, s2) = (feeding.clone(), stop.clone());
@@ -1535,22 +1451,11 @@ fn nts_team_survives_a_source_outage_longer_than_the_nat_timeout() {
     });
     let mut procs = Vec::new();
     let args = |monitor: bool| {
-        let mut a = vec![
-            "peer",
-            "--nts",
-            "--splitter",
-            splitter_at.as_str(),
-            "--player-port",
-            "0",
-            "--metrics",
-            metrics.as_str(),
-            "--stall-timeout",
-            "1000s",
-        ];
+        let mut flags = vec!["--nts", "--stall-timeout", "1000s"];
         if monitor {
-            a.push("--monitor");
+            flags.push("--monitor");
         }
-        a
+        natlab::peer_args(&public, &flags)
     };
     let mut monitor = natlab::spawn_in(&monitor_host, &dir, "monitor", &args(true));
     support::wait_joined(&dir, &mut monitor);

@@ -16,11 +16,10 @@ use p2psp::pattern;
 
 const CHUNK: usize = 1024;
 const HEADER: usize = 4096;
-const METRICS_PORT: u16 = 9100;
 
 /// A peer's `/status`, from inside its namespace.
 fn status_in(host: &Host) -> serde_json::Value {
-    natlab::status_in(host, METRICS_PORT)
+    natlab::status_in(host, natlab::METRICS_PORT)
 }
 
 /// Whether `host`'s peer keeps a neighbour at `ip` (behind the NAT whose public address it is).
@@ -102,59 +101,28 @@ fn random_symmetric_peers_play_byte_exact_through_the_forwarding_fallback() {
         NatKind::SymmetricSequential,
     ];
     let homes: Vec<Home> = order.iter().map(|&k| lab.home(k, 0)).collect();
-    let splitter_at = format!("{}:8001", public.ip());
-    let metrics = format!("127.0.0.1:{METRICS_PORT}");
     let header = HEADER.to_string();
     let mut procs = Vec::new();
-    let mut splitter = natlab::spawn_in(
+    let mut splitter = natlab::start_splitter(
         &public,
         &dir,
-        "splitter",
         &[
-            "splitter",
             "--nts",
             "--source",
             "test",
             "--header-size",
             &header,
-            "--bind",
-            &public.ip().to_string(),
-            "--port",
-            "8001",
             "--bitrate",
             "500k",
             "--buffer-size",
             "128",
-            "--shards",
-            "1",
             "--metrics",
-            &metrics,
+            &format!("127.0.0.1:{}", natlab::METRICS_PORT),
         ],
     );
-    support::wait_for_line(
-        &mut splitter,
-        &support::peer_log(&dir, "splitter"),
-        Duration::from_secs(10),
-        |l| l.starts_with("p2psp splitter listening on"),
-    )
-    .unwrap_or_else(|log| panic!("the splitter did not start:\n{log}"));
     let output = |name: &str| dir.join(format!("{name}.out")).display().to_string();
     let peer_args = |name: &str, monitor: bool| {
-        let mut a: Vec<String> = [
-            "peer",
-            "--nts",
-            "--splitter",
-            &splitter_at,
-            "--player-port",
-            "0",
-            "--metrics",
-            &metrics,
-            "--output",
-            &output(name),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut a = natlab::peer_args(&public, &["--nts", "--output", &output(name)]);
         if monitor {
             a.push("--monitor".into());
         }
@@ -193,7 +161,7 @@ fn random_symmetric_peers_play_byte_exact_through_the_forwarding_fallback() {
     }
     std::thread::sleep(Duration::from_secs(15));
     let statuses: Vec<serde_json::Value> = homes.iter().map(|h| status_in(&h.host)).collect();
-    let split = natlab::http_get_in(&public, METRICS_PORT, "/status")
+    let split = natlab::http_get_in(&public, natlab::METRICS_PORT, "/status")
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .unwrap_or(serde_json::Value::Null);
     eprintln!(

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 use natlab::{Home, Host, Lab, NatKind, lab_possible};
 use support::Proc;
 
-const METRICS_PORT: u16 = 9100;
-const SPLITTER_PORT: u16 = 8001;
+use natlab::{METRICS_PORT, SPLITTER_PORT};
 
 /// A splitter (`--nts`) and a monitor on the public segment.
 struct Team {
@@ -28,26 +27,17 @@ impl Team {
         let dir = support::test_dir(dir_name);
         let public = lab.public_host("splitter", 1);
         let monitor_host = lab.public_host("monitor", 1);
-        let metrics = format!("127.0.0.1:{METRICS_PORT}");
-        let mut splitter = natlab::spawn_in(
+        let mut splitter = natlab::start_splitter(
             &public,
             &dir,
-            "splitter",
             &[
-                "splitter",
                 "--nts",
-                "--bind",
-                &public.ip().to_string(),
-                "--port",
-                &SPLITTER_PORT.to_string(),
                 "--bitrate",
                 "500k",
                 "--buffer-size",
                 "64",
-                "--shards",
-                "1",
                 "--metrics",
-                &metrics,
+                &format!("127.0.0.1:{METRICS_PORT}"),
             ],
         );
         let log = support::peer_log(&dir, "splitter");
@@ -57,10 +47,6 @@ impl Team {
         .unwrap_or_else(|log| panic!("the splitter announced no extra port:\n{log}"));
         let extra_port = port_after(&extra, &format!("{}:", public.ip()))
             .unwrap_or_else(|| panic!("no port in {extra:?}"));
-        support::wait_for_line(&mut splitter, &log, Duration::from_secs(10), |l| {
-            l.starts_with("p2psp splitter listening on")
-        })
-        .unwrap_or_else(|log| panic!("the splitter did not start:\n{log}"));
         let mut team = Team {
             public,
             dir,
@@ -75,19 +61,7 @@ impl Team {
     }
 
     fn peer_args(&self, monitor: bool, retries: u8) -> Vec<String> {
-        let mut a: Vec<String> = [
-            "peer",
-            "--nts",
-            "--splitter",
-            &format!("{}:{SPLITTER_PORT}", self.public.ip()),
-            "--player-port",
-            "0",
-            "--metrics",
-            &format!("127.0.0.1:{METRICS_PORT}"),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut a = natlab::peer_args(&self.public, &["--nts"]);
         if monitor {
             a.push("--monitor".into());
         }

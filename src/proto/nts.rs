@@ -630,14 +630,29 @@ impl Pending {
     }
 }
 
+/// Shorthands for the NTS modules' unit tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::proto::hex;
+pub(crate) mod testing {
+    use super::PeerId;
+    use crate::proto::Endpoint;
+    use std::net::Ipv4Addr;
 
-    fn id(s: &str) -> PeerId {
+    /// The ID spelled `s` (7 characters of `[0-9A-Z]`).
+    pub fn id(s: &str) -> PeerId {
         PeerId::from_bytes(s.as_bytes()).unwrap()
     }
+
+    /// An endpoint of host `h` (198.18.0.h).
+    pub fn ep(h: u8, port: u16) -> Endpoint {
+        Endpoint::new(Ipv4Addr::new(198, 18, 0, h), port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::id;
+    use super::*;
+    use crate::proto::hex;
 
     /// Appendix A.5: the ID and list 2 a C++ NTS splitter sent.
     #[test]

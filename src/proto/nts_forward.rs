@@ -176,10 +176,7 @@ impl ForwardTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn id(s: &str) -> PeerId {
-        PeerId::from_bytes(s.as_bytes()).unwrap()
-    }
+    use crate::proto::nts::testing::id;
 
     fn ep(p: u16) -> Endpoint {
         Endpoint::new(std::net::Ipv4Addr::new(198, 18, 0, 1), p)

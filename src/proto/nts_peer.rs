@@ -789,15 +789,7 @@ impl NtsPeer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
-
-    fn id(s: &str) -> PeerId {
-        PeerId::from_bytes(s.as_bytes()).unwrap()
-    }
-
-    fn ep(h: u8, port: u16) -> Endpoint {
-        Endpoint::new(Ipv4Addr::new(198, 18, 0, h), port)
-    }
+    use crate::proto::nts::testing::{ep, id};
 
     const SPLITTER: u8 = 1;
     const MONITOR: u8 = 2;

@@ -1101,10 +1101,7 @@ impl ProbePlanner {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn id(s: &str) -> PeerId {
-        PeerId::from_bytes(s.as_bytes()).unwrap()
-    }
+    use crate::proto::nts::testing::id;
 
     #[test]
     fn messages_round_trip_and_have_their_lengths() {

@@ -1059,16 +1059,7 @@ impl NtsSplitter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
-
-    fn id(s: &str) -> PeerId {
-        PeerId::from_bytes(s.as_bytes()).unwrap()
-    }
-
-    /// An endpoint of host `h` (198.18.0.h).
-    fn ep(h: u8, port: u16) -> Endpoint {
-        Endpoint::new(Ipv4Addr::new(198, 18, 0, h), port)
-    }
+    use crate::proto::nts::testing::{ep, id};
 
     fn with(id: PeerId, tail: &[u8]) -> Vec<u8> {
         let mut v = id.as_bytes().to_vec();

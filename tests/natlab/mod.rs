@@ -603,6 +603,61 @@ pub fn spawn_in<S: AsRef<std::ffi::OsStr>>(
     crate::support::Proc::spawn(name, &mut cmd)
 }
 
+/// The splitter's port on the lab's public segment.
+pub const SPLITTER_PORT: u16 = 8001;
+/// Where the lab's peers serve `--metrics`, each inside its own namespace.
+pub const METRICS_PORT: u16 = 9100;
+
+/// A splitter on `host` (bound to its address, port [`SPLITTER_PORT`], one shard) with `flags`
+/// besides, logging to `dir` as `splitter`; returns once it listens.
+pub fn start_splitter<S: AsRef<str>>(
+    host: &Host,
+    dir: &std::path::Path,
+    flags: &[S],
+) -> crate::support::Proc {
+    let mut args: Vec<String> = vec![
+        "splitter".into(),
+        "--bind".into(),
+        host.ip().to_string(),
+        "--port".into(),
+        SPLITTER_PORT.to_string(),
+        "--shards".into(),
+        "1".into(),
+    ];
+    args.extend(flags.iter().map(|f| f.as_ref().to_owned()));
+    let mut splitter = spawn_in(host, dir, "splitter", &args);
+    wait_listening(&mut splitter, dir);
+    splitter
+}
+
+/// Waits until the splitter logging to `dir` as `splitter` says it listens; panics with its log
+/// if it does not within 10 s.
+pub fn wait_listening(splitter: &mut crate::support::Proc, dir: &std::path::Path) {
+    crate::support::wait_for_line(
+        splitter,
+        &crate::support::peer_log(dir, "splitter"),
+        Duration::from_secs(10),
+        |l| l.starts_with("p2psp splitter listening on"),
+    )
+    .unwrap_or_else(|log| panic!("the splitter did not start:\n{log}"));
+}
+
+/// A lab peer's command line: `peer --splitter PUBLIC:SPLITTER_PORT --player-port 0 --metrics
+/// 127.0.0.1:METRICS_PORT` and `flags`.
+pub fn peer_args<S: AsRef<str>>(public: &Host, flags: &[S]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "peer".into(),
+        "--splitter".into(),
+        format!("{}:{SPLITTER_PORT}", public.ip()),
+        "--player-port".into(),
+        "0".into(),
+        "--metrics".into(),
+        format!("127.0.0.1:{METRICS_PORT}"),
+    ];
+    a.extend(flags.iter().map(|f| f.as_ref().to_owned()));
+    a
+}
+
 /// The `/status` of the program serving `--metrics` on `port` inside `host` (`Null` when it
 /// does not answer).
 pub fn status_in(host: &Host, port: u16) -> serde_json::Value {
