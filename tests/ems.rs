@@ -197,18 +197,7 @@ fn two_mates(ems: bool) {
         return;
     }
     for (k, st) in statuses.iter().enumerate() {
-        let other = mates[1 - k].ip().to_string();
-        let mate = st["nts"]["teammates"]
-            .as_array()
-            .and_then(|t| {
-                t.iter().find(|x| {
-                    x["endpoint"]
-                        .as_str()
-                        .is_some_and(|e| e.starts_with(&format!("{other}:")))
-                })
-            })
-            .cloned()
-            .unwrap_or_default();
+        let mate = natlab::entry_at(&st["nts"]["teammates"], mates[1 - k].ip());
         assert_eq!(mate["how"], "direct", "mate{k} reaches its NAT-mate: {st}");
         assert_eq!(st["totals"]["lost"], 0, "mate{k} lost chunks");
         assert_eq!(st["totals"]["forwarded"], 0, "mate{k} needed the fallback");

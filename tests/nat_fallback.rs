@@ -24,11 +24,7 @@ fn status_in(host: &Host) -> serde_json::Value {
 
 /// Whether `host`'s peer keeps a neighbour at `ip` (behind the NAT whose public address it is).
 fn keeps(host: &Host, ip: std::net::Ipv4Addr) -> bool {
-    let at = format!("{ip}:");
-    status_in(host)["neighbours"].as_array().is_some_and(|a| {
-        a.iter()
-            .any(|n| n["endpoint"].as_str().is_some_and(|e| e.starts_with(&at)))
-    })
+    !natlab::entry_at(&status_in(host)["neighbours"], ip).is_null()
 }
 
 /// How long after `start` both the peer in `joiner` and the one in `cone` keep each other
@@ -169,17 +165,7 @@ fn random_symmetric_peers_play_byte_exact_through_the_forwarding_fallback() {
         "peer", "played", "lost", "fwd", "splitter"
     );
     // The splitter knows each peer by its NAT's public address.
-    let at_splitter = |h: &Home| -> serde_json::Value {
-        let wan = format!("{}:", h.nat.wan);
-        split["nts"]["peers"]
-            .as_array()
-            .and_then(|a| {
-                a.iter()
-                    .find(|p| p["endpoint"].as_str().is_some_and(|e| e.starts_with(&wan)))
-            })
-            .cloned()
-            .unwrap_or_default()
-    };
+    let at_splitter = |h: &Home| natlab::entry_at(&split["nts"]["peers"], h.nat.wan);
     for ((name, s), h) in names.iter().zip(&statuses).zip(&homes) {
         let t = &s["totals"];
         let served = at_splitter(h)["served"].as_str().unwrap_or("?").to_owned();

@@ -120,34 +120,12 @@ fn counter_packets(listing: &str) -> u64 {
 
 /// The splitter's `/status` entry for the member whose endpoint is at `ip`.
 fn member_at(status: &serde_json::Value, ip: Ipv4Addr) -> serde_json::Value {
-    let prefix = format!("{ip}:");
-    status["nts"]["peers"]
-        .as_array()
-        .and_then(|a| {
-            a.iter().find(|p| {
-                p["endpoint"]
-                    .as_str()
-                    .is_some_and(|e| e.starts_with(&prefix))
-            })
-        })
-        .cloned()
-        .unwrap_or_default()
+    natlab::entry_at(&status["nts"]["peers"], ip)
 }
 
 /// A peer's `/status` entry for the teammate whose endpoint is at `ip`.
 fn teammate_at(status: &serde_json::Value, ip: Ipv4Addr) -> serde_json::Value {
-    let prefix = format!("{ip}:");
-    status["nts"]["teammates"]
-        .as_array()
-        .and_then(|a| {
-            a.iter().find(|t| {
-                t["endpoint"]
-                    .as_str()
-                    .is_some_and(|e| e.starts_with(&prefix))
-            })
-        })
-        .cloned()
-        .unwrap_or_default()
+    natlab::entry_at(&status["nts"]["teammates"], ip)
 }
 
 /// Two peers behind port-restricted NATs. The second one's NAT drops its UDP to the first one's

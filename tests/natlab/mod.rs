@@ -603,6 +603,22 @@ pub fn spawn_in<S: AsRef<std::ffi::OsStr>>(
     crate::support::Proc::spawn(name, &mut cmd)
 }
 
+/// The entry of the `/status` list `list` (neighbours, teammates, the splitter's NTS peers) whose
+/// `endpoint` is at `ip`, any port (`Null` if none).
+pub fn entry_at(list: &serde_json::Value, ip: Ipv4Addr) -> serde_json::Value {
+    let prefix = format!("{ip}:");
+    list.as_array()
+        .and_then(|a| {
+            a.iter().find(|e| {
+                e["endpoint"]
+                    .as_str()
+                    .is_some_and(|at| at.starts_with(&prefix))
+            })
+        })
+        .cloned()
+        .unwrap_or_default()
+}
+
 /// The splitter's port on the lab's public segment.
 pub const SPLITTER_PORT: u16 = 8001;
 /// Where the lab's peers serve `--metrics`, each inside its own namespace.
